@@ -1,0 +1,3 @@
+"""microseg: TransUNet segmentation of micro-ultrasound prostate slices."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,357 @@
+"""Where the errors are: hard-region scores, size/roughness-stratified DSC, overlay figures.
+
+- Hard region (MicroSegNet / seed 002): R = union over the other annotations O_i of
+  dilate(E XOR O_i, k x k), the region the adaptive loss up-weights: the training's dilation
+  (OpenCV anchor, as `microseg.losses.hard_region`) with its kernel scaled to native pixels.
+  Inside R: DSC_R = 2|P n E n R| / (|P n R| + |E n R|), error rate = |(P XOR E) n R| / |R|.
+- Stratification (seed 000 Fig. 3): per-slice DSC grouped by tertiles of the expert's area and
+  of its boundary roughness, the isoperimetric ratio P^2 / (4 pi A) (1 for a disk, 4/pi for a
+  square, larger for rougher outlines); seed 000's gamma_mSa is reported beside it.
+- Figures: seed 000 Fig. 3 grouped bars, seed 002 Figs. 4-6 contour overlays (rows = runs,
+  columns = slices, expert contour in green).
+Masks are [Z,H,W] arrays (non-zero = object).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from microseg.atomic import atomic_path
+from microseg.errors import MicrosegError
+from microseg.losses.afl import mean_gradient_magnitude
+from microseg.losses.hard_region import check_kernel_size
+from microseg.metrics import dice, summarize
+
+SIZE_LABELS = ("small", "medium", "large")
+ROUGHNESS_LABELS = ("smooth", "moderate", "rough")
+FACTORS = (("size", "area_mm2", SIZE_LABELS), ("roughness", "roughness", ROUGHNESS_LABELS))
+STRATIFIED_HEADER = ["run", "factor", "stratum", "mean_dsc", "std_dsc", "n_slices"]
+EXPERT_COLOUR = "#00ff00"
+RUN_COLOURS = ("#ff2020", "#ffd700", "#00bfff", "#ff00ff", "#ff8c00", "#ffffff", "#8a2be2", "#a0522d")
+OUTLINE_EPSILON_PX = 1.0
+_CHUNK = 16  # slices per gamma_mSa call: bounds memory on 962 x 1372 volumes
+
+
+def _volumes(**arrays: np.ndarray) -> list[np.ndarray]:
+    """The named arrays as boolean [Z,H,W] volumes of one shape, else MicrosegError naming the culprit."""
+    out, shape = [], None
+    for name, arr in arrays.items():
+        arr = np.asarray(arr)
+        if arr.ndim != 3:
+            raise MicrosegError(f"{name} must be a [Z,H,W] volume, got shape {arr.shape}")
+        if arr.dtype.kind in "fc" and np.isnan(arr).any():
+            raise MicrosegError(f"{name} mask contains NaN")
+        if shape is not None and arr.shape != shape:
+            raise MicrosegError(f"{name} shape {arr.shape} does not match {next(iter(arrays))} shape {shape}")
+        shape = arr.shape
+        out.append(arr.astype(bool, copy=False))
+    return out
+
+
+def hard_region_kernel(train_kernel: int, train_size: int, native_rows: int) -> int:
+    """The training dilation kernel expressed in native pixels: max(1, round(k * native_rows / train_size)).
+
+    Training dilates by k x k at train_size x train_size (k = 4 at 224, FACTS.md); one training
+    pixel spans native_rows / train_size native rows (962 / 224 = 4.29 on the real data, so
+    k = 4 -> 17). The row scale is used (the columns' 1372 / 224 = 6.1 would give 25): the
+    dilation is square, as in training. round() is half-up.
+    """
+    for name, v in (("train_kernel", train_kernel), ("train_size", train_size), ("native_rows", native_rows)):
+        if isinstance(v, bool) or int(v) != v or v < 1:
+            raise MicrosegError(f"hard-region {name} must be an integer >= 1, got {v!r}")
+    return max(1, math.floor(train_kernel * native_rows / train_size + 0.5))
+
+
+def hard_region_mask(expert: np.ndarray, others: Sequence[np.ndarray], kernel_size: int) -> np.ndarray:
+    """Union over `others` of dilate(expert XOR other, k x k), per slice, as a bool [Z,H,W] volume.
+
+    Dilation distributes over union, so this is dilate(union_i (expert XOR other_i)), one
+    `cv2.dilate(xor, ones((k, k)))` per slice: the operation the training's hard region
+    (`microseg.losses.hard_region`) reproduces on tensors, same anchor k // 2 (grows (k - 1) // 2 px
+    up/left and k // 2 px down/right). cv2 rather than that max-pool: on 962 x 1372 slices at
+    k = 17 it is ~45x faster here, and the tests check the two agree.
+    """
+    if not len(others):
+        raise MicrosegError("the hard region needs at least one other annotation besides the expert")
+    kernel = np.ones((check_kernel_size(kernel_size),) * 2, np.uint8)
+    named = {"expert": expert} | {f"annotation {i + 1}": o for i, o in enumerate(others)}
+    expert, *others = _volumes(**named)
+    disagree = np.zeros_like(expert)
+    for other in others:
+        disagree |= expert ^ other
+    region = np.empty_like(disagree)
+    for z, d in enumerate(disagree):
+        region[z] = cv2.dilate(d.view(np.uint8), kernel).view(bool)
+    return region
+
+
+def hard_region_score(pred: np.ndarray, expert: np.ndarray, region: np.ndarray) -> dict[str, float]:
+    """DSC and error rate of `pred` vs `expert` inside `region`, all slices of the volume pooled.
+
+    dsc = 2|P n E n R| / (|P n R| + |E n R|)   (NaN when P and E are both empty inside R)
+    error_rate = |(P XOR E) n R| / |R|        (NaN when R is empty)
+    region_px = |R|. Pooled counts (not a mean of per-slice values): slices with a large hard
+    region weigh more, and slices where R holds no object do not produce undefined DSCs.
+    """
+    pred, expert, region = _volumes(prediction=pred, expert=expert, region=region)
+    p, e = pred & region, expert & region
+    n_p, n_e, n_r = (int(np.count_nonzero(m)) for m in (p, e, region))
+    return {
+        "dsc": 2.0 * int(np.count_nonzero(p & e)) / (n_p + n_e) if n_p + n_e else math.nan,
+        "error_rate": int(np.count_nonzero(p ^ e)) / n_r if n_r else math.nan,
+        "region_px": n_r,
+    }
+
+
+def _outline_ratio(mask: np.ndarray, spacing_yx: tuple[float, float]) -> float:
+    """P^2 / (4 pi A) of the largest external contour of a non-empty 2D mask, in mm.
+
+    The 8-connected pixel-centre chain (cv2.findContours) is simplified by Douglas-Peucker at
+    1 px (cv2.approxPolyDP) to remove the digital staircase, which alone inflates a disk's ratio
+    by ~11%; P (arcLength) and A (contourArea) are taken on that polygon with points scaled by
+    the spacing. A disk of radius 10 / 40 px scores 1.06 / 1.01, a square exactly 4/pi.
+    Holes and smaller components are ignored; a polygon of zero area (a line, a single pixel)
+    has no defined ratio: NaN.
+    """
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    outline = cv2.approxPolyDP(max(contours, key=cv2.contourArea), OUTLINE_EPSILON_PX, True)
+    points = (outline.reshape(-1, 2) * np.array([spacing_yx[1], spacing_yx[0]])).astype(np.float32)
+    perimeter, area = cv2.arcLength(points, True), cv2.contourArea(points)
+    return perimeter**2 / (4 * math.pi * area) if area > 0 else math.nan
+
+
+def _gamma_msa(masks: np.ndarray) -> list[float]:
+    """Seed 000's gamma_mSa of each non-empty slice of a [n,H,W] bool stack, each over its whole slice.
+
+    `mean_gradient_magnitude` runs on the stack's common bounding box grown by 2 px (clipped to
+    the image), rescaled by crop area / slice area: exact, since the gradient vanishes beyond
+    1 px of the object, and 2 px keep the crop's one-sided edge differences at zero.
+    """
+    rows, cols = (np.flatnonzero(masks.any(axis)) for axis in ((0, 2), (0, 1)))
+    crop = masks[:, max(0, rows[0] - 2):rows[-1] + 3, max(0, cols[0] - 2):cols[-1] + 3]
+    scale = crop.shape[1] * crop.shape[2] / (masks.shape[1] * masks.shape[2])
+    gamma = mean_gradient_magnitude(torch.from_numpy(crop[:, None].astype(np.float32))).flatten() * scale
+    return gamma.tolist()
+
+
+def slice_descriptors(expert: np.ndarray, spacing_yx: tuple[float, float]) -> list[dict[str, float]]:
+    """Size and boundary roughness of every slice whose expert mask is non-empty.
+
+    Per slice: z; area_mm2 = pixel count * sy * sx (all components); roughness = P^2 / (4 pi A)
+    of the largest outline (see `_outline_ratio`); gamma_msa = seed 000's mean gradient magnitude
+    of the mask over the whole slice (`microseg.losses.afl.mean_gradient_magnitude`, unit pixel
+    spacing), which grows with the outline's length relative to the image, so mixes size and
+    roughness.
+    """
+    (expert,) = _volumes(expert=expert)
+    sy, sx = (float(s) for s in spacing_yx)
+    if not (math.isfinite(sy) and math.isfinite(sx) and sy > 0 and sx > 0):
+        raise MicrosegError(f"spacing {tuple(spacing_yx)} must be two positive numbers (sy, sx) in mm")
+    zs = np.flatnonzero(expert.reshape(len(expert), -1).any(1))
+    gamma = [g for i in range(0, len(zs), _CHUNK) for g in _gamma_msa(expert[zs[i:i + _CHUNK]])]
+    return [
+        {"z": int(z), "area_mm2": float(np.count_nonzero(expert[z])) * sy * sx,
+         "roughness": _outline_ratio(expert[z], (sy, sx)), "gamma_msa": g}
+        for z, g in zip(zs, gamma)
+    ]
+
+
+def tertile_edges(values: Sequence[float]) -> tuple[float, float]:
+    """The 33.33rd and 66.67th percentiles (numpy's linear interpolation) of the non-NaN values."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[~np.isnan(v)]
+    if not v.size:
+        raise MicrosegError("cannot compute tertiles of an empty set of values")
+    lo, hi = np.percentile(v, [100 / 3, 200 / 3])
+    return float(lo), float(hi)
+
+
+def stratum(value: float, edges: tuple[float, float], labels: Sequence[str] = SIZE_LABELS) -> str:
+    """labels[0] if value <= lo, labels[1] if lo < value <= hi, else labels[2]."""
+    lo, hi = edges
+    return labels[0] if value <= lo else labels[1] if value <= hi else labels[2]
+
+
+def stratum_edges(per_slice: Mapping[str, Sequence[Mapping]]) -> dict[str, tuple[float, float]]:
+    """Tertile edges per factor ("size", "roughness") over the expert slices of all runs.
+
+    The expert is the same for every run, so slices are de-duplicated by (case_id, z) and
+    every listed slice counts, whatever its DSC (NaN included).
+    """
+    unique = {(s["case_id"], s["z"]): s for slices in per_slice.values() for s in slices}
+    if not unique:
+        raise MicrosegError("no scored slices to stratify")
+    return {factor: tertile_edges([s[key] for s in unique.values()]) for factor, key, _ in FACTORS}
+
+
+def stratified_table(per_slice: Mapping[str, Sequence[Mapping]]) -> tuple[list[str], list[list]]:
+    """Mean and std (population) of per-slice DSC, and slice count, per run and per stratum.
+
+    `per_slice`: run name -> dicts with case_id, z, dsc, area_mm2, roughness (one per slice).
+    Size strata are tertiles of area_mm2, roughness strata tertiles of roughness, the edges
+    computed once over all runs' slices (`stratum_edges`). NaN DSCs are left out of mean, std
+    and n, and slices with a NaN descriptor (undefined roughness) out of that factor's strata.
+    Rows: [run, "size"|"roughness", stratum, mean_dsc, std_dsc, n_slices].
+    """
+    edges = stratum_edges(per_slice)
+    rows = []
+    for run, slices in per_slice.items():
+        for factor, key, labels in FACTORS:
+            groups: dict[str, list[float]] = {label: [] for label in labels}
+            for s in slices:
+                if not math.isnan(s[key]):
+                    groups[stratum(s[key], edges[factor], labels)].append(s["dsc"])
+            for label in labels:
+                stats = summarize(groups[label])
+                rows.append([run, factor, label, stats["mean"], stats["std"], stats["n"]])
+    return list(STRATIFIED_HEADER), rows
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out_png: str | Path, plt) -> None:
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def plot_stratified(header: Sequence[str], rows: Sequence[Sequence], out_png: str | Path) -> None:
+    """Seed 000 Fig. 3 layout: a size panel and a roughness panel, one group of bars per stratum,
+    one bar per run, error bars = std, mean DSC written above each bar."""
+    plt = _pyplot()
+    col = {name: header.index(name) for name in STRATIFIED_HEADER}
+    runs = list(dict.fromkeys(row[col["run"]] for row in rows))
+    cell = {(r[col["run"]], r[col["factor"]], r[col["stratum"]]): r for r in rows}
+    lows = [r[col["mean_dsc"]] - r[col["std_dsc"]] for r in rows if r[col["n_slices"]]]
+    bottom = max(0.0, math.floor(20 * min(lows, default=0.0)) / 20 - 0.05)  # zoom on the bars' range
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), layout="constrained")
+    width = 0.8 / max(1, len(runs))
+    for ax, (factor, _, labels) in zip(axes, FACTORS):
+        x = np.arange(len(labels))
+        for i, run in enumerate(runs):
+            got = [cell.get((run, factor, label)) for label in labels]
+            mean = [r[col["mean_dsc"]] if r else math.nan for r in got]
+            std = [r[col["std_dsc"]] if r else math.nan for r in got]
+            bars = ax.bar(x + (i - (len(runs) - 1) / 2) * width, mean, width, yerr=std, capsize=3,
+                          label=run, color=f"C{i}")
+            ax.bar_label(bars, labels=["" if math.isnan(m) else f"{m:.3f}" for m in mean], fontsize=7, padding=2)
+        ax.set_xticks(x, labels)
+        ax.set_ylim(bottom, 1.0)
+        ax.set_ylabel("mean slice DSC")
+        ax.set_title("by object size (expert area tertiles)" if factor == "size"
+                     else "by boundary roughness (P\u00b2/4\u03c0A tertiles)")
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("Slice DSC stratified by size and roughness")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=len(runs), fontsize=8,
+               frameon=False)
+    _save(fig, out_png, plt)
+
+
+def disagreement_slices(preds: Mapping[str, np.ndarray], expert: np.ndarray, n: int) -> list[int]:
+    """The z of the `n` slices where the runs differ most, most different first.
+
+    Candidates: slices where the expert or any prediction is non-empty. Per slice and run the
+    DSC against the expert (0 when exactly one is empty, 1 when both are). Key: the spread
+    max - min of those DSCs over the runs, ties broken by the area where the runs disagree with
+    each other (union minus intersection of the predictions). With a single run there is no
+    spread: the key is its 1 - DSC, ties broken by its XOR area with the expert (its worst slices).
+    """
+    if not preds:
+        raise MicrosegError("disagreement_slices needs at least one run's prediction")
+    if isinstance(n, bool) or int(n) != n or n < 0:
+        raise MicrosegError(f"number of slices must be an integer >= 0, got {n!r}")
+    e, *masks = (m.reshape(len(m), -1) for m in
+                 _volumes(expert=expert, **{f"prediction of {run}": p for run, p in preds.items()}))
+    n_e = e.sum(1)
+    scores = []
+    for p in masks:
+        total = p.sum(1) + n_e
+        scores.append(np.where(total > 0, 2.0 * (p & e).sum(1) / np.maximum(total, 1), 1.0))
+    scores = np.stack(scores)
+    union = np.logical_or.reduce(masks)
+    if len(masks) > 1:
+        key, tie = scores.max(0) - scores.min(0), union.sum(1) - np.logical_and.reduce(masks).sum(1)
+    else:
+        key, tie = 1.0 - scores[0], (union ^ e).sum(1)
+    candidates = np.flatnonzero(union.any(1) | e.any(1))
+    order = np.lexsort((candidates, -tie[candidates], -key[candidates]))
+    return [int(z) for z in candidates[order][: int(n)]]
+
+
+def _crop(masks: Sequence[np.ndarray], shape: tuple[int, int], margin: float = 0.25) -> tuple[slice, slice]:
+    """The bounding box of the union of 2D masks grown by `margin` of its size (>= 8 px); whole image if empty."""
+    union = np.logical_or.reduce(masks)
+    if not union.any():
+        return slice(0, shape[0]), slice(0, shape[1])
+    box = []
+    for axis, size in enumerate(shape):
+        hits = np.flatnonzero(union.any(1 - axis))
+        pad = max(8, int(margin * (hits[-1] + 1 - hits[0])))
+        box.append(slice(max(0, hits[0] - pad), min(size, hits[-1] + 1 + pad)))
+    return box[0], box[1]
+
+
+def plot_overlays(image: np.ndarray, expert: np.ndarray, preds: Mapping[str, np.ndarray], slices: Sequence[int],
+                  out_png: str | Path, title: str, crop: bool = True) -> None:
+    """Seed 002 Figs. 4-6: one row per run, one column per slice; each panel shows the image in
+    grey, the expert contour in green and that run's contour in the run's colour (legend below),
+    with the slice's DSC. Contours: matplotlib `contour` at level 0.5 on the native-resolution
+    masks. crop=True zooms each column on the union of its masks plus a 25% margin.
+    No runs: a single row with the expert contour alone.
+    """
+    plt = _pyplot()
+    from matplotlib.lines import Line2D
+
+    image = np.asarray(image)
+    if image.ndim != 3:
+        raise MicrosegError(f"image must be a [Z,H,W] volume, got shape {image.shape}")
+    expert, *masks = _volumes(expert=expert, **{f"prediction of {run}": p for run, p in preds.items()})
+    if expert.shape != image.shape:
+        raise MicrosegError(f"expert shape {expert.shape} does not match image shape {image.shape}")
+    if not len(slices):
+        raise MicrosegError("no slices to overlay")
+    for z in slices:
+        if isinstance(z, bool) or int(z) != z or not 0 <= z < len(image):
+            raise MicrosegError(f"slice index {z!r} is outside the volume (0..{len(image) - 1})")
+    slices = [int(z) for z in slices]
+    runs = [(run, mask, RUN_COLOURS[i % len(RUN_COLOURS)]) for i, (run, mask) in enumerate(zip(preds, masks))]
+    full = (slice(0, image.shape[1]), slice(0, image.shape[2]))
+    boxes = [_crop([expert[z]] + [m[z] for m in masks], image.shape[1:]) if crop else full for z in slices]
+    aspect = np.mean([(b[0].stop - b[0].start) / (b[1].stop - b[1].start) for b in boxes])
+    panel = 3.2  # inches per column
+    fig, axes = plt.subplots(max(1, len(runs)), len(slices), squeeze=False, layout="constrained",
+                             figsize=(panel * len(slices), (panel * aspect + 0.3) * max(1, len(runs)) + 0.7))
+    for col, (z, box) in enumerate(zip(slices, boxes)):
+        for row, (run, mask, colour) in enumerate(runs or [("expert only", None, None)]):
+            ax = axes[row][col]
+            ax.imshow(image[z][box], cmap="gray", vmin=0, vmax=255)
+            label = f"z = {z}"
+            for contour, c in [(expert[z], EXPERT_COLOUR)] + ([(mask[z], colour)] if mask is not None else []):
+                part = contour[box]
+                if part.any() and not part.all():  # a constant crop has no 0.5 level
+                    ax.contour(part.astype(np.float32), levels=[0.5], colors=c, linewidths=1.2)
+            if mask is not None and (mask[z].any() or expert[z].any()):
+                label += f"   DSC {dice(mask[z], expert[z]):.3f}"
+            ax.set_title(label, fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if col == 0:
+                ax.set_ylabel(run, fontsize=9)
+    handles = [Line2D([], [], color=EXPERT_COLOUR, lw=2, label="expert")]
+    handles += [Line2D([], [], color=colour, lw=2, label=run) for run, _, colour in runs]
+    fig.suptitle(title, fontsize=10)
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
+    _save(fig, out_png, plt)

@@ -1,0 +1,122 @@
+"""Torch dataset over the slice cache, and the patient-level train/validation split.
+
+Each item is ``{"image": float32 [1,S,S] = uint8 / 254 clipped to 1 (the reference's scaling),
+"expert"/"non_expert": float32 [1,S,S] in {0,1}, "case_id": str, "slice_index": int}``.
+The HDF5 file is opened lazily, once per process (DataLoader workers each open their own; the
+dataset pickles without a handle). Items are read one HDF5 chunk (one slice) at a time: that
+costs well under a millisecond, below the augmentation's cost, and keeps worker start-up and
+memory flat for any dataset size; ``in_memory=True`` reads the whole cache into RAM per process
+instead (see scripts/bench_data.py for both).
+
+Augmentation randomness: with a ``seed``, each item's augmentation is seeded by
+``SeedSequence([seed, epoch, index])`` (``set_epoch`` before each epoch's loader): epochs differ,
+and an item is augmented the same whichever worker or rank loads it and whatever came before,
+so a run resumed mid-epoch repeats the uninterrupted one exactly. With ``seed=None`` each
+process draws one stream seeded from ``torch.initial_seed()`` (the DataLoader's per-worker seed).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import h5py
+import numpy as np
+import torch
+from albumentations import Compose
+from torch.utils.data import Dataset
+
+from microseg.data.augment import build_augmentation
+from microseg.data.cache import SLICE_KEYS, read_cache_info
+from microseg.errors import MicrosegError
+
+
+class SliceDataset(Dataset):
+    """Slices of a cache (all, or the given cache indices), optionally augmented."""
+
+    def __init__(self, cache_path: str | Path, indices: Sequence[int] | None = None, augment: bool = False,
+                 seed: int | None = None, in_memory: bool = False):
+        info = read_cache_info(cache_path)
+        self.path, self.size, self.augment, self.seed, self.epoch = info.path, info.size, augment, seed, 0
+        with h5py.File(self.path, "r") as f:
+            self.case_ids = [i.decode() for i in f["case_id"][()]]
+            self.slice_index = f["slice_index"][()]
+        n = info.n_slices
+        self.indices = np.arange(n) if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
+        if self.indices.size and (self.indices.min() < 0 or self.indices.max() >= n):
+            raise MicrosegError(f"{self.path}: slice indices must lie in 0..{n - 1}")
+        self.in_memory = in_memory
+        self._pid: int | None = None
+        self._arrays: tuple | None = None
+        self._transform: tuple | None = None  # (pid, Compose)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_pid": None, "_arrays": None, "_transform": None}
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation stream of ``epoch`` (call before creating the epoch's loader)."""
+        self.epoch = epoch
+
+    def _open(self) -> tuple:
+        if self._pid != os.getpid():
+            file = h5py.File(self.path, "r")
+            if self.in_memory:
+                self._arrays = tuple(file[key][()] for key in SLICE_KEYS)
+                file.close()
+            else:
+                self._arrays = tuple(file[key] for key in SLICE_KEYS)
+            self._pid = os.getpid()
+        return self._arrays
+
+    def _augmentation(self, index: int) -> Compose:
+        if self._transform is None or self._transform[0] != os.getpid():
+            self._transform = (os.getpid(), build_augmentation(self.size, seed=torch.initial_seed() % 2**32))
+        transform = self._transform[1]
+        if self.seed is not None:
+            transform.set_random_seed(int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]))
+        return transform
+
+    def __getitem__(self, item: int) -> dict:
+        index = int(self.indices[item])
+        image, expert, non_expert = (array[index] for array in self._open())
+        if self.augment:
+            out = self._augmentation(index)(image=image, masks=[expert, non_expert])
+            image, (expert, non_expert) = out["image"], out["masks"]
+        return {**slice_tensors(image, expert, non_expert), "case_id": self.case_ids[index],
+                "slice_index": int(self.slice_index[index])}
+
+
+def slice_tensors(image: np.ndarray, expert: np.ndarray, non_expert: np.ndarray) -> dict[str, torch.Tensor]:
+    """uint8 [S, S] arrays -> float32 [1, S, S] tensors; image / 254 clipped to 1.
+
+    Converted in NumPy: a torch op per item would wake torch's intra-op thread pool, which
+    costs milliseconds per call on a busy machine when run in the main process.
+    """
+    return {
+        "image": torch.from_numpy(np.minimum(image.astype(np.float32) / 254, 1)[None]),
+        "expert": torch.from_numpy(expert.astype(np.float32)[None]),
+        "non_expert": torch.from_numpy(non_expert.astype(np.float32)[None]),
+    }
+
+
+def split_by_patient(cache_path: str | Path, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded patient-level split of the cache's slice indices into (train, validation).
+
+    ``round(val_fraction * n_patients)`` patients go to validation, at least one when the fraction
+    is positive and there are two or more patients, and never all of them.
+    """
+    if not 0 <= val_fraction < 1:
+        raise MicrosegError(f"validation fraction must be in [0, 1), got {val_fraction}")
+    with h5py.File(read_cache_info(cache_path).path, "r") as f:
+        ids = np.array([i.decode() for i in f["case_id"][()]])
+    patients = sorted(set(ids.tolist()))
+    n_val = 0
+    if val_fraction > 0 and len(patients) >= 2:
+        n_val = min(len(patients) - 1, max(1, round(val_fraction * len(patients))))
+    order = np.random.default_rng(seed).permutation(len(patients))
+    val = np.isin(ids, [patients[i] for i in order[:n_val]])
+    return np.flatnonzero(~val).tolist(), np.flatnonzero(val).tolist()

@@ -1,0 +1,32 @@
+"""Loss registry: every loss by name (`build_loss("adaptive_focal+dice")`), and the deep-supervision wrapper.
+
+One module per loss family: focal, ag_bce, adaptive_focal, afl, calf, region (dice, iou,
+tversky), classic (bce, dice_ce, dice_focal); hard_region holds the XOR-dilated hard region
+shared by AG-BCE, the adaptive focal loss and the analyses.
+"""
+
+from __future__ import annotations
+
+from microseg.losses import adaptive_focal, afl, ag_bce, calf, classic, focal, region  # noqa: F401  (registers)
+from microseg.losses.base import LOSSES, SegLoss, WeightedSum, register
+from microseg.losses.calf import CalfStats, calf_stats
+from microseg.losses.deep_supervision import DeepSupervisedLoss, DeepSupervision, resize_mask
+from microseg.losses.hard_region import dilate, hard_region
+from microseg.losses.registry import build_loss, describe_loss, parse_spec
+
+__all__ = [
+    "LOSSES",
+    "CalfStats",
+    "DeepSupervisedLoss",
+    "DeepSupervision",
+    "SegLoss",
+    "WeightedSum",
+    "build_loss",
+    "calf_stats",
+    "describe_loss",
+    "dilate",
+    "hard_region",
+    "parse_spec",
+    "register",
+    "resize_mask",
+]

@@ -1,0 +1,44 @@
+"""AG-BCE, MicroSegNet's annotation-guided binary cross-entropy (FACTS.md).
+
+hard = dilate(expert XOR non_expert, k),  easy = 1 - hard,
+bce  = -(beta y log(p + eps) + (1 - beta)(1 - y) log(1 - p + eps)),  p = sigmoid(x),
+loss = (sum(bce * easy) / (1 + w) + w * sum(bce * hard) / (1 + w)) / number_of_pixels,
+
+with beta = 0.5, eps = 1e-6, w = 4 and k = 4 (the main 224 px output's kernel; deep
+supervision passes 1, 2, 3, 4 per scale). `number_of_pixels` is the whole batch's B*H*W, as the
+reference computes it on a batch tensor (it equals the per-sample value averaged over the
+batch, all samples being the same size). p and 1 - p are sigmoid(x) and sigmoid(-x), so
+log(1 - p + eps) has no cancellation near p = 1; eps stays inside the logs as in the paper.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from microseg.losses.base import SegLoss, register
+from microseg.losses.hard_region import check_kernel_size, hard_region
+
+
+def eps_bce(logits: Tensor, target: Tensor, beta: float, eps: float) -> Tensor:
+    """Per-pixel -(beta y log(sigmoid(x) + eps) + (1 - beta)(1 - y) log(sigmoid(-x) + eps))."""
+    positive = torch.log(torch.sigmoid(logits) + eps)
+    negative = torch.log(torch.sigmoid(-logits) + eps)
+    return -(beta * target * positive + (1.0 - beta) * (1.0 - target) * negative)
+
+
+@register("ag_bce")
+class AGBCE(SegLoss):
+    needs_non_expert = True
+    aliases = {"w": "hard_weight", "k": "kernel_size"}
+
+    def __init__(self, hard_weight: float = 4.0, kernel_size: int = 4, beta: float = 0.5, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.hard_weight, self.kernel_size = float(hard_weight), check_kernel_size(kernel_size)
+        self.beta, self.eps = float(beta), float(eps)
+
+    def compute(self, logits: Tensor, target: Tensor, non_expert: Tensor | None) -> Tensor:
+        hard = hard_region(target, non_expert, self.kernel_size)
+        w = self.hard_weight
+        weight = (1.0 - hard) / (1.0 + w) + hard * (w / (1.0 + w))
+        return (weight * eps_bce(logits, target, self.beta, self.eps)).mean()

@@ -1,0 +1,135 @@
+"""Training: history, checkpoints, resume equivalence, NaN stop, Ctrl-C, refusals, torchrun."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import microseg.train as train_module
+from conftest import TINY_TRAIN, train_tiny
+from microseg.cli import main
+from microseg.train import poly_lr
+
+
+def read_history(run: Path) -> list[dict[str, str]]:
+    with open(run / "history.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+def test_history_and_checkpoints(trained_run):
+    rows = read_history(trained_run)
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert {"loss", "loss_4", "loss_8", "loss_16", "loss_32", "bce", "val_dsc", "val_hd95_mm", "lr", "seconds"} <= set(rows[0])
+    for row in rows:  # total = plain sum of the four scales (reference weights 1, 1, 1, 1)
+        scales = sum(float(row[k]) for k in ("loss_4", "loss_8", "loss_16", "loss_32"))
+        assert float(row["loss"]) == pytest.approx(scales, rel=1e-5)
+        assert 0 <= float(row["val_dsc"]) <= 1
+    assert (trained_run / "last.pt").is_file() and (trained_run / "config.yaml").is_file()
+    assert not [p for p in trained_run.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_poly_schedule_matches_reference_formula():
+    assert poly_lr(0.01, 0, 100, 0.9) == 0.01
+    assert poly_lr(0.01, 50, 100, 0.9) == pytest.approx(0.01 * 0.5**0.9)
+
+
+def test_resume_after_ctrl_c_matches_uninterrupted_run(cache, tmp_path, monkeypatch):
+    full = train_tiny(cache, tmp_path / "full")
+    real_step, calls = train_module._train_step, {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # epoch 2, second batch (3 batches of 4 per epoch)
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_train_step", interrupted)
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        train_tiny(cache, cut)
+    assert torch.load(cut / "last.pt", weights_only=False)["step"] == 1
+    monkeypatch.setattr(train_module, "_train_step", real_step)
+    assert main(["train", "--run", str(cut), "--resume", "--num-workers", "0"]) == 0
+    a, b = weights(full / "last.pt"), weights(cut / "last.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    drop = ("seconds",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in read_history(full)] == [
+        {k: v for k, v in r.items() if k not in drop} for r in read_history(cut)
+    ]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(cache, tmp_path, monkeypatch, capsys):
+    real_step, calls = train_module._train_step, {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        values = real_step(*args, **kwargs)
+        return [math.nan] * len(values) if calls["n"] == 7 else values  # epoch 2, step 2 (5 steps/epoch)
+
+    monkeypatch.setattr(train_module, "_train_step", poisoned)
+    run = tmp_path / "nan"
+    code = main(["train", "--cache", str(cache), "--run", str(run), "--model", "tiny", "--epochs", "3",
+                 "--batch-size", "4", "--num-workers", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "nan" in err[0] and "epoch 2, step 2" in err[0] and "keeps epoch 1" in err[0]
+    assert torch.load(run / "last.pt", weights_only=False)["epoch"] == 1
+    assert len(read_history(run)) == 1
+
+
+@pytest.mark.parametrize("case", ["exists", "cache_size", "other_model", "no_cache", "bad_loss"])
+def test_bad_train_inputs_give_one_line(case, trained_run, cache, phantom, tmp_path, capsys):
+    args = ["train", "--cache", str(cache), "--run", str(trained_run), "--model", "tiny", "--num-workers", "0"]
+    if case == "cache_size":  # the run's cache rebuilt at another size, then --resume
+        run = tmp_path / "run"
+        shutil.copytree(trained_run, run)
+        other = tmp_path / "cache.h5"
+        shutil.copy(cache, other)
+        from microseg.config import load_config, save_config
+
+        config = load_config(run / "config.yaml")
+        config.cache = str(other)
+        save_config(config, run / "config.yaml")
+        from microseg.data.cache import prepare_cache
+
+        prepare_cache(phantom, other, size=48)
+        args = ["train", "--run", str(run), "--resume"]
+    elif case == "other_model":  # weights from a checkpoint of another model config
+        args = ["train", "--cache", str(cache), "--run", str(tmp_path / "r"), "--model", "small",
+                "--weights", str(trained_run / "last.pt"), "--epochs", "1"]
+    elif case == "no_cache":
+        args[2] = str(tmp_path / "missing.h5")
+        args[4] = str(tmp_path / "new")
+    elif case == "bad_loss":
+        args[4] = str(tmp_path / "new")
+        args += ["--loss", "no_such_loss"]
+    code = main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("microseg: error:")
+    expected = {"exists": "--force", "cache_size": "48", "other_model": "", "no_cache": "missing.h5", "bad_loss": "no_such_loss"}
+    assert expected[case] in err[0]
+
+
+def test_torchrun_two_cpu_processes_write_one_run(cache, tmp_path):
+    run = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "microseg", "--", "train", "--cache", str(cache), "--run", str(run), "--model", "tiny",
+               "--epochs", "1", "--batch-size", "2", "--num-workers", "0", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("run written") == 2  # both ranks finished ...
+    assert len(read_history(run)) == 1  # ... and one history, one checkpoint were written
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "history.csv", "last.pt"]
+    assert TINY_TRAIN["model"] == torch.load(run / "last.pt", weights_only=False)["model_config"]["name"]
