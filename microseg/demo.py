@@ -12,7 +12,8 @@ from pathlib import Path
 
 DEMO_LOSSES = ("adaptive_focal", "ag_bce", "focal")
 DEMO_DATA = dict(n_train=10, n_test=4, n_slices=24, size=(240, 343), seed=0)
-DEMO_TRAIN = dict(model="small", epochs=6, batch_size=8, optimizer="adam", lr=1e-3, val_fraction=0.2, seed=1234)
+DEMO_TRAIN = dict(model="small", epochs=6, batch_size=8, optimizer="adam", lr=1e-3, val_fraction=0.2, seed=1234,
+                  num_workers=0)  # on 2 cores, loader workers would only compete with the model
 DEMO_SIZE = 128
 
 

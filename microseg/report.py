@@ -47,7 +47,8 @@ class RunRecord:
 
     @property
     def label(self) -> str:
-        return f"{self.name} ({self.loss})"
+        """The run's name, with its loss when the name does not already say it."""
+        return self.name if self.name == self.loss else f"{self.name} ({self.loss})"
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:

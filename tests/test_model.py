@@ -73,15 +73,15 @@ def test_output_shapes_paper_config_on_meta():
 
 
 def test_three_channel_input_equals_repeated_single_channel():
-    model = build_model("tiny", img_size=64).eval()
-    x = torch.rand(2, 1, 64, 64)
+    model = build_model("tiny", img_size=32).eval()
+    x = torch.rand(2, 1, 32, 32)
     torch.testing.assert_close(model(x).logits, model(x.repeat(1, 3, 1, 1)).logits)
 
 
 def test_every_parameter_gets_a_gradient():
     torch.manual_seed(0)
-    model = build_model("tiny", img_size=64).train()
-    out = model(torch.rand(4, 1, 64, 64))
+    model = build_model("tiny", img_size=32).train()
+    out = model(torch.rand(4, 1, 32, 32))
     (out.logits.square().mean() + sum(a.square().mean() for a in out.aux)).backward()
     for name, p in model.named_parameters():
         assert p.grad is not None, name
@@ -89,13 +89,13 @@ def test_every_parameter_gets_a_gradient():
 
 
 def test_aux_heads_follow_mode_and_flags():
-    model = build_model("tiny", img_size=64)
-    x = torch.rand(1, 1, 64, 64)
+    model = build_model("tiny", img_size=32)
+    x = torch.rand(1, 1, 32, 32)
     assert len(model.train()(x).aux) == 3
     assert model.eval()(x).aux == ()
     assert len(model.eval()(x, with_aux=True).aux) == 3
     assert model.train()(x, with_aux=False).aux == ()
-    plain = build_model("tiny", img_size=64, deep_supervision=False)
+    plain = build_model("tiny", img_size=32, deep_supervision=False)
     assert plain.train()(x).aux == () and len(plain.aux_heads) == 0
     assert count(model) - count(plain) == 9 * (32 + 16 + 8) + 3
 
@@ -139,8 +139,8 @@ def test_bad_names_sizes_and_inputs_raise():
 
 def test_channels_last_and_bf16_autocast():
     torch.manual_seed(0)
-    model = build_model("tiny", img_size=64).eval()
-    x = torch.rand(2, 1, 64, 64)
+    model = build_model("tiny", img_size=32).eval()
+    x = torch.rand(2, 1, 32, 32)
     with torch.no_grad():
         reference = model(x).logits
         model_cl = model.to(memory_format=torch.channels_last)
@@ -162,9 +162,9 @@ def test_channels_last_and_bf16_autocast():
 def test_forward_traces_as_one_graph(mode):
     """torch.compile sees no graph break (the eager backend checks tracing; inductor is benchmarked)."""
     torch._dynamo.reset()
-    model = getattr(build_model("tiny", img_size=64), mode)()
+    model = getattr(build_model("tiny", img_size=32), mode)()
     compiled = torch.compile(model, backend="eager", fullgraph=True)
-    x = torch.rand(2, 1, 64, 64)
+    x = torch.rand(2, 1, 32, 32)
     out = compiled(x)
     assert len(out.aux) == (3 if mode == "train" else 0)
     if mode == "eval":

@@ -31,7 +31,7 @@ class ModelConfig:
     head_channels: the decoder's first 3x3 conv ("conv_more") after the tokens are reshaped.
     decoder_channels: the 4 upsampling blocks; the first `n_skip` take a skip connection.
     deep_supervision, aux_kernel: a `aux_kernel` x `aux_kernel` conv head after each of the first
-        three decoder blocks (H/8, H/4, H/2). MicroSegNet's text says 1x1, but its reference
+        three decoder blocks (H/8, H/4, H/2). The seed-002 paper's text says 1x1, but the reference
         parameter count (105,279,956) holds exactly 9 * (256 + 128 + 64) + 3 = 4,035 head
         parameters, i.e. 3x3 convs with bias: 3 is the default, 1 the paper-text reading.
     """
