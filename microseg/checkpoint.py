@@ -52,7 +52,7 @@ def model_from_checkpoint(state: dict[str, Any], device: torch.device | str = "c
     """Rebuild the network a checkpoint describes and load its weights (strictly)."""
     from microseg.models import ModelConfig, build_model
 
-    model = build_model(ModelConfig(**state["model_config"]))
+    model = build_model(ModelConfig.from_dict(state["model_config"]))
     missing, unexpected = model.load_state_dict(state["model"], strict=False)
     if missing or unexpected:
         raise MicrosegError(

@@ -7,8 +7,12 @@ thresholded at 0.5, and scored per patient against the expert mask in mm with th
 the NIfTI header (`microseg.metrics.score_case`, protocols microsegnet | all-slices | volume).
 
 `evaluate` writes into the run folder:
-- `metrics/per_patient.csv` (one row per patient, then mean, std and median rows) and `.md`;
-- `metrics/per_slice.csv` (every scored slice: case, z, DSC, HD95);
+- `metrics/per_patient.csv` (one row per patient, then mean, std and median rows) and `.md`:
+  the model's DSC / HD95 and slice counts, its DSC and error rate inside the hard region, and
+  every other annotator's DSC / HD95 against the expert (`<rater>_dsc`, `<rater>_hd95_mm`);
+- `metrics/per_slice.csv`: every scored or expert-non-empty slice: DSC, HD95, expert area (mm^2),
+  roughness (P^2 / 4 pi A) and gamma_mSa, for the stratified analyses;
+- `metrics/evaluation.json`: the data folder, split, protocol and resize mode used;
 - `predictions/<file>.nii.gz`, the predicted masks on the source geometry.
 """
 

@@ -18,6 +18,7 @@ import contextlib
 import csv
 import dataclasses
 import io
+import json
 import math
 import os
 import shutil
@@ -39,7 +40,7 @@ from microseg.checkpoint import load_checkpoint, save_checkpoint
 from microseg.config import TrainConfig, load_config, save_config
 from microseg.errors import MicrosegError
 
-RUN_FILES = ("config.yaml", "history.csv", "last.pt", "best.pt", "metrics", "predictions")
+RUN_FILES = ("config.yaml", "calf_stats.json", "history.csv", "last.pt", "best.pt", "metrics", "predictions")
 
 
 class NonFiniteLoss(MicrosegError):
@@ -141,8 +142,7 @@ def train(config: TrainConfig, resume: bool = False, force: bool = False) -> Pat
     """Train one run as `config` says; returns the run folder."""
     from microseg.data.cache import foreground_areas, read_cache_info
     from microseg.data.dataset import SliceDataset, split_by_patient
-    from microseg.losses import DeepSupervision
-    from microseg.losses.calf import calf_stats
+    from microseg.losses import DeepSupervision, calf_stats, parse_spec
     from microseg.models import build_model
     from microseg.models.weights import format_load_report, load_weights
 
@@ -167,7 +167,7 @@ def train(config: TrainConfig, resume: bool = False, force: bool = False) -> Pat
             print(f"weights {config.weights}: {format_load_report(report)}")
 
     stats = None
-    if "calf" in config.loss:
+    if any(term.name == "calf" for term in parse_spec(config.loss)):
         stats = calf_stats(foreground_areas(Path(config.cache))[np.asarray(train_idx)])
     n_scales = len(config.ds_kernel_sizes) if config.deep_supervision else 1
     criterion = DeepSupervision(
@@ -175,6 +175,7 @@ def train(config: TrainConfig, resume: bool = False, force: bool = False) -> Pat
     )
     if stats is not None and env.main:
         print(f"calf: skewness {stats.skewness:.3f}, excess kurtosis {stats.kurtosis:.3f} -> branch {stats.branch}")
+        write_text(run / "calf_stats.json", json.dumps(asdict(stats), indent=1))
 
     device = env.device
     model.to(device)
@@ -256,7 +257,7 @@ def train(config: TrainConfig, resume: bool = False, force: bool = False) -> Pat
             row["bce"] = float(totals[-1])
             if val_loader is not None:
                 row["val_dsc"], row["val_hd95_mm"] = validate(model, val_loader, device, info, config.amp)
-            row["lr"] = lr
+            row["lr"] = optimizer.param_groups[0]["lr"]
             row["seconds"] = round(time.perf_counter() - started, 2)
             history.append(row)
             accum.zero_()

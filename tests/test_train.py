@@ -40,6 +40,26 @@ def test_history_and_checkpoints(trained_run):
     assert not [p for p in trained_run.iterdir() if p.name.startswith(".")]  # no temp files left
 
 
+def test_calf_statistics_come_from_the_training_slices(cache, tmp_path):
+    import json
+
+    import numpy as np
+    from scipy.stats import kurtosis, skew
+
+    from microseg.data.cache import foreground_areas
+    from microseg.data.dataset import split_by_patient
+
+    run = train_tiny(cache, tmp_path / "calf", loss="calf", epochs=1)
+    saved = json.loads((run / "calf_stats.json").read_text())
+    train_idx, _ = split_by_patient(cache, TINY_TRAIN["val_fraction"], TINY_TRAIN["seed"])
+    areas = foreground_areas(cache)[train_idx]
+    areas = areas[areas > 0]  # CALF's default leaves empty slices out
+    assert saved["n"] == len(areas)
+    assert saved["skewness"] == pytest.approx(skew(areas), rel=1e-5)
+    assert saved["kurtosis"] == pytest.approx(kurtosis(areas), rel=1e-5)
+    assert saved["branch"] and torch.load(run / "last.pt", weights_only=False)["calf_stats"] == saved
+
+
 def test_poly_schedule_matches_reference_formula():
     assert poly_lr(0.01, 0, 100, 0.9) == 0.01
     assert poly_lr(0.01, 50, 100, 0.9) == pytest.approx(0.01 * 0.5**0.9)
