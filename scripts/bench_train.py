@@ -13,8 +13,9 @@ A round is one epoch of `steps` batches from a fresh DataLoader (drawn from the 
 repeating them as needed), timed from the loader's creation to the last step (worker start-up
 included, as every training epoch pays it; CUDA synchronised); each loop first takes one untimed
 warm-up step, and the loops take their rounds in turn, in alternating order, so that they share the
-machine's noise. Defaults: on the CPU, `small` (128 px) 3 rounds of 12 steps and the paper config
-`R50-ViT-B_16` (224 px) 1 round of 3 steps (5-25 s a step on 2 cores); on CUDA 3 rounds of 24 steps.
+machine's noise; a loop's figure is the median of its rounds' images/s. Defaults: on the CPU,
+`small` (128 px) 3 rounds of 12 steps and the paper config `R50-ViT-B_16` (224 px) 1 round of 3
+steps (5-25 s a step on 2 cores); on CUDA 3 rounds of 24 steps.
 
     python scripts/bench_train.py                                  # CPU: about 3-4 min on 2 cores
     python scripts/bench_train.py --configs small --steps 6 --rounds 2
@@ -28,6 +29,7 @@ import contextlib
 import copy
 import dataclasses
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -85,7 +87,7 @@ class Loop:
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
                                          weight_decay=config.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=False)
-        self.images, self.seconds = 0, 0.0
+        self.rates: list[float] = []  # images/s of each timed round
 
     def epoch(self, epoch: int, steps: int) -> tuple[int, float]:
         """`steps` training steps from a fresh DataLoader; returns (images, seconds)."""
@@ -138,12 +140,11 @@ def bench_config(name: str, size: int, cache: Path, pngs: list, device: torch.de
     for r in range(1, rounds + 1):
         for loop in loops if r % 2 else loops[::-1]:
             images, seconds = loop.epoch(r, steps)
-            loop.images += images
-            loop.seconds += seconds
-            print(f"{name} round {r}: {loop.label}: {images / seconds:.1f} images/s", file=sys.stderr, flush=True)
-    ref = loops[-1].images / loops[-1].seconds
-    return [[f"{name} ({size} px)", loop.label, f"{rounds} x {steps}", f"{loop.images / loop.seconds:.2f}",
-             f"{loop.images / loop.seconds / ref:.2f}x"] for loop in loops]
+            loop.rates.append(images / seconds)
+            print(f"{name} round {r}: {loop.label}: {loop.rates[-1]:.2f} images/s", file=sys.stderr, flush=True)
+    rates = [statistics.median(loop.rates) for loop in loops]
+    return [[f"{name} ({size} px)", loop.label, f"{rounds} x {steps}", f"{rate:.2f}", f"{rate / rates[-1]:.2f}x"]
+            for loop, rate in zip(loops, rates)]
 
 
 def main() -> None:
@@ -188,7 +189,7 @@ def main() -> None:
           f"{NATIVE_SIZE[0]} x {NATIVE_SIZE[1]}; batch {args.batch}, {args.workers} workers, deep-supervised "
           f"{args.loss} (4 scales), SGD; each loop: 1 warm-up step, then rounds x steps timed, each round a fresh "
           "DataLoader (worker start-up included), loops alternating\n")
-    print("| config | loop | rounds x steps | images/s | vs reference |")
+    print("| config | loop | rounds x steps | images/s (median of rounds) | vs reference |")
     print("| --- | --- | ---: | ---: | ---: |")
     for row in rows:
         print("| " + " | ".join(row) + " |")
