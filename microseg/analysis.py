@@ -22,8 +22,8 @@ import cv2
 import numpy as np
 import torch
 
-from microseg.atomic import atomic_path
 from microseg.errors import MicrosegError
+from microseg.figures import pyplot, save_png
 from microseg.losses.afl import mean_gradient_magnitude
 from microseg.losses.hard_region import check_kernel_size
 from microseg.metrics import dice, summarize
@@ -213,25 +213,10 @@ def stratified_table(per_slice: Mapping[str, Sequence[Mapping]]) -> tuple[list[s
     return list(STRATIFIED_HEADER), rows
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, out_png: str | Path, plt) -> None:
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-
-
 def plot_stratified(header: Sequence[str], rows: Sequence[Sequence], out_png: str | Path) -> None:
     """Seed 000 Fig. 3 layout: a size panel and a roughness panel, one group of bars per stratum,
     one bar per run, error bars = std, mean DSC written above each bar."""
-    plt = _pyplot()
+    plt = pyplot()
     col = {name: header.index(name) for name in STRATIFIED_HEADER}
     runs = list(dict.fromkeys(row[col["run"]] for row in rows))
     cell = {(r[col["run"]], r[col["factor"]], r[col["stratum"]]): r for r in rows}
@@ -257,7 +242,7 @@ def plot_stratified(header: Sequence[str], rows: Sequence[Sequence], out_png: st
     fig.suptitle("Slice DSC stratified by size and roughness")
     fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=len(runs), fontsize=8,
                frameon=False)
-    _save(fig, out_png, plt)
+    save_png(fig, out_png)
 
 
 def disagreement_slices(preds: Mapping[str, np.ndarray], expert: np.ndarray, n: int) -> list[int]:
@@ -312,7 +297,7 @@ def plot_overlays(image: np.ndarray, expert: np.ndarray, preds: Mapping[str, np.
     masks. crop=True zooms each column on the union of its masks plus a 25% margin.
     No runs: a single row with the expert contour alone.
     """
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.lines import Line2D
 
     image = np.asarray(image)
@@ -354,4 +339,4 @@ def plot_overlays(image: np.ndarray, expert: np.ndarray, preds: Mapping[str, np.
     handles += [Line2D([], [], color=colour, lw=2, label=run) for run, _, colour in runs]
     fig.suptitle(title, fontsize=10)
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
-    _save(fig, out_png, plt)
+    save_png(fig, out_png)

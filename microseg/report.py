@@ -24,9 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from microseg.atomic import atomic_path, write_text
+from microseg.atomic import write_text
 from microseg.config import load_config
 from microseg.errors import MicrosegError
+from microseg.figures import pyplot, save_png
 from microseg.metrics import summarize
 
 SUMMARY_ROWS = ("mean", "std", "median")
@@ -97,11 +98,7 @@ def load_run(run: Path) -> RunRecord:
 
 def plot_loss_curves(records: list[RunRecord], path: Path) -> None:
     """Three panels across epochs: own loss, common-ruler BCE, validation DSC (if any run has it)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     panels = [("loss", "own training loss"), ("bce", "common-ruler BCE (main output)")]
     if any("val_dsc" in r.history[0] for r in records if r.history):
         panels.append(("val_dsc", "validation DSC"))
@@ -117,9 +114,7 @@ def plot_loss_curves(records: list[RunRecord], path: Path) -> None:
     axes[0][0].legend(fontsize=8)
     fig.suptitle("Comparison of losses over epochs")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def loss_table(records: list[RunRecord]) -> tuple[list[str], list[list]]:

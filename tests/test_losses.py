@@ -14,7 +14,6 @@ from torchvision.ops import sigmoid_focal_loss
 from microseg.errors import MicrosegError
 from microseg.losses import CalfStats, build_loss, calf_stats, hard_region
 from microseg.losses.adaptive_focal import AdaptiveFocal
-from microseg.losses.ag_bce import AGBCE
 from microseg.losses.afl import AFL
 from microseg.losses.calf import CALF, choose_branch
 

@@ -43,7 +43,6 @@ def test_history_and_checkpoints(trained_run):
 def test_calf_statistics_come_from_the_training_slices(cache, tmp_path):
     import json
 
-    import numpy as np
     from scipy.stats import kurtosis, skew
 
     from microseg.data.cache import foreground_areas

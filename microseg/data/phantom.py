@@ -55,7 +55,7 @@ from scipy.signal import hilbert
 from scipy.special import expit
 from tqdm import tqdm
 
-from microseg.atomic import atomic_path, write_text
+from microseg.atomic import write_text
 from microseg.data.layout import EXPERT, IMAGES, NON_EXPERT, RATERS, file_name, rater_kind
 from microseg.data.volumes import read_volume, write_volume
 from microseg.errors import MicrosegError
@@ -354,11 +354,9 @@ def simulate_dataset(out: str | Path, n_train: int = 10, n_test: int = 4, n_slic
 
 def write_preview(data_root: str | Path, split: str = "train", case_id: str = "01", n_panels: int = 8) -> Path:
     """PNG montage of one case: slices across the sweep, expert (green) and non-expert (red) contours."""
-    import matplotlib
+    from microseg.figures import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     root = Path(data_root) / split
     image = read_volume(root / IMAGES[0] / file_name(IMAGES, split, case_id)).array
     expert = read_volume(root / EXPERT[0] / file_name(EXPERT, split, case_id), "mask").array
@@ -379,7 +377,5 @@ def write_preview(data_root: str | Path, split: str = "train", case_id: str = "0
     fig.suptitle(f"{split} {case_id}: expert (green), non-expert (red)", fontsize=9)
     fig.tight_layout()
     target = Path(data_root) / "preview.png"
-    with atomic_path(target) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_png(fig, target, dpi=110)
     return target
