@@ -59,6 +59,25 @@ def test_calf_statistics_come_from_the_training_slices(cache, tmp_path):
     assert saved["branch"] and torch.load(run / "last.pt", weights_only=False)["calf_stats"] == saved
 
 
+def test_bf16_autocast_and_channels_last_train(cache, tmp_path):
+    run = train_tiny(cache, tmp_path / "amp", epochs=1, amp="bf16", channels_last=True)
+    row = read_history(run)[0]
+    assert math.isfinite(float(row["loss"])) and math.isfinite(float(row["bce"]))
+
+
+def test_yaml_config_with_command_line_overrides(tmp_path):
+    from microseg.config import TrainConfig, resolve_config
+    from microseg.errors import MicrosegError
+
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("cache: c.h5\nrun: runs/x\nloss: ag_bce:w=2\nepochs: 3\n")
+    config = resolve_config(str(yaml_file), {"loss": "focal", "lr": None})
+    assert (config.cache, config.loss, config.epochs, config.lr) == ("c.h5", "focal", 3, TrainConfig.lr)
+    yaml_file.write_text("cache: c.h5\nrun: runs/x\nepoch: 3\n")
+    with pytest.raises(MicrosegError, match="epoch"):
+        resolve_config(str(yaml_file), {})
+
+
 def test_poly_schedule_matches_reference_formula():
     assert poly_lr(0.01, 0, 100, 0.9) == 0.01
     assert poly_lr(0.01, 50, 100, 0.9) == pytest.approx(0.01 * 0.5**0.9)
