@@ -97,6 +97,12 @@ def _add_train(verbs: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _add_inference_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resize", default="bilinear", choices=("bilinear", "nearest"),
+                   help="how probabilities return to native size (default bilinear; the reference: nearest)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+
+
 def _add_evaluate(verbs: argparse._SubParsersAction) -> None:
     from microseg.metrics import PROTOCOLS
 
@@ -105,9 +111,7 @@ def _add_evaluate(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="dataset folder holding the split")
     p.add_argument("--split", default="test", help="split to evaluate (default test)")
     p.add_argument("--protocol", default="microsegnet", choices=PROTOCOLS, help="scoring protocol (default microsegnet)")
-    p.add_argument("--resize", default="bilinear", choices=("bilinear", "nearest"),
-                   help="how probabilities return to native size (default bilinear; the reference: nearest)")
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+    _add_inference_options(p)
 
     def run(args: argparse.Namespace) -> int:
         from microseg.evaluate import evaluate
@@ -124,8 +128,7 @@ def _add_predict(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--run", required=True, help="trained run folder")
     p.add_argument("--input", required=True, help="a .nii/.nii.gz volume or a folder of them")
     p.add_argument("--out", required=True, help="output mask file (for one volume) or folder")
-    p.add_argument("--resize", default="bilinear", choices=("bilinear", "nearest"))
-    p.add_argument("--device", default="auto")
+    _add_inference_options(p)
 
     def run(args: argparse.Namespace) -> int:
         from microseg.evaluate import predict
