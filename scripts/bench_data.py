@@ -40,18 +40,18 @@ SIZE = 224
 class PngSlices(Dataset):
     """The reference way: PNG files per slice, decoded and resized on every item."""
 
-    def __init__(self, triples: list[tuple[Path, Path, Path]], seed: int):
-        self.triples, self.seed, self.transform = triples, seed, None
+    def __init__(self, triples: list[tuple[Path, Path, Path]], seed: int, size: int = SIZE):
+        self.triples, self.seed, self.size, self.transform = triples, seed, size, None
 
     def __len__(self) -> int:
         return len(self.triples)
 
     def __getitem__(self, item: int) -> dict:
         if self.transform is None:
-            self.transform = build_augmentation(SIZE, seed=self.seed + torch.initial_seed() % 1000)
+            self.transform = build_augmentation(self.size, seed=self.seed + torch.initial_seed() % 1000)
         image, expert, non_expert = (cv2.imread(str(p))[:, :, 0] for p in self.triples[item])
-        image = cv2.resize(image, (SIZE, SIZE))
-        masks = [(cv2.resize(m, (SIZE, SIZE)) > 127).astype(np.uint8) for m in (expert, non_expert)]
+        image = cv2.resize(image, (self.size, self.size))
+        masks = [(cv2.resize(m, (self.size, self.size)) > 127).astype(np.uint8) for m in (expert, non_expert)]
         out = self.transform(image=image, masks=masks)
         return slice_tensors(out["image"], *out["masks"])
 

@@ -41,7 +41,6 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 SCRIPTS = Path(__file__).resolve().parent
 sys.path[:0] = [str(SCRIPTS), str(SCRIPTS.parent)]
-import bench_data  # noqa: E402
 from bench_data import PngSlices, write_pngs  # noqa: E402
 from bench_losses import HARD_REGION_LOSSES, hardware, reference_hard_region  # noqa: E402
 
@@ -54,18 +53,6 @@ from microseg.models import build_model  # noqa: E402
 from microseg.train import _train_step, poly_lr, resolve_device  # noqa: E402
 
 SIZES = {"small": 128, "tiny": 128}  # input size per config; the others at the paper's 224
-
-
-class PngSlicesAt(PngSlices):
-    """`bench_data.PngSlices` resized to `size` (it reads its module's SIZE, 224, in each worker)."""
-
-    def __init__(self, triples: list[tuple[Path, Path, Path]], size: int, seed: int = 0):
-        super().__init__(triples, seed)
-        self.size = size
-
-    def __getitem__(self, item: int) -> dict:
-        bench_data.SIZE = self.size
-        return super().__getitem__(item)
 
 
 def sync(device: torch.device) -> None:
@@ -132,7 +119,7 @@ def bench_config(name: str, size: int, cache: Path, pngs: list, device: torch.de
     max_iter = 1 + rounds * steps + 1
     loops = [Loop(label, SliceDataset(cache, augment=True, seed=config.seed), model, config, False, device, max_iter)
              for label, config in variants]
-    loops.append(Loop("reference: PNG per slice, host-OpenCV hard region, fp32", PngSlicesAt(pngs, size), model,
+    loops.append(Loop("reference: PNG per slice, host-OpenCV hard region, fp32", PngSlices(pngs, seed=0, size=size), model,
                       base, True, device, max_iter))
     del model
     for loop in loops:
