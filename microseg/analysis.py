@@ -1,14 +1,13 @@
-"""Where the errors are: hard-region scores, size/roughness-stratified DSC, overlay figures.
+"""Where the errors are: hard-region scores, size/roughness-stratified DSC, the most disputed slices.
 
-- Hard region (MicroSegNet / seed 002): R = union over the other annotations O_i of
+- Hard region (MicroSegNet / micro-US adaptive focal): R = union over the other annotations O_i of
   dilate(E XOR O_i, k x k), the region the adaptive loss up-weights: the training's dilation
   (OpenCV anchor, as `microseg.losses.hard_region`) with its kernel scaled to native pixels.
   Inside R: DSC_R = 2|P n E n R| / (|P n R| + |E n R|), error rate = |(P XOR E) n R| / |R|.
-- Stratification (seed 000 Fig. 3): per-slice DSC grouped by tertiles of the expert's area and
+- Stratification (A-FL Fig. 3): per-slice DSC grouped by tertiles of the expert's area and
   of its boundary roughness, the isoperimetric ratio P^2 / (4 pi A) (1 for a disk, 4/pi for a
-  square, larger for rougher outlines); seed 000's gamma_mSa is reported beside it.
-- Figures: seed 000 Fig. 3 grouped bars, seed 002 Figs. 4-6 contour overlays (rows = runs,
-  columns = slices, expert contour in green).
+  square, larger for rougher outlines); A-FL's gamma_mSa is reported beside it.
+The figures of these are drawn by `microseg.figures`.
 Masks are [Z,H,W] arrays (non-zero = object).
 """
 
@@ -16,14 +15,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 
 from microseg.errors import MicrosegError
-from microseg.figures import pyplot, save_png
 from microseg.losses.afl import mean_gradient_magnitude
 from microseg.losses.hard_region import check_kernel_size, dilate
 from microseg.metrics import dice, summarize
@@ -32,13 +29,11 @@ SIZE_LABELS = ("small", "medium", "large")
 ROUGHNESS_LABELS = ("smooth", "moderate", "rough")
 FACTORS = (("size", "area_mm2", SIZE_LABELS), ("roughness", "roughness", ROUGHNESS_LABELS))
 STRATIFIED_HEADER = ["run", "factor", "stratum", "mean_dsc", "std_dsc", "n_slices"]
-EXPERT_COLOUR = "#00ff00"
-RUN_COLOURS = ("#ff2020", "#ffd700", "#00bfff", "#ff00ff", "#ff8c00", "#ffffff", "#8a2be2", "#a0522d")
 OUTLINE_EPSILON_PX = 1.0
 _CHUNK = 16  # slices per gamma_mSa call: bounds memory on 962 x 1372 volumes
 
 
-def _volumes(**arrays: np.ndarray) -> list[np.ndarray]:
+def bool_volumes(**arrays: np.ndarray) -> list[np.ndarray]:
     """The named arrays as boolean [Z,H,W] volumes of one shape, else MicrosegError naming the culprit."""
     out, shape = [], None
     for name, arr in arrays.items():
@@ -57,7 +52,7 @@ def _volumes(**arrays: np.ndarray) -> list[np.ndarray]:
 def hard_region_kernel(train_kernel: int, train_size: int, native_rows: int) -> int:
     """The training dilation kernel expressed in native pixels: max(1, round(k * native_rows / train_size)).
 
-    Training dilates by k x k at train_size x train_size (k = 4 at 224, FACTS.md); one training
+    Training dilates by k x k at train_size x train_size (k = 4 at 224 in MicroSegNet); one training
     pixel spans native_rows / train_size native rows (962 / 224 = 4.29 on the real data, so
     k = 4 -> 17). The row scale is used (the columns' 1372 / 224 = 6.1 would give 25): the
     dilation is square, as in training. round() is half-up.
@@ -78,7 +73,7 @@ def hard_region_mask(expert: np.ndarray, others: Sequence[np.ndarray], kernel_si
         raise MicrosegError("the hard region needs at least one other annotation besides the expert")
     kernel_size = check_kernel_size(kernel_size)
     named = {"expert": expert} | {f"annotation {i + 1}": o for i, o in enumerate(others)}
-    expert, *others = _volumes(**named)
+    expert, *others = bool_volumes(**named)
     disagree = np.zeros_like(expert)
     for other in others:
         disagree |= expert ^ other
@@ -93,7 +88,7 @@ def hard_region_score(pred: np.ndarray, expert: np.ndarray, region: np.ndarray) 
     region_px = |R|. Pooled counts (not a mean of per-slice values): slices with a large hard
     region weigh more, and slices where R holds no object do not produce undefined DSCs.
     """
-    pred, expert, region = _volumes(prediction=pred, expert=expert, region=region)
+    pred, expert, region = bool_volumes(prediction=pred, expert=expert, region=region)
     p, e = pred & region, expert & region
     n_p, n_e, n_r = (int(np.count_nonzero(m)) for m in (p, e, region))
     return {
@@ -121,7 +116,7 @@ def _outline_ratio(mask: np.ndarray, spacing_yx: tuple[float, float]) -> float:
 
 
 def _gamma_msa(masks: np.ndarray) -> list[float]:
-    """Seed 000's gamma_mSa of each non-empty slice of a [n,H,W] bool stack, each over its whole slice.
+    """A-FL's gamma_mSa of each non-empty slice of a [n,H,W] bool stack, each over its whole slice.
 
     `mean_gradient_magnitude` runs on the stack's common bounding box grown by 2 px (clipped to
     the image), rescaled by crop area / slice area: exact, since the gradient vanishes beyond
@@ -138,12 +133,12 @@ def slice_descriptors(expert: np.ndarray, spacing_yx: tuple[float, float]) -> li
     """Size and boundary roughness of every slice whose expert mask is non-empty.
 
     Per slice: z; area_mm2 = pixel count * sy * sx (all components); roughness = P^2 / (4 pi A)
-    of the largest outline (see `_outline_ratio`); gamma_msa = seed 000's mean gradient magnitude
+    of the largest outline (see `_outline_ratio`); gamma_msa = A-FL's mean gradient magnitude
     of the mask over the whole slice (`microseg.losses.afl.mean_gradient_magnitude`, unit pixel
     spacing), which grows with the outline's length relative to the image, so mixes size and
     roughness.
     """
-    (expert,) = _volumes(expert=expert)
+    (expert,) = bool_volumes(expert=expert)
     sy, sx = (float(s) for s in spacing_yx)
     if not (math.isfinite(sy) and math.isfinite(sx) and sy > 0 and sx > 0):
         raise MicrosegError(f"spacing {tuple(spacing_yx)} must be two positive numbers (sy, sx) in mm")
@@ -207,38 +202,6 @@ def stratified_table(per_slice: Mapping[str, Sequence[Mapping]]) -> tuple[list[s
     return list(STRATIFIED_HEADER), rows
 
 
-def plot_stratified(header: Sequence[str], rows: Sequence[Sequence], out_png: str | Path) -> None:
-    """Seed 000 Fig. 3 layout: a size panel and a roughness panel, one group of bars per stratum,
-    one bar per run, error bars = std, mean DSC written above each bar."""
-    plt = pyplot()
-    col = {name: header.index(name) for name in STRATIFIED_HEADER}
-    runs = list(dict.fromkeys(row[col["run"]] for row in rows))
-    cell = {(r[col["run"]], r[col["factor"]], r[col["stratum"]]): r for r in rows}
-    lows = [r[col["mean_dsc"]] - r[col["std_dsc"]] for r in rows if r[col["n_slices"]]]
-    bottom = max(0.0, math.floor(20 * min(lows, default=0.0)) / 20 - 0.05)  # zoom on the bars' range
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), layout="constrained")
-    width = 0.8 / max(1, len(runs))
-    for ax, (factor, _, labels) in zip(axes, FACTORS):
-        x = np.arange(len(labels))
-        for i, run in enumerate(runs):
-            got = [cell.get((run, factor, label)) for label in labels]
-            mean = [r[col["mean_dsc"]] if r else math.nan for r in got]
-            std = [r[col["std_dsc"]] if r else math.nan for r in got]
-            bars = ax.bar(x + (i - (len(runs) - 1) / 2) * width, mean, width, yerr=std, capsize=3,
-                          label=run, color=f"C{i}")
-            ax.bar_label(bars, labels=["" if math.isnan(m) else f"{m:.3f}" for m in mean], fontsize=7, padding=2)
-        ax.set_xticks(x, labels)
-        ax.set_ylim(bottom, 1.0)
-        ax.set_ylabel("mean slice DSC")
-        ax.set_title("by object size (expert area tertiles)" if factor == "size"
-                     else "by boundary roughness (P\u00b2/4\u03c0A tertiles)")
-        ax.grid(axis="y", alpha=0.3)
-    fig.suptitle("Slice DSC stratified by size and roughness")
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=len(runs), fontsize=8,
-               frameon=False)
-    save_png(fig, out_png)
-
-
 def disagreement_slices(preds: Mapping[str, np.ndarray], expert: np.ndarray, n: int) -> list[int]:
     """The z of the `n` slices where the runs differ most, most different first.
 
@@ -253,7 +216,7 @@ def disagreement_slices(preds: Mapping[str, np.ndarray], expert: np.ndarray, n: 
     if isinstance(n, bool) or int(n) != n or n < 0:
         raise MicrosegError(f"number of slices must be an integer >= 0, got {n!r}")
     e, *masks = (m.reshape(len(m), -1) for m in
-                 _volumes(expert=expert, **{f"prediction of {run}": p for run, p in preds.items()}))
+                 bool_volumes(expert=expert, **{f"prediction of {run}": p for run, p in preds.items()}))
     n_e = e.sum(1)
     scores = []
     for p in masks:
@@ -268,69 +231,3 @@ def disagreement_slices(preds: Mapping[str, np.ndarray], expert: np.ndarray, n: 
     candidates = np.flatnonzero(union.any(1) | e.any(1))
     order = np.lexsort((candidates, -tie[candidates], -key[candidates]))
     return [int(z) for z in candidates[order][: int(n)]]
-
-
-def _crop(masks: Sequence[np.ndarray], shape: tuple[int, int], margin: float = 0.25) -> tuple[slice, slice]:
-    """The bounding box of the union of 2D masks grown by `margin` of its size (>= 8 px); whole image if empty."""
-    union = np.logical_or.reduce(masks)
-    if not union.any():
-        return slice(0, shape[0]), slice(0, shape[1])
-    box = []
-    for axis, size in enumerate(shape):
-        hits = np.flatnonzero(union.any(1 - axis))
-        pad = max(8, int(margin * (hits[-1] + 1 - hits[0])))
-        box.append(slice(max(0, hits[0] - pad), min(size, hits[-1] + 1 + pad)))
-    return box[0], box[1]
-
-
-def plot_overlays(image: np.ndarray, expert: np.ndarray, preds: Mapping[str, np.ndarray], slices: Sequence[int],
-                  out_png: str | Path, title: str, crop: bool = True) -> None:
-    """Seed 002 Figs. 4-6: one row per run, one column per slice; each panel shows the image in
-    grey, the expert contour in green and that run's contour in the run's colour (legend below),
-    with the slice's DSC. Contours: matplotlib `contour` at level 0.5 on the native-resolution
-    masks. crop=True zooms each column on the union of its masks plus a 25% margin.
-    No runs: a single row with the expert contour alone.
-    """
-    plt = pyplot()
-    from matplotlib.lines import Line2D
-
-    image = np.asarray(image)
-    if image.ndim != 3:
-        raise MicrosegError(f"image must be a [Z,H,W] volume, got shape {image.shape}")
-    expert, *masks = _volumes(expert=expert, **{f"prediction of {run}": p for run, p in preds.items()})
-    if expert.shape != image.shape:
-        raise MicrosegError(f"expert shape {expert.shape} does not match image shape {image.shape}")
-    if not len(slices):
-        raise MicrosegError("no slices to overlay")
-    for z in slices:
-        if isinstance(z, bool) or int(z) != z or not 0 <= z < len(image):
-            raise MicrosegError(f"slice index {z!r} is outside the volume (0..{len(image) - 1})")
-    slices = [int(z) for z in slices]
-    runs = [(run, mask, RUN_COLOURS[i % len(RUN_COLOURS)]) for i, (run, mask) in enumerate(zip(preds, masks))]
-    full = (slice(0, image.shape[1]), slice(0, image.shape[2]))
-    boxes = [_crop([expert[z]] + [m[z] for m in masks], image.shape[1:]) if crop else full for z in slices]
-    aspect = np.mean([(b[0].stop - b[0].start) / (b[1].stop - b[1].start) for b in boxes])
-    panel = 3.2  # inches per column
-    fig, axes = plt.subplots(max(1, len(runs)), len(slices), squeeze=False, layout="constrained",
-                             figsize=(panel * len(slices), (panel * aspect + 0.3) * max(1, len(runs)) + 0.7))
-    for col, (z, box) in enumerate(zip(slices, boxes)):
-        for row, (run, mask, colour) in enumerate(runs or [("expert only", None, None)]):
-            ax = axes[row][col]
-            ax.imshow(image[z][box], cmap="gray", vmin=0, vmax=255)
-            label = f"z = {z}"
-            for contour, c in [(expert[z], EXPERT_COLOUR)] + ([(mask[z], colour)] if mask is not None else []):
-                part = contour[box]
-                if part.any() and not part.all():  # a constant crop has no 0.5 level
-                    ax.contour(part.astype(np.float32), levels=[0.5], colors=c, linewidths=1.2)
-            if mask is not None and (mask[z].any() or expert[z].any()):
-                label += f"   DSC {dice(mask[z], expert[z]):.3f}"
-            ax.set_title(label, fontsize=8)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if col == 0:
-                ax.set_ylabel(run, fontsize=9)
-    handles = [Line2D([], [], color=EXPERT_COLOUR, lw=2, label="expert")]
-    handles += [Line2D([], [], color=colour, lw=2, label=run) for run, _, colour in runs]
-    fig.suptitle(title, fontsize=10)
-    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
-    save_png(fig, out_png)

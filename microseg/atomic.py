@@ -1,16 +1,121 @@
 """Atomic file writes: write to a temporary name beside the target, rename on success.
 
-Nothing half-written is ever left under the final name; on failure the temporary
-file is removed.
+Nothing half-written is ever left under the final name; on failure the temporary file is
+removed. A temporary is named ``.<target name>.<pid>@<host>.<random>.tmp<suffixes>``: if its
+writer was killed outright (SIGKILL, power loss) the next write of the same target on the same
+host removes it once that pid is no longer alive.
+
+A target that cannot be written (a read-only folder, a file where a folder should be, a full
+disk) is a ``MicrosegError`` naming the target, not a traceback.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import os
+import re
+import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from microseg.errors import MicrosegError
+
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO, errno.EACCES,
+                          errno.EPERM, errno.ENAMETOOLONG, errno.EISDIR, errno.ENOTDIR})
+"""errnos of a write that failed because of where or how much was written, not because of a bug."""
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "localhost"
+
+
+def _reason(err: OSError) -> str:
+    return os.strerror(err.errno) if err.errno else " ".join(str(err).split())
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid() or os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def _temporary_prefix(target: Path) -> str:
+    return f".{target.name}.{os.getpid()}@{_host()}."
+
+
+def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
+    """Remove temporaries of ``target`` left by writers on this host that are no longer alive."""
+    target = Path(target)
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(\d+)@{re.escape(_host())}\.\w+\.tmp.*")
+    removed = []
+    for path in target.parent.glob(glob.escape(f".{target.name}.") + "*.tmp*"):
+        match = pattern.fullmatch(path.name)
+        if match and not _pid_alive(int(match.group(1))):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def make_folder(folder: str | os.PathLike) -> Path:
+    """``mkdir -p folder``; MicrosegError naming the folder (or the file in its way) if impossible."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        existing = next(p for p in (folder, *folder.parents) if p.exists())
+        if not existing.is_dir():
+            raise MicrosegError(f"cannot create folder {folder}: {existing} is a file, not a folder") from None
+        raise MicrosegError(f"cannot create folder {folder}: {existing} does not accept new entries "
+                            f"({_reason(err)})") from None
+    return folder
+
+
+def require_writable(target: str | os.PathLike) -> None:
+    """MicrosegError naming ``target`` unless a file can be created where it goes; nothing is left behind.
+
+    For commands that work long before they write (prepare reads every volume first): the
+    nearest existing folder on the way to ``target`` must be a folder that accepts a new file.
+    """
+    target = Path(target)
+    if target.is_dir():
+        raise MicrosegError(f"cannot write {target}: it is a folder")
+    folder = next(p for p in target.parents if p.exists())
+    if not folder.is_dir():
+        raise MicrosegError(f"cannot write {target}: {folder} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=_temporary_prefix(target), suffix=".tmp", dir=folder)
+    except OSError as err:
+        raise MicrosegError(f"cannot write {target}: {folder} does not accept new files ({_reason(err)})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+WRITE_MARGIN_BYTES = 16 * 2**20
+"""Room kept free beyond a write's own bytes (library caches and metadata flushed on close)."""
+
+
+def require_free_space(target: str | os.PathLike, n_bytes: int) -> None:
+    """MicrosegError naming ``target`` unless its disk has ``n_bytes`` + WRITE_MARGIN_BYTES available.
+
+    For writers that cannot fail cleanly on a full disk: HDF5 (2.0) crashes the process when it
+    closes a file whose write failed with ENOSPC, so the cache checks before each case it adds.
+    """
+    target = Path(target)
+    folder = next(p for p in (target.parent, *target.parents) if p.is_dir())
+    free = shutil.disk_usage(folder).free
+    if free < n_bytes + WRITE_MARGIN_BYTES:
+        raise MicrosegError(f"cannot write {target}: No space left on device ({free / 2**20:.1f} MiB free, "
+                            f"{(n_bytes + WRITE_MARGIN_BYTES) / 2**20:.1f} MiB needed for the next part)")
 
 
 @contextlib.contextmanager
@@ -18,12 +123,18 @@ def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterato
     """Yield a temporary path beside `target`; rename it to `target` if the block succeeds.
 
     `suffix` defaults to the target's own suffixes (so `.nii.gz` writers still see `.nii.gz`).
+    An OSError of the block that is about the write (an errno of WRITE_ERRNOS, on the temporary
+    or on no named file) becomes a MicrosegError naming `target`.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(target.parent)
     if suffix is None:
         suffix = "".join(target.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp" + suffix, dir=target.parent)
+    remove_stale_temporaries(target)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(target), suffix=".tmp" + suffix, dir=target.parent)
+    except OSError as err:
+        raise MicrosegError(f"cannot write {target}: {_reason(err)}") from None
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -32,6 +143,11 @@ def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterato
     try:
         yield tmp_path
         os.replace(tmp_path, target)
+    except OSError as err:
+        tmp_path.unlink(missing_ok=True)
+        if err.errno in WRITE_ERRNOS and err.filename in (None, tmp, str(target)):
+            raise MicrosegError(f"cannot write {target}: {_reason(err)}") from None
+        raise
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise

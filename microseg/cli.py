@@ -1,20 +1,35 @@
 """The `microseg` command: one verb per stage of the pipeline.
 
-Errors a user can cause (MicrosegError) end with one line on stderr and exit status 2;
-Ctrl-C ends with status 130. Nothing else is caught: a traceback means a bug.
+Errors a user can cause (MicrosegError) and errors of the machine (OSError: a folder that cannot
+be written, a full disk) end with one line on stderr naming the file and exit status 2; Ctrl-C
+ends with status 130. Nothing else is caught: a traceback means a bug.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from microseg import __version__
 from microseg.errors import MicrosegError
 
 
+EXAMPLES = """examples:
+  microseg demo                                              # everything on phantom data, CPU
+  microseg simulate --out data/phantom --train 10 --test 4
+  microseg prepare --data data/phantom --out data/phantom.h5 --size 224
+  microseg train --cache data/phantom.h5 --loss adaptive_focal --model small --run runs/af
+  microseg evaluate --run runs/af --data data/phantom
+  microseg predict --run runs/af --input scan.nii.gz --out scan_mask.nii.gz
+  microseg compare runs/af runs/ag_bce --out reports/losses
+
+'microseg VERB --help' describes each verb's options."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="microseg", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="microseg", description=__doc__.splitlines()[0], epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"microseg {__version__}")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     for add in VERBS:
@@ -25,11 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_simulate(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("simulate", help="write a phantom micro-US dataset in the real layout")
     p.add_argument("--out", required=True, help="dataset folder to write (empty, new, or an earlier phantom)")
-    p.add_argument("--train", type=int, default=10, metavar="N", help="training patients (default 10)")
-    p.add_argument("--test", type=int, default=4, metavar="M", help="test patients (default 4)")
-    p.add_argument("--slices", type=int, default=24, metavar="S", help="slices per sweep (default 24)")
+    p.add_argument("--train", type=int, default=10, metavar="N", help="training patients (default 10, at least 1)")
+    p.add_argument("--test", type=int, default=4, metavar="M", help="test patients (default 4; 0 for none)")
+    p.add_argument("--slices", type=int, default=24, metavar="S", help="slices per sweep (default 24, at least 3)")
     p.add_argument("--size", type=int, nargs=2, default=[962, 1372], metavar=("H", "W"),
-                   help="slice size in pixels (default 962 1372, the real size; the demo uses 240 343)")
+                   help="slice size in pixels, at least 32 32 (default 962 1372, the real size; the demo uses 240 343)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--preview", action="store_true", help="also write preview.png: slices with both contours")
 
@@ -44,10 +59,14 @@ def _add_simulate(verbs: argparse._SubParsersAction) -> None:
 
 
 def _add_prepare(verbs: argparse._SubParsersAction) -> None:
+    from microseg.preprocess import SIZE_MULTIPLE
+
     p = verbs.add_parser("prepare", help="build the HDF5 slice cache of a dataset folder")
     p.add_argument("--data", required=True, help="dataset folder holding train/ (and test/)")
     p.add_argument("--out", required=True, help="cache file to write, e.g. cache.h5")
-    p.add_argument("--size", type=int, default=224, help="slice size in the cache (default 224)")
+    p.add_argument("--size", type=int, default=224,
+                   help=f"slice size in the cache, a multiple of {SIZE_MULTIPLE} "
+                        "(the models' patch stride; default 224)")
 
     def run(args: argparse.Namespace) -> int:
         from microseg.data.cache import prepare_cache
@@ -61,35 +80,20 @@ def _add_prepare(verbs: argparse._SubParsersAction) -> None:
 def _add_train(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("train", help="train a model on a slice cache (defaults: the reference recipe)")
     p.add_argument("--config", help="YAML file holding any of the options below (the command line wins)")
-    p.add_argument("--cache", help="slice cache from `microseg prepare`")
-    p.add_argument("--run", required=True, help="run folder to write, e.g. runs/NAME")
-    p.add_argument("--loss", help="loss spec, e.g. adaptive_focal, ag_bce:w=4, 0.5*dice+focal (default adaptive_focal)")
-    p.add_argument("--model", help="model config: R50-ViT-B_16 (default), R50-ViT-L_16, small, tiny")
-    p.add_argument("--weights", help="pretrained weights file (Google .npz, timm/safetensors state dict, microseg checkpoint)")
-    p.add_argument("--epochs", type=int, help="epochs (default 10)")
-    p.add_argument("--batch-size", type=int, help="batch size (default 8)")
-    p.add_argument("--lr", type=float, help="base learning rate (default 0.01), poly decay")
-    p.add_argument("--optimizer", help="sgd (default) or adam")
-    p.add_argument("--val-fraction", type=float, help="fraction of training patients held out for validation (default 0)")
-    p.add_argument("--seed", type=int, help="random seed (default 1234)")
-    p.add_argument("--amp", nargs="?", const="bf16", help="mixed precision: bf16 (default with --amp) or fp16 (CUDA)")
-    p.add_argument("--channels-last", action="store_const", const=True, help="channels_last memory format")
-    p.add_argument("--compile", action="store_const", const=True, help="torch.compile the model")
-    p.add_argument("--no-augment", dest="augment", action="store_const", const=False, help="train without augmentation")
-    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
-    p.add_argument("--num-workers", type=int, help="DataLoader workers (default 2)")
+    _add_config_options(p)
     p.add_argument("--resume", action="store_true", help="continue the run from its last.pt")
     p.add_argument("--force", action="store_true", help="overwrite an existing run")
 
     def run(args: argparse.Namespace) -> int:
-        from microseg.config import resolve_config
-        from microseg.train import resume_overrides, train
+        from microseg.config import resolve_train_config
+        from microseg.run import resumed_config
+        from microseg.train import train
 
         options = {k: v for k, v in vars(args).items() if k not in ("verb", "func", "config", "resume", "force")}
         if args.resume:
-            config = resume_overrides(args.run, args.config, options)
+            config = resumed_config(args.run, args.config, options)
         else:
-            config = resolve_config(args.config, options)
+            config = resolve_train_config(args.config, options)
         run_dir = train(config, resume=args.resume, force=args.force)
         print(f"run written: {run_dir}")
         return 0
@@ -97,9 +101,33 @@ def _add_train(verbs: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _add_config_options(p: argparse.ArgumentParser) -> None:
+    """One option per TrainConfig field: its help and default come from the field (None = not given)."""
+    import dataclasses
+
+    from microseg.config import TrainConfig
+
+    defaults = TrainConfig()
+    for field in dataclasses.fields(TrainConfig):
+        extra = dict(field.metadata)
+        flag = extra.pop("flag", "--" + field.name.replace("_", "-"))
+        default = getattr(defaults, field.name)
+        text = extra.pop("help")
+        if default not in ("", None) and not isinstance(default, bool):
+            shown = " ".join(map(str, default)) if isinstance(default, list) else default
+            text += f" (default {shown})".replace("%", "%%")
+        if isinstance(default, bool):
+            extra |= {"action": "store_const", "const": not default}
+        elif isinstance(default, list):
+            extra |= {"nargs": "+", "type": type(default[0])}
+        elif default is not None and "nargs" not in extra:
+            extra["type"] = type(default)
+        p.add_argument(flag, dest=field.name, help=text, **extra)
+
+
 def _add_inference_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--resize", default="bilinear", choices=("bilinear", "nearest"),
-                   help="how probabilities return to native size (default bilinear; the reference: nearest)")
+    p.add_argument("--resize", help="how probabilities return to native size: bilinear or nearest (the reference's) "
+                   "(default: the run's, bilinear)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
 
 
@@ -110,7 +138,7 @@ def _add_evaluate(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--run", required=True, help="trained run folder")
     p.add_argument("--data", required=True, help="dataset folder holding the split")
     p.add_argument("--split", default="test", help="split to evaluate (default test)")
-    p.add_argument("--protocol", default="microsegnet", choices=PROTOCOLS, help="scoring protocol (default microsegnet)")
+    p.add_argument("--protocol", default=PROTOCOLS[0], help=f"scoring protocol: {', '.join(PROTOCOLS)} (default %(default)s)")
     _add_inference_options(p)
 
     def run(args: argparse.Namespace) -> int:
@@ -170,8 +198,68 @@ def _add_demo(verbs: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _add_download(verbs: argparse._SubParsersAction) -> None:
+    p = verbs.add_parser("download", help="fetch the real dataset or the pretrained encoder (the only network use)")
+    what = p.add_subparsers(dest="what", metavar="WHAT", required=True)
+    data = what.add_parser("dataset", help="Zenodo record 10475293: md5-checked, resumable, unpacked atomically")
+    data.add_argument("--out", default="data", help="folder to unpack into (default data/)")
+    data.add_argument("--api", help="Zenodo API root (default $MICROSEG_ZENODO_API or https://zenodo.org/api)")
+    data.add_argument("--keep-archive", action="store_true", help="keep the zip after unpacking it")
+    weights = what.add_parser("weights", help="pretrained encoder weights by name, verified, into weights/")
+    weights.add_argument("name", help="R50-ViT-B_16 (ImageNet-21k)")
+    weights.add_argument("--out", help="weights folder (default $MICROSEG_WEIGHTS or weights/)")
+    weights.add_argument("--source", default="hub", choices=("hub", "npz"),
+                         help="hub: timm's vit_base_r50_s16_224.orig_in21k (default); npz: Google's R50+ViT-B_16.npz")
+
+    def run_dataset(args: argparse.Namespace) -> int:
+        from microseg.download import download_dataset
+
+        download_dataset(args.out, args.api, args.keep_archive)
+        return 0
+
+    def run_weights(args: argparse.Namespace) -> int:
+        from microseg.pretrained import download_weights
+
+        download_weights(args.name, args.out, args.source)
+        return 0
+
+    data.set_defaults(func=run_dataset)
+    weights.set_defaults(func=run_weights)
+
+
+def _add_check(verbs: argparse._SubParsersAction) -> None:
+    from microseg.metrics import PROTOCOLS
+
+    p = verbs.add_parser("check", help="dataset check: sizes, spacings, intensities, raters' DSC/HD95, problems")
+    p.add_argument("--data", required=True, help="dataset folder holding train/ and/or test/")
+    p.add_argument("--json", help="report file to write (default <data>.check.json beside the folder)")
+    p.add_argument("--protocol", default="microsegnet", choices=PROTOCOLS, help="rater scoring protocol (default microsegnet)")
+
+    def run(args: argparse.Namespace) -> int:
+        from pathlib import Path
+
+        from microseg.data.check import check_dataset, format_check, require_clean, write_check
+
+        report = check_dataset(args.data, args.protocol)
+        print(format_check(report))
+        path = write_check(report, args.json or Path(args.data.rstrip("/\\") + ".check.json"))
+        print(f"report: {path}")
+        require_clean(report, f"details in {path}")
+        return 0
+
+    p.set_defaults(func=run)
+
+
 # Each entry adds one verb: add(subparsers) registers a parser whose `func` runs it.
-VERBS: list = [_add_simulate, _add_prepare, _add_train, _add_evaluate, _add_predict, _add_compare, _add_demo]
+VERBS: list = [_add_simulate, _add_prepare, _add_train, _add_evaluate, _add_predict, _add_compare, _add_demo,
+                     _add_download, _add_check]
+
+
+def _os_error_line(err: OSError) -> str:
+    """One line for an OSError: the file(s) it names, then its reason."""
+    reason = os.strerror(err.errno) if err.errno else " ".join(str(err).split())
+    files = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
+    return f"{files}: {reason}" if files else reason
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except MicrosegError as err:
         print(f"microseg: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"microseg: error: {_os_error_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("microseg: interrupted", file=sys.stderr)

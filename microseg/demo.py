@@ -19,7 +19,7 @@ DEMO_SIZE = 128
 
 def run_demo(out: str | Path = "demo", epochs: int | None = None) -> Path:
     """Run the demo into `out`; returns the report path. Re-running overwrites the demo's runs."""
-    from microseg.config import resolve_config
+    from microseg.config import resolve_train_config
     from microseg.data.cache import prepare_cache
     from microseg.data.phantom import simulate_dataset
     from microseg.evaluate import evaluate
@@ -37,7 +37,7 @@ def run_demo(out: str | Path = "demo", epochs: int | None = None) -> Path:
         if epochs is not None:
             options["epochs"] = epochs
         print(f"\n== training {loss} ==", flush=True)
-        train(resolve_config(None, options), force=True)
+        train(resolve_train_config(None, options), force=True)
         evaluate(run, data)
         runs.append(run)
     report = compare(runs, out / "report", overlays=True)

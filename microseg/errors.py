@@ -1,8 +1,19 @@
-"""The one exception type for errors a user can cause (bad files, options, shapes).
+"""The one exception type for errors a user can cause (bad files, options, shapes), and warnings.
 
-The CLI turns it into a single line `microseg: error: <message>` and exit status 2.
+The CLI turns an error into a single line `microseg: error: <message>` and exit status 2. An
+input that is legitimate but suspicious (an expert mask empty on every slice) gets one line
+`microseg: warning: <message>` on stderr and the run goes on.
 """
+
+import sys
 
 
 class MicrosegError(Exception):
     """An error caused by the user's input; its message names the culprit."""
+
+
+def warn(message: str) -> None:
+    """Print one line ``microseg: warning: <message>`` on stderr (above any progress bar)."""
+    from tqdm import tqdm
+
+    tqdm.write(f"microseg: warning: {' '.join(message.split())}", file=sys.stderr)

@@ -1,12 +1,13 @@
-"""Per-patient evaluation and prediction at native resolution.
+"""Per-patient evaluation and prediction at native resolution, with the run's own preprocessing.
 
-Each volume is predicted slice by slice at the model's training size (the slice is resized as
-the cache resizes it, intensity / 254), the probability map is brought back to the native
-slice size on the device (bilinear by default; the reference's nearest as an option),
-thresholded at 0.5, and scored per patient against the expert mask in mm with the spacing from
-the NIfTI header (`microseg.metrics.score_case`, protocols microsegnet | all-slices | volume).
+Each volume is predicted slice by slice as the run was trained (its checkpoint's `Preprocess`):
+the slice is resized as the cache resizes it, intensity / intensity_max; the probability map is
+brought back to the native slice size on the device (the run's `prediction_resize`, bilinear by
+default, or the reference's nearest when asked), thresholded at 0.5, and scored per patient
+against the expert mask in mm with the spacing from the NIfTI header
+(`microseg.metrics.score_case`, protocols microsegnet | all-slices | volume).
 
-`evaluate` writes into the run folder:
+`evaluate` writes into the run folder (`microseg.run.RunFolder`):
 - `metrics/per_patient.csv` (one row per patient, then mean, std and median rows) and `.md`:
   the model's DSC / HD95 and slice counts, its DSC and error rate inside the hard region, and
   every other annotator's DSC / HD95 against the expert (`<rater>_dsc`, `<rater>_hd95_mm`);
@@ -18,6 +19,7 @@ the NIfTI header (`microseg.metrics.score_case`, protocols microsegnet | all-sli
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -28,31 +30,29 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from microseg.atomic import write_text
-from microseg.checkpoint import load_checkpoint, model_from_checkpoint, run_checkpoint
 from microseg.errors import MicrosegError
-from microseg.metrics import PROTOCOLS, score_case, summarize
-from microseg.report import SUMMARY_ROWS, markdown_table, write_csv
+from microseg.metrics import check_protocol, score_case, summarize
+from microseg.preprocess import PREDICTION_RESIZES, Preprocess
+from microseg.run import RunFolder, load_run_model
+from microseg.runtime import resolve_device
+from microseg.tables import SUMMARY_ROWS, markdown_table, write_csv
 
-RESIZE_MODES = ("bilinear", "nearest")
-HARD_REGION_KERNEL = 4  # the reference's dilation at the main output, when a run does not say
 SLICE_HEADER = ["case_id", "z", "dsc", "hd95_mm", "area_mm2", "roughness", "gamma_msa"]
 
 
 @torch.no_grad()
-def predict_volume(model: torch.nn.Module, volume: np.ndarray, device: torch.device, batch_size: int = 16,
-                   resize: str = "bilinear") -> np.ndarray:
-    """Binary prediction [Z,H,W] for a uint8 volume [Z,H,W] (0..254), slice by slice."""
+def predict_volume(model: torch.nn.Module, volume: np.ndarray, device: torch.device, preprocess: Preprocess,
+                   batch_size: int = 16) -> np.ndarray:
+    """Binary prediction [Z,H,W] for a uint8 volume [Z,H,W] (0..intensity_max), slice by slice."""
     from microseg.data.cache import resize_image
 
-    if resize not in RESIZE_MODES:
-        raise MicrosegError(f"--resize {resize!r} is not one of {', '.join(RESIZE_MODES)}")
-    size = model.config.img_size
+    size, resize = preprocess.size, preprocess.prediction_resize
     z, h, w = volume.shape
     out = np.empty((z, h, w), dtype=bool)
     model.eval()
     for start in range(0, z, batch_size):
         chunk = np.stack([resize_image(s, size) for s in volume[start:start + batch_size]])
-        x = torch.from_numpy(chunk).to(device).float().div_(254.0).clamp_(0, 1)[:, None]
+        x = torch.from_numpy(chunk).to(device).float().div_(float(preprocess.intensity_max)).clamp_(0, 1)[:, None]
         prob = torch.sigmoid(model(x).logits.float())
         kwargs = {"align_corners": False} if resize == "bilinear" else {}
         prob = F.interpolate(prob, size=(h, w), mode=resize, **kwargs)
@@ -60,23 +60,24 @@ def predict_volume(model: torch.nn.Module, volume: np.ndarray, device: torch.dev
     return out
 
 
-def load_run_model(run: Path, device: str) -> tuple[torch.nn.Module, dict]:
-    """The run's best (else last) network on `device`, and its checkpoint's train config."""
-    from microseg.train import resolve_device
+def _load(run: Path, device: str, resize: str | None) -> tuple[torch.nn.Module, Preprocess]:
+    """The run's network on `device` and its preprocessing (its prediction resize replaced by `resize`)."""
+    if resize is not None and resize not in PREDICTION_RESIZES:
+        raise MicrosegError(f"--resize {resize!r} is not one of {', '.join(PREDICTION_RESIZES)}")
+    model, checkpoint = load_run_model(run, resolve_device(device))
+    preprocess = checkpoint.preprocess
+    return model, dataclasses.replace(preprocess, prediction_resize=resize) if resize else preprocess
 
-    state = load_checkpoint(run_checkpoint(run))
-    return model_from_checkpoint(state, resolve_device(device)), state.get("train_config", {})
 
-
-def _other_annotations(case) -> dict[str, np.ndarray]:
-    """Non-expert and extra raters' masks of a case, by rater name (those present)."""
-    from microseg.data.volumes import read_volume
+def _other_annotations(case, image) -> dict[str, np.ndarray]:
+    """Non-expert and extra raters' masks of a case, by rater name (those present), each on the image's grid."""
+    from microseg.data.volumes import read_mask_for
 
     paths = ({"non_expert": case.non_expert} if case.non_expert else {}) | case.raters
-    return {name: read_volume(path, "mask").array.astype(bool) for name, path in paths.items()}
+    return {name: read_mask_for(image, path).array.astype(bool) for name, path in paths.items()}
 
 
-def evaluate(run: Path, data: Path, split: str = "test", protocol: str = "microsegnet", resize: str = "bilinear",
+def evaluate(run: Path, data: Path, split: str = "test", protocol: str = "microsegnet", resize: str | None = None,
              device: str = "auto", batch_size: int = 16) -> Path:
     """Predict and score every case of `split`; returns the per-patient CSV path.
 
@@ -84,72 +85,82 @@ def evaluate(run: Path, data: Path, split: str = "test", protocol: str = "micros
     student) is scored against the expert with the same protocol (the inter-rater baseline), and
     the model is scored inside the hard region where those annotations disagree with the expert
     (`microseg.analysis`; the training's main-output dilation kernel scaled to native pixels).
+    `resize` (bilinear, nearest) overrides the run's prediction resize.
     """
-    from microseg.analysis import hard_region_kernel, hard_region_mask, hard_region_score, slice_descriptors
     from microseg.data.layout import find_cases
-    from microseg.data.volumes import read_volume, require_same_shape, write_mask
 
-    if protocol not in PROTOCOLS:
-        raise MicrosegError(f"--protocol {protocol!r} is not one of {', '.join(PROTOCOLS)}")
-    run = Path(run)
-    model, train_config = load_run_model(run, device)
-    train_kernel = int(train_config.get("ds_kernel_sizes", [HARD_REGION_KERNEL])[-1])
+    check_protocol(protocol)
+    folder = RunFolder(run)
+    model, preprocess = _load(folder.path, device, resize)
     cases = find_cases(Path(data), split, require_non_expert=False)
     missing = [c.case_id for c in cases if c.expert is None]
     if missing:
         raise MicrosegError(f"{data}/{split} has no expert mask for case(s) {', '.join(missing)}: cannot score")
-    dev = next(model.parameters()).device
     patients, slices = [], []
     for case in tqdm(cases, desc=f"evaluate {split}", leave=False, disable=None):
-        image = read_volume(case.image, "image")
-        expert_volume = read_volume(case.expert, "mask")
-        require_same_shape(expert_volume, image)
-        expert = expert_volume.array.astype(bool)
-        pred = predict_volume(model, image.array, dev, batch_size, resize)
-        write_mask(run / "predictions" / case.image.name, pred, image)
-        score = score_case(pred, expert, image.spacing, protocol)
-        row = {"case_id": case.case_id, "dsc": score.dsc, "hd95_mm": score.hd95_mm,
-               "n_slices": score.n_slices, "n_one_sided": score.n_one_sided}
-        others = _other_annotations(case)
-        hard = {"dsc": math.nan, "error_rate": math.nan}
-        if others:
-            kernel = hard_region_kernel(train_kernel, model.config.img_size, expert.shape[1])
-            hard = hard_region_score(pred, expert, hard_region_mask(expert, list(others.values()), kernel))
-        row |= {"hard_dsc": hard["dsc"], "hard_error_rate": hard["error_rate"]}
-        for name, mask in others.items():
-            if mask.shape != expert.shape:
-                raise MicrosegError(f"{name} mask of case {case.case_id}: shape {mask.shape} does not match {expert.shape}")
-            rater = score_case(mask, expert, image.spacing, protocol)
-            row |= {f"{name}_dsc": rater.dsc, f"{name}_hd95_mm": rater.hd95_mm}
+        row, rows = _score_case(case, model, preprocess, protocol, folder, batch_size)
         patients.append(row)
-        scored = {s.z: s for s in score.per_slice}
-        described = {d["z"]: d for d in slice_descriptors(expert, image.spacing[1:])}
-        for z in sorted(set(scored) | set(described)):
-            s, d = scored.get(z), described.get(z, {})
-            slices.append([case.case_id, z, s.dsc if s else math.nan, s.hd95_mm if s else math.nan,
-                           d.get("area_mm2", math.nan), d.get("roughness", math.nan), d.get("gamma_msa", math.nan)])
+        slices += rows
+    _write_metrics(folder, patients, slices, title=f"{folder.path.name}: {split}, protocol {protocol}")
+    write_text(folder.evaluation, json.dumps({"data": str(Path(data).resolve()), "split": split, "protocol": protocol,
+                                              "resize": preprocess.prediction_resize}, indent=1))
+    return folder.per_patient
+
+
+def _score_case(case, model, preprocess: Preprocess, protocol: str, folder: RunFolder,
+                batch_size: int) -> tuple[dict, list[list]]:
+    """Predict one case, write its mask, score it, its other annotators and its hard region; describe its slices."""
+    from microseg.analysis import hard_region_kernel, hard_region_mask, hard_region_score, slice_descriptors
+    from microseg.data.volumes import read_mask_for, read_volume, write_mask
+
+    image = read_volume(case.image, "image")
+    expert_volume = read_mask_for(image, case.expert)
+    expert = expert_volume.array.astype(bool)
+    pred = predict_volume(model, image.array, next(model.parameters()).device, preprocess, batch_size)
+    write_mask(folder.predictions / case.image.name, pred, image)
+    score = score_case(pred, expert, image.spacing, protocol)
+    row = {"case_id": case.case_id, "dsc": score.dsc, "hd95_mm": score.hd95_mm,
+           "n_slices": score.n_slices, "n_one_sided": score.n_one_sided}
+    others = _other_annotations(case, image)
+    hard = {"dsc": math.nan, "error_rate": math.nan}
+    if others:
+        kernel = hard_region_kernel(preprocess.main_kernel, preprocess.size, expert.shape[1])
+        hard = hard_region_score(pred, expert, hard_region_mask(expert, list(others.values()), kernel))
+    row |= {"hard_dsc": hard["dsc"], "hard_error_rate": hard["error_rate"]}
+    for name, mask in others.items():
+        rater = score_case(mask, expert, image.spacing, protocol)
+        row |= {f"{name}_dsc": rater.dsc, f"{name}_hd95_mm": rater.hd95_mm}
+    scored = {s.z: s for s in score.per_slice}
+    described = {d["z"]: d for d in slice_descriptors(expert, image.spacing[1:])}
+    slices = []
+    for z in sorted(set(scored) | set(described)):
+        s, d = scored.get(z), described.get(z, {})
+        slices.append([case.case_id, z, s.dsc if s else math.nan, s.hd95_mm if s else math.nan,
+                       d.get("area_mm2", math.nan), d.get("roughness", math.nan), d.get("gamma_msa", math.nan)])
+    return row, slices
+
+
+def _write_metrics(folder: RunFolder, patients: list[dict], slices: list[list], title: str) -> None:
+    """per_patient.csv / .md (patients, then the summary rows) and per_slice.csv."""
     header = list(dict.fromkeys(key for row in patients for key in row))
     rows = [[row.get(key, math.nan) for key in header] for row in patients]
     stats = {key: summarize([row.get(key, math.nan) for row in patients]) for key in header[1:]}
     rows += [[name] + [stats[key][name] for key in header[1:]] for name in SUMMARY_ROWS]
-    metrics = run / "metrics"
-    write_csv(metrics / "per_patient.csv", header, rows)
-    write_csv(metrics / "per_slice.csv", SLICE_HEADER, slices)
-    write_text(metrics / "per_patient.md", f"# {run.name}: {split}, protocol {protocol}\n\n{markdown_table(header, rows)}\n")
-    write_text(metrics / "evaluation.json", json.dumps(
-        {"data": str(Path(data).resolve()), "split": split, "protocol": protocol, "resize": resize}, indent=1))
-    return metrics / "per_patient.csv"
+    write_csv(folder.per_patient, header, rows)
+    write_csv(folder.per_slice, SLICE_HEADER, slices)
+    write_text(folder.per_patient_md, f"# {title}\n\n{markdown_table(header, rows)}\n")
 
 
-def predict(run: Path, source: Path, out: Path, device: str = "auto", resize: str = "bilinear") -> list[Path]:
-    """Predict one volume (out = a file) or every .nii/.nii.gz in a folder (out = a folder)."""
+def predict(run: Path, source: Path, out: Path, device: str = "auto", resize: str | None = None) -> list[Path]:
+    """Predict one volume (out = a file) or every visible .nii/.nii.gz in a folder (out = a folder)."""
+    from microseg.data.layout import nifti_files
     from microseg.data.volumes import read_volume, write_mask
 
-    model, _ = load_run_model(Path(run), device)
+    model, preprocess = _load(Path(run), device, resize)
     dev = next(model.parameters()).device
     source, out = Path(source), Path(out)
     if source.is_dir():
-        inputs = sorted(p for p in source.iterdir() if p.name.endswith((".nii", ".nii.gz")))
+        inputs = nifti_files(source)
         if not inputs:
             raise MicrosegError(f"{source} holds no .nii or .nii.gz volume")
         targets = [out / p.name for p in inputs]
@@ -159,5 +170,5 @@ def predict(run: Path, source: Path, out: Path, device: str = "auto", resize: st
         raise MicrosegError(f"input not found: {source}")
     for path, target in tqdm(list(zip(inputs, targets)), desc="predict", leave=False, disable=None):
         volume = read_volume(path, "image")
-        write_mask(target, predict_volume(model, volume.array, dev, resize=resize), volume)
+        write_mask(target, predict_volume(model, volume.array, dev, preprocess), volume)
     return targets

@@ -1,10 +1,30 @@
-"""Figures: matplotlib without a display, and PNGs written atomically."""
+"""Every figure: loss curves, size/roughness-stratified bars, contour overlays; Agg backend, atomic PNGs.
+
+Colours: one per run, the same in every figure of a comparison (`run_colours`, by the runs'
+order), from RUN_COLOURS (matplotlib's tab10 without its green and grey); the expert is drawn in
+EXPERT_COLOUR, which no run gets.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
+
+from microseg.analysis import FACTORS, STRATIFIED_HEADER, bool_volumes
 from microseg.atomic import atomic_path
+from microseg.errors import MicrosegError
+from microseg.metrics import dice
+
+EXPERT_COLOUR = "#00ff00"
+RUN_COLOURS = ("#1f77b4", "#ff7f0e", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
+
+
+def run_colours(runs: Sequence[str]) -> dict[str, str]:
+    """Each run's colour, by its position (the palette repeats after len(RUN_COLOURS) runs)."""
+    return {run: RUN_COLOURS[i % len(RUN_COLOURS)] for i, run in enumerate(dict.fromkeys(runs))}
 
 
 def pyplot():
@@ -22,3 +42,131 @@ def save_png(fig, path: str | Path, dpi: int = 120) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
     pyplot().close(fig)
+
+
+def plot_loss_curves(histories: Mapping[str, Sequence[Mapping[str, float]]], path: Path,
+                     colours: Mapping[str, str] | None = None) -> None:
+    """Three panels across epochs: own loss, common-ruler BCE, validation DSC (if any run has it).
+
+    `histories`: run label -> its history rows (epoch, loss, bce, val_dsc ...).
+    """
+    plt = pyplot()
+    colours = colours or run_colours(list(histories))
+    panels = [("loss", "own training loss"), ("bce", "common-ruler BCE (main output)")]
+    if any("val_dsc" in rows[0] for rows in histories.values() if rows):
+        panels.append(("val_dsc", "validation DSC"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels):
+        for run, rows in histories.items():
+            epochs = [row["epoch"] for row in rows if key in row]
+            values = [row[key] for row in rows if key in row]
+            ax.plot(epochs, values, marker="o", label=run, color=colours[run])
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("Comparison of losses over epochs")
+    fig.tight_layout()
+    save_png(fig, path)
+
+
+def plot_stratified(header: Sequence[str], rows: Sequence[Sequence], out_png: str | Path,
+                    colours: Mapping[str, str] | None = None) -> None:
+    """A-FL Fig. 3 layout: a size panel and a roughness panel, one group of bars per stratum,
+    one bar per run, error bars = std, mean DSC written above each bar."""
+    plt = pyplot()
+    col = {name: header.index(name) for name in STRATIFIED_HEADER}
+    runs = list(dict.fromkeys(row[col["run"]] for row in rows))
+    colours = colours or run_colours(runs)
+    cell = {(r[col["run"]], r[col["factor"]], r[col["stratum"]]): r for r in rows}
+    lows = [r[col["mean_dsc"]] - r[col["std_dsc"]] for r in rows if r[col["n_slices"]]]
+    bottom = max(0.0, math.floor(20 * min(lows, default=0.0)) / 20 - 0.05)  # zoom on the bars' range
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), layout="constrained")
+    width = 0.8 / max(1, len(runs))
+    for ax, (factor, _, labels) in zip(axes, FACTORS):
+        x = np.arange(len(labels))
+        for i, run in enumerate(runs):
+            got = [cell.get((run, factor, label)) for label in labels]
+            mean = [r[col["mean_dsc"]] if r else math.nan for r in got]
+            std = [r[col["std_dsc"]] if r else math.nan for r in got]
+            bars = ax.bar(x + (i - (len(runs) - 1) / 2) * width, mean, width, yerr=std, capsize=3,
+                          label=run, color=colours[run])
+            ax.bar_label(bars, labels=["" if math.isnan(m) else f"{m:.3f}" for m in mean], fontsize=7, padding=2)
+        ax.set_xticks(x, labels)
+        ax.set_ylim(bottom, 1.0)
+        ax.set_ylabel("mean slice DSC")
+        ax.set_title("by object size (expert area tertiles)" if factor == "size"
+                     else "by boundary roughness (P\u00b2/4\u03c0A tertiles)")
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("Slice DSC stratified by size and roughness")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=len(runs), fontsize=8,
+               frameon=False)
+    save_png(fig, out_png)
+
+
+def _crop(masks: Sequence[np.ndarray], shape: tuple[int, int], margin: float = 0.25) -> tuple[slice, slice]:
+    """The bounding box of the union of 2D masks grown by `margin` of its size (>= 8 px); whole image if empty."""
+    union = np.logical_or.reduce(masks)
+    if not union.any():
+        return slice(0, shape[0]), slice(0, shape[1])
+    box = []
+    for axis, size in enumerate(shape):
+        hits = np.flatnonzero(union.any(1 - axis))
+        pad = max(8, int(margin * (hits[-1] + 1 - hits[0])))
+        box.append(slice(max(0, hits[0] - pad), min(size, hits[-1] + 1 + pad)))
+    return box[0], box[1]
+
+
+def plot_overlays(image: np.ndarray, expert: np.ndarray, preds: Mapping[str, np.ndarray], slices: Sequence[int],
+                  out_png: str | Path, title: str, crop: bool = True,
+                  colours: Mapping[str, str] | None = None) -> None:
+    """Micro-US adaptive focal Figs. 4-6: one row per run, one column per slice; each panel shows the image in
+    grey, the expert contour in EXPERT_COLOUR and that run's contour in the run's colour (legend below),
+    with the slice's DSC. Contours: matplotlib `contour` at level 0.5 on the native-resolution
+    masks. crop=True zooms each column on the union of its masks plus a 25% margin.
+    No runs: a single row with the expert contour alone.
+    """
+    plt = pyplot()
+    from matplotlib.lines import Line2D
+
+    image = np.asarray(image)
+    if image.ndim != 3:
+        raise MicrosegError(f"image must be a [Z,H,W] volume, got shape {image.shape}")
+    expert, *masks = bool_volumes(expert=expert, **{f"prediction of {run}": p for run, p in preds.items()})
+    if expert.shape != image.shape:
+        raise MicrosegError(f"expert shape {expert.shape} does not match image shape {image.shape}")
+    if not len(slices):
+        raise MicrosegError("no slices to overlay")
+    for z in slices:
+        if isinstance(z, bool) or int(z) != z or not 0 <= z < len(image):
+            raise MicrosegError(f"slice index {z!r} is outside the volume (0..{len(image) - 1})")
+    slices = [int(z) for z in slices]
+    colours = colours or run_colours(list(preds))
+    runs = [(run, mask, colours[run]) for run, mask in zip(preds, masks)]
+    full = (slice(0, image.shape[1]), slice(0, image.shape[2]))
+    boxes = [_crop([expert[z]] + [m[z] for m in masks], image.shape[1:]) if crop else full for z in slices]
+    aspect = np.mean([(b[0].stop - b[0].start) / (b[1].stop - b[1].start) for b in boxes])
+    panel = 3.2  # inches per column
+    fig, axes = plt.subplots(max(1, len(runs)), len(slices), squeeze=False, layout="constrained",
+                             figsize=(panel * len(slices), (panel * aspect + 0.3) * max(1, len(runs)) + 0.7))
+    for col, (z, box) in enumerate(zip(slices, boxes)):
+        for row, (run, mask, colour) in enumerate(runs or [("expert only", None, None)]):
+            ax = axes[row][col]
+            ax.imshow(image[z][box], cmap="gray", vmin=0, vmax=255)
+            label = f"z = {z}"
+            for contour, c in [(expert[z], EXPERT_COLOUR)] + ([(mask[z], colour)] if mask is not None else []):
+                part = contour[box]
+                if part.any() and not part.all():  # a constant crop has no 0.5 level
+                    ax.contour(part.astype(np.float32), levels=[0.5], colors=c, linewidths=1.2)
+            if mask is not None and (mask[z].any() or expert[z].any()):
+                label += f"   DSC {dice(mask[z], expert[z]):.3f}"
+            ax.set_title(label, fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if col == 0:
+                ax.set_ylabel(run, fontsize=9)
+    handles = [Line2D([], [], color=EXPERT_COLOUR, lw=2, label="expert")]
+    handles += [Line2D([], [], color=colour, lw=2, label=run) for run, _, colour in runs]
+    fig.suptitle(title, fontsize=10)
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
+    save_png(fig, out_png)

@@ -1,14 +1,14 @@
 """Segmentation metrics (DSC, HD95) and the per-case evaluation protocols.
 
 `dice` and `hd95` reproduce `medpy.metric.binary.dc` / `.hd95`, the reference implementations
-MicroSegNet's evaluation uses (FACTS.md "Evaluation"); `hd95` gets the same numbers without
+MicroSegNet's evaluation uses; `hd95` gets the same numbers without
 medpy's two full-image Euclidean distance transforms, so it is far faster on 962 x 1372 slices.
 
 medpy's HD95 (medpy/metric/binary.py, `__surface_distances`):
     border(M)  = M XOR erosion(M, cross-shaped structure, 1 iteration), outside the image = 0
     d(A->B)    = for every voxel of border(A), the Euclidean distance (mm) to the nearest voxel of border(B)
     HD95       = percentile_95(concat(d(A->B), d(B->A)))   (numpy's linear percentile, the two pooled)
-Paper 002's Eq. 5 with "the 95th percentile instead of the maximum" can also be read as
+The micro-US adaptive focal paper's Eq. 5 with "the 95th percentile instead of the maximum" can also be read as
 max(percentile_95(d(A->B)), percentile_95(d(B->A))) (MONAI's reading): `hd95(..., combine="max")`.
 """
 
@@ -17,18 +17,21 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.spatial import cKDTree
 
 from microseg.errors import MicrosegError
 
-if TYPE_CHECKING:
-    from torch import Tensor
-
 PROTOCOLS = ("microsegnet", "all-slices", "volume")
 ONE_SIDED_HD95 = ("skip", "diagonal")
+
+
+def check_protocol(protocol: str) -> str:
+    """`protocol` if it is one of PROTOCOLS, else MicrosegError naming the option."""
+    if protocol not in PROTOCOLS:
+        raise MicrosegError(f"--protocol {protocol!r} is not one of {', '.join(PROTOCOLS)}")
+    return protocol
 
 
 def _masks(pred: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -162,7 +165,7 @@ def score_case(pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, float, f
                protocol: str, one_sided_hd95: str = "skip") -> CaseScore:
     """Score a predicted volume [Z,H,W] against its reference; spacing (sz, sy, sx) in mm.
 
-    Protocols (FACTS.md "Evaluation"):
+    Protocols (MicroSegNet's evaluation, and two variants):
     - "microsegnet" (the reference): only slices where both masks are non-empty; DSC and HD95
       (in-plane spacing (sy, sx)) per slice; the case score is the mean over those slices.
       No such slice: DSC and HD95 are NaN with n_slices = 0.
@@ -173,8 +176,7 @@ def score_case(pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, float, f
     - "volume": 3D DSC and 3D HD95 with the full spacing. One volume empty: DSC 0 and HD95 NaN
       ("skip") or the volume diagonal ("diagonal"); both empty: both NaN.
     """
-    if protocol not in PROTOCOLS:
-        raise MicrosegError(f"unknown evaluation protocol {protocol!r}; valid: {', '.join(PROTOCOLS)}")
+    check_protocol(protocol)
     if one_sided_hd95 not in ONE_SIDED_HD95:
         raise MicrosegError(f"unknown one_sided_hd95 {one_sided_hd95!r}; valid: {', '.join(ONE_SIDED_HD95)}")
     pred, ref = _masks(pred, ref)
@@ -213,16 +215,3 @@ def summarize(values: Sequence[float]) -> dict[str, float]:
     if not v.size:
         return {"mean": math.nan, "std": math.nan, "median": math.nan, "n": 0}
     return {"mean": float(v.mean()), "std": float(v.std()), "median": float(np.median(v)), "n": int(v.size)}
-
-
-def batch_dice(pred: Tensor, target: Tensor) -> Tensor:
-    """Per-sample DSC [B] of binary masks [B,...] (non-zero = object), on their own device.
-
-    A sample where both masks are empty is NaN: the caller excludes it (validation mirrors
-    the "microsegnet" protocol, which never scores such a slice).
-    """
-    if pred.shape != target.shape:
-        raise MicrosegError(f"prediction shape {tuple(pred.shape)} does not match target shape {tuple(target.shape)}")
-    p, t = (pred != 0).flatten(1), (target != 0).flatten(1)
-    total = p.sum(1) + t.sum(1)
-    return (2 * (p & t).sum(1) / total).masked_fill(total == 0, float("nan"))

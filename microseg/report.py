@@ -1,124 +1,37 @@
-"""Comparing runs: loss curves across epochs, seed 002's Table 1 and Table 2 layouts, paired tests.
+"""Comparing runs: loss curves across epochs, the micro-US adaptive focal paper's Table 1 and Table 2 layouts, paired tests.
 
-`compare(runs, out)` reads each run's `config.yaml`, `history.csv` and `metrics/per_patient.csv`
-and writes into `out/`:
+`compare(runs, out)` reads each run folder (`microseg.run.load_run`: `config.yaml`, `history.csv`,
+`metrics/`) and writes into `out/`:
 - `loss_curves.png`: each run's own loss, the common-ruler BCE and the validation DSC per epoch
   (raw values of different losses are not on one scale; the BCE of the main output is);
-- `loss_table.csv`: seed 002 Table 1 layout (one row per epoch, one column per run);
-- `per_patient.csv`: seed 002 Table 2 layout (one row per patient, DSC and HD95 per run, then
+- `loss_table.csv`: that paper's Table 1 layout (one row per epoch, one column per run);
+- `per_patient.csv`: its Table 2 layout (one row per patient, DSC and HD95 per run, then
   mean, std and median rows);
 - `wilcoxon.csv`: a paired Wilcoxon signed-rank test (scipy) per metric for every pair of runs,
-  on the patients both runs scored;
+  on the patients both runs scored (`microseg.significance`);
+- `inter_rater.csv`, `hard_region.csv`, `stratified.csv` (+ `stratified.png`), `overlays/`;
 - `report.md`: all of it as markdown, figures linked.
+A run has one colour in every figure (`microseg.figures.run_colours`, in the order given).
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import itertools
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from microseg.atomic import write_text
-from microseg.config import load_config
 from microseg.errors import MicrosegError
-from microseg.figures import pyplot, save_png
+from microseg.figures import plot_loss_curves, plot_overlays, plot_stratified, run_colours
 from microseg.metrics import summarize
+from microseg.run import RunRecord, load_run
+from microseg.significance import wilcoxon_table
+from microseg.tables import SUMMARY_ROWS, markdown_table, write_csv
 
-SUMMARY_ROWS = ("mean", "std", "median")
 METRICS = (("dsc", "DSC"), ("hd95_mm", "HD95 (mm)"))
 
 
-@dataclass
-class RunRecord:
-    """What `compare` needs of one run folder."""
-
-    name: str
-    loss: str
-    history: list[dict[str, float]]
-    patients: dict[str, dict[str, float]] = field(default_factory=dict)  # case_id -> metric -> value
-    slices: list[dict] = field(default_factory=list)  # metrics/per_slice.csv rows
-    evaluation: dict = field(default_factory=dict)  # metrics/evaluation.json: data, split, protocol
-    path: Path = Path()
-
-    @property
-    def label(self) -> str:
-        """The run's name, with its loss when the name does not already say it."""
-        return self.name if self.name == self.loss else f"{self.name} ({self.loss})"
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(header)
-    writer.writerows(rows)
-    write_text(path, buffer.getvalue())
-
-
-def _number(text: str) -> float:
-    try:
-        return float(text)
-    except (TypeError, ValueError):
-        return math.nan
-
-
-def load_run(run: Path) -> RunRecord:
-    """Read a run folder; MicrosegError when it is missing or holds no history."""
-    run = Path(run)
-    if not run.is_dir():
-        raise MicrosegError(f"run folder not found: {run}")
-    config = load_config(run / "config.yaml")
-    history_path = run / "history.csv"
-    if not history_path.is_file():
-        raise MicrosegError(f"{run} has no history.csv: train it first (microseg train --run {run})")
-    history = [{k: _number(v) for k, v in row.items()} for row in read_csv(history_path)]
-    record = RunRecord(run.name, config.loss, history, path=run)
-    metrics = run / "metrics"
-    if (metrics / "per_patient.csv").is_file():
-        for row in read_csv(metrics / "per_patient.csv"):
-            if row["case_id"] not in SUMMARY_ROWS:
-                record.patients[row["case_id"]] = {k: _number(v) for k, v in row.items() if k != "case_id"}
-    if (metrics / "per_slice.csv").is_file():
-        record.slices = [{k: v if k == "case_id" else _number(v) for k, v in row.items()}
-                         for row in read_csv(metrics / "per_slice.csv")]
-    if (metrics / "evaluation.json").is_file():
-        record.evaluation = json.loads((metrics / "evaluation.json").read_text())
-    return record
-
-
-def plot_loss_curves(records: list[RunRecord], path: Path) -> None:
-    """Three panels across epochs: own loss, common-ruler BCE, validation DSC (if any run has it)."""
-    plt = pyplot()
-    panels = [("loss", "own training loss"), ("bce", "common-ruler BCE (main output)")]
-    if any("val_dsc" in r.history[0] for r in records if r.history):
-        panels.append(("val_dsc", "validation DSC"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
-    for ax, (key, title) in zip(axes[0], panels):
-        for record in records:
-            epochs = [row["epoch"] for row in record.history if key in row]
-            values = [row[key] for row in record.history if key in row]
-            ax.plot(epochs, values, marker="o", label=record.label)
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle("Comparison of losses over epochs")
-    fig.tight_layout()
-    save_png(fig, path)
-
-
 def loss_table(records: list[RunRecord]) -> tuple[list[str], list[list]]:
-    """Seed 002 Table 1: one row per epoch, each run's own training loss."""
+    """The micro-US adaptive focal paper's Table 1: one row per epoch, each run's own training loss."""
     n_epochs = max(len(r.history) for r in records)
     header = ["epoch"] + [r.label for r in records]
     rows = [
@@ -138,7 +51,7 @@ def metric_table(records: list[RunRecord], columns: list[tuple[str, RunRecord, s
 
 
 def patient_table(records: list[RunRecord]) -> tuple[list[str], list[list]]:
-    """Seed 002 Table 2: one row per patient, DSC and HD95 per run; mean, std and median rows."""
+    """The micro-US adaptive focal paper's Table 2: one row per patient, DSC and HD95 per run; mean, std and median rows."""
     return metric_table(records, [(f"{r.label} {label}", r, key) for r in records for key, label in METRICS])
 
 
@@ -173,37 +86,6 @@ def hard_region_table(records: list[RunRecord]) -> tuple[list[str], list[list]]:
                                   for key, label in (("hard_dsc", "hard DSC"), ("hard_error_rate", "hard error rate"))])
 
 
-def wilcoxon_table(records: list[RunRecord]) -> tuple[list[str], list[list]]:
-    """Paired Wilcoxon signed-rank test per metric between every two runs (common patients)."""
-    from scipy.stats import wilcoxon
-
-    header = ["run_a", "run_b", "metric", "n", "median_diff", "statistic", "p_value"]
-    rows = []
-    for a, b in itertools.combinations(records, 2):
-        for key, label in METRICS:
-            pairs = [(a.patients[c][key], b.patients[c][key]) for c in sorted(set(a.patients) & set(b.patients))]
-            pairs = [(x, y) for x, y in pairs if not (math.isnan(x) or math.isnan(y))]
-            diffs = np.array([x - y for x, y in pairs])
-            if len(diffs) and np.any(diffs != 0):
-                test = wilcoxon(diffs)
-                stat, p = float(test.statistic), float(test.pvalue)
-            else:
-                stat, p = math.nan, math.nan
-            rows.append([a.name, b.name, label, len(diffs), float(np.median(diffs)) if len(diffs) else math.nan, stat, p])
-    return header, rows
-
-
-def markdown_table(header: list[str], rows: list[list], digits: int = 4) -> str:
-    def cell(v) -> str:
-        if isinstance(v, float):
-            return "n/a" if math.isnan(v) else f"{v:.{digits}f}"
-        return str(v)
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def parse_cases(text: str | None) -> dict[str, list[int]] | None:
     """`--cases 01,03:12,03:40` -> {"01": [], "03": [12, 40]} (no slices: the most disputed ones)."""
     if not text:
@@ -217,10 +99,10 @@ def parse_cases(text: str | None) -> dict[str, list[int]] | None:
     return chosen
 
 
-def write_overlays(records: list[RunRecord], out: Path, cases: dict[str, list[int]] | None,
+def write_overlays(records: list[RunRecord], out: Path, cases: dict[str, list[int]] | None, colours: dict[str, str],
                    n_cases: int = 4, n_slices: int = 4) -> list[Path]:
     """Image + expert contour + each run's contour; by default the cases and slices where runs differ most."""
-    from microseg.analysis import disagreement_slices, plot_overlays
+    from microseg.analysis import disagreement_slices
     from microseg.data.layout import find_cases
     from microseg.data.volumes import read_volume
 
@@ -247,17 +129,17 @@ def write_overlays(records: list[RunRecord], out: Path, cases: dict[str, list[in
             path = r.path / "predictions" / case.image.name
             if not path.is_file():
                 raise MicrosegError(f"{r.path} has no prediction {path.name}: evaluate it on {source['split']} first")
-            preds[r.name] = read_volume(path, "mask").array
+            preds[r.label] = read_volume(path, "mask").array
         chosen = slices or disagreement_slices(preds, expert, n_slices)
         target = out / "overlays" / f"case_{case_id}.png"
-        plot_overlays(image, expert, preds, chosen, target, title=f"case {case_id}")
+        plot_overlays(image, expert, preds, chosen, target, title=f"case {case_id}", colours=colours)
         written.append(target)
     return written
 
 
 def compare(runs: list[Path], out: Path, overlays: bool = False, cases: str | None = None) -> Path:
     """Write the comparison of `runs` into `out`; returns the path of `report.md`."""
-    from microseg.analysis import plot_stratified, stratified_table, stratum_edges
+    from microseg.analysis import stratified_table, stratum_edges
 
     if not runs:
         raise MicrosegError("compare needs at least one run folder")
@@ -265,20 +147,21 @@ def compare(runs: list[Path], out: Path, overlays: bool = False, cases: str | No
     chosen = parse_cases(cases)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    plot_loss_curves(records, out / "loss_curves.png")
+    colours = run_colours([r.label for r in records])
+    plot_loss_curves({r.label: r.history for r in records}, out / "loss_curves.png", colours)
     sections = ["# Run comparison", "", "![loss curves](loss_curves.png)", ""]
 
     def table(stem: str, title: str, header: list[str], rows: list[list], notes: list[str] = ()) -> None:
         write_csv(out / f"{stem}.csv", header, rows)
         sections.extend([f"## {title}", "", markdown_table(header, rows), "", *notes, "", f"([{stem}.csv]({stem}.csv))", ""])
 
-    table("loss_table", "Training loss per epoch (seed 002 Table 1 layout)", *loss_table(records))
+    table("loss_table", "Training loss per epoch (micro-US adaptive focal Table 1 layout)", *loss_table(records))
     if any(r.patients for r in records):
         protocol = next(r.evaluation.get("protocol", "?") for r in records if r.patients)
-        table("per_patient", f"Per-patient DSC and HD95, protocol {protocol} (seed 002 Table 2 layout)",
+        table("per_patient", f"Per-patient DSC and HD95, protocol {protocol} (micro-US adaptive focal Table 2 layout)",
               *patient_table(records))
         if len(records) > 1:
-            table("wilcoxon", "Paired Wilcoxon signed-rank tests", *wilcoxon_table(records))
+            table("wilcoxon", "Paired Wilcoxon signed-rank tests", *wilcoxon_table(records, METRICS))
         raters = rater_names(records)
         if raters:
             header, rows, notes = rater_table(records, raters)
@@ -289,14 +172,14 @@ def compare(runs: list[Path], out: Path, overlays: bool = False, cases: str | No
     if per_slice:
         edges = stratum_edges(per_slice)
         header, rows = stratified_table(per_slice)
-        plot_stratified(header, rows, out / "stratified.png")
+        plot_stratified(header, rows, out / "stratified.png", colours)
         notes = [f"Tertile edges: area {edges['size'][0]:.1f} / {edges['size'][1]:.1f} mm^2, roughness "
                  f"(P^2 / 4 pi A) {edges['roughness'][0]:.3f} / {edges['roughness'][1]:.3f}.",
                  "", "![stratified DSC](stratified.png)"]
-        table("stratified", "Per-slice DSC by object size and boundary roughness (seed 000 Fig. 3 layout)",
+        table("stratified", "Per-slice DSC by object size and boundary roughness (A-FL Fig. 3 layout)",
               header, rows, notes)
     if overlays:
-        figures = write_overlays(records, out, chosen)
+        figures = write_overlays(records, out, chosen, colours)
         sections += ["## Overlays (expert in green)", ""]
         sections += [f"![{p.stem}](overlays/{p.name})" for p in figures] + [""]
     report = out / "report.md"

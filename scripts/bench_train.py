@@ -2,7 +2,7 @@
 
 Both loops run in this run, on the same native-size (962 x 1372) phantom set, the same model
 (built once, copied), SGD with poly decay, the same batch size, workers and deep-supervised loss
-(4 scales; AG-BCE by default), through the same step function (`microseg.train._train_step`).
+(4 scales; AG-BCE by default), through the same step function (`microseg.train.train_step`).
 They differ only in what the issue names:
 - ours: `SliceDataset` over the HDF5 slice cache (augmented, seeded per item), the hard region on
   the device; on CUDA also with bf16 autocast, and bf16 + channels_last (`--bf16`);
@@ -50,7 +50,8 @@ from microseg.data.dataset import SliceDataset  # noqa: E402
 from microseg.data.phantom import NATIVE_SIZE, simulate_dataset  # noqa: E402
 from microseg.losses import DeepSupervision  # noqa: E402
 from microseg.models import build_model  # noqa: E402
-from microseg.train import _train_step, poly_lr, resolve_device  # noqa: E402
+from microseg.runtime import resolve_device  # noqa: E402
+from microseg.train import train_step  # noqa: E402
 
 SIZES = {"small": 128, "tiny": 128}  # input size per config; the others at the paper's 224
 
@@ -66,7 +67,7 @@ class Loop:
     def __init__(self, label: str, dataset: Dataset, model: nn.Module, config: TrainConfig, reference: bool,
                  device: torch.device, max_iter: int):
         self.label, self.dataset, self.config, self.reference = label, dataset, config, reference
-        self.device, self.max_iter, self.iteration = device, max_iter, 0
+        self.device = device
         self.model = copy.deepcopy(model).to(device).train()
         if config.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -74,6 +75,8 @@ class Loop:
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
                                          weight_decay=config.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=False)
+        self.scheduler = torch.optim.lr_scheduler.PolynomialLR(self.optimizer, total_iters=max_iter,
+                                                               power=config.poly_power)
         self.rates: list[float] = []  # images/s of each timed round
 
     def epoch(self, epoch: int, steps: int) -> tuple[int, float]:
@@ -89,11 +92,9 @@ class Loop:
                             num_workers=self.config.num_workers, pin_memory=self.device.type == "cuda")
         with reference_hard_region() if self.reference else contextlib.nullcontext():
             for batch in loader:
-                for group in self.optimizer.param_groups:
-                    group["lr"] = poly_lr(self.config.lr, self.iteration, self.max_iter, self.config.poly_power)
-                _train_step(self.model, self.criterion, self.optimizer, self.scaler, batch, self.device, self.config)
+                train_step(self.model, self.criterion, self.optimizer, self.scaler, batch, self.device, self.config)
+                self.scheduler.step()
                 images += len(batch["image"])
-                self.iteration += 1
         sync(self.device)
         return images, time.perf_counter() - start
 

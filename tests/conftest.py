@@ -24,10 +24,10 @@ def cache(phantom, tmp_path_factory) -> Path:
 
 
 def train_tiny(cache: Path, run: Path, **options) -> Path:
-    from microseg.config import resolve_config
+    from microseg.config import resolve_train_config
     from microseg.train import train
 
-    return train(resolve_config(None, dict(TINY_TRAIN, cache=str(cache), run=str(run), **options)))
+    return train(resolve_train_config(None, dict(TINY_TRAIN, cache=str(cache), run=str(run), **options)))
 
 
 @pytest.fixture(scope="session")

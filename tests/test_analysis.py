@@ -16,8 +16,6 @@ from microseg.analysis import (
     hard_region_kernel,
     hard_region_mask,
     hard_region_score,
-    plot_overlays,
-    plot_stratified,
     slice_descriptors,
     stratified_table,
     stratum,
@@ -25,6 +23,7 @@ from microseg.analysis import (
     tertile_edges,
 )
 from microseg.errors import MicrosegError
+from microseg.figures import EXPERT_COLOUR, RUN_COLOURS, plot_overlays, plot_stratified, run_colours
 from microseg.losses import hard_region
 
 
@@ -240,7 +239,7 @@ def test_plot_overlays_draws_contours_on_the_image(tmp_path):
     expert = np.stack([_disk(shape[1:], (30, 40), 15)] * 3)
     pred = np.stack([_disk(shape[1:], (33, 44), 13)] * 3)
     out = tmp_path / "figs" / "overlay.png"
-    plot_overlays(image, expert, {"run": pred}, [0, 2], out, "case 01")
+    plot_overlays(image, expert, {"run": pred}, [0, 2], out, "case 01", colours={"run": "#ff2020"})
     png = imread(out)
     assert png.ndim == 3 and png.shape[0] > 100 and png.shape[1] > 200
     assert _colour_pixels(png, (0.0, 1.0, 0.0)) > 50  # expert contour, green
@@ -264,3 +263,21 @@ def test_plot_stratified_writes_bars(tmp_path):
     assert png.ndim == 3
     assert _colour_pixels(png, (0.122, 0.467, 0.706), 0.05) > 500  # C0 bars (first run)
     assert _colour_pixels(png, (1.0, 0.498, 0.055), 0.05) > 500  # C1 bars (second run)
+
+
+def test_one_colour_per_run_and_the_expert_reserved(tmp_path):
+    runs = [f"run{i}" for i in range(len(RUN_COLOURS) + 2)]
+    colours = run_colours(runs)
+    assert EXPERT_COLOUR not in colours.values()
+    assert len(set(colours[r] for r in runs[:len(RUN_COLOURS)])) == len(RUN_COLOURS)
+    assert run_colours(runs[:2]) == {r: colours[r] for r in runs[:2]}  # a run keeps its colour
+    shape = (1, 60, 80)
+    image = np.full(shape, 80, np.uint8)
+    expert = np.stack([_disk(shape[1:], (30, 40), 15)])
+    out = tmp_path / "two.png"  # the default colours of an overlay are the runs' palette colours
+    plot_overlays(image, expert, {"a": np.stack([_disk(shape[1:], (30, 40), 10)]),
+                                  "b": np.stack([_disk(shape[1:], (30, 40), 20)])}, [0], out, "t")
+    png = imread(out)
+    for hex_colour in (RUN_COLOURS[0], RUN_COLOURS[1]):
+        rgb = tuple(int(hex_colour[i:i + 2], 16) / 255 for i in (1, 3, 5))
+        assert _colour_pixels(png, rgb, 0.05) > 20

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import h5py
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -58,13 +59,17 @@ def test_reuse_and_rebuild(tmp_path, capsys):
     data = make_dataset(tmp_path / "data", test_ids=())
     cache = tmp_path / "c.h5"
     prepare(data, cache, capsys)
-    first = cache.stat().st_mtime_ns
+
+    def identity(path):  # a rewrite renames a new file into place: a new inode (mtime may share a clock tick)
+        return path.stat().st_ino, path.stat().st_mtime_ns
+
+    first = identity(cache)
     code, out, _ = prepare(data, cache, capsys)
-    assert code == 0 and out.startswith("cache up to date") and cache.stat().st_mtime_ns == first
+    assert code == 0 and out.startswith("cache up to date") and identity(cache) == first
     source = nifti_path(data, "train", "expert", "02")
     os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 10**9))  # touched
     code, out, _ = prepare(data, cache, capsys)
-    assert out.startswith("wrote cache") and cache.stat().st_mtime_ns != first
+    assert out.startswith("wrote cache") and identity(cache)[0] != first[0]
     image, mask = blob_case()
     mask[1, 30:40, 30:40] = 1  # changed content
     write_zyx(source, mask)
@@ -121,18 +126,122 @@ def _one_folder(data):
     return "expert_annotation_train_01.nii.gz"
 
 
+def _regrid(data, split, kind, case_id, change):
+    """Rewrite one file of the dataset with its affine changed by ``change(affine) -> affine``."""
+    path = nifti_path(data, split, kind, case_id)
+    img = nib.load(path)
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), change(img.affine.copy())), path)
+    return path
+
+
+def _flipped_expert(data):  # the mask stored left-right mirrored, its affine saying so
+    path = _regrid(data, "train", "expert", "02", lambda a: a @ np.diag([-1.0, 1, 1, 1]))
+    return path.name, "axis directions", "microUS_train_02.nii.gz"
+
+
+def _oblique_non_expert(data):
+    c, s = np.cos(np.radians(5)), np.sin(np.radians(5))
+    rotation = np.array([[c, -s, 0, 0], [s, c, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    path = _regrid(data, "train", "non_expert", "01", lambda a: rotation @ a)
+    return path.name, "axis directions", "microUS_train_01.nii.gz"
+
+
+def _expert_spacing(data):
+    path = _regrid(data, "train", "expert", "01", lambda a: a @ np.diag([1, 1, 2.0, 1]))
+    return path.name, "spacing (mm) (1, 0.2, 0.1)", "(0.5, 0.2, 0.1)"
+
+
+def _test_origin(data):  # header-level check of the test split
+    def shift(affine):
+        affine[:3, 3] += (0.0, 0.0, 0.5)
+        return affine
+
+    path = _regrid(data, "test", "clinician", "01", shift)
+    return path.name, "origin (mm)", "microUS_test_01.nii.gz"
+
+
+def _unit_float_image(data):  # a float export scaled to 0..1: black on the dataset's 0..254 scale
+    image, _ = blob_case()
+    write_zyx(nifti_path(data, "train", "image", "02"), image.astype(np.float32) / 255)
+    return "microUS_train_02.nii.gz", "0..254", "span only"
+
+
+def _twelve_bit_image(data):
+    image, _ = blob_case()
+    write_zyx(nifti_path(data, "train", "image", "01"), image.astype(np.uint16) * 16)
+    return "microUS_train_01.nii.gz", "0..254", "found 320..3200"
+
+
+def _constant_image(data):
+    write_zyx(nifti_path(data, "train", "image", "01"), np.zeros((5, 48, 64), np.uint8))
+    return "microUS_train_01.nii.gz", "constant"
+
+
+def _split_without_scans(data):
+    for path in (data / "test" / "micro_ultrasound_scans").iterdir():
+        path.unlink()
+    (data / "test" / "micro_ultrasound_scans").rmdir()
+    return "has no 'test' split", str(data / "test" / "micro_ultrasound_scans")
+
+
+def _unpaired_rater(data):
+    write_zyx(nifti_path(data, "test", "clinician", "07"), np.zeros((5, 48, 64), np.uint8))
+    return "clinician_annotation_test_07.nii.gz: no matching image"
+
+
 @pytest.mark.parametrize("breakage", [_missing_non_expert, _shape_mismatch, _test_shape_mismatch, _non_binary,
-                                      _truncated, _nan, _empty, _one_folder])
+                                      _truncated, _nan, _empty, _one_folder, _flipped_expert, _oblique_non_expert,
+                                      _expert_spacing, _test_origin, _unit_float_image, _twelve_bit_image,
+                                      _constant_image, _split_without_scans, _unpaired_rater])
 def test_bad_inputs_fail_cleanly(tmp_path, capsys, breakage):
     data = make_dataset(tmp_path / "data")
-    culprit = breakage(data)
+    needles = breakage(data)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     code, _, err = prepare(data, out_dir / "cache.h5", capsys)
     assert code == 2
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("microseg: error: ") and culprit in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("microseg: error: ")
+    for needle in (needles,) if isinstance(needles, str) else needles:
+        assert needle in lines[0]
     assert list(out_dir.iterdir()) == []  # no cache, no temporary file
+
+
+def test_an_expert_mask_empty_on_every_slice_warns_once_and_goes_on(tmp_path, capsys):
+    data = make_dataset(tmp_path / "data")
+    empty = write_zyx(nifti_path(data, "train", "expert", "02"), np.zeros((5, 48, 64), np.uint8))
+    code, out, err = prepare(data, tmp_path / "c.h5", capsys)
+    assert code == 0 and "wrote cache" in out
+    ours = [line for line in err.splitlines() if line.startswith("microseg:")]
+    assert ours == [f"microseg: warning: {empty}: mask is empty on every slice"]
+    np.testing.assert_allclose(foreground_areas(tmp_path / "c.h5")[5:], 0)
+
+
+def test_masks_of_other_types_and_macos_companion_files_are_accepted(tmp_path, capsys):
+    data = make_dataset(tmp_path / "data")
+    _, mask = blob_case()
+    write_zyx(nifti_path(data, "train", "expert", "01"), mask.astype(np.float32))  # 0.0 / 1.0
+    write_zyx(nifti_path(data, "train", "non_expert", "02"), mask.astype(np.int16) * 255)
+    for path in list(data.rglob("*.nii.gz")):  # a copy from a Mac: AppleDouble companions beside every file
+        (path.parent / f"._{path.name}").write_bytes(b"\x00\x05\x16\x07")
+    code, out, err = prepare(data, tmp_path / "c.h5", capsys)
+    assert code == 0 and "10 slices from 2 patients, 1 test cases" in out and "microseg:" not in err
+    assert foreground_areas(tmp_path / "c.h5")[3] == pytest.approx(108 / (48 * 64))
+
+
+@pytest.mark.parametrize("size", [100, 0, -32, 8])
+def test_a_size_no_model_can_take_is_refused_before_anything_is_written(tmp_path, capsys, size):
+    data = make_dataset(tmp_path / "data")
+    code, _, err = prepare(data, tmp_path / "out" / "c.h5", capsys, size=size)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "--size must be a positive multiple of 16" in lines[0]
+    assert f"(got {size})" in lines[0] and not (tmp_path / "out").exists()
+
+
+def test_prepare_help_says_the_size_multiple(capsys):
+    with pytest.raises(SystemExit):
+        main(["prepare", "--help"])
+    assert "a multiple of 16" in " ".join(capsys.readouterr().out.split())
 
 
 def test_refuses_to_overwrite_other_files_and_rejects_non_caches(tmp_path, capsys):

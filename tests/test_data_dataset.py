@@ -42,6 +42,8 @@ def test_items_shapes_dtypes_ranges(cache):
     assert item["image"].max() == pytest.approx(200 / 254) and item["image"].min() == pytest.approx(20 / 254)
     with pytest.raises(MicrosegError, match="slice indices"):
         SliceDataset(cache, indices=[15])
+    scaled = SliceDataset(cache, indices=[4], intensity_max=100)[0]["image"]  # a run's own intensity scale
+    assert scaled.max() == 1.0 and scaled.min() == pytest.approx(20 / 100)
 
 
 def test_augmentation_keeps_masks_binary_and_aligned(cache):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from data_helpers import nifti_path
-from microseg.data.layout import find_cases
+from microseg.data.layout import find_cases, nifti_files
 from microseg.errors import MicrosegError
 
 
@@ -68,6 +68,12 @@ def test_test_split_raters_and_optional_non_expert(tmp_path):
         (lambda r: (make(r, "train", ["01"]), (r / "train" / "expert_annotations" / "mask_1.png").write_bytes(b"")),
          "mask_1.png: unexpected entry"),
         (lambda r: make(r, "train", ["01"], kinds=("image", "expert")), "has no non_expert_annotations/ folder"),
+        (lambda r: (make(r, "train", ["01"]), touch(r, "train", "non_expert", "02")),
+         "nonexpert_annotation_train_02.nii.gz: no matching image"),
+        (lambda r: (make(r, "train", ["01"]), (r / "train" / "micro_ultrasound_scans" / "extra").mkdir()),
+         "extra: unexpected entry in micro_ultrasound_scans/"),
+        (lambda r: (make(r, "train", ["01"], kinds=("image", "non_expert"))), "has no expert_annotations/ folder"),
+        (lambda r: (r.parent.mkdir(parents=True, exist_ok=True), r.write_text("")), "is not a folder"),
     ],
 )
 def test_broken_layouts_name_the_culprit(tmp_path, setup, needle):
@@ -79,3 +85,22 @@ def test_broken_layouts_name_the_culprit(tmp_path, setup, needle):
 def test_hint_for_the_zip_folder(tmp_path):
     make(tmp_path / "Micro_Ultrasound_Prostate_Segmentation_Dataset", "train", ["01"])
     assert "did you mean" in error_of(tmp_path, "train")
+
+
+def test_a_split_folder_given_as_the_root_gets_a_hint(tmp_path):
+    make(tmp_path, "train", ["01"])
+    assert "looks like a split folder itself" in error_of(tmp_path / "train", "train")
+
+
+def test_hidden_files_are_skipped_in_every_listing(tmp_path):
+    make(tmp_path, "train", ["01"])
+    for folder in (tmp_path / "train").iterdir():  # macOS copies: AppleDouble companions and .DS_Store
+        for path in list(folder.iterdir()):
+            (folder / f"._{path.name}").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+        (folder / ".DS_Store").write_bytes(b"")
+    cases = find_cases(tmp_path, "train")
+    assert [c.image.name for c in cases] == ["microUS_train_01.nii.gz"]
+    scans = tmp_path / "train" / "micro_ultrasound_scans"
+    (scans / "notes.txt").write_text("")
+    (scans / "b.nii").write_bytes(b"")
+    assert [p.name for p in nifti_files(scans)] == ["b.nii", "microUS_train_01.nii.gz"]

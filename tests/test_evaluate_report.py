@@ -35,18 +35,18 @@ def zyx(path: Path) -> np.ndarray:
 def evaluated(trained_run, phantom, tmp_path_factory):
     """The tiny run, its output bias shifted so that ~30% of the test pixels are foreground (two
     epochs on a toy set predict nothing yet), evaluated on the phantom's test split."""
-    from microseg.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
     from microseg.data.cache import resize_image
+    from microseg.run import load_checkpoint, save_checkpoint
 
     run = tmp_path_factory.mktemp("evaluated") / "tiny_af"
     shutil.copytree(trained_run, run)
     state = load_checkpoint(run / "last.pt")
-    model = model_from_checkpoint(state)
+    model = state.build_model()
     volume = zyx(sorted((phantom / "test" / "micro_ultrasound_scans").glob("*.nii.gz"))[0])
     x = torch.from_numpy(np.stack([resize_image(s, 32) for s in volume])).float()[:, None] / 254
     with torch.no_grad():
         logits = model(x).logits
-    state["model"]["seg_head.bias"] -= torch.quantile(logits.flatten(), 0.7)
+    state.model["seg_head.bias"] -= torch.quantile(logits.flatten(), 0.7)
     save_checkpoint(state, run / "last.pt")
     (run / "best.pt").unlink(missing_ok=True)
     evaluate(run, phantom, device="cpu")
@@ -144,3 +144,51 @@ def test_bad_evaluate_inputs_give_one_line(case, trained_run, phantom, tmp_path,
     code = main(args)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("microseg: error:")
+
+
+FIRST_RELEASE_KEYS = {"model", "optimizer", "scaler", "epoch", "step", "accum", "history", "best_dsc", "model_config",
+                      "train_config", "calf_stats", "rng"}
+
+
+def test_checkpoint_round_trips_and_carries_its_preprocessing(trained_run):
+    from microseg.preprocess import Preprocess
+    from microseg.run import load_checkpoint
+
+    state = torch.load(trained_run / "last.pt", map_location="cpu", weights_only=False)
+    assert isinstance(state, dict) and FIRST_RELEASE_KEYS <= set(state)  # still a plain dict on disk
+    checkpoint = load_checkpoint(trained_run / "last.pt")
+    assert checkpoint.preprocess == Preprocess(size=32, kernel_sizes=(1, 2, 3, 4))
+    assert checkpoint.preprocess.scale_sizes == (4, 8, 16, 32)
+    assert checkpoint.epoch == 2 and checkpoint.step == 0 and checkpoint.scheduler["last_epoch"] == 6
+
+
+def test_first_release_checkpoint_loads_and_evaluates_to_the_same_numbers(evaluated, phantom, tmp_path):
+    """A run whose checkpoint has the first release's 12-key dict (no preprocess, no scheduler)."""
+    old = tmp_path / "first_release"
+    shutil.copytree(evaluated, old, ignore=shutil.ignore_patterns("metrics", "predictions"))
+    state = torch.load(old / "last.pt", map_location="cpu", weights_only=False)
+    state = {key: state[key] for key in FIRST_RELEASE_KEYS}
+    state["train_config"]["deep_supervision"] = True  # the first release's train config had it
+    torch.save(state, old / "last.pt")
+    evaluate(old, phantom, device="cpu")
+    new, first = (list(csv.reader(open(run / "metrics" / "per_patient.csv"))) for run in (evaluated, old))
+    assert first == new
+
+
+def test_prediction_follows_the_checkpoints_preprocessing(evaluated, phantom, tmp_path):
+    """A run whose Preprocess says nearest predicts as `--resize nearest` does on the same weights."""
+    import dataclasses
+
+    from microseg.run import load_checkpoint, save_checkpoint
+
+    run = tmp_path / "nearest_run"
+    shutil.copytree(evaluated, run, ignore=shutil.ignore_patterns("metrics", "predictions"))  # last.pt only
+    checkpoint = load_checkpoint(run / "last.pt")
+    checkpoint.preprocess = dataclasses.replace(checkpoint.preprocess, prediction_resize="nearest")
+    save_checkpoint(checkpoint, run / "last.pt")
+    one = sorted((phantom / "test" / "micro_ultrasound_scans").glob("*.nii.gz"))[0]
+    assert main(["predict", "--run", str(run), "--input", str(one), "--out", str(tmp_path / "own.nii.gz")]) == 0
+    assert main(["predict", "--run", str(evaluated), "--input", str(one), "--out", str(tmp_path / "asked.nii.gz"),
+                 "--resize", "nearest"]) == 0
+    own = zyx(tmp_path / "own.nii.gz")
+    assert own.any() and np.array_equal(own, zyx(tmp_path / "asked.nii.gz"))

@@ -12,7 +12,7 @@ import torch
 from torchvision.ops import sigmoid_focal_loss
 
 from microseg.errors import MicrosegError
-from microseg.losses import CalfStats, build_loss, calf_stats, hard_region
+from microseg.losses import CalfStats, build_loss, calf_stats, calf_stats_for, hard_region, patient_statistics
 from microseg.losses.adaptive_focal import AdaptiveFocal
 from microseg.losses.afl import AFL
 from microseg.losses.calf import CALF, choose_branch
@@ -57,7 +57,7 @@ def test_hard_region_matches_cv2_dilate(k):
 
 
 def test_even_kernel_grows_down_and_right():
-    """FACTS.md: k = 2 grows 0 pixels up/left and 1 down/right; k = 4 grows 1 and 2."""
+    """OpenCV's anchor k // 2: k = 2 grows 0 pixels up/left and 1 down/right; k = 4 grows 1 and 2."""
     expert = torch.zeros(1, 1, 7, 7)
     expert[0, 0, 3, 3] = 1
     k2 = hard_region(expert, torch.zeros_like(expert), 2)[0, 0]
@@ -81,16 +81,29 @@ def test_hard_region_3d_is_a_box_dilation_with_the_same_anchor(k):
 
 
 @pytest.mark.parametrize("shape", [(2, 1, 7, 9), (1, 1, 3, 4, 5)])
-@pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (0.6, 0.0), (-1.0, 3.5), (0.25, 1.0)])
-def test_focal_equals_torchvision(shape, alpha, gamma):
+@pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (0.6, 0.0), (None, 3.5), (0.25, 1.0)])
+@pytest.mark.parametrize("double_sigmoid", [False, True])
+def test_focal_equals_torchvision(shape, alpha, gamma, double_sigmoid):
+    """alpha=none is torchvision's alpha < 0; double_sigmoid is torchvision's loss of sigmoid(logits)."""
     logits, target, _ = random_case(1, shape)
     ours_x = logits.clone().requires_grad_()
     ref_x = logits.clone().requires_grad_()
-    ours = build_loss(f"focal:alpha={alpha},gamma={gamma}")(ours_x, target)
-    ref = sigmoid_focal_loss(ref_x, target, alpha=alpha, gamma=gamma, reduction="mean")
+    alpha_text = "none" if alpha is None else alpha
+    spec = f"focal:alpha={alpha_text},gamma={gamma},double_sigmoid={str(double_sigmoid).lower()}"
+    ours = build_loss(spec)(ours_x, target)
+    ref_input = torch.sigmoid(ref_x) if double_sigmoid else ref_x
+    ref = sigmoid_focal_loss(ref_input, target, alpha=-1 if alpha is None else alpha, gamma=gamma, reduction="mean")
     torch.testing.assert_close(ours, ref)
     ours.backward(), ref.backward()
     torch.testing.assert_close(ours_x.grad, ref_x.grad)
+
+
+def test_double_sigmoid_focal_has_the_floor_of_the_paper_baseline():
+    """FL(sigmoid(x)): a background pixel costs at least 0.75 * 0.5^2 * ln 2 however negative its logit."""
+    target = torch.zeros(1, 1, 2, 2)
+    floor = build_loss("focal:double_sigmoid=true")(torch.full((1, 1, 2, 2), -30.0), target)
+    assert floor.item() == pytest.approx(0.75 * 0.25 * math.log(2.0), rel=1e-6)
+    assert build_loss("focal")(torch.full((1, 1, 2, 2), -30.0), target).item() < 1e-20
 
 
 # ---------------------------------------------------------------- AG-BCE
@@ -180,9 +193,63 @@ def test_afl_2d_by_hand():
     p_t = [p[0], 1 - p[1], 1 - p[2], 1 - p[3]]
     alpha_t = [alpha_va, 1 - alpha_va, 1 - alpha_va, 1 - alpha_va]
     expected = sum(-a * (1 - q) ** gamma * math.log(q) for a, q in zip(alpha_t, p_t)) / 4
-    assert build_loss("afl")(x, y).item() == pytest.approx(expected, rel=1e-9)
+    assert build_loss("afl:stats=slice")(x, y).item() == pytest.approx(expected, rel=1e-9)
     uniform = sum(-alpha_va * (1 - q) ** gamma * math.log(q) for q in p_t) / 4
-    assert build_loss("afl:alpha_weighting=uniform")(x, y).item() == pytest.approx(uniform, rel=1e-9)
+    assert build_loss("afl:alpha_weighting=uniform,stats=slice")(x, y).item() == pytest.approx(uniform, rel=1e-9)
+
+
+def test_patient_statistics_by_hand():
+    """One foreground voxel in a zero volume. At the centre of 5^3 the six face neighbours have central
+    differences 1/2 along one axis: gamma_mSa = 6 * 0.5 / 125. In 3^3 they lie on the border, where the
+    one-sided difference is 1: 6 / 27; with a z spacing of 2 the two z neighbours count 1/2: 5 / 27."""
+    five = np.zeros((5, 5, 5))
+    five[2, 2, 2] = 1
+    assert patient_statistics(five) == pytest.approx((1 / 125, 3 / 125), rel=1e-12)
+    three = np.zeros((3, 3, 3), np.uint8)
+    three[1, 1, 1] = 255  # non-zero is foreground
+    assert patient_statistics(three) == pytest.approx((1 / 27, 6 / 27), rel=1e-12)
+    assert patient_statistics(three, (2.0, 1.0, 1.0)) == pytest.approx((1 / 27, 5 / 27), rel=1e-12)
+    # a single slice: z is skipped (length 1); y = [[1, 0]] -> |grad| = [1, 1] along x
+    assert patient_statistics(np.array([[[1, 0]]])) == pytest.approx((0.5, 1.0), rel=1e-12)
+    for bad, spacing in [(np.zeros((2, 2)), None), (np.full((2, 2, 2), np.nan), None), (five, (1.0, 0.0, 1.0))]:
+        with pytest.raises(MicrosegError):
+            patient_statistics(bad, spacing)
+
+
+def test_afl_slices_get_their_patients_parameters():
+    """Slices of one volume with stats=patient: alpha_va and gamma from the whole volume (Eqs. 1-6), not the slice."""
+    logits, _, _ = random_case(42, shape=(1, 1, 4, 6, 7))
+    target = torch.zeros_like(logits)  # slice 0 empty, 1 and 2 growing blocks, 3 full
+    target[0, 0, 1, 2:4, 2:5], target[0, 0, 2, 1:5, 1:6], target[0, 0, 3] = 1, 1, 1
+    fg, gamma_msa = patient_statistics(target[0, 0].numpy())
+    x, y = logits[0, 0].numpy(), target[0, 0].numpy()  # the volume's 4 slices [4, 6, 7]
+    p_t = np.where(y == 1, sigmoid(x), 1 - sigmoid(x))
+    alpha_t = np.where(y == 1, 1 - fg, fg)
+    expected = np.mean(-alpha_t * (1 - p_t) ** (fg + gamma_msa) * np.log(p_t))
+    slices, slice_targets = logits[0].transpose(0, 1), target[0].transpose(0, 1)  # [4, 1, 6, 7]
+    stats = {"afl_fg_fraction": torch.full((4,), fg, dtype=torch.float64),
+             "afl_gamma_msa": torch.full((4,), gamma_msa, dtype=torch.float64)}
+    per_patient = build_loss("afl")(slices, slice_targets, sample_stats=stats)
+    assert per_patient.item() == pytest.approx(expected, rel=1e-9)
+    per_slice = build_loss("afl:stats=slice")(slices, slice_targets, sample_stats=stats)  # stats=slice ignores them
+    assert per_slice.item() == pytest.approx(build_loss("afl:stats=slice")(slices, slice_targets).item(), rel=1e-12)
+    assert abs(per_slice.item() - expected) > 1e-2
+    # per slice, the empty and the full slice get zero class weight on all their pixels; per patient they count
+    empty_and_full = [0, 3]
+    slice_only = build_loss("afl:stats=slice")(slices[empty_and_full], slice_targets[empty_and_full])
+    patient = build_loss("afl")(slices[empty_and_full], slice_targets[empty_and_full],
+                                sample_stats={k: v[:2] for k, v in stats.items()})
+    assert slice_only.item() == 0.0 and patient.item() > 0.01
+    # a volume is its own patient: no statistics needed, and the same numbers as the host-side ones
+    volume = build_loss("afl")(logits, target).item()
+    given = {k: v[:1] for k, v in stats.items()}
+    assert volume == pytest.approx(build_loss("afl")(logits, target, sample_stats=given).item(), rel=1e-9)
+    with pytest.raises(MicrosegError, match="stats=patient.*or use afl:stats=slice"):
+        build_loss("afl")(slices, slice_targets)
+    with pytest.raises(MicrosegError, match="afl_gamma_msa"):
+        build_loss("afl")(slices, slice_targets, sample_stats={"afl_fg_fraction": stats["afl_fg_fraction"]})
+    only_fg = {"afl_fg_fraction": stats["afl_fg_fraction"]}  # gamma_mSa switched off: P_fg is enough
+    assert torch.isfinite(build_loss("afl:use_gamma_msa=false")(slices, slice_targets, sample_stats=only_fg))
 
 
 def test_afl_3d_against_numpy_gradient():
@@ -200,14 +267,14 @@ def test_afl_3d_against_numpy_gradient():
 
 def test_afl_ablation_switches():
     logits, target, _ = random_case(41, shape=(2, 1, 6, 7))
-    off = build_loss("afl:use_alpha_va=false,use_gamma_va=false,use_gamma_msa=false")(logits, target)
+    off = build_loss("afl:use_alpha_va=false,use_gamma_va=false,use_gamma_msa=false,stats=slice")(logits, target)
     torch.testing.assert_close(off, sigmoid_focal_loss(logits, target, 0.25, 2.0, "mean"))  # Table 5, row 1
-    alpha_only = build_loss("afl:use_gamma_va=false,use_gamma_msa=false")(logits, target)
+    alpha_only = build_loss("afl:use_gamma_va=false,use_gamma_msa=false,stats=slice")(logits, target)
     per_sample = [
         sigmoid_focal_loss(logits[i], target[i], 1 - target[i].mean().item(), 2.0, "mean") for i in range(2)
     ]
     torch.testing.assert_close(alpha_only, torch.stack(per_sample).mean())
-    assert AFL(use_gamma_va=False)(logits, target) != AFL()(logits, target)
+    assert AFL(use_gamma_va=False, stats="slice")(logits, target) != AFL(stats="slice")(logits, target)
 
 
 # ---------------------------------------------------------------- CALF
@@ -233,16 +300,61 @@ def test_calf_branch_on_two_point_sets(n_high, n, branch):
     assert (stats.n, stats.branch) == (n, branch)
 
 
-def test_calf_stats_match_scipy_and_skip_empty_images():
+def hand_moments(a: np.ndarray) -> tuple[float, float]:
+    """Table 1 written out: population skewness and excess kurtosis (sigma with 1/N)."""
+    d = a - a.mean()
+    sigma = np.sqrt(np.mean(d**2))
+    return float(np.mean(d**3) / sigma**3), float(np.mean(d**4) / sigma**4 - 3)
+
+
+def test_calf_stats_match_table_1_with_and_without_empty_images():
     areas = np.random.default_rng(0).exponential(1000.0, size=200)
-    stats = calf_stats(np.concatenate([areas, np.zeros(50)]))
-    assert stats.skewness == pytest.approx(scipy.stats.skew(areas, bias=True), rel=1e-12)
-    assert stats.kurtosis == pytest.approx(scipy.stats.kurtosis(areas, fisher=True, bias=True), rel=1e-12)
-    assert (stats.n, stats.branch) == (200, "log10")
-    assert calf_stats(np.concatenate([areas, np.zeros(50)]), include_empty=True).n == 250
+    with_empty = np.concatenate([areas, np.zeros(50)])
+    stats = calf_stats(with_empty)  # default: every image counts, A_i = 0 without foreground
+    assert (stats.skewness, stats.kurtosis) == pytest.approx(hand_moments(with_empty), rel=1e-12)
+    assert (stats.n, stats.include_empty) == (250, True)
+    skipped = calf_stats(with_empty, include_empty=False)
+    assert (skipped.skewness, skipped.kurtosis) == pytest.approx(hand_moments(areas), rel=1e-12)
+    assert (skipped.n, skipped.branch, skipped.include_empty) == (200, "log10", False)
+    # the reading changes the branch: areas 10 (x8) and 1 (x2), q = 0.8, S = (1 - 2q) / sqrt(q(1 - q)) = -1.5;
+    # with 10 empty images the zeros make the long tail the right one (S = 0.398, K = -1.83)
+    areas_1_10 = [10.0] * 8 + [1.0] * 2
+    assert calf_stats(areas_1_10 + [0.0] * 10, include_empty=False).skewness == pytest.approx(-1.5, rel=1e-12)
+    assert calf_stats(areas_1_10 + [0.0] * 10, include_empty=False).branch == "fisher"
+    assert calf_stats(areas_1_10 + [0.0] * 10).branch == "log10"
+    assert calf_stats_for("dice+calf:include_empty=false", with_empty) == skipped
+    assert calf_stats_for("calf", with_empty) == stats
     # symmetric, heavy-tailed (K = 64 / 16 - 3 = 1): BCE-Dice; reversed exponential: Fisher
     assert calf_stats([1.0] + [5.0] * 6 + [9.0]).branch == "bce_dice"
     assert calf_stats(areas.max() + 1 - areas).branch == "fisher"
+
+
+BRANCH_MOMENTS = {
+    "fisher": (-2.0, 0.0), "logit": (-0.7, 0.0), "arcsine": (-0.2, 0.0),
+    "log10": (2.0, 0.0), "ln": (0.7, 0.0), "bce_dice": (0.2, 1.0),
+}
+
+
+def branch_stats(branch: str, include_empty: bool = True) -> CalfStats:
+    """Statistics whose skewness and kurtosis select `branch` (Table 2)."""
+    return CalfStats(*BRANCH_MOMENTS[branch], 10, branch, include_empty)
+
+
+def test_calf_stats_must_be_consistent():
+    with pytest.raises(MicrosegError, match="branch 'arcsine' contradicts skewness 2 and kurtosis 0, which select"):
+        CalfStats(2.0, 0.0, 10, "arcsine", True)
+    for bad in [(float("nan"), 0.0, 10, "log10", True), (2.0, 0.0, 1, "log10", True), (2.0, 0.0, 10, "log10", "no")]:
+        with pytest.raises(MicrosegError):
+            CalfStats(*bad)
+    with pytest.raises(MicrosegError, match="include_empty=False but the statistics were computed with include_emp"):
+        build_loss("calf:include_empty=false", calf_stats=branch_stats("ln"))
+    with pytest.raises(MicrosegError, match="given twice"):
+        build_loss("calf", calf_stats=branch_stats("ln"), stats=branch_stats("ln"))
+    with pytest.raises(MicrosegError, match="no calf term"):
+        build_loss("dice", calf_stats=branch_stats("ln"))
+    for spec in ("calf:clamp_eps=0", "calf:clamp_eps=0.6", "calf:include_empty=1"):
+        with pytest.raises(MicrosegError, match="calf: option"):
+            build_loss(spec, calf_stats=branch_stats("ln"))
 
 
 def test_calf_branch_boundaries():
@@ -271,18 +383,52 @@ CALF_BY_HAND = {
 
 @pytest.mark.parametrize("branch", sorted(CALF_BY_HAND))
 def test_calf_branch_values_by_hand(branch):
-    loss = build_loss("calf", calf_stats=CalfStats(0.0, 0.0, 10, branch))
+    loss = build_loss("calf", calf_stats=branch_stats(branch))
     assert loss.branch == branch
     value = loss(t([0.0, LN3], (1, 1, 1, 2)), t([1.0, 0.0], (1, 1, 1, 2)))
     assert value.item() == pytest.approx(CALF_BY_HAND[branch], rel=1e-6)
 
 
-def test_calf_clamps_unbounded_transforms():
+def test_calf_clamps_unbounded_transforms_on_the_rewarded_side_only():
     y = torch.ones(1, 1, 1, 1)
-    logit = build_loss("calf", calf_stats=CalfStats(-0.7, 0.0, 10, "logit"))(torch.full((1, 1, 1, 1), 80.0), y)
+    logit = build_loss("calf", calf_stats=branch_stats("logit"))(torch.full((1, 1, 1, 1), 80.0), y)
     assert logit.item() == pytest.approx(-math.log((1 - 1e-6) / 1e-6), rel=1e-5)
-    fisher = build_loss("calf", calf_stats=CalfStats(-2.0, 0.0, 10, "fisher"))(torch.full((1, 1, 1, 1), 80.0), y)
+    fisher = build_loss("calf", calf_stats=branch_stats("fisher"))(torch.full((1, 1, 1, 1), 80.0), y)
     assert fisher.item() == pytest.approx(-math.atanh(1 - 1e-6), rel=1e-5)
+    # confidently wrong: the paper's value, no clamp (logit: -(-20); fisher: -atanh(sigmoid(-20)))
+    wrong = torch.full((1, 1, 1, 1), -20.0)
+    assert build_loss("calf", calf_stats=branch_stats("logit"))(wrong, y).item() == pytest.approx(20.0, rel=1e-6)
+    fisher_wrong = build_loss("calf", calf_stats=branch_stats("fisher"))(wrong, y).item()
+    assert fisher_wrong == pytest.approx(-math.atanh(1 / (1 + math.exp(20))), rel=1e-5)
+
+
+# d/dx of -R(sigmoid(x)) for y = 1, N = 1 pixel, p = sigmoid(x): logit -1, fisher -p / (1 + p), arcsine -sqrt(p(1-p))/2
+CALF_GRADIENT = {
+    "logit": lambda p: -1.0,
+    "fisher": lambda p: -p / (1 + p),
+    "arcsine": lambda p: -0.5 * math.sqrt(p * (1 - p)),
+}
+
+
+@pytest.mark.parametrize("branch", sorted(CALF_GRADIENT))
+@pytest.mark.parametrize("x,y", [(-20.0, 1.0), (20.0, 0.0), (-3.0, 1.0), (0.5, 1.0)])
+def test_calf_bounded_branches_keep_the_gradient_of_wrong_pixels(branch, x, y):
+    """Against the analytic gradient (y = 0 mirrors y = 1 with -x): confidently wrong pixels are not clamped away."""
+    logits = torch.tensor([[[[x]]]], requires_grad=True)  # float32
+    build_loss("calf", calf_stats=branch_stats(branch))(logits, torch.full_like(logits, y)).backward()
+    sign = 1.0 if y == 1.0 else -1.0
+    p = 1 / (1 + math.exp(-sign * x))
+    assert logits.grad.item() == pytest.approx(sign * CALF_GRADIENT[branch](p), rel=1e-5)
+    assert logits.grad.item() != 0.0
+
+
+def test_calf_arcsine_keeps_float32_precision_near_p_one():
+    """asin(sqrt(sigmoid x)) = atan(exp(x / 2)) in float64 is the reference; float32 to a few ulp of pi/2."""
+    x = torch.linspace(-30.0, 30.0, 601, dtype=torch.float64)
+    loss = build_loss("calf", calf_stats=branch_stats("arcsine"))
+    values = torch.stack([loss(v.float().reshape(1, 1, 1, 1), torch.ones(1, 1, 1, 1)) for v in x]).double()
+    reference = -torch.atan(torch.exp(x.float().double() / 2))
+    assert (values - reference).abs().max().item() < 4e-7  # float32 ulp at pi/2 is 1.2e-7
 
 
 def test_calf_needs_stats_and_takes_them_from_yaml():
@@ -294,7 +440,7 @@ def test_calf_needs_stats_and_takes_them_from_yaml():
     stats = calf_stats([1.0, 2.0, 2.0, 7.0])
     loaded = yaml.safe_load(yaml.safe_dump(asdict(stats)))
     assert CALF(loaded).stats == stats
-    assert build_loss("calf", stats=stats).branch == stats.branch  # DESIGN.md's spelling
+    assert build_loss("calf", stats=stats).branch == stats.branch  # the other spelling
     with pytest.raises(MicrosegError):
         CALF({"skewness": 1.0})
 

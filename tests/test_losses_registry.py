@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from microseg.errors import MicrosegError
-from microseg.losses import LOSSES, DeepSupervision, build_loss, describe_loss, parse_spec, resize_mask
+from microseg.losses import LOSSES, DeepSupervision, build_loss, check_spec, parse_spec, resize_target
 from microseg.losses.ag_bce import AGBCE
 from microseg.losses.focal import Focal
 from microseg.losses.region import Dice
@@ -49,13 +49,38 @@ def test_composite_is_the_weighted_sum_of_its_terms():
     assert isinstance(build_loss("dice"), Dice) and not isinstance(build_loss("2*dice"), Dice)
 
 
-def test_aliases_overrides_and_precedence():
+def test_aliases_keywords_and_the_scale_kernel():
     assert build_loss("ag_bce:w=2,k=3").hard_weight == 2.0
     assert build_loss("ag_bce", kernel_size=2).kernel_size == 2
-    assert build_loss("ag_bce:k=3", kernel_size=2).kernel_size == 3  # spec options win
-    assert build_loss("ag_bce:kernel_size=5", kernel_size=2).kernel_size == 5
-    composite = build_loss("adaptive_focal+dice", kernel_size=1)  # dice takes no kernel_size: ignored
+    assert (build_loss("ag_bce", w=10).hard_weight, build_loss("ag_bce", k=2).kernel_size) == (10.0, 2)  # short names
+    composite = build_loss("adaptive_focal+dice", kernel_size=1)  # goes to the term that takes it
     assert composite.terms[0].kernel_size == 1
+    assert build_loss("ag_bce+adaptive_focal", beta=0.25).terms[1].beta == 0.25 == composite.terms[0].beta / 2
+    scaled = build_loss("ag_bce+dice+adaptive_focal:beta=1", scale_kernel_size=2)  # only the terms with a kernel
+    assert [getattr(t, "kernel_size", None) for t in scaled.terms] == [2, None, 2]
+    for spec, keywords in [("ag_bce:k=3", {"kernel_size": 2}), ("ag_bce:kernel_size=5", {"k": 2}),
+                           ("ag_bce", {"w": 3, "hard_weight": 4})]:
+        with pytest.raises(MicrosegError, match="given twice"):
+            build_loss(spec, **keywords)
+    with pytest.raises(MicrosegError, match="deep supervision sets the dilation kernel"):
+        build_loss("ag_bce:k=3", scale_kernel_size=2)
+
+
+@pytest.mark.parametrize(
+    "spec,keywords,message",
+    [
+        ("ag_bce", {"hard_wieght": 3}, "unknown option 'hard_wieght' for loss 'ag_bce'; its options: hard_weight"),
+        ("adaptive_focal", {"gamma": 2}, "unknown option 'gamma' .*focal_gamma"),
+        ("dice+focal", {"k": 3}, "unknown option 'k' for loss 'dice\\+focal'; its options: dice: smooth, batch; focal"),
+        ("adaptive_focal", {"detach_gamma": "false"}, "detach_gamma='false' must be true or false"),
+        ("ag_bce", {"w": "10"}, "w='10' must be > 0"),
+        ("focal", {"alpha": float("nan")}, "alpha=nan must be in \\[0, 1\\] or none"),
+        ("dice", {"calf_stats": None, "batch": 1}, "batch=1 must be true or false"),
+    ],
+)
+def test_keyword_options_are_checked_like_spec_options(spec, keywords, message):
+    with pytest.raises(MicrosegError, match=message):
+        build_loss(spec, **keywords)
 
 
 @pytest.mark.parametrize(
@@ -65,12 +90,14 @@ def test_aliases_overrides_and_precedence():
         ("dice+focsl", "'focsl'"),
         ("ag_bce:x=3", "hard_weight \\(w\\), kernel_size \\(k\\), beta, eps"),
         ("ag_bce:w=2,hard_weight=3", "repeated option 'hard_weight'"),
-        ("focal:alpha=high", "option 'alpha' must be float"),
-        ("ag_bce:k=2.5", "option 'k' must be int"),
-        ("adaptive_focal:detach_gamma=1", "must be bool"),
-        ("adaptive_focal:focusing=sometimes", "focusing must be"),
-        ("ag_bce:k=0", "kernel_size must be an integer >= 1"),
-        ("calf:stats=1", "unknown or repeated option 'stats'"),
+        ("focal:alpha=high", "option alpha='high' must be in \\[0, 1\\] or none"),
+        ("ag_bce:k=2.5", "option k=2.5 must be an integer >= 1"),
+        ("adaptive_focal:detach_gamma=1", "must be true or false"),
+        ("adaptive_focal:focusing=sometimes", "focusing='sometimes' must be one of adaptive, fixed"),
+        ("ag_bce:k=0", "option k=0 must be an integer >= 1"),
+        ("calf:stats=1", "unknown option 'stats' for loss 'calf'"),
+        ("-1*dice", "term weight -1 of 'dice' must be > 0"),
+        ("0*dice", "term weight 0 of 'dice' must be > 0"),
     ],
 )
 def test_spec_errors_name_the_culprit(spec, message):
@@ -86,13 +113,14 @@ def test_malformed_specs_are_quoted(spec):
         build_loss(spec)
 
 
-def test_describe_loss_is_plain_yaml_data():
-    described = describe_loss(build_loss("0.5*dice+ag_bce:w=2"))
-    assert described["terms"][1] == {
-        "weight": 1.0, "name": "ag_bce", "options": {"hard_weight": 2, "kernel_size": 4, "beta": 0.5, "eps": 1e-6}
-    }
-    assert yaml.safe_load(yaml.safe_dump(described)) == described
-    assert describe_loss(build_loss("bce")) == {"name": "bce", "options": {}}
+def test_built_composite_holds_its_weights_and_resolved_options():
+    built = build_loss("0.5*dice+ag_bce:w=2")
+    assert built.weights == [0.5, 1.0] and [t.name for t in built.terms] == ["dice", "ag_bce"]
+    ag_bce = built.terms[1]
+    resolved = {k: getattr(ag_bce, k) for k in ag_bce.option_rules}
+    assert resolved == {"hard_weight": 2, "kernel_size": 4, "beta": 0.5, "eps": 1e-6}
+    assert yaml.safe_load(yaml.safe_dump(resolved)) == resolved  # plain data
+    assert build_loss("bce").option_rules == {}
 
 
 # ---------------------------------------------------------------- input checks
@@ -123,7 +151,7 @@ def test_bilinear_floor_resize_matches_reference_cv2_then_long(size):
     """MicroSegNet's dataset: cv2.resize (bilinear) of the float mask, then .long() truncation."""
     _, expert, _ = case(2)
     expert[0, 0, 3:9, 20:27] = 1 - expert[0, 0, 3:9, 20:27]
-    ours = resize_mask(expert, (size, size))
+    ours = resize_target(expert, (size, size))
     ref = [cv2.resize(m[0].numpy().astype(np.float64), (size, size)).astype(np.float32).astype(np.int64)
            for m in expert]
     np.testing.assert_array_equal(ours[:, 0].numpy(), np.stack(ref))
@@ -131,10 +159,10 @@ def test_bilinear_floor_resize_matches_reference_cv2_then_long(size):
 
 def test_nearest_and_area_resizes_stay_binary():
     _, expert, _ = case(3)
-    nearest = resize_mask(expert, (8, 8), "nearest")[:, 0].numpy()
+    nearest = resize_target(expert, (8, 8), "nearest")[:, 0].numpy()
     ref = np.stack([cv2.resize(m[0].numpy(), (8, 8), interpolation=cv2.INTER_NEAREST_EXACT) for m in expert])
     np.testing.assert_array_equal(nearest, ref)
-    area = resize_mask(expert, (8, 8), "area")[:, 0].numpy()
+    area = resize_target(expert, (8, 8), "area")[:, 0].numpy()
     ref = np.stack([cv2.resize(m[0].numpy(), (8, 8), interpolation=cv2.INTER_AREA) >= 0.5 for m in expert])
     np.testing.assert_array_equal(area, ref.astype(np.float32))
     assert set(np.unique(area)) <= {0.0, 1.0}
@@ -155,7 +183,9 @@ def test_deep_supervision_uses_per_scale_kernels_and_sums():
         torch.testing.assert_close(value, AGBCE(kernel_size=k)(output, resize(expert), resize(non_expert)))
     torch.testing.assert_close(out.total, sum(w * v for w, v in zip(weights, out.per_scale)))
     assert [loss.kernel_size for loss in ds.losses] == [1, 2, 3, 4]
-    assert [loss.kernel_size for loss in DeepSupervision("ag_bce:k=3").losses] == [3, 3, 3, 3]
+    with pytest.raises(MicrosegError, match="deep supervision sets the dilation kernel of each scale"):
+        DeepSupervision("ag_bce:k=3")  # would otherwise be k = 3 at every scale
+    assert [t.kernel_size for t in DeepSupervision("dice+ag_bce", kernel_sizes=(1, 5)).losses[1].terms[1:]] == [5]
 
 
 def test_deep_supervision_without_aux_and_count_errors():
@@ -173,7 +203,115 @@ def test_deep_supervision_without_aux_and_count_errors():
         DeepSupervision("dice")(logits, [], expert[..., :16, :16])
 
 
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"weights": (1.0, -1.0, 1.0, 1.0)}, "weights\\[1\\]=-1.0 must be >= 0"),
+        ({"weights": (1.0, float("nan"), 1.0, 1.0)}, "weights\\[1\\]=nan must be >= 0"),
+        ({"weights": (0, 0, 0, 0)}, "are all 0"),
+        ({"kernel_sizes": (0, 2, 3, 4)}, "kernel_sizes\\[0\\]=0 must be an integer >= 1"),
+        ({"kernel_sizes": (1, 2.5, 3, 4)}, "kernel_sizes\\[1\\]=2.5 must be an integer >= 1"),
+    ],
+)
+def test_deep_supervision_weights_and_kernels_are_checked(kwargs, message):
+    with pytest.raises(MicrosegError, match=message):
+        DeepSupervision("ag_bce", **kwargs)
+
+
+def test_deep_supervision_refuses_aux_outputs_finest_first():
+    logits, expert, non_expert = case(6)
+    ds = DeepSupervision("ag_bce")
+    aux = [torch.zeros(2, 1, s, s) for s in (4, 8, 16)]
+    assert ds(logits, aux, expert, non_expert).scales == (4, 8, 16, 32)
+    for wrong in (aux[::-1], [aux[0], aux[0], aux[2]], [aux[0], aux[1], torch.zeros(2, 1, 32, 32)]):
+        with pytest.raises(MicrosegError, match="coarsest first"):
+            ds(logits, wrong, expert, non_expert)
+
+
+def test_deep_supervision_hands_sample_stats_to_every_scale():
+    """A-FL with per-patient statistics: every scale's loss uses the same given P_fg and gamma_mSa."""
+    logits, expert, _ = case(7)
+    aux = [torch.randn(2, 1, s, s, generator=torch.Generator().manual_seed(s)) for s in (8, 16)]
+    stats = {"afl_fg_fraction": torch.tensor([0.1, 0.3]), "afl_gamma_msa": torch.tensor([0.05, 0.2])}
+    out = DeepSupervision("afl", kernel_sizes=(1, 2, 3))(logits, aux, expert, sample_stats=stats)
+    for value, output in zip(out.per_scale, [*aux, logits]):
+        target = resize_target(expert, output.shape[2:])
+        torch.testing.assert_close(value, build_loss("afl")(output, target, sample_stats=stats))
+    with pytest.raises(MicrosegError, match="needs each slice's patient statistics"):
+        DeepSupervision("afl")(logits, [], expert)
+    with pytest.raises(MicrosegError, match="unknown sample statistics \\['fg'\\]"):
+        DeepSupervision("dice")(logits, [], expert, sample_stats={"fg": torch.zeros(2)})
+    with pytest.raises(MicrosegError, match="must be a \\[B\\] = \\[2\\] tensor"):
+        bad = {"afl_fg_fraction": torch.zeros(2, 1), "afl_gamma_msa": torch.zeros(2)}
+        build_loss("afl")(logits, expert, sample_stats=bad)
+
+
 def test_every_registered_loss_is_buildable_by_name():
     assert set(LOSSES) == {
         "focal", "bce", "ag_bce", "adaptive_focal", "afl", "calf", "dice", "iou", "tversky", "dice_ce", "dice_focal"
     }
+
+
+# ---------------------------------------------------------------- option ranges
+
+
+def test_every_option_of_every_loss_has_a_rule_and_its_default_satisfies_it():
+    import inspect
+
+    for name, cls in LOSSES.items():
+        named = [p for p in inspect.signature(cls).parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
+        params = {p.name: p.default for p in named if p.name != cls.dataset_stats_param}
+        assert set(params) == set(cls.option_rules), name
+        for key, default in params.items():
+            assert cls.option_rules[key].accepts(default), (name, key, default)
+            with pytest.raises(MicrosegError, match=f"option {key}=<object"):
+                build_loss(name, **{key: object()})  # no type slips through
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("ag_bce:w=-4", "ag_bce: option w=-4 must be > 0"),
+        ("ag_bce:w=-1", "ag_bce: option w=-1 must be > 0"),
+        ("ag_bce:w=0", "ag_bce: option w=0 must be > 0"),
+        ("ag_bce:beta=2", "ag_bce: option beta=2 must be in \\(0, 1\\)"),
+        ("ag_bce:beta=-0.5", "ag_bce: option beta=-0.5 must be in \\(0, 1\\)"),
+        ("ag_bce:eps=-1", "ag_bce: option eps=-1 must be in \\(0, 0.01\\]"),
+        ("ag_bce:eps=0.6", "ag_bce: option eps=0.6 must be in \\(0, 0.01\\]"),
+        ("ag_bce:eps=0", "ag_bce: option eps=0 must be in"),
+        ("adaptive_focal:beta=-1", "adaptive_focal: option beta=-1 must be > 0"),
+        ("adaptive_focal:eps=0.6", "adaptive_focal: option eps=0.6 must be in"),
+        ("adaptive_focal:focal_gamma=-1", "option focal_gamma=-1 must be >= 0"),
+        ("adaptive_focal:gamma_min=0", "option gamma_min=0 must be in \\(0, 2\\]"),
+        ("adaptive_focal:k=0", "adaptive_focal: option k=0 must be an integer >= 1"),
+        ("focal:gamma=-1", "focal: option gamma=-1 must be >= 0"),
+        ("focal:alpha=1.5", "focal: option alpha=1.5 must be in \\[0, 1\\] or none"),
+        ("focal:alpha=-1", "focal: option alpha=-1 must be in \\[0, 1\\] or none"),
+        ("focal:double_sigmoid=yes", "double_sigmoid='yes' must be true or false"),
+        ("dice:smooth=-1", "dice: option smooth=-1 must be > 0"),
+        ("iou:smooth=0", "iou: option smooth=0 must be > 0"),
+        ("tversky:alpha=-0.1", "tversky: option alpha=-0.1 must be >= 0"),
+        ("tversky:alpha=0,beta=0", "alpha \\+ beta must be > 0"),
+        ("dice_focal:gamma=-3", "dice_focal: option gamma=-3 must be >= 0"),
+        ("dice_ce:lambda_ce=0", "dice_ce: option lambda_ce=0 must be > 0"),
+        ("dice_focal:lambda_dice=-1", "dice_focal: option lambda_dice=-1 must be > 0"),
+        ("afl:alpha=2", "afl: option alpha=2 must be in \\[0, 1\\]"),
+        ("afl:gamma=-2", "afl: option gamma=-2 must be >= 0"),
+        ("afl:stats=volume", "afl: option stats='volume' must be one of patient, slice"),
+        ("afl:use_gamma_msa=0", "afl: option use_gamma_msa=0 must be true or false"),
+        ("calf:clamp_eps=0", "calf: option clamp_eps=0 must be in \\(0, 0.01\\]"),
+    ],
+)
+def test_out_of_range_options_are_refused_naming_loss_and_option(spec, message):
+    with pytest.raises(MicrosegError, match=message):
+        build_loss(spec)
+
+
+def test_check_spec_refuses_what_deep_supervision_would_before_any_statistics():
+    check_spec("0.5*dice+ag_bce:w=2")
+    check_spec("calf:include_empty=false")  # no statistics needed to check the options
+    for spec, message in [("ag_bce:w=-4", "w=-4 must be > 0"), ("ag_bce:k=3", "deep supervision sets"),
+                          ("calf:clamp_eps=0", "clamp_eps=0 must be"), ("calf:x=1", "unknown option 'x'"),
+                          ("tversky:alpha=0,beta=0", "alpha \\+ beta"), ("dcie", "unknown loss")]:
+        with pytest.raises(MicrosegError, match=message):
+            check_spec(spec)

@@ -11,7 +11,7 @@ from medpy.metric import binary as medpy_binary
 from scipy import ndimage
 
 from microseg.errors import MicrosegError
-from microseg.metrics import PROTOCOLS, batch_dice, dice, hd95, score_case, summarize
+from microseg.metrics import PROTOCOLS, dice, hd95, score_case, summarize
 
 
 def _blob(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
@@ -214,15 +214,17 @@ def test_summarize_ignores_nan():
     assert math.isnan(empty["mean"]) and math.isnan(empty["std"]) and math.isnan(empty["median"]) and empty["n"] == 0
 
 
-def test_batch_dice_matches_medpy_and_nan_when_both_empty():
+def test_per_sample_dice_matches_medpy_and_nan_when_both_empty():
+    """What validation and the hard-region figures need of `dice` per sample: medpy's value, 0 when
+    one-sided, NaN when both masks are empty; non-bool masks; a shape mismatch is refused."""
     rng = np.random.default_rng(3)
     pred = np.stack([_blob(rng, (1, 16, 16)) for _ in range(4)])
     target = np.stack([_blob(rng, (1, 16, 16)) for _ in range(4)])
     pred[3], target[3] = False, False
     target[2] = False  # one-sided: 0
-    got = batch_dice(torch.from_numpy(pred).float(), torch.from_numpy(target))
+    got = torch.tensor([dice(p.astype(np.float32), t) for p, t in zip(pred, target)])
     expected = [medpy_binary.dc(p, t) for p, t in zip(pred[:3], target[:3])]
     assert got[:3].tolist() == pytest.approx(expected, abs=1e-6)
     assert got[2] == 0.0 and torch.isnan(got[3])
     with pytest.raises(MicrosegError, match="shape"):
-        batch_dice(torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 4, 5))
+        dice(np.zeros((1, 4, 4)), np.zeros((1, 4, 5)))

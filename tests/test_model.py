@@ -134,7 +134,9 @@ def test_bad_names_sizes_and_inputs_raise():
         model(torch.rand(1, 1, 96, 96))
     with pytest.raises(MicrosegError, match="shape"):
         model(torch.rand(1, 2, 64, 64))
-    assert set(CONFIGS) == {"R50-ViT-B_16", "R50-ViT-L_16", "small", "tiny"}
+    with pytest.raises(MicrosegError, match="variant 'jax' must be one of: google, port"):
+        build_model("tiny", variant="jax")
+    assert set(CONFIGS) == {"R50-ViT-B_16", "R50-ViT-B_16-port", "R50-ViT-L_16", "R50-ViT-L_16-port", "small", "tiny"}
 
 
 def test_channels_last_and_bf16_autocast():

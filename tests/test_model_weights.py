@@ -18,64 +18,7 @@ from timm.models.vision_transformer import VisionTransformer, _load_weights
 from microseg.errors import MicrosegError
 from microseg.models import ModelConfig, build_model
 from microseg.models.weights import LoadReport, format_load_report, load_weights
-
-# The tiny config's numbers, written out: ResNet (1,1,1) units, width 8; ViT 64 hidden, 2 layers, 2 heads, MLP 128.
-LAYERS, WIDTH, HIDDEN, DEPTH, HEADS, MLP = (1, 1, 1), 8, 64, 2, 2, 128
-
-
-def google_npz(path, grid: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random arrays under the names and layouts of Google's R50+ViT npz files."""
-    rng = np.random.default_rng(seed)
-    arrays: dict[str, np.ndarray] = {}
-
-    def put(name, *shape):
-        arrays[name] = rng.standard_normal(shape).astype(np.float32)
-
-    put("conv_root/kernel", 7, 7, 3, WIDTH)
-    put("gn_root/scale", 1, 1, 1, WIDTH)  # Google stores GroupNorm vectors as (1, 1, 1, C)
-    put("gn_root/bias", 1, 1, 1, WIDTH)
-    cin = WIDTH
-    for b, units in enumerate(LAYERS, start=1):
-        cout = 4 * WIDTH * 2 ** (b - 1)
-        mid = cout // 4
-        for u in range(1, units + 1):
-            unit = f"block{b}/unit{u}/"
-            put(unit + "conv1/kernel", 1, 1, cin, mid)
-            put(unit + "conv2/kernel", 3, 3, mid, mid)
-            put(unit + "conv3/kernel", 1, 1, mid, cout)
-            for g, c in (("gn1", mid), ("gn2", mid), ("gn3", cout)):
-                put(unit + f"{g}/scale", 1, 1, 1, c)
-                put(unit + f"{g}/bias", 1, 1, 1, c)
-            if u == 1:
-                put(unit + "conv_proj/kernel", 1, 1, cin, cout)
-                put(unit + "gn_proj/scale", 1, 1, 1, cout)
-                put(unit + "gn_proj/bias", 1, 1, 1, cout)
-            cin = cout
-    put("embedding/kernel", 1, 1, cin, HIDDEN)
-    put("embedding/bias", HIDDEN)
-    put("cls", 1, 1, HIDDEN)
-    put("Transformer/posembed_input/pos_embedding", 1, 1 + grid * grid, HIDDEN)
-    for i in range(DEPTH):
-        blk = f"Transformer/encoderblock_{i}/"
-        mha = blk + "MultiHeadDotProductAttention_1/"
-        for ln in ("LayerNorm_0", "LayerNorm_2"):
-            put(blk + ln + "/scale", HIDDEN)
-            put(blk + ln + "/bias", HIDDEN)
-        for n in ("query", "key", "value"):
-            put(mha + n + "/kernel", HIDDEN, HEADS, HIDDEN // HEADS)
-            put(mha + n + "/bias", HEADS, HIDDEN // HEADS)
-        put(mha + "out/kernel", HEADS, HIDDEN // HEADS, HIDDEN)
-        put(mha + "out/bias", HIDDEN)
-        put(blk + "MlpBlock_3/Dense_0/kernel", HIDDEN, MLP)
-        put(blk + "MlpBlock_3/Dense_0/bias", MLP)
-        put(blk + "MlpBlock_3/Dense_1/kernel", MLP, HIDDEN)
-        put(blk + "MlpBlock_3/Dense_1/bias", HIDDEN)
-    put("Transformer/encoder_norm/scale", HIDDEN)
-    put("Transformer/encoder_norm/bias", HIDDEN)
-    put("head/kernel", HIDDEN, 10)
-    put("head/bias", 10)
-    np.savez(path, **arrays)
-    return arrays
+from model_helpers import DEPTH, HEADS, HIDDEN, LAYERS, MLP, WIDTH, google_npz
 
 
 def timm_reference_encoder(img_size: int) -> VisionTransformer:

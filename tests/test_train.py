@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import microseg.train as train_module
 from conftest import TINY_TRAIN, train_tiny
 from microseg.cli import main
-from microseg.train import poly_lr
+from microseg.train import StepLosses, Trainer
 
 
 def read_history(run: Path) -> list[dict[str, str]]:
@@ -52,8 +51,8 @@ def test_calf_statistics_come_from_the_training_slices(cache, tmp_path):
     saved = json.loads((run / "calf_stats.json").read_text())
     train_idx, _ = split_by_patient(cache, TINY_TRAIN["val_fraction"], TINY_TRAIN["seed"])
     areas = foreground_areas(cache)[train_idx]
-    areas = areas[areas > 0]  # CALF's default leaves empty slices out
-    assert saved["n"] == len(areas)
+    # CALF's default (Table 1: all N images) counts the slices without foreground too
+    assert saved["n"] == len(areas) and saved["include_empty"] is True
     assert saved["skewness"] == pytest.approx(skew(areas), rel=1e-5)
     assert saved["kurtosis"] == pytest.approx(kurtosis(areas), rel=1e-5)
     assert saved["branch"] and torch.load(run / "last.pt", weights_only=False)["calf_stats"] == saved
@@ -66,26 +65,42 @@ def test_bf16_autocast_and_channels_last_train(cache, tmp_path):
 
 
 def test_yaml_config_with_command_line_overrides(tmp_path):
-    from microseg.config import TrainConfig, resolve_config
+    from microseg.config import TrainConfig, resolve_train_config
     from microseg.errors import MicrosegError
 
     yaml_file = tmp_path / "run.yaml"
     yaml_file.write_text("cache: c.h5\nrun: runs/x\nloss: ag_bce:w=2\nepochs: 3\n")
-    config = resolve_config(str(yaml_file), {"loss": "focal", "lr": None})
+    config = resolve_train_config(str(yaml_file), {"loss": "focal", "lr": None})
     assert (config.cache, config.loss, config.epochs, config.lr) == ("c.h5", "focal", 3, TrainConfig.lr)
     yaml_file.write_text("cache: c.h5\nrun: runs/x\nepoch: 3\n")
     with pytest.raises(MicrosegError, match="epoch"):
-        resolve_config(str(yaml_file), {})
+        resolve_train_config(str(yaml_file), {})
 
 
-def test_poly_schedule_matches_reference_formula():
-    assert poly_lr(0.01, 0, 100, 0.9) == 0.01
-    assert poly_lr(0.01, 50, 100, 0.9) == pytest.approx(0.01 * 0.5**0.9)
+def test_poly_schedule_matches_reference_formula(trained_run, cache):
+    from torch.optim.lr_scheduler import PolynomialLR
+
+    from microseg.data.dataset import split_by_patient
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.01)
+    schedule, lrs = PolynomialLR(optimizer, total_iters=100, power=0.9), []
+    for _ in range(51):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert lrs[0] == 0.01
+    assert lrs[50] == pytest.approx(0.01 * 0.5**0.9)
+    # the run's history logs each epoch's last lr: lr (1 - i / max_iter)^0.9, i the 0-based iteration
+    train_idx, _ = split_by_patient(cache, TINY_TRAIN["val_fraction"], TINY_TRAIN["seed"])
+    steps = math.ceil(len(train_idx) / TINY_TRAIN["batch_size"])
+    max_iter = TINY_TRAIN["epochs"] * steps
+    expected = [TINY_TRAIN["lr"] * (1 - ((e + 1) * steps - 1) / max_iter) ** 0.9 for e in range(TINY_TRAIN["epochs"])]
+    assert [float(r["lr"]) for r in read_history(trained_run)] == pytest.approx(expected, rel=1e-9)
 
 
 def test_resume_after_ctrl_c_matches_uninterrupted_run(cache, tmp_path, monkeypatch):
     full = train_tiny(cache, tmp_path / "full")
-    real_step, calls = train_module._train_step, {"n": 0}
+    real_step, calls = Trainer.train_step, {"n": 0}
 
     def interrupted(*args, **kwargs):
         calls["n"] += 1
@@ -93,12 +108,12 @@ def test_resume_after_ctrl_c_matches_uninterrupted_run(cache, tmp_path, monkeypa
             raise KeyboardInterrupt
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "_train_step", interrupted)
+    monkeypatch.setattr(Trainer, "train_step", interrupted)
     cut = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
         train_tiny(cache, cut)
     assert torch.load(cut / "last.pt", weights_only=False)["step"] == 1
-    monkeypatch.setattr(train_module, "_train_step", real_step)
+    monkeypatch.setattr(Trainer, "train_step", real_step)
     assert main(["train", "--run", str(cut), "--resume", "--num-workers", "0"]) == 0
     a, b = weights(full / "last.pt"), weights(cut / "last.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -109,14 +124,15 @@ def test_resume_after_ctrl_c_matches_uninterrupted_run(cache, tmp_path, monkeypa
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(cache, tmp_path, monkeypatch, capsys):
-    real_step, calls = train_module._train_step, {"n": 0}
+    real_step, calls = Trainer.train_step, {"n": 0}
 
     def poisoned(*args, **kwargs):
         calls["n"] += 1
         values = real_step(*args, **kwargs)
-        return [math.nan] * len(values) if calls["n"] == 7 else values  # epoch 2, step 2 (5 steps/epoch)
+        nan = StepLosses((math.nan,) * len(values.per_scale), math.nan, math.nan, values.lr)
+        return nan if calls["n"] == 7 else values  # epoch 2, step 2 (5 steps/epoch)
 
-    monkeypatch.setattr(train_module, "_train_step", poisoned)
+    monkeypatch.setattr(Trainer, "train_step", poisoned)
     run = tmp_path / "nan"
     code = main(["train", "--cache", str(cache), "--run", str(run), "--model", "tiny", "--epochs", "3",
                  "--batch-size", "4", "--num-workers", "0"])
@@ -142,6 +158,7 @@ def test_bad_train_inputs_give_one_line(case, trained_run, cache, phantom, tmp_p
         from microseg.data.cache import prepare_cache
 
         prepare_cache(phantom, other, size=48)
+        capsys.readouterr()  # what preparing the cache printed is not the train command's
         args = ["train", "--run", str(run), "--resume"]
     elif case == "other_model":  # weights from a checkpoint of another model config
         args = ["train", "--cache", str(cache), "--run", str(tmp_path / "r"), "--model", "small",
@@ -171,3 +188,27 @@ def test_torchrun_two_cpu_processes_write_one_run(cache, tmp_path):
     assert len(read_history(run)) == 1  # ... and one history, one checkpoint were written
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "history.csv", "last.pt"]
     assert TINY_TRAIN["model"] == torch.load(run / "last.pt", weights_only=False)["model_config"]["name"]
+
+
+def test_train_options_come_from_the_config_fields(capsys):
+    import dataclasses
+
+    from microseg.config import TrainConfig
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--no-augment" if field.name == "augment" else "--" + field.name.replace("_", "-")
+        assert flag in text
+    assert "(default 10)" in text and "(default 1234)" in text and "(default 1 2 3 4)" in text
+
+
+def test_first_release_config_without_deep_supervision_keeps_the_main_output(tmp_path):
+    from microseg.config import load_config
+
+    (tmp_path / "config.yaml").write_text("cache: c.h5\nrun: r\ndeep_supervision: false\n"
+                                          "ds_kernel_sizes: [1, 2, 3, 4]\nds_weights: [1.0, 1.0, 1.0, 2.0]\n")
+    config = load_config(tmp_path / "config.yaml")
+    assert (config.ds_kernel_sizes, config.ds_weights) == ([4], [2.0])
+    assert config.preprocess(64).scale_sizes == (64,)

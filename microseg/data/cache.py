@@ -1,7 +1,7 @@
 """The HDF5 slice cache: every training slice resized once, test volumes recorded by path.
 
 Layout of the file (one slice per chunk, lzf-compressed):
-    images       uint8 [N, S, S]  area-averaged resize (cv2.INTER_AREA) of the 0..254 slice
+    images       uint8 [N, S, S]  area-averaged resize (cv2.INTER_AREA) of the 0..INTENSITY_MAX slice
     expert       uint8 [N, S, S]  {0, 1}: area-averaged resize of the mask, then >= 0.5
     non_expert   uint8 [N, S, S]  {0, 1}: same
     case_id      bytes [N]        patient id of each slice ("01", ...)
@@ -20,7 +20,11 @@ truncates them once, dilating then eroding). Evaluation must use ``resize_image`
 The fingerprint is sha256 over the format version, the size, and each source file's absolute
 path, byte size and mtime; ``prepare_cache`` reuses a cache whose fingerprint matches and
 rebuilds it otherwise. Only the train split is cached; the test split is checked from headers
-(files present, 3D, the same shape for image and masks) and read at native size by evaluation.
+(files present, 3D, every mask on its image's grid: shape, spacing, origin, axis directions) and
+read at native size by evaluation. Before the build, the dataset check (``microseg.data.check``)
+runs on the test split and then on each training case as it is read (one read per volume): its
+first error stops the build with one line, its warnings (e.g. a mask empty on every slice) get a
+line each, and the report is written beside the cache as ``<cache>.check.json``.
 A progress bar is shown when stderr is a terminal.
 """
 
@@ -34,12 +38,13 @@ from pathlib import Path
 import cv2
 import h5py
 import numpy as np
-from tqdm import tqdm
 
-from microseg.atomic import atomic_path
+from microseg.atomic import atomic_path, remove_stale_temporaries, require_free_space, require_writable
+from microseg.data.check import checked_train_volumes
 from microseg.data.layout import RATERS, Case, find_cases
-from microseg.data.volumes import read_volume, require_same_shape, volume_shape, volume_spacing
+from microseg.data.volumes import read_geometry, require_same_geometry
 from microseg.errors import MicrosegError
+from microseg.preprocess import SIZE_MULTIPLE
 
 FORMAT_VERSION = 2
 SLICE_KEYS = ("images", "expert", "non_expert")
@@ -90,14 +95,13 @@ def fingerprint(cases: list[Case], size: int) -> str:
 
 
 def _test_record(case: Case) -> dict:
-    """Header-level check of a test case: every mask has the image's shape."""
-    shape = volume_shape(case.image)
+    """Header-level check of a test case: every mask lies on the image's grid."""
+    image = read_geometry(case.image)
     masks = {"expert": case.expert, "non_expert": case.non_expert} | case.raters
     for path in (p for p in masks.values() if p is not None):
-        if volume_shape(path) != shape:
-            raise MicrosegError(f"{path}: shape {volume_shape(path)} does not match image {case.image.name} {shape}")
+        require_same_geometry(read_geometry(path), image)
     paths = {key: str(p) for key, p in masks.items() if p is not None}
-    return {"image": str(case.image), **paths, "shape": shape, "spacing": volume_spacing(case.image)}
+    return {"image": str(case.image), **paths, "shape": image.shape, "spacing": image.spacing}
 
 
 def _cached_fingerprint(out: Path) -> str | None:
@@ -122,12 +126,15 @@ def _append(dataset: h5py.Dataset, values: np.ndarray) -> None:
 
 def prepare_cache(data_root: str | Path, out: str | Path, size: int = 224) -> Path:
     """Build (or reuse, when up to date) the slice cache of ``data_root`` at ``out``; returns ``out``."""
-    if size < 16:
-        raise MicrosegError(f"--size must be at least 16 (got {size})")
+    if size < SIZE_MULTIPLE or size % SIZE_MULTIPLE:
+        raise MicrosegError(f"--size must be a positive multiple of {SIZE_MULTIPLE}, the models' patch stride "
+                            f"(got {size})")
     root, out = Path(data_root).resolve(), Path(out)
+    require_writable(out)
     train = find_cases(root, "train")
     test = find_cases(root, "test") if (root / "test").exists() else []
     digest = fingerprint(train + test, size)
+    remove_stale_temporaries(out)
     if _cached_fingerprint(out) == digest:
         print(f"cache up to date: {out}")
         return out
@@ -138,11 +145,8 @@ def prepare_cache(data_root: str | Path, out: str | Path, size: int = 224) -> Pa
                                         chunks=(1, size, size), compression="lzf") for key in SLICE_KEYS}
         per_slice = {key: f.create_dataset(key, (0,), dtype, maxshape=(None,))
                      for key, dtype in (("case_id", "S16"), ("slice_index", np.int32), ("expert_fraction", np.float32))}
-        for case in tqdm(train, desc="prepare", unit="case", disable=None):
-            image = read_volume(case.image)
-            masks = [read_volume(case.expert, "mask"), read_volume(case.non_expert, "mask")]
-            for mask in masks:
-                require_same_shape(mask, image)
+        for case, image, masks in checked_train_volumes(root, out, digest, train, test):  # + <cache>.check.json
+            require_free_space(out, len(image.array) * size * size * len(SLICE_KEYS))  # before HDF5 meets ENOSPC
             _append(slices["images"], np.stack([resize_image(s, size) for s in image.array]))
             for key, mask in zip(SLICE_KEYS[1:], masks):
                 _append(slices[key], np.stack([resize_mask(s, size) for s in mask.array]))

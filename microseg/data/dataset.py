@@ -1,6 +1,7 @@
 """Torch dataset over the slice cache, and the patient-level train/validation split.
 
-Each item is ``{"image": float32 [1,S,S] = uint8 / 254 clipped to 1 (the reference's scaling),
+Each item is ``{"image": float32 [1,S,S] = uint8 / intensity_max clipped to 1 (the run's
+``Preprocess.intensity_max``, INTENSITY_MAX by default: MicroSegNet's scaling),
 "expert"/"non_expert": float32 [1,S,S] in {0,1}, "case_id": str, "slice_index": int}``.
 The HDF5 file is opened lazily, once per process (DataLoader workers each open their own; the
 dataset pickles without a handle). Items are read one HDF5 chunk (one slice) at a time: that
@@ -30,15 +31,17 @@ from torch.utils.data import Dataset
 from microseg.data.augment import build_augmentation
 from microseg.data.cache import SLICE_KEYS, read_cache_info
 from microseg.errors import MicrosegError
+from microseg.preprocess import INTENSITY_MAX
 
 
 class SliceDataset(Dataset):
     """Slices of a cache (all, or the given cache indices), optionally augmented."""
 
     def __init__(self, cache_path: str | Path, indices: Sequence[int] | None = None, augment: bool = False,
-                 seed: int | None = None, in_memory: bool = False):
+                 seed: int | None = None, in_memory: bool = False, intensity_max: int = INTENSITY_MAX):
         info = read_cache_info(cache_path)
         self.path, self.size, self.augment, self.seed, self.epoch = info.path, info.size, augment, seed, 0
+        self.intensity_max = intensity_max
         with h5py.File(self.path, "r") as f:
             self.case_ids = [i.decode() for i in f["case_id"][()]]
             self.slice_index = f["slice_index"][()]
@@ -86,18 +89,19 @@ class SliceDataset(Dataset):
         if self.augment:
             out = self._augmentation(index)(image=image, masks=[expert, non_expert])
             image, (expert, non_expert) = out["image"], out["masks"]
-        return {**slice_tensors(image, expert, non_expert), "case_id": self.case_ids[index],
+        return {**slice_tensors(image, expert, non_expert, self.intensity_max), "case_id": self.case_ids[index],
                 "slice_index": int(self.slice_index[index])}
 
 
-def slice_tensors(image: np.ndarray, expert: np.ndarray, non_expert: np.ndarray) -> dict[str, torch.Tensor]:
-    """uint8 [S, S] arrays -> float32 [1, S, S] tensors; image / 254 clipped to 1.
+def slice_tensors(image: np.ndarray, expert: np.ndarray, non_expert: np.ndarray,
+                  intensity_max: int = INTENSITY_MAX) -> dict[str, torch.Tensor]:
+    """uint8 [S, S] arrays -> float32 [1, S, S] tensors; image / intensity_max clipped to 1.
 
     Converted in NumPy: a torch op per item would wake torch's intra-op thread pool, which
     costs milliseconds per call on a busy machine when run in the main process.
     """
     return {
-        "image": torch.from_numpy(np.minimum(image.astype(np.float32) / 254, 1)[None]),
+        "image": torch.from_numpy(np.minimum(image.astype(np.float32) / intensity_max, 1)[None]),
         "expert": torch.from_numpy(expert.astype(np.float32)[None]),
         "non_expert": torch.from_numpy(non_expert.astype(np.float32)[None]),
     }

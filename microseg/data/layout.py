@@ -6,7 +6,9 @@
     <root>/<split>/<rater>_annotations/<rater>_annotation_<split>_<id>.nii.gz   (test raters)
 
 Files are paired by the trailing id in their names, never by sort order; ``.nii`` and
-``.nii.gz`` are both accepted. Hidden files (names starting with ".") are ignored. The
+``.nii.gz`` are both accepted. Hidden files (names starting with ".": macOS's AppleDouble
+``._name.nii.gz`` companions, ``.DS_Store``, our own temporaries) are ignored, here and by
+``nifti_files``, the one rule for every command that lists a folder. The
 non-expert mask is required for every case of the train split (the hard-region losses
 need it) and optional elsewhere; a rater's mask may be missing for some cases.
 """
@@ -24,6 +26,7 @@ EXPERT = ("expert_annotations", "expert_annotation")
 NON_EXPERT = ("non_expert_annotations", "nonexpert_annotation")
 RATERS = ("clinician", "master_student", "medical_student")
 DATASET_FOLDER = "Micro_Ultrasound_Prostate_Segmentation_Dataset"
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
 @dataclass
@@ -48,13 +51,21 @@ def rater_kind(rater: str) -> tuple[str, str]:
     return (f"{rater}_annotations", f"{rater}_annotation")
 
 
+def visible_entries(folder: Path) -> list[Path]:
+    """The entries of ``folder``, sorted, without hidden ones (names starting with ".")."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def nifti_files(folder: str | Path) -> list[Path]:
+    """The visible ``.nii`` / ``.nii.gz`` files of ``folder``, sorted."""
+    return [p for p in visible_entries(Path(folder)) if p.name.endswith(NIFTI_SUFFIXES) and p.is_file()]
+
+
 def _scan(folder: Path, prefix: str, split: str) -> dict[str, Path]:
     """Map id -> file for every ``<prefix>_<split>_<id>.nii[.gz]`` in ``folder``; reject strangers."""
     pattern = re.compile(rf"{re.escape(prefix)}_{re.escape(split)}_(\d+)\.nii(\.gz)?")
     found: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if path.name.startswith("."):
-            continue
+    for path in visible_entries(folder):
         match = pattern.fullmatch(path.name)
         if match is None or not path.is_file():
             raise MicrosegError(f"{path}: unexpected entry in {folder.name}/ (expected {prefix}_{split}_<id>.nii.gz)")
@@ -67,10 +78,14 @@ def _scan(folder: Path, prefix: str, split: str) -> dict[str, Path]:
 
 def _split_dir(root: Path, split: str) -> Path:
     if not root.is_dir():
-        raise MicrosegError(f"data folder {root} does not exist")
+        raise MicrosegError(f"data folder {root} {'is not a folder' if root.exists() else 'does not exist'}")
     images = root / split / IMAGES[0]
     if not images.is_dir():
-        hint = f" (did you mean {root / DATASET_FOLDER}?)" if (root / DATASET_FOLDER).is_dir() else ""
+        hint = ""
+        if (root / DATASET_FOLDER).is_dir():
+            hint = f" (did you mean {root / DATASET_FOLDER}?)"
+        elif (root / IMAGES[0]).is_dir():
+            hint = f" ({root} looks like a split folder itself; give the folder above it)"
         raise MicrosegError(f"{root} has no '{split}' split: expected {images}{hint}")
     return root / split
 

@@ -1,31 +1,49 @@
 """A micro-ultrasound prostate phantom written in the real dataset's exact layout.
 
 Each patient is a sweep of pseudo-sagittal slices. A slice is imaged the way ultrasound
-forms an image, on a polar grid of scan lines fanned from a virtual apex above the probe:
+forms an image, on a polar grid of scan lines fanned from a virtual apex above the probe.
 
-1. an echogenicity map E (mean backscatter power) and an attenuation map alpha (Np/mm) of the
-   anatomy: periprostatic tissue with a smooth texture, the layered rectal wall under the
-   probe, the iso/hypo-echoic gland (contrast varying around the contour, a brighter capsule
-   in places), a dark fluid bladder beside it with an echogenic wall, bright calcifications;
+Image model:
+
+1. anatomy, as an echogenicity map E (mean backscatter power) and an attenuation map alpha
+   (Np/mm): periprostatic tissue with a smooth log-normal texture and fine streaks (fibro-fatty
+   planes, about 0.2 x 1 mm), the layered rectal wall under the probe, the gland, a dark fluid
+   bladder on its base side with an echogenic wall, the urethra and bright calcifications.
+   The gland differs from its surroundings in three ways: it is hypo-echoic (power
+   ``1 - c(phi)``, c about 0.7, varying around the contour), its texture is granular instead of
+   streaked (dark sub-millimetre acini covering about a tenth of it), and its capsule is a
+   brighter rim (+60..300 % power over about 0.25 mm) along most of the contour;
 2. scatterers ``n ~ N(0, 1)`` with amplitude ``sqrt(E)``, attenuated two-way along each scan
    line ``exp(-2 * cumsum(alpha) dr)`` and amplified by a time-gain compensation that corrects
-   90 % of the tissue attenuation (calcifications and fluid thus cast shadows / enhancement
-   behind them, away from the probe);
-3. RF lines = scatterers convolved with the PSF: along depth a pulse ``cos(2 pi k / 4)
-   exp(-k^2 / (2 sigma_a^2))`` (carrier at a quarter of the radial sampling rate), across lines a
-   Gaussian beam; plus white electronic noise;
-4. envelope = |analytic signal| (``scipy.signal.hilbert`` along depth), log compression
-   ``254 * clip(1 + 20 log10(env / ref) / DR, 0, 1)`` with DR = 60 dB, tissue at 55 % grey;
+   90 % of the tissue attenuation (calcifications thus cast acoustic shadows away from the
+   probe, fluid an enhancement); white electronic noise per scan line;
+3. RF lines = scatterers convolved with the PSF: across lines a Gaussian beam, along depth a
+   pulse ``cos(2 pi k / 4) exp(-k^2 / (2 sigma_a^2))`` (carrier at a quarter of the radial
+   sampling rate); the pulse and the analytic-signal filter are applied together in the
+   Fourier domain along depth, so envelope = |analytic RF| (fully developed speckle);
+4. log compression ``254 * clip(1 + 20 log10(env / ref) / DR, 0, 1)``, DR = 60 dB, tissue at 55 % grey;
 5. scan conversion to the Cartesian image (bilinear), black outside the fan.
 
-Geometry (fixed display convention): the probe face lies along the top edge, depth runs down,
-and the bladder sits on the left of the gland (base side), slightly deeper, in the direction
-``BLADDER_ANGLE_DEG`` +- 10 deg from the gland centre (image axes: x right, y down). The gland's
-boundary is weak in the sector facing the bladder and more so in mid-sweep (the midline): there
-the gland is iso-echoic with a blurred edge and no capsule. The expert mask is the true gland;
-every other rater's contour radius is ``R (1 + eps_rater * weakness * n + 0.005 * m)`` with smooth
-random fields n (with a systematic in/out bias) and m, and eps from ``RATER_ERRORS``, so their
-disagreement with the expert concentrates in the weak sector.
+The expert contour is the true gland boundary R(phi, s). Where the border is hard to see the
+image carries little evidence for it: with boundary weakness w(phi, s) in [0, 1] the gland's
+edge is blurred over ``0.1 + 1.5 w`` mm, its contrast, acini and capsule fade by ``1 - w``,
+and up to 3 mm of gland-like tissue (bladder neck, urethral sphincter) lies outside it, so
+there only the gland's shape and its visible borders constrain the contour. w combines
+``1 - (1 - w_bladder)(1 - w_apex)(1 - w_ends)``: the sector facing the bladder (strongest
+mid-sweep, the midline), the apex sector where the urethra leaves the gland (midline slices;
+the urethra itself is a hypo-echoic channel with a bright wall through the gland within 3 mm
+of the midline), and the whole contour of the small gland near both ends of the sweep.
+Calcification shadows hide the contour behind them (physically: the signal there is weak).
+
+Raters: every other rater's contour is ``R(phi, s) + error * 5.5 mm * scale(s)^1.5 * (W n + 0.08 m)``
+(clipped at 0; scale(s) is the gland's in-plane size factor, 1 mid-sweep), with
+W = ``1 - (1 - w)(1 - w_shadow)`` the hidden part of the contour, n a smooth in/out field (a
+systematic over- or under-reach of +-1, the same sign for every rater of a patient, plus smooth
+variation half of which they share: everyone finds the same places ambiguous) and m a smooth
+field for small errors elsewhere. ``RATER_ERRORS`` orders them by experience; at the demo's
+size their per-patient mean against the expert (microsegnet protocol) is about DSC 0.90 /
+HD95 2.5 mm (clinician), 0.87-0.88 / 2.9-3.0 mm (master student, non-expert) and 0.86 / 3.4 mm
+(medical student).
 
 Sizes: the pixel spacing is the real 0.033586 mm at 962 x 1372 and scales by 962 / H at other
 sizes; anatomy is in mm, so a smaller phantom is the same anatomy at a coarser pixel. The PSF is
@@ -50,12 +68,11 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from scipy.ndimage import convolve1d, gaussian_filter, gaussian_filter1d
-from scipy.signal import hilbert
-from scipy.special import expit
+from scipy import fft
+from scipy.ndimage import gaussian_filter, gaussian_filter1d
 from tqdm import tqdm
 
-from microseg.atomic import write_text
+from microseg.atomic import make_folder, write_text
 from microseg.data.layout import EXPERT, IMAGES, NON_EXPERT, RATERS, file_name, rater_kind
 from microseg.data.volumes import read_volume, write_volume
 from microseg.errors import MicrosegError
@@ -65,12 +82,16 @@ NATIVE_SPACING_MM = 0.033586
 SWEEP_MM = 48.0
 FACE_RADIUS_MM = 12.0  # probe face / fan apex distance
 FACE_DEPTH_MM = 0.8  # depth at which the probe face arc crosses the centre line
+APEX_Y_MM = FACE_DEPTH_MM - FACE_RADIUS_MM  # the fan's virtual apex, above the top edge
 FAN_HALF_ANGLE = math.radians(40.0)
 BLADDER_ANGLE_DEG = 160.0
 DYNAMIC_RANGE_DB = 60.0
 TISSUE_ALPHA = 0.04  # Np/mm, amplitude attenuation of soft tissue (TGC corrects 90 % of it)
-RATER_ERRORS = {"non_expert": 0.15, "clinician": 0.07, "master_student": 0.11, "medical_student": 0.18}
+RATER_ERRORS = {"clinician": 0.7, "master_student": 0.84, "non_expert": 0.9, "medical_student": 0.98}
+RATER_REACH_MM = 5.5  # contour error where the border is hidden, at error 1 and full gland size
+URETHRA_MM = 3.0  # the urethra is seen within this distance of the midline (sweep position 0)
 TEXTURE_GRID_MM = 1.5
+FINE_GRID_MM = 0.3
 MARKER = ".microseg_phantom.json"
 N_ANGLES = 4096
 PHI = (np.arange(N_ANGLES, dtype=np.float32) + 0.5) * (2 * np.pi / N_ANGLES) - np.pi
@@ -96,6 +117,18 @@ def _bump(x: np.ndarray, centre: float, width: float) -> np.ndarray:
     return np.exp(-0.5 * ((x - centre) / width) ** 2)
 
 
+def _smoothstep(t: np.ndarray) -> np.ndarray:
+    """0 for t <= 0, 1 for t >= 1, 3t^2 - 2t^3 between (compact, unlike a logistic)."""
+    t = np.clip(t, 0.0, 1.0)
+    return t * t * (3 - 2 * t)
+
+
+def _sector(centre: float, width: float) -> np.ndarray:
+    """Gaussian window over PHI around the direction ``centre`` (radians), sd ``width``."""
+    delta = np.angle(np.exp(1j * (PHI - centre))).astype(np.float32)
+    return np.exp(-0.5 * (delta / width) ** 2).astype(np.float32)
+
+
 def _smooth_field(rng: np.random.Generator, orders: range) -> np.ndarray:
     """A random smooth function of the angle (table over PHI) with unit standard deviation."""
     k = np.asarray(orders, dtype=np.float32)[:, None]
@@ -111,35 +144,51 @@ class ScanGeometry:
         self.shape = (height, width)
         self.spacing = sp = pixel_spacing(height)
         self.width_mm = width * sp
-        apex_y = FACE_DEPTH_MM - FACE_RADIUS_MM
-        r0, r1 = FACE_RADIUS_MM, height * sp - apex_y
+        r0, r1 = FACE_RADIUS_MM, height * sp - APEX_Y_MM
         n_r = 2 * height
         n_t = math.ceil(2 * FAN_HALF_ANGLE * r1 / sp)
-        self.dr, dt = (r1 - r0) / n_r, 2 * FAN_HALF_ANGLE / n_t
+        self.dr, self.dt = (r1 - r0) / n_r, 2 * FAN_HALF_ANGLE / n_t
         self.depth = ((np.arange(n_r) + 0.5) * self.dr).astype(np.float32)  # from the probe face
         r = r0 + self.depth
-        theta = (-FAN_HALF_ANGLE + (np.arange(n_t) + 0.5) * dt).astype(np.float32)[:, None]
+        theta = (-FAN_HALF_ANGLE + (np.arange(n_t) + 0.5) * self.dt).astype(np.float32)[:, None]
         self.x = (r * np.sin(theta)).astype(np.float32)  # [lines, depth] mm from the centre line
-        self.y = (r * np.cos(theta) + apex_y).astype(np.float32)  # mm below the top edge
+        self.y = (r * np.cos(theta) + APEX_Y_MM).astype(np.float32)  # mm below the top edge
         xc = ((np.arange(width) + 0.5) * sp - self.width_mm / 2).astype(np.float32)[None, :]
         yc = ((np.arange(height) + 0.5) * sp).astype(np.float32)[:, None]
-        rc, tc = np.hypot(xc, yc - apex_y), np.arctan2(xc, yc - apex_y)
-        self.map_r = ((rc - r0) / self.dr - 0.5).astype(np.float32)
-        self.map_t = ((tc + FAN_HALF_ANGLE) / dt - 0.5).astype(np.float32)
+        rc, tc = np.hypot(xc, yc - APEX_Y_MM), np.arctan2(xc, yc - APEX_Y_MM)
+        self.map_r = ((rc - r0) / self.dr - 0.5).astype(np.float32) / 2  # the envelope keeps every 2nd sample
+        self.map_t = ((tc + FAN_HALF_ANGLE) / self.dt - 0.5).astype(np.float32)
         self.fov = (rc >= r0) & (rc <= r1) & (np.abs(tc) <= FAN_HALF_ANGLE)
         self.xc, self.yc = np.broadcast_to(xc, self.shape), np.broadcast_to(yc, self.shape)
         # PSF in samples: axial sigma 2 samples (1 pixel), carrier period 4 samples; beam sigma 1.5 px.
         k = np.arange(-8, 9, dtype=np.float32)
-        self.pulse = np.cos(2 * np.pi * k / 4) * np.exp(-0.5 * (k / 2.0) ** 2)
-        self.beam_sigma = 1.5 * sp / (0.5 * (r0 + r1) * dt)
+        pulse = np.cos(2 * np.pi * k / 4) * np.exp(-0.5 * (k / 2.0) ** 2)
+        self.n_fft = 2 * fft.next_fast_len((n_r + len(k) + 1) // 2)  # even, and n_fft / 2 is a fast length
+        spectrum = fft.rfft(np.roll(np.pad(pulse, (0, self.n_fft - len(k))), -8))[: self.n_fft // 2]
+        analytic = np.full(self.n_fft // 2, 2.0, dtype=np.float32)  # 2 for 0 < f < 1/2, 1 at DC, 0 for f < 0
+        analytic[0] = 1.0
+        self.analytic_pulse = (spectrum * analytic).astype(np.complex64)
+        self.pulse_energy = float((pulse**2).sum())
+        self.beam_sigma = 1.5 * sp / (0.5 * (r0 + r1) * self.dt)
         beam = np.exp(-0.5 * (np.arange(-20, 21) / self.beam_sigma) ** 2)
-        self.rf_rms = math.sqrt(float((self.pulse**2).sum() * ((beam / beam.sum()) ** 2).sum()))  # tissue, E = 1
+        self.rf_rms = math.sqrt(float((pulse**2).sum() * ((beam / beam.sum()) ** 2).sum()))  # tissue, E = 1
         self.reference = math.sqrt(2.0) * self.rf_rms * 10 ** (0.45 * DYNAMIC_RANGE_DB / 20)  # tissue at 55 % grey
         d = self.depth
         wall = 1.8 * _bump(d, 0.3, 0.25) - 0.6 * _bump(d, 1.2, 0.5) + 0.8 * _bump(d, 2.1, 0.3)
         self.rectal_wall = (1 + wall).astype(np.float32)  # mucosa, muscularis, serosa under the probe
-        # remap coordinates of the polar samples in the coarse texture grid (one cell of padding)
-        self.texture_maps = ((self.x + self.width_mm / 2) / TEXTURE_GRID_MM + 1, self.y / TEXTURE_GRID_MM + 1)
+        # remap coordinates of the polar samples in the texture grids (one cell of padding)
+        self.texture_maps = {grid: ((self.x + self.width_mm / 2) / grid + 1, self.y / grid + 1)
+                             for grid in (TEXTURE_GRID_MM, FINE_GRID_MM)}
+
+    def window(self, x: float, y: float, half_mm: float) -> tuple[slice, slice]:
+        """The (lines, depth) block of polar samples within about ``half_mm`` of the point (x, y)."""
+        r, t = math.hypot(x, y - APEX_Y_MM), math.atan2(x, y - APEX_Y_MM)
+        i, j = (t + FAN_HALF_ANGLE) / self.dt, (r - FACE_RADIUS_MM) / self.dr
+        di = (math.asin(half_mm / r) if half_mm < r else math.pi) / self.dt + 2
+        dj = half_mm / self.dr + 2
+        n_t, n_r = self.x.shape
+        return (slice(int(np.clip(i - di, 0, n_t)), int(np.clip(i + di + 1, 0, n_t))),
+                slice(int(np.clip(j - dj, 0, n_r)), int(np.clip(j + dj + 1, 0, n_r))))
 
 
 class Anatomy:
@@ -152,12 +201,12 @@ class Anatomy:
         self.extent = u(0.72, 0.86)  # gland half-extent along the sweep
         self.shape0 = 0.07 * _smooth_field(rng, range(2, 6))
         self.shape1 = 0.04 * _smooth_field(rng, range(2, 5))
-        self.contrast = np.clip(0.72 + 0.15 * _smooth_field(rng, range(1, 5)), 0.4, 0.88)
-        self.capsule = 1.8 * np.clip(_smooth_field(rng, range(1, 7)), 0.0, None)
+        self.contrast = np.clip(0.7 + 0.15 * _smooth_field(rng, range(1, 5)), 0.4, 0.88)
+        self.capsule = 1.5 * np.clip(1.0 + 0.5 * _smooth_field(rng, range(1, 7)), 0.4, 2.0)
         self.bladder_angle = math.radians(BLADDER_ANGLE_DEG + u(-10.0, 10.0))
-        self.weak_width = u(0.4, 0.55)
-        delta = np.angle(np.exp(1j * (PHI - self.bladder_angle))).astype(np.float32)
-        self.weak_sector = np.exp(-0.5 * (delta / self.weak_width) ** 2).astype(np.float32)
+        self.bladder_sector = _sector(self.bladder_angle, u(0.4, 0.55))
+        self.apex_sector = _sector(self.bladder_angle + math.pi, u(0.3, 0.4))
+        self.urethra_offset = u(-1.5, 1.5)  # mm across the bladder-apex axis from the gland centre
         self.bladder_axes = (u(9.0, 13.0), u(6.0, 9.0))  # across / along the bladder direction
         self.bladder_extent = u(0.45, 0.65)
         gap = u(1.5, 3.0)
@@ -182,76 +231,141 @@ class Anatomy:
         ellipse = self.a * self.b / np.sqrt((self.b * np.cos(PHI)) ** 2 + (self.a * np.sin(PHI)) ** 2)
         return (self.scale(s) * ellipse * (1 + self.shape0 + s * self.shape1)).astype(np.float32)
 
+    def midline(self, s: float) -> float:
+        return math.exp(-0.5 * (s / (0.4 * self.extent)) ** 2)
+
     def weakness(self, s: float) -> np.ndarray:
-        """Boundary weakness in [0, 1] over PHI: the bladder-facing sector, strongest mid-sweep."""
-        midline = 0.4 + 0.6 * math.exp(-0.5 * (s / (0.4 * self.extent)) ** 2)
-        return midline * self.weak_sector
+        """Boundary weakness w in [0, 1] over PHI: bladder sector, apex (urethra) sector, sweep ends."""
+        mid = self.midline(s)
+        ends = min(1.0, max(0.0, (0.7 - self.scale(s)) / 0.4))
+        return 1 - (1 - (0.4 + 0.6 * mid) * self.bladder_sector) * (1 - 0.8 * mid * self.apex_sector) * (1 - ends)
+
+    def urethra_width(self, s: float) -> float:
+        """Half-width (mm) of the urethra in slice s: 1.2 mm at the midline, 0 beyond URETHRA_MM."""
+        ds = abs(s) * SWEEP_MM / 2
+        return 1.2 * math.sqrt(max(0.0, 1 - (ds / URETHRA_MM) ** 2)) if self.scale(s) > 0 else 0.0
+
+    def calcifications(self, s: float) -> list[tuple[float, float, float]]:
+        """(x, y, radius) in mm of the calcifications cut by slice s."""
+        radius, (cx, cy), found = self.radius(s), self.centre(s), []
+        for cs, frac, angle, rad, half in self.calcs:
+            ds = abs(s - cs) * SWEEP_MM / 2
+            if ds < half:
+                r_here = frac * radius[_angle_index(np.cos(angle), np.sin(angle))]
+                found.append((cx + r_here * math.cos(angle), cy + r_here * math.sin(angle),
+                              rad * math.sqrt(1 - (ds / half) ** 2)))
+        return found
+
+    def shadow(self, s: float) -> np.ndarray:
+        """Over PHI, how far the contour lies in a calcification's acoustic shadow (0..1)."""
+        radius, (cx, cy) = self.radius(s), self.centre(s)
+        px, py = cx + radius * np.cos(PHI), cy + radius * np.sin(PHI) - APEX_Y_MM
+        theta, rho = np.arctan2(px, py), np.hypot(px, py)
+        out = np.zeros(N_ANGLES, dtype=np.float32)
+        for x, y, rad in self.calcifications(s):
+            r_c = math.hypot(x, y - APEX_Y_MM)
+            hidden = _bump(theta * r_c, math.atan2(x, y - APEX_Y_MM) * r_c, rad + 1.5) * (rho > r_c + rad)
+            out = np.maximum(out, hidden)
+        return out
 
 
 class Rater:
-    """A rater's contour: ``R (1 + eps * weakness * n + 0.005 * m)``, n = +-1 + 0.5 f (a systematic
-    in/out bias at the weak boundary plus smooth variation), f and m smooth in angle and sweep."""
+    """A rater's contour (module docstring): ``R_e + error * 3 mm * scale * (W n + 0.08 m)``."""
 
-    def __init__(self, rng: np.random.Generator, error: float):
+    def __init__(self, rng: np.random.Generator, error: float, shared: tuple[float, list[np.ndarray]]):
         self.error = error
-        bias = rng.choice([-1.0, 1.0])
-        self.n = [bias + 0.5 * _smooth_field(rng, range(1, 4)), 0.5 * _smooth_field(rng, range(1, 4))]
+        bias, common = shared
+        own = [_smooth_field(rng, range(1, 4)) for _ in range(2)]
+        self.n = [bias + 0.35 * (common[0] + own[0]), 0.35 * (common[1] + own[1])]
         self.m = [_smooth_field(rng, range(1, 6)) for _ in range(2)]
 
     def radius(self, anatomy: Anatomy, s: float) -> np.ndarray:
         n, m = self.n[0] + s * self.n[1], self.m[0] + s * self.m[1]
-        return anatomy.radius(s) * (1 + self.error * anatomy.weakness(s) * n + 0.005 * m)
+        hidden = 1 - (1 - anatomy.weakness(s)) * (1 - anatomy.shadow(s))
+        offset = self.error * RATER_REACH_MM * anatomy.scale(s) ** 1.5 * (hidden * n + 0.08 * m)
+        return np.maximum(anatomy.radius(s) + offset, 0.0)
 
 
-def _polar_slice(geo: ScanGeometry, anat: Anatomy, s: float, textures: tuple[np.ndarray, np.ndarray],
-                 rng: np.random.Generator) -> np.ndarray:
-    """Echogenicity and attenuation of one slice on the polar grid, imaged to a grey polar frame."""
-    echo = textures[0] * geo.rectal_wall
-    alpha = np.full(echo.shape, TISSUE_ALPHA, dtype=np.float32)
-    cx, cy = anat.centre(s)
-    dx, dy = geo.x - cx, geo.y - cy
-    rho, idx = np.hypot(dx, dy), _angle_index(dx, dy)
+def _gland(geo: ScanGeometry, anat: Anatomy, s: float, tex: dict[str, np.ndarray], echo: np.ndarray) -> None:
+    """Paint the gland, its capsule, the gland-like tissue at its weak border and the urethra into ``echo``."""
     radius = anat.radius(s)
-    if radius.max() > 0:
-        contour, weak = radius[idx], anat.weakness(s)[idx]
-        inside = expit((contour - rho) / (0.12 + 1.8 * weak))
-        level = 1 - anat.contrast[idx] * (1 - 0.92 * weak)
-        echo *= 1 + (level * textures[1] - 1) * inside
-        echo *= 1 + anat.capsule[idx] * (1 - weak) * _bump(rho, contour, 0.2)
-        for cs, frac, angle, rad, half in anat.calcs:
-            ds = abs(s - cs) * SWEEP_MM / 2
-            if ds < half:
-                r_here = frac * radius[_angle_index(np.cos(angle), np.sin(angle))]
-                distance = np.hypot(dx - r_here * math.cos(angle), dy - r_here * math.sin(angle))
-                blob = distance < rad * math.sqrt(1 - (ds / half) ** 2)
-                echo[blob], alpha[blob] = 40.0, 0.8
+    cx, cy = anat.centre(s)
+    g = geo.window(cx, cy, float(radius.max()) + 6.0)
+    dx, dy = geo.x[g] - cx, geo.y[g] - cy
+    rho, idx = np.hypot(dx, dy), _angle_index(dx, dy)
+    contour, weak = radius[idx], anat.weakness(s)[idx]
+    inside = _smoothstep(0.5 + (contour - rho) / (3 * (0.1 + 1.5 * weak)))
+    like = np.maximum(inside, weak * _smoothstep(1 - (rho - contour) / 3.0))
+    acini = 1 - 0.6 * (1 - weak) * _smoothstep((tex["acini"][g] - 1.1) / 0.5)
+    gland = (1 - anat.contrast[idx] * (1 - weak)) * tex["gland"][g] * acini
+    capsule = 1 + anat.capsule[idx] * (1 - weak) * _bump(rho, contour, 0.25)
+    block = echo[g]
+    block *= (1 - like) + like * gland / tex["streaks"][g] / tex["tissue"][g]
+    block *= capsule
+    half = anat.urethra_width(s)
+    if half > 0:
+        across = np.abs(dy * math.cos(anat.bladder_angle) - dx * math.sin(anat.bladder_angle) - anat.urethra_offset)
+        block *= 1 - inside * (0.6 * _smoothstep(0.5 + (half - across) / 0.3) - 0.8 * _bump(across, half, 0.2))
+
+
+def _bladder(geo: ScanGeometry, anat: Anatomy, s: float, echo: np.ndarray, alpha: np.ndarray) -> None:
+    """Paint the fluid bladder (anechoic, little attenuation) with its echogenic wall."""
     size = math.sqrt(max(0.0, 1 - (s / anat.bladder_extent) ** 2))
-    if size > 0:
-        ca, sa = math.cos(anat.bladder_angle), math.sin(anat.bladder_angle)
-        bx, by = geo.x - anat.bladder_centre[0], geo.y - anat.bladder_centre[1]
-        across, along = (anat.bladder_axes[0] * size, anat.bladder_axes[1] * size)
-        norm = np.hypot((bx * ca + by * sa) / along, (by * ca - bx * sa) / across)
-        fluid = np.clip((1 - norm) * along / 0.25, 0, 1)
-        echo = (echo * (1 - fluid) + 0.001 * fluid) * (1 + 0.8 * _bump(norm * along, along, 0.3))
-        alpha -= 0.9 * TISSUE_ALPHA * fluid
-    gain = np.exp(-2 * np.cumsum(alpha, axis=1) * geo.dr + 2 * 0.9 * TISSUE_ALPHA * geo.depth)
-    rf = rng.standard_normal(echo.shape, dtype=np.float32) * np.sqrt(echo) * gain
-    rf = gaussian_filter1d(convolve1d(rf, geo.pulse, axis=1), geo.beam_sigma, axis=0)
-    rf += 0.01 * geo.rf_rms * rng.standard_normal(rf.shape, dtype=np.float32)
-    envelope = np.abs(hilbert(rf, axis=1)).astype(np.float32)
-    db = 20 * np.log10(np.maximum(envelope / geo.reference, 1e-6))
+    if size == 0:
+        return
+    across, along = (anat.bladder_axes[0] * size, anat.bladder_axes[1] * size)
+    b = geo.window(*anat.bladder_centre, max(across, along) + 2.0)
+    ca, sa = math.cos(anat.bladder_angle), math.sin(anat.bladder_angle)
+    bx, by = geo.x[b] - anat.bladder_centre[0], geo.y[b] - anat.bladder_centre[1]
+    norm = np.hypot((bx * ca + by * sa) / along, (by * ca - bx * sa) / across)
+    fluid = np.clip((1 - norm) * along / 0.25, 0, 1)
+    echo[b] = (echo[b] * (1 - fluid) + 0.001 * fluid) * (1 + 0.8 * _bump(norm * along, along, 0.3))
+    alpha[b] -= 0.9 * TISSUE_ALPHA * fluid
+
+
+def _echogenicity(geo: ScanGeometry, anat: Anatomy, s: float,
+                  tex: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Echogenicity E and attenuation alpha (Np/mm) of one slice on the polar grid."""
+    echo = tex["tissue"] * tex["streaks"] * geo.rectal_wall
+    alpha = np.full(echo.shape, TISSUE_ALPHA, dtype=np.float32)
+    if anat.scale(s) > 0:
+        _gland(geo, anat, s, tex, echo)
+        for x, y, rad in anat.calcifications(s):
+            w = geo.window(x, y, rad)
+            blob = np.hypot(geo.x[w] - x, geo.y[w] - y) < rad
+            echo[w][blob], alpha[w][blob] = 40.0, 0.8
+    _bladder(geo, anat, s, echo, alpha)
+    return echo, alpha
+
+
+def _polar_image(geo: ScanGeometry, echo: np.ndarray, alpha: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Image one slice: scatterers, attenuation and TGC, PSF, envelope, log compression (grey, polar)."""
+    gain = np.exp(2 * 0.9 * TISSUE_ALPHA * geo.depth - 2 * geo.dr * np.cumsum(alpha, axis=1))
+    rf = rng.standard_normal(echo.shape, dtype=np.float32) * np.sqrt(echo * gain * gain)
+    rf = gaussian_filter1d(rf, geo.beam_sigma, axis=0)
+    rf += (0.01 * geo.rf_rms / math.sqrt(geo.pulse_energy)) * rng.standard_normal(rf.shape, dtype=np.float32)
+    half = geo.n_fft // 2
+    # analytic RF at every second depth sample: the positive half of its spectrum, inverse-transformed at half length
+    analytic = fft.ifft(fft.rfft(rf, n=geo.n_fft, axis=1)[:, :half] * geo.analytic_pulse, axis=1)[:, : rf.shape[1] // 2]
+    power = analytic.real**2 + analytic.imag**2
+    db = 10 * np.log10(np.maximum(power * (0.25 / geo.reference**2), 1e-12))
     return (254 * np.clip(1 + db / DYNAMIC_RANGE_DB, 0, 1)).astype(np.float32)
 
 
-def _textures(geo: ScanGeometry, rng: np.random.Generator, n_slices: int) -> list[np.ndarray]:
-    """Two smooth log-normal texture volumes (tissue, gland) on the coarse texture grid, correlated over 3 mm."""
-    grid = TEXTURE_GRID_MM
-    shape = (n_slices, math.ceil(geo.shape[0] * geo.spacing / grid) + 3, math.ceil(geo.width_mm / grid) + 3)
-    sigma_z = 3.0 / slice_spacing(n_slices)
-    out = []
-    for spread in (0.45, 0.3):
-        field = gaussian_filter(rng.standard_normal(shape).astype(np.float32), (sigma_z, 1.2, 1.2), mode="wrap")
-        out.append(np.exp(spread * (field - field.mean()) / field.std()).astype(np.float32))
+def _textures(geo: ScanGeometry, rng: np.random.Generator, n_slices: int) -> dict[str, np.ndarray]:
+    """Texture volumes on two grids: smooth log-normal tissue and gland textures (1.5 mm grid,
+    correlated over 3 mm), fine tissue streaks (log-normal, 0.2 x 1 mm) and the field whose
+    peaks are the gland's acini (0.3 mm grid, correlated over 0.6 mm across the sweep)."""
+    out = {}
+    for name, grid, sigma_mm, spread in (("tissue", TEXTURE_GRID_MM, (3.0, 1.8, 1.8), 0.35),
+                                         ("gland", TEXTURE_GRID_MM, (3.0, 1.8, 1.8), 0.25),
+                                         ("streaks", FINE_GRID_MM, (0.6, 0.2, 1.0), 0.35),
+                                         ("acini", FINE_GRID_MM, (0.6, 0.3, 0.3), None)):
+        shape = (n_slices, math.ceil(geo.shape[0] * geo.spacing / grid) + 3, math.ceil(geo.width_mm / grid) + 3)
+        sigma = (sigma_mm[0] / slice_spacing(n_slices), sigma_mm[1] / grid, sigma_mm[2] / grid)
+        field = gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma, mode="wrap")
+        field = (field - field.mean()) / field.std()
+        out[name] = (field if spread is None else np.exp(spread * field)).astype(np.float32)
     return out
 
 
@@ -259,15 +373,17 @@ def simulate_case(geo: ScanGeometry, rng: np.random.Generator, n_slices: int,
                   raters: tuple[str, ...]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """One patient: image ``[Z, H, W]`` uint8 0..254 and masks ``{"expert", *raters}`` uint8 {0, 1}."""
     anat = Anatomy(rng)
-    rater_models = {name: Rater(rng, RATER_ERRORS[name]) for name in raters}
+    shared = (rng.choice([-1.0, 1.0]), [_smooth_field(rng, range(1, 4)) for _ in range(2)])
+    rater_models = {name: Rater(rng, RATER_ERRORS[name], shared) for name in raters}
     textures = _textures(geo, rng, n_slices)
-    map_x, map_y = geo.texture_maps
+    grids = {"tissue": TEXTURE_GRID_MM, "gland": TEXTURE_GRID_MM, "streaks": FINE_GRID_MM, "acini": FINE_GRID_MM}
     image = np.zeros((n_slices, *geo.shape), dtype=np.uint8)
     masks = {name: np.zeros_like(image) for name in ("expert", *raters)}
     for z in range(n_slices):
         s = 2 * z / (n_slices - 1) - 1
-        tex = tuple(cv2.remap(t[z], map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT) for t in textures)
-        polar = _polar_slice(geo, anat, s, tex, rng)
+        tex = {name: cv2.remap(t[z], *geo.texture_maps[grids[name]], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+               for name, t in textures.items()}
+        polar = _polar_image(geo, *_echogenicity(geo, anat, s, tex), rng)
         frame = cv2.remap(polar, geo.map_r, geo.map_t, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
         image[z] = np.where(geo.fov, np.rint(np.clip(frame, 0, 254)), 0)
         cx, cy = anat.centre(s)
@@ -334,7 +450,7 @@ def simulate_dataset(out: str | Path, n_train: int = 10, n_test: int = 4, n_slic
         listed = sorted({str(p.relative_to(out)) for p in files})
         write_text(out / MARKER, json.dumps({"settings": settings, "files": listed}, indent=1))
 
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     write_marker(previous + written)  # covers both sets until this run completes
     geo = ScanGeometry(*size)
     spacing = (slice_spacing(n_slices), geo.spacing, geo.spacing)

@@ -8,11 +8,16 @@ direction (flips, obliquity) is kept for writing but never applied to the array.
 Spacing is reported in the same order, ``(sz, sy, sx)`` in mm.
 
 Validation (every failure is a one-line ``MicrosegError`` naming the file):
-images must be finite with intensities in 0..254 (the dataset's pre-normalised range; they
-are rounded to the nearest integer, so values in [-0.5, 254.5) pass) and are returned as
-uint8, which is also what the reference trains on (8-bit PNG slices). Masks must be finite and
-two-valued at most (0 and one non-zero value, e.g. {0,1} or {0,255}); they are returned as
-uint8 {0, 1}.
+images must be finite with intensities in 0..INTENSITY_MAX (the dataset's pre-normalised
+range, ``microseg.preprocess``; any integer or float type, rounded to the nearest integer, so
+values in [-0.5, INTENSITY_MAX + 0.5) pass) and are returned as uint8, which is also what the
+reference trains on (8-bit PNG slices). An image whose intensities span no more than 0..1 (a
+float export scaled to 0..1, a bool or 0/1 volume) or a constant image is refused: on the
+dataset's scale it is black. Masks must be finite and two-valued at most (0 and one non-zero
+value: {0,1}, {0,255}, bool, 0.0/1.0); they are returned as uint8 {0, 1}.
+
+Where an image and its masks meet, ``require_same_geometry`` checks that they lie on the same
+voxel grid: shape, spacing, origin and axis directions (``GEOMETRY_TOLERANCE``).
 """
 
 from __future__ import annotations
@@ -27,9 +32,34 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 
 from microseg.atomic import atomic_path
-from microseg.errors import MicrosegError
+from microseg.data.layout import NIFTI_SUFFIXES
+from microseg.errors import MicrosegError, warn
+from microseg.preprocess import INTENSITY_MAX
 
 READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, ImageFileError)
+GEOMETRY_TOLERANCE = {"spacing": 1e-4, "origin": 1e-2, "direction": 1e-4}
+"""How far a mask's grid may differ from its image's: spacing relative, origin in units of the
+smallest voxel size, axis directions as differences of direction cosines (1e-4 ~ 0.006 degrees);
+far above float32 header rounding, far below any real misregistration."""
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """A volume's voxel grid: ``[Z, H, W]`` shape, ``(sz, sy, sx)`` spacing in mm, nibabel affine."""
+
+    path: Path
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    affine: np.ndarray
+
+    @property
+    def origin(self) -> np.ndarray:
+        return self.affine[:3, 3]
+
+    @property
+    def directions(self) -> np.ndarray:
+        """Unit axis directions, one column per nibabel axis (x, y, z)."""
+        return self.affine[:3, :3] / np.linalg.norm(self.affine[:3, :3], axis=0)
 
 
 @dataclass
@@ -41,6 +71,10 @@ class Volume:
     affine: np.ndarray  # 4x4, nibabel (x, y, z) convention
     header: nib.Nifti1Header
     path: Path
+
+    @property
+    def geometry(self) -> Geometry:
+        return Geometry(self.path, self.array.shape, self.spacing, self.affine)
 
 
 def _load(path: Path) -> nib.Nifti1Image:
@@ -62,15 +96,12 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
-def volume_shape(path: str | Path) -> tuple[int, int, int]:
-    """``(Z, H, W)`` of a NIfTI volume from its header alone (no voxel data read)."""
-    x, y, z = _load(Path(path)).shape
-    return (z, y, x)
-
-
-def volume_spacing(path: str | Path) -> tuple[float, float, float]:
-    """``(sz, sy, sx)`` in mm from the header alone."""
-    return _spacing(Path(path), _load(Path(path)))
+def read_geometry(path: str | Path) -> Geometry:
+    """A NIfTI volume's grid from its header alone (no voxel data read)."""
+    path = Path(path)
+    img = _load(path)
+    x, y, z = img.shape
+    return Geometry(path, (z, y, x), _spacing(path, img), img.affine.copy())
 
 
 def _spacing(path: Path, img: nib.Nifti1Image) -> tuple[float, float, float]:
@@ -81,7 +112,7 @@ def _spacing(path: Path, img: nib.Nifti1Image) -> tuple[float, float, float]:
 
 
 def read_volume(path: str | Path, kind: Literal["image", "mask"] = "image") -> Volume:
-    """Read and validate a volume; image -> uint8 0..254, mask -> uint8 {0, 1}; ``[Z, H, W]``."""
+    """Read and validate a volume; image -> uint8 0..INTENSITY_MAX, mask -> uint8 {0, 1}; ``[Z, H, W]``."""
     path = Path(path)
     img = _load(path)
     try:
@@ -98,14 +129,18 @@ def read_volume(path: str | Path, kind: Literal["image", "mask"] = "image") -> V
 
 
 def _as_image(path: Path, array: np.ndarray) -> np.ndarray:
+    lo, hi = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+    if lo < -0.5 or hi >= INTENSITY_MAX + 0.5:
+        found = f"up to {hi:g}" if array.dtype == np.uint8 else f"{lo:g}..{hi:g}"
+        raise MicrosegError(f"{path}: image intensities must lie in 0..{INTENSITY_MAX} (the dataset's range), "
+                            f"found {found}; rescale the volume to 0..{INTENSITY_MAX}")
+    if lo == hi:
+        raise MicrosegError(f"{path}: image is constant ({lo:g} in every voxel): nothing to segment")
+    if hi <= 1:
+        raise MicrosegError(f"{path}: image intensities span only {lo:g}..{hi:g}, but the dataset is "
+                            f"0..{INTENSITY_MAX} (a 0..1 export? multiply it by {INTENSITY_MAX})")
     if array.dtype == np.uint8:
-        hi = int(array.max(initial=0))
-        if hi > 254:
-            raise MicrosegError(f"{path}: image intensities must lie in 0..254, found up to {hi}")
         return array
-    lo, hi = float(array.min(initial=0)), float(array.max(initial=0))
-    if lo < -0.5 or hi >= 254.5:
-        raise MicrosegError(f"{path}: image intensities must lie in 0..254, found {lo:g}..{hi:g}")
     return np.rint(array).astype(np.uint8) if array.dtype.kind == "f" else array.astype(np.uint8)
 
 
@@ -118,15 +153,56 @@ def _as_mask(path: Path, array: np.ndarray) -> np.ndarray:
     return nonzero.view(np.uint8)
 
 
-def require_same_shape(mask: Volume, image: Volume) -> None:
-    """MicrosegError naming the mask when its ``[Z, H, W]`` differs from the image's."""
-    if mask.array.shape != image.array.shape:
-        raise MicrosegError(
-            f"{mask.path}: shape {mask.array.shape} does not match image {image.path.name} {image.array.shape}"
-        )
+def _numbers(values) -> str:
+    """``(a, b, c)`` with 6 significant digits; nested sequences recursively."""
+    items = [_numbers(v) if np.ndim(v) else f"{float(v):.6g}" for v in values]
+    return f"({', '.join(items)})"
+
+
+def _mismatch(mask: Geometry, image: Geometry) -> tuple[str, str, str] | None:
+    """The first property in which the two grids differ beyond GEOMETRY_TOLERANCE, with both values."""
+    tol = GEOMETRY_TOLERANCE
+    if mask.shape != image.shape:
+        return "shape", _numbers(mask.shape), _numbers(image.shape)
+    ms, is_ = np.array(mask.spacing), np.array(image.spacing)
+    if (np.abs(ms - is_) > tol["spacing"] * np.maximum(ms, is_)).any():
+        return "spacing (mm)", _numbers(ms), _numbers(is_)
+    if (np.abs(mask.directions - image.directions) > tol["direction"]).any():
+        return "axis directions", _numbers(mask.directions.T.round(4)), _numbers(image.directions.T.round(4))
+    if (np.abs(mask.origin - image.origin) > tol["origin"] * min(image.spacing)).any():
+        return "origin (mm)", _numbers(mask.origin), _numbers(image.origin)
+    return None
+
+
+def require_same_geometry(mask: Geometry, image: Geometry) -> None:
+    """MicrosegError naming both files when the mask's grid is not the image's.
+
+    Shape, spacing, axis directions (flips, obliquity) and origin are compared within
+    GEOMETRY_TOLERANCE: the arrays are never resampled, so a mask on another grid would be
+    scored against voxels it does not describe.
+    """
+    found = _mismatch(mask, image)
+    if found is not None:
+        name, mask_value, image_value = found
+        raise MicrosegError(f"{mask.path}: {name} {mask_value}, but its image {image.path} has {image_value}")
+
+
+def read_mask_for(image: Volume, path: str | Path) -> Volume:
+    """Read the mask at ``path`` of ``image``: binary, on the image's grid (``require_same_geometry``).
+
+    A mask empty on every slice is legitimate but suspicious (a sweep that misses the gland, an
+    export that lost its labels): one warning line names it and the caller goes on.
+    """
+    mask = read_volume(path, "mask")
+    require_same_geometry(mask.geometry, image.geometry)
+    if not mask.array.any():
+        warn(f"{mask.path}: mask is empty on every slice")
+    return mask
 
 
 def _save(path: Path, array_zyx: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header | None) -> None:
+    if not path.name.endswith(NIFTI_SUFFIXES):
+        raise MicrosegError(f"{path}: a NIfTI file name must end in .nii or .nii.gz")
     img = nib.Nifti1Image(np.asarray(array_zyx).transpose(2, 1, 0), affine, header=header)
     img.set_data_dtype(array_zyx.dtype)
     img.header.set_slope_inter(1.0, 0.0)

@@ -2,20 +2,23 @@
 
 One module per loss family: focal, ag_bce, adaptive_focal, afl, calf, region (dice, iou,
 tversky), classic (bce, dice_ce, dice_focal); hard_region holds the XOR-dilated hard region
-shared by AG-BCE, the adaptive focal loss and the analyses.
+shared by AG-BCE, the adaptive focal loss and the analyses; options holds the valid range of
+every option.
 """
 
 from __future__ import annotations
 
 from microseg.losses import adaptive_focal, afl, ag_bce, calf, classic, focal, region  # noqa: F401  (registers)
-from microseg.losses.base import LOSSES, SegLoss, WeightedSum, register
-from microseg.losses.calf import CalfStats, calf_stats
-from microseg.losses.deep_supervision import DeepSupervisedLoss, DeepSupervision, resize_mask
+from microseg.losses.afl import patient_statistics
+from microseg.losses.base import LOSSES, SAMPLE_STAT_KEYS, SegLoss, WeightedSum, register
+from microseg.losses.calf import CalfStats, calf_stats, calf_stats_for
+from microseg.losses.deep_supervision import DeepSupervisedLoss, DeepSupervision, resize_target
 from microseg.losses.hard_region import dilate, hard_region
-from microseg.losses.registry import build_loss, describe_loss, parse_spec
+from microseg.losses.registry import build_loss, check_spec, parse_spec
 
 __all__ = [
     "LOSSES",
+    "SAMPLE_STAT_KEYS",
     "CalfStats",
     "DeepSupervisedLoss",
     "DeepSupervision",
@@ -23,10 +26,12 @@ __all__ = [
     "WeightedSum",
     "build_loss",
     "calf_stats",
-    "describe_loss",
+    "calf_stats_for",
+    "check_spec",
     "dilate",
     "hard_region",
     "parse_spec",
+    "patient_statistics",
     "register",
-    "resize_mask",
+    "resize_target",
 ]

@@ -1,4 +1,4 @@
-"""Adaptive focal loss of seed 002 (section "Proposed Adaptive_ Focal Loss", its pseudocode).
+"""The adaptive focal loss (micro-US adaptive focal: section "Proposed Adaptive_ Focal Loss", its pseudocode).
 
 hard  = dilate(expert XOR non_expert, k),  easy = 1 - hard,  p = sigmoid(x),
 focal = -beta (1 - p_t)^gamma_f log(p_t + eps),  p_t = p y + (1 - p)(1 - y),
@@ -6,7 +6,8 @@ gamma = (1 - mean(p)) + mean(non_expert)          (sample difficulty + annotatio
 loss  = (gamma * sum(focal * hard) + sum(focal * easy) / gamma) / N.
 
 Readings of what the paper leaves open (each a parameter):
-- kernel_size = 4: the main (224 px) output's kernel; deep supervision passes 1, 2, 3, 4.
+- kernel_size = the main (224 px) output's kernel, `REFERENCE_KERNEL_SIZES[-1]` (4); deep
+  supervision passes each scale's.
 - beta = 0.5: AG-BCE's beta, and the value in a public implementation of this pseudocode
   (`adaptive_focal_loss` beside MicroSegNet's AG-BCE; "the public code" below).
 - focusing="adaptive": the focal exponent gamma_f is the adaptive gamma (the pseudocode writes
@@ -24,6 +25,9 @@ Readings of what the paper leaves open (each a parameter):
   computed as sigmoid(+-(2y - 1) x), so there is no 1 - p cancellation, and the clamp keeps
   (1 - p_t)^gamma_f differentiable for gamma_f < 1.
 - mean(p) is over probabilities: the pseudocode's "mean(ypred)" over raw logits is unbounded.
+
+Valid ranges: beta > 0 (a scale: beta < 0 gives a negative loss); eps in [1e-30, 0.01];
+focal_gamma >= 0; gamma_min in (0, 2] (gamma itself lies in [0, 2]); k an integer >= 1.
 """
 
 from __future__ import annotations
@@ -31,19 +35,30 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from microseg.errors import MicrosegError
 from microseg.losses.base import SegLoss, register, signed_logits
-from microseg.losses.hard_region import check_kernel_size, hard_region
+from microseg.losses.hard_region import hard_region
+from microseg.losses.options import GUARD, KERNEL, NON_NEGATIVE, POSITIVE, Choice, Flag, Number
+from microseg.preprocess import REFERENCE_KERNEL_SIZES
 
 
 @register("adaptive_focal")
 class AdaptiveFocal(SegLoss):
     needs_non_expert = True
     aliases = {"k": "kernel_size"}
+    option_rules = {
+        "kernel_size": KERNEL,
+        "beta": POSITIVE,
+        "eps": GUARD,
+        "focusing": Choice(("adaptive", "fixed")),
+        "focal_gamma": NON_NEGATIVE,
+        "gamma_scope": Choice(("sample", "batch")),
+        "detach_gamma": Flag(),
+        "gamma_min": Number(0.0, 2.0, low_open=True),
+    }
 
     def __init__(
         self,
-        kernel_size: int = 4,
+        kernel_size: int = REFERENCE_KERNEL_SIZES[-1],
         beta: float = 0.5,
         eps: float = 1e-6,
         focusing: str = "adaptive",
@@ -53,15 +68,10 @@ class AdaptiveFocal(SegLoss):
         gamma_min: float = 0.1,
     ) -> None:
         super().__init__()
-        if focusing not in ("adaptive", "fixed"):
-            raise MicrosegError(f"adaptive_focal option focusing must be 'adaptive' or 'fixed', got {focusing!r}")
-        if gamma_scope not in ("sample", "batch"):
-            raise MicrosegError(f"adaptive_focal option gamma_scope must be 'sample' or 'batch', got {gamma_scope!r}")
-        if not gamma_min > 0:
-            raise MicrosegError(f"adaptive_focal option gamma_min must be > 0, got {gamma_min}")
-        self.kernel_size, self.beta, self.eps = check_kernel_size(kernel_size), float(beta), float(eps)
-        self.focusing, self.focal_gamma = focusing, float(focal_gamma)
-        self.gamma_scope, self.detach_gamma, self.gamma_min = gamma_scope, bool(detach_gamma), float(gamma_min)
+        self.set_options(
+            kernel_size=kernel_size, beta=beta, eps=eps, focusing=focusing, focal_gamma=focal_gamma,
+            gamma_scope=gamma_scope, detach_gamma=detach_gamma, gamma_min=gamma_min,
+        )
 
     def adaptive_gamma(self, logits: Tensor, non_expert: Tensor) -> Tensor:
         """(1 - mean(sigmoid(x))) + mean(non_expert), per sample [B,1,1,1] or per batch (scalar)."""

@@ -1,14 +1,19 @@
-"""AG-BCE, MicroSegNet's annotation-guided binary cross-entropy (FACTS.md).
+"""AG-BCE, MicroSegNet's annotation-guided binary cross-entropy.
 
 hard = dilate(expert XOR non_expert, k),  easy = 1 - hard,
 bce  = -(beta y log(p + eps) + (1 - beta)(1 - y) log(1 - p + eps)),  p = sigmoid(x),
 loss = (sum(bce * easy) / (1 + w) + w * sum(bce * hard) / (1 + w)) / number_of_pixels,
 
-with beta = 0.5, eps = 1e-6, w = 4 and k = 4 (the main 224 px output's kernel; deep
-supervision passes 1, 2, 3, 4 per scale). `number_of_pixels` is the whole batch's B*H*W, as the
-reference computes it on a batch tensor (it equals the per-sample value averaged over the
-batch, all samples being the same size). p and 1 - p are sigmoid(x) and sigmoid(-x), so
-log(1 - p + eps) has no cancellation near p = 1; eps stays inside the logs as in the paper.
+with beta = 0.5, eps = 1e-6, w = 4 and k = the main output's kernel
+(`REFERENCE_KERNEL_SIZES[-1]`, 4; deep supervision passes each scale's). `number_of_pixels` is
+the whole batch's B*H*W, as the reference computes it on a batch tensor (it equals the
+per-sample value averaged over the batch, all samples being the same size). p and 1 - p are
+sigmoid(x) and sigmoid(-x), so log(1 - p + eps) has no cancellation near p = 1; eps stays inside
+the logs as in the paper.
+
+Valid ranges: w > 0 (the hard region's weight relative to the easy region's 1); beta in (0, 1)
+(both classes count: beta = 0 or 1 has a trivial minimiser, beta > 1 a negative loss); eps in
+[1e-30, 0.01]; k an integer >= 1.
 """
 
 from __future__ import annotations
@@ -17,7 +22,12 @@ import torch
 from torch import Tensor
 
 from microseg.losses.base import SegLoss, register
-from microseg.losses.hard_region import check_kernel_size, hard_region
+from microseg.losses.hard_region import hard_region
+from microseg.losses.options import GUARD, KERNEL, POSITIVE, Number
+from microseg.preprocess import REFERENCE_KERNEL_SIZES
+
+CLASS_BALANCE = Number(0.0, 1.0, low_open=True, high_open=True)
+"""beta: the foreground's share of the BCE, strictly between 0 and 1."""
 
 
 def eps_bce(logits: Tensor, target: Tensor, beta: float, eps: float) -> Tensor:
@@ -31,11 +41,17 @@ def eps_bce(logits: Tensor, target: Tensor, beta: float, eps: float) -> Tensor:
 class AGBCE(SegLoss):
     needs_non_expert = True
     aliases = {"w": "hard_weight", "k": "kernel_size"}
+    option_rules = {"hard_weight": POSITIVE, "kernel_size": KERNEL, "beta": CLASS_BALANCE, "eps": GUARD}
 
-    def __init__(self, hard_weight: float = 4.0, kernel_size: int = 4, beta: float = 0.5, eps: float = 1e-6) -> None:
+    def __init__(
+        self,
+        hard_weight: float = 4.0,
+        kernel_size: int = REFERENCE_KERNEL_SIZES[-1],
+        beta: float = 0.5,
+        eps: float = 1e-6,
+    ) -> None:
         super().__init__()
-        self.hard_weight, self.kernel_size = float(hard_weight), check_kernel_size(kernel_size)
-        self.beta, self.eps = float(beta), float(eps)
+        self.set_options(hard_weight=hard_weight, kernel_size=kernel_size, beta=beta, eps=eps)
 
     def compute(self, logits: Tensor, target: Tensor, non_expert: Tensor | None) -> Tensor:
         hard = hard_region(target, non_expert, self.kernel_size)

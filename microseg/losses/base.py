@@ -1,23 +1,31 @@
 """The loss interface shared by every loss, the name registry, and the weighted sum of losses.
 
-Every loss is called as `loss(logits, target, non_expert=None) -> scalar tensor` with raw
-single-channel foreground logits and {0, 1} targets shaped [B, 1, H, W] (or [B, 1, D, H, W]
-where `supports_3d`). Inputs are checked on their shapes only (no host synchronisation) and
-half-precision logits are upcast to float32 before any arithmetic, so bf16/fp16 autocast
-gives finite values.
+Every loss is called as `loss(logits, target, non_expert=None, sample_stats=None) -> scalar
+tensor` with raw single-channel foreground logits and {0, 1} targets shaped [B, 1, H, W] (or
+[B, 1, D, H, W] where `supports_3d`). `sample_stats` optionally carries per-sample statistics
+(`SAMPLE_STAT_KEYS`, each a [B] tensor: the statistics of the patient each slice comes from);
+losses that read them declare `reads_sample_stats`, the others ignore them. Inputs are checked
+on their shapes only (no host synchronisation) and half-precision logits are upcast to float32
+before any arithmetic, so bf16/fp16 autocast gives finite values. Every option has a rule
+(`option_rules`, see `microseg.losses.options`) checked at construction.
 """
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar, Sequence, TypeVar
+from typing import Any, Callable, ClassVar, Mapping, Sequence, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from microseg.errors import MicrosegError
+from microseg.losses.options import POSITIVE, Rule, check_option
 
 LOSSES: dict[str, type["SegLoss"]] = {}
 """Loss name -> class, filled by `@register`."""
+
+SAMPLE_STAT_KEYS = ("afl_fg_fraction", "afl_gamma_msa")
+"""Per-sample statistics a batch may carry, each a [B] tensor: the foreground fraction P_fg / (P_fg + P_bg)
+and the mean gradient magnitude gamma_mSa of the patient's expert volume (A-FL, `afl.patient_statistics`)."""
 
 _L = TypeVar("_L", bound=type["SegLoss"])
 
@@ -42,22 +50,54 @@ def signed_logits(logits: Tensor, target: Tensor) -> Tensor:
 
 
 class SegLoss(nn.Module):
-    """Base class: input checks and float32 upcast in `forward`; subclasses implement `compute`."""
+    """Base class: option and input checks, float32 upcast in `forward`; subclasses implement `compute`."""
 
     name: ClassVar[str] = ""
     needs_non_expert: ClassVar[bool] = False
     supports_3d: ClassVar[bool] = False
+    reads_sample_stats: ClassVar[bool] = False
+    """True for losses whose `compute` takes `sample_stats` (a dict of [B] tensors, or None)."""
+    dataset_stats_param: ClassVar[str | None] = None
+    """The constructor parameter that takes statistics of the training set (CALF's `stats`), not a spec option."""
     aliases: ClassVar[dict[str, str]] = {}
     """Short spec option names -> constructor parameter names (e.g. ag_bce `w` -> `hard_weight`)."""
+    option_rules: ClassVar[dict[str, Rule]] = {}
+    """Every constructor option -> its valid range (`microseg.losses.options`)."""
 
-    def forward(self, logits: Tensor, target: Tensor, non_expert: Tensor | None = None) -> Tensor:
+    def check_options(self, **values: Any) -> dict[str, Any]:
+        """Each option checked against its rule and converted (MicrosegError naming the first bad one)."""
+        label = self.name or type(self).__name__
+        return {key: check_option(label, key, value, self.option_rules[key]) for key, value in values.items()}
+
+    def set_options(self, **values: Any) -> None:
+        """Check each option against its rule and store it as an attribute of the same name."""
+        for key, value in self.check_options(**values).items():
+            setattr(self, key, value)
+
+    def forward(
+        self,
+        logits: Tensor,
+        target: Tensor,
+        non_expert: Tensor | None = None,
+        sample_stats: Mapping[str, Tensor] | None = None,
+    ) -> Tensor:
         check_inputs(self, logits, target, non_expert)
         dtype = torch.promote_types(logits.dtype, torch.float32)
+        stats = check_sample_stats(self, sample_stats, logits, dtype)
         non_expert = None if non_expert is None else non_expert.to(dtype)
-        return self.compute(logits.to(dtype), target.to(dtype), non_expert)
+        return compute(self, logits.to(dtype), target.to(dtype), non_expert, stats)
 
     def compute(self, logits: Tensor, target: Tensor, non_expert: Tensor | None) -> Tensor:
         raise NotImplementedError
+
+
+def compute(
+    loss: SegLoss, logits: Tensor, target: Tensor, non_expert: Tensor | None, sample_stats: dict[str, Tensor] | None
+) -> Tensor:
+    """`loss.compute(...)`, with `sample_stats` for the losses that read them."""
+    if loss.reads_sample_stats:
+        return loss.compute(logits, target, non_expert, sample_stats=sample_stats)
+    return loss.compute(logits, target, non_expert)
 
 
 def check_inputs(loss: SegLoss, logits: Tensor, target: Tensor, non_expert: Tensor | None) -> None:
@@ -81,17 +121,44 @@ def check_inputs(loss: SegLoss, logits: Tensor, target: Tensor, non_expert: Tens
         )
 
 
+def check_sample_stats(
+    loss: SegLoss, sample_stats: Mapping[str, Tensor] | None, logits: Tensor, dtype: torch.dtype
+) -> dict[str, Tensor] | None:
+    """Known keys only, each a [B] tensor on the logits' device; returned cast to `dtype` (shapes only, no sync)."""
+    if sample_stats is None:
+        return None
+    name = loss.name or type(loss).__name__
+    unknown = sorted(set(sample_stats) - set(SAMPLE_STAT_KEYS))
+    if unknown:
+        raise MicrosegError(f"loss '{name}': unknown sample statistics {unknown}; known: {', '.join(SAMPLE_STAT_KEYS)}")
+    checked = {}
+    for key, value in sample_stats.items():
+        if not isinstance(value, Tensor) or value.shape != logits.shape[:1] or value.device != logits.device:
+            got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise MicrosegError(
+                f"loss '{name}': sample statistic {key!r} must be a [B] = [{logits.shape[0]}] tensor on "
+                f"{logits.device}, got {got}"
+            )
+        checked[key] = value.to(dtype)
+    return checked
+
+
 class WeightedSum(SegLoss):
-    """sum_i w_i * L_i(logits, target, non_expert): composite specs and the compound losses."""
+    """sum_i w_i * L_i(logits, target, non_expert): composite specs and the compound losses (weights > 0)."""
+
+    reads_sample_stats = True
 
     def __init__(self, terms: Sequence[tuple[float, SegLoss]], name: str = "") -> None:
         super().__init__()
-        self.weights = [float(w) for w, _ in terms]
-        self.terms = nn.ModuleList(loss for _, loss in terms)
         if name:
             self.name = name
+        label = self.name or type(self).__name__
+        self.weights = [check_option(label, "weight", w, POSITIVE) for w, _ in terms]
+        self.terms = nn.ModuleList(loss for _, loss in terms)
         self.needs_non_expert = any(t.needs_non_expert for t in self.terms)
         self.supports_3d = all(t.supports_3d for t in self.terms)
 
-    def compute(self, logits: Tensor, target: Tensor, non_expert: Tensor | None) -> Tensor:
-        return sum(w * t.compute(logits, target, non_expert) for w, t in zip(self.weights, self.terms))
+    def compute(
+        self, logits: Tensor, target: Tensor, non_expert: Tensor | None, sample_stats: dict[str, Tensor] | None = None
+    ) -> Tensor:
+        return sum(w * compute(t, logits, target, non_expert, sample_stats) for w, t in zip(self.weights, self.terms))

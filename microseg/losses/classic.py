@@ -1,10 +1,12 @@
-"""Binary cross-entropy and the compound baselines of seed 000 / 003 (MONAI's DiceCELoss, DiceFocalLoss).
+"""Binary cross-entropy and A-FL's compound baselines (MONAI's DiceCELoss, DiceFocalLoss).
 
   bce        = mean over pixels of -(y log p + (1 - y) log(1 - p)), from the logits (stable)
   dice_ce    = lambda_dice * dice + lambda_ce * bce
   dice_focal = lambda_dice * dice + lambda_focal * focal,
 with MONAI's defaults: both lambdas 1, and the focal term of DiceFocalLoss unweighted by class
-(alpha = None) with gamma 2. The Dice term takes `smooth` and `batch` as in `region.Dice`.
+(alpha = None) with gamma 2. The Dice term takes `smooth` and `batch` as in `region.Dice`, the
+focal term `alpha` and `gamma` as in `focal.Focal` (same ranges); the lambdas must be > 0 (a
+term weighted 0 is the other loss alone: name that one).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from torch import Tensor
 
 from microseg.losses.base import SegLoss, WeightedSum, register
 from microseg.losses.focal import Focal
+from microseg.losses.options import POSITIVE
 from microseg.losses.region import Dice
 
 
@@ -27,14 +30,25 @@ class BCE(SegLoss):
 
 @register("dice_ce")
 class DiceCE(WeightedSum):
+    option_rules = {"lambda_dice": POSITIVE, "lambda_ce": POSITIVE, **Dice.option_rules}
+
     def __init__(
         self, lambda_dice: float = 1.0, lambda_ce: float = 1.0, smooth: float = 1e-5, batch: bool = False
     ) -> None:
-        super().__init__([(lambda_dice, Dice(smooth, batch)), (lambda_ce, BCE())])
+        o = self.check_options(lambda_dice=lambda_dice, lambda_ce=lambda_ce, smooth=smooth, batch=batch)
+        super().__init__([(o["lambda_dice"], Dice(o["smooth"], o["batch"])), (o["lambda_ce"], BCE())])
 
 
 @register("dice_focal")
 class DiceFocal(WeightedSum):
+    option_rules = {
+        "lambda_dice": POSITIVE,
+        "lambda_focal": POSITIVE,
+        "alpha": Focal.option_rules["alpha"],
+        "gamma": Focal.option_rules["gamma"],
+        **Dice.option_rules,
+    }
+
     def __init__(
         self,
         lambda_dice: float = 1.0,
@@ -44,4 +58,8 @@ class DiceFocal(WeightedSum):
         smooth: float = 1e-5,
         batch: bool = False,
     ) -> None:
-        super().__init__([(lambda_dice, Dice(smooth, batch)), (lambda_focal, Focal(alpha, gamma))])
+        o = self.check_options(
+            lambda_dice=lambda_dice, lambda_focal=lambda_focal, alpha=alpha, gamma=gamma, smooth=smooth, batch=batch
+        )
+        dice, focal = Dice(o["smooth"], o["batch"]), Focal(o["alpha"], o["gamma"])
+        super().__init__([(o["lambda_dice"], dice), (o["lambda_focal"], focal)])

@@ -2,9 +2,13 @@
 
 total = sum_s weights[s] * L_s(logits_s, resize(expert), resize(non_expert)), over the aux heads
 (coarsest first: 28, 56, 112 for a 224 input) and then the main output. L_s is the same spec
-built with that scale's dilation kernel (1, 2, 3, 4 by default, as the reference); the default
-weights make the plain sum of the reference. Targets come at the main output's size and are
-resized on their device, staying binary:
+built with that scale's dilation kernel (`REFERENCE_KERNEL_SIZES`, 1, 2, 3, 4, by default, as the
+reference), given only to the terms with a kernel (a spec that sets its own kernel is refused);
+the default weights make the plain sum of the reference. Kernel sizes are integers >= 1, weights
+finite and >= 0 with a positive sum. Aux outputs must come coarsest first, each spatial size
+strictly below the next and the last below the main output's. Per-sample statistics
+(`sample_stats`, e.g. A-FL's per-patient ones) go unchanged to every scale's loss. Targets come
+at the main output's size and are resized on their device, staying binary:
 - "bilinear_floor" (default): MicroSegNet's dataset code, `cv2.resize` (bilinear, half-pixel
   centres) and then `.long()`, which truncates: a pixel stays foreground only where every input
   pixel under the bilinear support is foreground (1e-6 tolerance for float rounding).
@@ -15,16 +19,16 @@ resized on their device, staying binary:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from microseg.errors import MicrosegError
+from microseg.losses.options import KERNEL, NON_NEGATIVE, check_option
 from microseg.losses.registry import build_loss
-
-TARGET_RESIZES = ("bilinear_floor", "nearest", "area")
+from microseg.preprocess import REFERENCE_KERNEL_SIZES, TARGET_RESIZES
 
 
 @dataclass(frozen=True)
@@ -36,7 +40,7 @@ class DeepSupervisedLoss:
     """Each head's output height, coarsest first (28, 56, 112, 224)."""
 
 
-def resize_mask(mask: Tensor, size: Sequence[int], mode: str = "bilinear_floor") -> Tensor:
+def resize_target(mask: Tensor, size: Sequence[int], mode: str = TARGET_RESIZES[0]) -> Tensor:
     """A {0,1} [B, C, *spatial] mask resized to `size` (spatial), still {0,1}; unchanged if already that size."""
     if tuple(mask.shape[2:]) == tuple(size):
         return mask
@@ -50,8 +54,27 @@ def resize_mask(mask: Tensor, size: Sequence[int], mode: str = "bilinear_floor")
     return (resized >= 1.0 - 1e-6).to(mask.dtype)
 
 
+def check_weights(weights: Sequence[float]) -> tuple[float, ...]:
+    """Deep-supervision weights as floats: each finite and >= 0, their sum > 0; else MicrosegError."""
+    checked = tuple(check_option("deep supervision", f"weights[{i}]", w, NON_NEGATIVE) for i, w in enumerate(weights))
+    if not sum(checked) > 0:
+        raise MicrosegError(f"deep supervision: weights {list(checked)} are all 0; at least one must be > 0")
+    return checked
+
+
+def check_output_sizes(outputs: Sequence[Tensor]) -> None:
+    """Aux heads coarsest first: every spatial size strictly increasing up to the main output's."""
+    sizes = [tuple(o.shape[2:]) for o in outputs]
+    for coarse, fine in zip(sizes, sizes[1:]):
+        if len(coarse) != len(fine) or not all(c < f for c, f in zip(coarse, fine)):
+            raise MicrosegError(
+                f"deep supervision takes aux outputs coarsest first, each smaller than the next and the main "
+                f"output; got sizes {sizes} (aux..., main)"
+            )
+
+
 class DeepSupervision(nn.Module):
-    """`forward(logits, aux, expert, non_expert=None) -> DeepSupervisedLoss`, aux coarsest first.
+    """`forward(logits, aux, expert, non_expert=None, sample_stats=None) -> DeepSupervisedLoss`, aux coarsest first.
 
     With no aux heads it is the main output's loss alone (the last kernel size and weight).
     """
@@ -59,12 +82,13 @@ class DeepSupervision(nn.Module):
     def __init__(
         self,
         spec: str,
-        kernel_sizes: Sequence[int] = (1, 2, 3, 4),
-        weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+        kernel_sizes: Sequence[int] = REFERENCE_KERNEL_SIZES,
+        weights: Sequence[float] | None = None,
         calf_stats: Any = None,
-        target_resize: str = "bilinear_floor",
+        target_resize: str = TARGET_RESIZES[0],
     ) -> None:
         super().__init__()
+        weights = (1.0,) * len(kernel_sizes) if weights is None else weights
         if len(kernel_sizes) != len(weights) or not kernel_sizes:
             raise MicrosegError(
                 f"deep supervision needs one weight per kernel size, got {len(kernel_sizes)} kernel sizes "
@@ -72,13 +96,19 @@ class DeepSupervision(nn.Module):
             )
         if target_resize not in TARGET_RESIZES:
             raise MicrosegError(f"unknown target_resize {target_resize!r}; valid: {', '.join(TARGET_RESIZES)}")
-        self.spec, self.target_resize = spec, target_resize
-        self.weights = tuple(float(w) for w in weights)
-        self.losses = nn.ModuleList(build_loss(spec, calf_stats=calf_stats, kernel_size=k) for k in kernel_sizes)
+        kernels = [check_option("deep supervision", f"kernel_sizes[{i}]", k, KERNEL)
+                   for i, k in enumerate(kernel_sizes)]
+        self.spec, self.target_resize, self.weights = spec, target_resize, check_weights(weights)
+        self.losses = nn.ModuleList(build_loss(spec, calf_stats=calf_stats, scale_kernel_size=k) for k in kernels)
         self.needs_non_expert = self.losses[0].needs_non_expert
 
     def forward(
-        self, logits: Tensor, aux: Sequence[Tensor], expert: Tensor, non_expert: Tensor | None = None
+        self,
+        logits: Tensor,
+        aux: Sequence[Tensor],
+        expert: Tensor,
+        non_expert: Tensor | None = None,
+        sample_stats: Mapping[str, Tensor] | None = None,
     ) -> DeepSupervisedLoss:
         outputs = [*aux, logits]
         losses, weights = (self.losses, self.weights) if aux else (self.losses[-1:], self.weights[-1:])
@@ -87,6 +117,7 @@ class DeepSupervision(nn.Module):
                 f"deep supervision of {self.spec!r} has {len(losses)} kernel sizes/weights for "
                 f"{len(outputs)} outputs ({len(aux)} aux heads + main)"
             )
+        check_output_sizes(outputs)
         for which, mask in (("expert", expert), ("non-expert", non_expert)):
             if mask is not None and mask.shape != logits.shape:
                 raise MicrosegError(
@@ -95,7 +126,7 @@ class DeepSupervision(nn.Module):
         values = []
         for output, loss in zip(outputs, losses):
             size = output.shape[2:]
-            ne = None if non_expert is None else resize_mask(non_expert, size, self.target_resize)
-            values.append(loss(output, resize_mask(expert, size, self.target_resize), ne))
+            ne = None if non_expert is None else resize_target(non_expert, size, self.target_resize)
+            values.append(loss(output, resize_target(expert, size, self.target_resize), ne, sample_stats))
         total = sum(w * v for w, v in zip(weights, values))
         return DeepSupervisedLoss(total, torch.stack(values), tuple(int(o.shape[2]) for o in outputs))

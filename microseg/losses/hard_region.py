@@ -1,4 +1,4 @@
-"""The hard region of MicroSegNet / seed 002: expert XOR non-expert, dilated by a k x k rectangle.
+"""The hard region of MicroSegNet and micro-US adaptive focal: expert XOR non-expert, dilated by a k x k rectangle.
 
 Computed on the masks' own device (shifted maxima, see `dilate`). The dilation reproduces OpenCV's
 `cv2.dilate(xor, np.ones((k, k)))` exactly: the kernel is anchored at k // 2, so a foreground

@@ -4,11 +4,15 @@ With TP = sum(p y), FP = sum(p (1 - y)), FN = sum((1 - p) y) and smoothing s:
   dice    = 1 - (2 TP + s) / (sum p + sum y + s)                 (Milletari et al. 2016)
   iou     = 1 - (TP + s) / (sum p + sum y - TP + s)              (Rahman & Wang 2016)
   tversky = 1 - (TP + s) / (TP + alpha FP + beta FN + s)         (Salehi et al. 2017)
-MONAI's conventions, which the A-FL baselines (seed 000/003) were built with: s = 1e-5 in
-numerator and denominator, sums per sample (`batch=False`) then the mean over the batch;
-`batch=True` sums over the whole batch. Tversky's alpha weights false positives and beta false
-negatives; the defaults 0.3 / 0.7 are Salehi et al.'s recommended setting (0.5 / 0.5 would be
-Dice up to the smoothing).
+MONAI's conventions, which A-FL's baselines were built with: s = 1e-5 in numerator and
+denominator, sums per sample (`batch=False`) then the mean over the batch; `batch=True` sums
+over the whole batch. Tversky's alpha weights false positives and beta false negatives; the
+defaults 0.3 / 0.7 are Salehi et al.'s recommended setting (0.5 / 0.5 would be Dice up to the
+smoothing).
+
+Valid ranges: smooth > 0 (at least 1e-30: an empty target with an empty prediction is 0 / 0
+without it, and a negative one can make the loss explode); Tversky's alpha, beta >= 0 with
+alpha + beta > 0 (both 0 make the loss constant).
 """
 
 from __future__ import annotations
@@ -16,7 +20,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from microseg.errors import MicrosegError
 from microseg.losses.base import SegLoss, register
+from microseg.losses.options import FLOAT32_TINY, NON_NEGATIVE, Flag, Number
+
+SMOOTH = Number(FLOAT32_TINY, text=f"> 0 (at least {FLOAT32_TINY:g})")
 
 
 def overlap_sums(logits: Tensor, target: Tensor, batch: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -28,10 +36,11 @@ def overlap_sums(logits: Tensor, target: Tensor, batch: bool) -> tuple[Tensor, T
 
 class _Region(SegLoss):
     supports_3d = True
+    option_rules = {"smooth": SMOOTH, "batch": Flag()}
 
     def __init__(self, smooth: float = 1e-5, batch: bool = False) -> None:
         super().__init__()
-        self.smooth, self.batch = float(smooth), bool(batch)
+        self.set_options(smooth=smooth, batch=batch)
 
 
 @register("dice")
@@ -50,9 +59,13 @@ class IoU(_Region):
 
 @register("tversky")
 class Tversky(_Region):
+    option_rules = {"alpha": NON_NEGATIVE, "beta": NON_NEGATIVE, **_Region.option_rules}
+
     def __init__(self, alpha: float = 0.3, beta: float = 0.7, smooth: float = 1e-5, batch: bool = False) -> None:
         super().__init__(smooth, batch)
-        self.alpha, self.beta = float(alpha), float(beta)
+        self.set_options(alpha=alpha, beta=beta)
+        if self.alpha + self.beta == 0:
+            raise MicrosegError("tversky: options alpha=0 and beta=0 make the loss constant; alpha + beta must be > 0")
 
     def compute(self, logits: Tensor, target: Tensor, non_expert: Tensor | None) -> Tensor:
         tp, sum_p, sum_y = overlap_sums(logits, target, self.batch)

@@ -1,22 +1,24 @@
 """Build losses from a spec string: `name[:key=value,...]` terms joined by `+`, each optionally `weight*`.
 
 Examples: `adaptive_focal`, `ag_bce:w=4,k=3`, `adaptive_focal+dice`, `0.5*dice+focal:alpha=0.25,gamma=2`.
-Values read as int, float, bool (`true`/`false`) or `none`, else as strings. Keyword overrides
-given to `build_loss` (e.g. the per-scale `kernel_size` of deep supervision) go to every term
-whose constructor takes that keyword, unless the spec sets that option itself: spec options win,
-overrides fill the rest, others are ignored.
+Values read as int, float, bool (`true`/`false`) or `none`, else as strings. Term weights must
+be finite and > 0. Every option is checked against its rule (`microseg.losses.options`): an
+unknown, repeated, mistyped or out-of-range option is refused with one line naming the loss and
+the option. Keyword options of `build_loss` are read as spec options are and refused when no
+term takes them; deep supervision's per-scale kernel goes, explicitly, only to the terms with a
+dilation kernel (`scale_kernel_size`).
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 import re
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from microseg.errors import MicrosegError
 from microseg.losses.base import LOSSES, SegLoss, WeightedSum
+from microseg.losses.options import check_option
 
 _TERM = re.compile(r"^\s*(?:(?P<weight>[^*]+)\*)?\s*(?P<name>[A-Za-z_]\w*)\s*(?::(?P<options>.*))?$")
 _PLUS = re.compile(r"(?<!\d[eE])\+")  # a '+' that is not an exponent sign (1e+3)
@@ -54,6 +56,8 @@ def parse_spec(spec: str) -> list[Term]:
         numeric = isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight)
         if match is None or not numeric:
             raise MicrosegError(f"malformed loss spec {spec!r}: cannot read {part.strip()!r}")
+        if weight <= 0:
+            raise MicrosegError(f"loss spec {spec!r}: term weight {weight:g} of {match['name']!r} must be > 0")
         options: dict[str, Any] = {}
         for item in [] if match["options"] is None else match["options"].split(","):
             key, sep, value = (s.strip() for s in item.partition("="))
@@ -64,68 +68,91 @@ def parse_spec(spec: str) -> list[Term]:
     return terms
 
 
-def _parameters(cls: type[SegLoss]) -> dict[str, inspect.Parameter]:
-    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return {n: p for n, p in inspect.signature(cls).parameters.items() if p.kind in kinds}
+def _listed(cls: type[SegLoss]) -> str:
+    """A loss's options with their short names, e.g. 'hard_weight (w), kernel_size (k), beta, eps'."""
+    alias_of = {target: alias for alias, target in cls.aliases.items()}
+    return ", ".join(f"{n} ({alias_of[n]})" if n in alias_of else n for n in cls.option_rules) or "none"
 
 
-def _check_type(name: str, key: str, value: Any, default: Any) -> None:
-    """Spec values must have the type of the option's default (an int is fine for a float)."""
-    expected = type(default)
-    if default is None:
-        return
-    if expected is bool:
-        ok = isinstance(value, bool)
-    else:
-        ok = isinstance(value, (int, float) if expected is float else expected) and not isinstance(value, bool)
-    if not ok:
-        raise MicrosegError(f"loss {name!r}: option {key!r} must be {expected.__name__}, got {value!r}")
+def _option_name(cls: type[SegLoss], key: str) -> str:
+    """The constructor option a spec or keyword key names (aliases resolved), else MicrosegError listing them."""
+    param = cls.aliases.get(key, key)
+    if param not in cls.option_rules:
+        raise MicrosegError(f"unknown option {key!r} for loss {cls.name!r}; its options: {_listed(cls)}")
+    return param
 
 
-def _build_term(term: Term, calf_stats: Any, overrides: dict[str, Any]) -> SegLoss:
-    cls = LOSSES.get(term.name)
+def _term_class(name: str) -> type[SegLoss]:
+    cls = LOSSES.get(name)
     if cls is None:
-        raise MicrosegError(f"unknown loss {term.name!r}; valid names: {', '.join(sorted(LOSSES))}")
-    params = {n: p for n, p in _parameters(cls).items() if n != "stats"}
+        raise MicrosegError(f"unknown loss {name!r}; valid names: {', '.join(sorted(LOSSES))}")
+    return cls
+
+
+def _build_term(term: Term, calf_stats: Any, keywords: dict[str, Any], scale_kernel_size: int | None) -> SegLoss:
+    """One term: spec options (by the key the user wrote), keyword options and the deep-supervision kernel."""
+    cls = _term_class(term.name)
     options: dict[str, Any] = {}
     for key, value in term.options.items():
+        param = _option_name(cls, key)
+        if param in options:
+            raise MicrosegError(f"repeated option {key!r} ({param}) for loss {term.name!r}")
+        options[param] = check_option(term.name, key, value, cls.option_rules[param])
+    for key, value in keywords.items():
         param = cls.aliases.get(key, key)
-        if param not in params or param in options:
-            alias_of = {target: alias for alias, target in cls.aliases.items()}
-            listed = ", ".join(f"{n} ({alias_of[n]})" if n in alias_of else n for n in params)
+        if param not in cls.option_rules:
+            continue  # taken by another term (build_loss checks that some term takes it)
+        if param in options:
+            raise MicrosegError(f"option {param} of loss {term.name!r} is given twice (again as {key}=)")
+        options[param] = check_option(term.name, key, value, cls.option_rules[param])
+    if scale_kernel_size is not None and "kernel_size" in cls.option_rules:
+        if "kernel_size" in options:
             raise MicrosegError(
-                f"unknown or repeated option {key!r} for loss {term.name!r}; its options: {listed or 'none'}"
+                f"loss {term.name!r}: deep supervision sets the dilation kernel of each scale from its kernel_sizes "
+                "(ds_kernel_sizes), so the loss spec must not set kernel_size (k)"
             )
-        _check_type(term.name, key, value, params[param].default)
-        options[param] = value
-    options.update({k: v for k, v in overrides.items() if k in params and k not in options})
-    if "stats" in _parameters(cls):
-        options["stats"] = calf_stats
-    loss = cls(**options)
-    loss.options = {n: options.get(n, p.default) for n, p in _parameters(cls).items()}
-    return loss
+        options["kernel_size"] = scale_kernel_size
+    if cls.dataset_stats_param is not None:
+        options[cls.dataset_stats_param] = calf_stats
+    return cls(**options)
 
 
-def build_loss(spec: str, calf_stats: Any = None, **overrides: Any) -> SegLoss:
+def build_loss(spec: str, calf_stats: Any = None, *, scale_kernel_size: int | None = None, **options: Any) -> SegLoss:
     """The loss module a spec describes; a weighted sum (`WeightedSum`) when it has several terms or a weight.
 
-    `calf_stats` (a `CalfStats`, or its dict; `stats=` is accepted too) goes to CALF; `overrides`
-    fill options the spec leaves unset.
+    `options` are keyword options, read as spec options are (short names too: `w=10`), given to
+    every term that takes them; a keyword no term takes, or one the spec sets too, is refused.
+    `calf_stats` (a `CalfStats`, or its dict) goes to CALF; `stats=` is accepted as its other
+    spelling when no term has a `stats` option (A-FL's). `scale_kernel_size` is deep supervision's
+    kernel for one scale: it goes to every term with a dilation kernel (`kernel_size`) and to no
+    other, and a spec that sets that kernel itself is refused.
     """
-    calf_stats = overrides.pop("stats", None) if calf_stats is None else calf_stats
-    built = [(t.weight, _build_term(t, calf_stats, overrides)) for t in parse_spec(spec)]
+    terms = parse_spec(spec)
+    classes = [_term_class(t.name) for t in terms]
+    takes_stats_option = any("stats" in cls.option_rules for cls in classes)
+    if "stats" in options and not takes_stats_option and any(cls.dataset_stats_param for cls in classes):
+        if calf_stats is not None:
+            raise MicrosegError("CALF statistics given twice (calf_stats= and stats=); give one")
+        calf_stats = options.pop("stats")
+    for key in options:
+        if not any(cls.aliases.get(key, key) in cls.option_rules for cls in classes):
+            listed = _listed(classes[0]) if len(classes) == 1 else "; ".join(f"{c.name}: {_listed(c)}" for c in classes)
+            raise MicrosegError(f"unknown option {key!r} for loss {spec!r}; its options: {listed}")
+    if calf_stats is not None and not any(cls.dataset_stats_param for cls in classes):
+        raise MicrosegError(f"calf_stats given, but loss {spec!r} has no calf term")
+    built = [(t.weight, _build_term(t, calf_stats, options, scale_kernel_size)) for t in terms]
     if len(built) == 1 and built[0][0] == 1.0:
         return built[0][1]
     return WeightedSum(built, name="".join(spec.split()))
 
 
-def describe_loss(module: SegLoss) -> dict[str, Any]:
-    """{name, options} of a loss from `build_loss` ({name, terms: [{weight, name, options}]} for a composite),
-    plain data ready for the run's YAML."""
-    if type(module) is WeightedSum:
-        return {
-            "name": module.name,
-            "terms": [{"weight": w, **describe_loss(t)} for w, t in zip(module.weights, module.terms)],
-        }
-    options = getattr(module, "options", {})
-    return {"name": module.name, "options": {k: asdict(v) if is_dataclass(v) else v for k, v in options.items()}}
+def check_spec(spec: str) -> None:
+    """Refuse, without building anything heavy, a spec that deep supervision would refuse (for config validation
+    before a run folder exists): names, options and their ranges; CALF's statistics are not needed."""
+    for term in parse_spec(spec):
+        cls = _term_class(term.name)
+        if cls.dataset_stats_param is None:
+            _build_term(term, None, {}, scale_kernel_size=1)
+            continue
+        for key, value in term.options.items():
+            check_option(term.name, key, value, cls.option_rules[_option_name(cls, key)])

@@ -5,6 +5,11 @@ seed 002): BiT ResNet-50 stem + stages (3, 4, 9), ViT-B/16 (768 hidden, 12 layer
 MLP 3072) on the stride-16 map, CUP decoder (256, 128, 64, 16), 3 skips, 3x3 deep-supervision
 heads. `R50-ViT-L_16` swaps in ViT-L/16 (1024, 24, 16, 4096). `small` (demo on a laptop CPU) and
 `tiny` (tests) shrink the same structure.
+
+Each config comes in two variants with the same parameters (names, shapes, count): `google`
+(default), faithful to Google's pretrained R50+ViT model as timm builds it, and `port`, the
+original TransUNet PyTorch port that MicroSegNet trains (`R50-ViT-B_16-port`, `R50-ViT-L_16-port`,
+or `variant="port"` on any config); transunet.py lists what differs and why.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any
 from microseg.errors import MicrosegError
 
 ENCODER_STRIDE = 16
+VARIANTS = ("google", "port")
 
 
 @dataclass(frozen=True)
@@ -24,7 +30,7 @@ class ModelConfig:
 
     resnet_layers: bottleneck units in the 3 ResNetV2 stages (strides 4, 8, 16).
     resnet_width: stem channels w; the stages output 4w, 8w, 16w (skips: 8w at H/8, 4w at H/4,
-        w at H/2); GroupNorm with `gn_groups` groups throughout.
+        w at H/2); GroupNorm with `gn_groups` groups throughout (but the port variant's projection GroupNorms).
     hidden, depth, heads, mlp_dim: the ViT on the stride-16 map (one token per position).
     dropout: after the position embedding and inside the MLPs; attn_dropout: on the attention
         weights and its output projection (the reference's `attention_dropout_rate`).
@@ -34,6 +40,8 @@ class ModelConfig:
         three decoder blocks (H/8, H/4, H/2). The seed-002 paper's text says 1x1, but the reference
         parameter count (105,279,956) holds exactly 9 * (256 + 128 + 64) + 3 = 4,035 head
         parameters, i.e. 3x3 convs with bias: 3 is the default, 1 the paper-text reading.
+    variant: `google` (SAME padding, Google's and timm's model) or `port` (the TransUNet PyTorch
+        port's forward pass, which produced MicroSegNet's published numbers); see transunet.py.
     """
 
     name: str = "R50-ViT-B_16"
@@ -53,6 +61,7 @@ class ModelConfig:
     aux_kernel: int = 3
     img_size: int = 224
     num_classes: int = 1
+    variant: str = "google"
 
     def __post_init__(self) -> None:
         for field in ("resnet_layers", "decoder_channels"):  # YAML/JSON give lists
@@ -68,6 +77,7 @@ class ModelConfig:
             (0 <= self.n_skip <= 3, f"n_skip {self.n_skip} must be 0..3"),
             (self.num_classes >= 1, f"num_classes {self.num_classes} must be >= 1"),
             (self.aux_kernel % 2 == 1, f"aux_kernel {self.aux_kernel} must be odd"),
+            (self.variant in VARIANTS, f"variant '{self.variant}' must be one of: {', '.join(VARIANTS)}"),
         )
         for ok, message in checks:
             if not ok:
@@ -93,11 +103,16 @@ class ModelConfig:
         return cls(**values)
 
 
+_R50_VIT_B_16 = ModelConfig(name="R50-ViT-B_16")
+_R50_VIT_L_16 = ModelConfig(name="R50-ViT-L_16", hidden=1024, depth=24, heads=16, mlp_dim=4096)
+
 CONFIGS: dict[str, ModelConfig] = {
     c.name: c
     for c in (
-        ModelConfig(name="R50-ViT-B_16"),
-        ModelConfig(name="R50-ViT-L_16", hidden=1024, depth=24, heads=16, mlp_dim=4096),
+        _R50_VIT_B_16,
+        dataclasses.replace(_R50_VIT_B_16, name="R50-ViT-B_16-port", variant="port"),
+        _R50_VIT_L_16,
+        dataclasses.replace(_R50_VIT_L_16, name="R50-ViT-L_16-port", variant="port"),
         ModelConfig(name="small", resnet_layers=(1, 2, 2), resnet_width=16, gn_groups=8, hidden=192,
                     depth=4, heads=3, mlp_dim=768, head_channels=128, decoder_channels=(64, 32, 16, 16)),
         ModelConfig(name="tiny", resnet_layers=(1, 1, 1), resnet_width=8, gn_groups=4, hidden=64,
@@ -105,7 +120,7 @@ CONFIGS: dict[str, ModelConfig] = {
     )
 }
 
-OVERRIDABLE = ("img_size", "num_classes", "deep_supervision", "n_skip", "decoder_channels")
+OVERRIDABLE = ("img_size", "num_classes", "deep_supervision", "n_skip", "decoder_channels", "variant")
 
 
 def resolve_config(name_or_config: str | ModelConfig | dict[str, Any], **overrides: Any) -> ModelConfig:

@@ -12,10 +12,33 @@ Decoder ("CUP"): tokens -> [B, hidden, H/16, W/16] -> 3x3 conv-BN-ReLU -> 4 bloc
 Deep supervision: a conv head (num_classes outputs) after each of the first three decoder blocks:
     logits at H/8, H/4, H/2, returned coarsest first in `SegOutput.aux`.
 
-Deliberate choices (the reference TransUNet port vs Google's original JAX model): convolutions
-use SAME padding (timm's and Google's; the PyTorch port pads symmetrically and zero-pads the
-H/4 skip from 55 to 56 rows), weight standardisation (w - mean) / sqrt(var + 1e-5) and GroupNorm
-eps 1e-6 as in the reference and Google's code (timm's hybrid uses 1e-8 and 1e-5).
+Two variants, one set of parameters (same names, shapes and count, so Google's npz, timm state
+dicts and microseg checkpoints load into either; `ModelConfig.variant`):
+
+- `google` (default): faithful to Google's pretrained R50+ViT (JAX, SAME padding), which is what
+  timm's `vit_base_r50_s16_224` computes: the pretrained weights meet the padding they were
+  trained with.
+- `port`: the original TransUNet PyTorch port, which MicroSegNet trains and which produced its
+  published numbers. It differs from `google` in exactly these places (each because the port's
+  code does it; at 224 px):
+  1. every backbone conv is padded symmetrically by k // 2 (nn.Conv2d's padding=k//2): the root
+     7x7/2 conv by 3 on each side (SAME: 2 before, 3 after) and the 3x3/2 convs that open stages
+     2 and 3 by 1 on each side (SAME: 0 before, 1 after); 1x1 and 3x3/1 convs pad alike in both;
+  2. the 3x3/2 max-pool has no padding, so the pooled map is 55 x 55 (SAME pads 0/1 with -inf:
+     56 x 56); stages 1 and 2 run on the 55 map (stage 2 ends at 28 x 28 all the same);
+  3. the H/4 skip (stage 1's output, 55 x 55) is zero-padded at the bottom and right to 56 x 56
+     for the decoder, as the port does with every skip smaller than in_size / 4 / (i + 1);
+  4. `gn_proj`, the GroupNorm after the 1x1 projection of each stage's first unit, is
+     GroupNorm(C, C) with eps 1e-5 (one group per channel: the port writes nn.GroupNorm(cout,
+     cout) with PyTorch's default eps) instead of `gn_groups` groups with eps 1e-6;
+  5. position tables of another grid are resized with the port's scipy.ndimage.zoom(order=1),
+     i.e. bilinear with align_corners=True (`google`: timm's bilinear, align_corners=False); see
+     weights.py.
+  Everything else (weight standardisation eps 1e-5, GroupNorm eps 1e-6 elsewhere, the ViT, the
+  decoder, the heads) is shared.
+
+Weight standardisation (w - mean) / sqrt(var + 1e-5) and GroupNorm eps 1e-6 follow the
+reference and Google's code in both variants (timm's hybrid uses 1e-8 and 1e-5).
 """
 
 from __future__ import annotations
@@ -26,7 +49,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import GroupNormAct, HybridEmbed, StdConv2dSame
+from timm.layers import GroupNormAct, HybridEmbed, StdConv2d, StdConv2dSame
 from timm.models.resnetv2 import ResNetV2
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
@@ -36,6 +59,7 @@ from microseg.models.configs import ModelConfig, resolve_config
 
 STD_CONV_EPS = 1e-5
 GROUP_NORM_EPS = 1e-6
+PORT_PROJ_NORM_EPS = 1e-5  # the port's gn_proj: nn.GroupNorm(C, C), PyTorch's default eps
 
 
 @dataclass
@@ -70,8 +94,9 @@ class DecoderBlock(nn.Module):
         return self.conv2(self.conv1(x))
 
 
-def build_encoder(config: ModelConfig) -> VisionTransformer:
-    """timm's hybrid ViT for `config`: ResNetV2 (3 stages) + VisionTransformer without class token."""
+def build_backbone(config: ModelConfig) -> ResNetV2:
+    """timm's ResNetV2 (3 stages, GroupNorm, weight-standardised convs) in `config.variant`'s padding."""
+    port = config.variant == "port"
     w = config.resnet_width
     backbone = ResNetV2(
         layers=config.resnet_layers,
@@ -80,10 +105,24 @@ def build_encoder(config: ModelConfig) -> VisionTransformer:
         num_classes=0,
         global_pool="",
         preact=False,
-        stem_type="same",
-        conv_layer=partial(StdConv2dSame, eps=STD_CONV_EPS),
+        stem_type="" if port else "same",
+        conv_layer=partial(StdConv2d if port else StdConv2dSame, eps=STD_CONV_EPS),
         norm_layer=partial(GroupNormAct, num_groups=config.gn_groups, eps=GROUP_NORM_EPS),
     )
+    if port:
+        backbone.stem.pool = nn.MaxPool2d(kernel_size=3, stride=2, padding=0)
+        for stage in backbone.stages:
+            for block in stage.blocks:
+                if block.downsample is not None:
+                    channels = block.downsample.conv.out_channels
+                    block.downsample.norm = GroupNormAct(channels, num_groups=channels, eps=PORT_PROJ_NORM_EPS,
+                                                         apply_act=False)
+    return backbone
+
+
+def build_encoder(config: ModelConfig) -> VisionTransformer:
+    """timm's hybrid ViT for `config`: ResNetV2 (3 stages) + VisionTransformer without class token."""
+    backbone = build_backbone(config)
     encoder = VisionTransformer(
         img_size=config.img_size,
         patch_size=1,
@@ -135,6 +174,9 @@ class TransUNet(nn.Module):
         for stage in resnet.stages:
             x = stage(x)
             features.append(x)
+        if self.config.variant == "port":  # the port's zero padding of the H/4 skip (55 -> 56 at 224)
+            missing = self.config.img_size // 4 - features[1].shape[-1]
+            features[1] = F.pad(features[1], (0, missing, 0, missing))
         tokens = vit.patch_embed.proj(features.pop()).flatten(2).transpose(1, 2)
         tokens = vit.pos_drop(tokens + vit.pos_embed)
         tokens = vit.norm(vit.blocks(vit.norm_pre(tokens)))

@@ -13,8 +13,15 @@ Formats, told apart by suffix and content:
 - `checkpoint`: microseg's own checkpoint, `{"model": state_dict, "model_config": asdict(config)}`.
 
 Every tensor's shape is checked before anything is copied (a mismatch raises MicrosegError naming
-the key and both shapes). Position tables of another grid are resized bilinearly (timm's
-`resample_abs_pos_embed`; a class-token row is dropped, as the reference TransUNet does).
+the key and both shapes). Position tables of another grid are resized bilinearly, a class-token
+row dropped as the reference TransUNet does: the `google` variant with timm's
+`resample_abs_pos_embed` (half-pixel centres, align_corners=False), the `port` variant as the
+TransUNet port does, scipy.ndimage.zoom(order=1), which samples output i at input
+i * (old - 1) / (new - 1): bilinear with align_corners=True.
+
+The npz name map follows timm's module layout; before any npz is read it is checked against the
+model (every mapped name exists, every encoder tensor is mapped), so a timm whose layout differs
+fails with a clear error instead of loading partly.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from torch import Tensor
 
@@ -116,7 +124,25 @@ _CONVERT: dict[str, Callable[..., np.ndarray]] = {
 }
 
 
+def check_npz_name_map(model: TransUNet) -> None:
+    """Raise unless the npz name map covers exactly the model's encoder tensors (timm's layout)."""
+    own = model.state_dict()
+    try:
+        mapped = {key for key, _, _ in _google_names(model)}
+    except AttributeError as err:
+        raise MicrosegError(f"the npz name map does not fit this timm's encoder layout ({err}); "
+                            "install a timm version that pyproject.toml allows") from None
+    absent = sorted(key for key in mapped if key not in own)
+    unmapped = [key for key in own if key.startswith("encoder.") and key not in mapped]
+    if absent or unmapped:
+        raise MicrosegError(
+            f"the npz name map does not fit this timm's encoder layout: {len(absent)} mapped name(s) absent "
+            f"({', '.join(absent[:3]) or '-'}), {len(unmapped)} encoder tensor(s) unmapped "
+            f"({', '.join(unmapped[:3]) or '-'}); install a timm version that pyproject.toml allows")
+
+
 def _read_npz(model: TransUNet, path: Path) -> tuple[Source, list[str]]:
+    check_npz_name_map(model)
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in npz.files}
@@ -157,8 +183,9 @@ def _match_state_dict(model: TransUNet, state: dict[str, Any], path: Path) -> tu
     return source, unexpected
 
 
-def _fit_pos_embed(value: Tensor, grid: int, name: str, path: Path) -> Tensor:
-    """A [1, N, D] position table for a grid x grid map: drop a class-token row, resize bilinearly."""
+def _fit_pos_embed(value: Tensor, grid: int, align_corners: bool, name: str, path: Path) -> Tensor:
+    """A [1, N, D] position table for a grid x grid map: drop a class-token row, resize bilinearly
+    (align_corners=True: the TransUNet port's linear zoom; False: timm's resample)."""
     value = value.reshape(1, -1, value.shape[-1])
     positions = tokens = value.shape[1]
     if math.isqrt(tokens) ** 2 != tokens:
@@ -168,6 +195,10 @@ def _fit_pos_embed(value: Tensor, grid: int, name: str, path: Path) -> Tensor:
         raise MicrosegError(f"weights file {path}: '{name}' has {positions} positions, not a square grid")
     if old == grid:
         return value
+    if align_corners:
+        table = value.reshape(1, old, old, -1).permute(0, 3, 1, 2)
+        table = F.interpolate(table, size=(grid, grid), mode="bilinear", align_corners=True)
+        return table.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)
     return resample_abs_pos_embed(value, new_size=(grid, grid), old_size=(old, old), num_prefix_tokens=0,
                                   interpolation="bilinear", antialias=False)
 
@@ -180,7 +211,7 @@ def _apply(model: TransUNet, source: Source, unexpected: list[str], source_forma
     ready = {}
     for key, (name, value) in source.items():
         if key == "encoder.pos_embed":
-            value = _fit_pos_embed(value, model.config.grid, name, path)
+            value = _fit_pos_embed(value, model.config.grid, model.config.variant == "port", name, path)
         if value.shape != own[key].shape:
             raise MicrosegError(f"weights file {path}: '{name}' has shape {tuple(value.shape)}, "
                                 f"the model's '{key}' has {tuple(own[key].shape)}")
@@ -199,10 +230,11 @@ def load_weights(model: TransUNet, path: str | os.PathLike) -> LoadReport:
 
     A partial load (e.g. an encoder-only file) is allowed and reported: print
     `format_load_report(report)`. Unreadable files, shape mismatches and non-finite values raise.
+    A known name (`R50-ViT-B_16`) is looked up in weights/ (`microseg.pretrained.resolve_weights`).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise MicrosegError(f"weights file not found: {path}")
+    from microseg.pretrained import resolve_weights
+
+    path = resolve_weights(path)
     if path.suffix == ".npz":
         return _apply(model, *_read_npz(model, path), "npz", path)
     if path.suffix == ".safetensors":

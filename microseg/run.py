@@ -1,0 +1,214 @@
+"""The run folder: its file names, the overwrite / --force / --resume policy, the checkpoint, reading a run.
+
+`runs/<name>/` holds
+- `config.yaml`      the resolved TrainConfig;
+- `calf_stats.json`  the CALF moments of the training slices (calf runs only);
+- `history.csv`      one row per epoch;
+- `last.pt`, `best.pt` checkpoints (`best.pt` by validation DSC, only with a validation split);
+- `metrics/`         `per_patient.csv` / `.md`, `per_slice.csv`, `evaluation.json` (from evaluate);
+- `predictions/`     the predicted masks (from evaluate).
+
+A checkpoint is a `Checkpoint`, stored by torch.save as a plain dict of its fields (so a
+checkpoint is also a weights file: `model` + `model_config`), the `Preprocess` record among
+them. Checkpoints of the first release (no `preprocess`, `scheduler` keys) still load: their
+preprocessing is rebuilt from the model config's size and the train config's kernels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from microseg.atomic import atomic_path
+from microseg.config import TrainConfig, load_config, resolve_train_config
+from microseg.errors import MicrosegError
+from microseg.preprocess import REFERENCE_KERNEL_SIZES, Preprocess
+from microseg.tables import SUMMARY_ROWS, number, read_csv, write_records
+
+
+class RunFolder:
+    """The paths of one run folder, and the policy for writing into it."""
+
+    OUTPUTS = ("config.yaml", "calf_stats.json", "history.csv", "last.pt", "best.pt", "metrics", "predictions")
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.config = self.path / "config.yaml"
+        self.calf_stats = self.path / "calf_stats.json"
+        self.history = self.path / "history.csv"
+        self.last = self.path / "last.pt"
+        self.best = self.path / "best.pt"
+        self.metrics = self.path / "metrics"
+        self.predictions = self.path / "predictions"
+        self.per_patient = self.metrics / "per_patient.csv"
+        self.per_patient_md = self.metrics / "per_patient.md"
+        self.per_slice = self.metrics / "per_slice.csv"
+        self.evaluation = self.metrics / "evaluation.json"
+
+    def prepare(self, resume: bool, force: bool) -> None:
+        """--resume needs `last.pt`; otherwise refuse an existing run without --force, and with it clear its outputs."""
+        if resume:
+            if not self.last.is_file():
+                raise MicrosegError(f"cannot resume: {self.last} not found")
+            return
+        existing = [name for name in self.OUTPUTS if (self.path / name).exists()]
+        if existing and not force:
+            raise MicrosegError(f"run {self.path} already exists ({', '.join(existing)}); use --resume or --force")
+        for name in existing:
+            target = self.path / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def write_history(self, rows: list[dict[str, Any]]) -> None:
+        write_records(self.history, rows)
+
+    def checkpoint_path(self, which: str = "best") -> Path:
+        """`best.pt` (falling back to `last.pt` when training had no validation), or `last.pt`."""
+        if not self.path.is_dir():
+            raise MicrosegError(f"run folder not found: {self.path}")
+        candidates = [self.best, self.last] if which == "best" else [self.last]
+        for path in candidates:
+            if path.is_file():
+                return path
+        raise MicrosegError(f"{self.path} holds no checkpoint (expected {' or '.join(p.name for p in candidates)})")
+
+
+@dataclass
+class Checkpoint:
+    """Everything a run needs to evaluate (model, model_config, preprocess) or resume (the rest)."""
+
+    model: dict[str, torch.Tensor]
+    model_config: dict[str, Any]
+    preprocess: Preprocess
+    train_config: dict[str, Any] = field(default_factory=dict)
+    optimizer: dict | None = None
+    scaler: dict | None = None
+    scheduler: dict | None = None
+    epoch: int = 0
+    step: int = 0
+    accum: torch.Tensor | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_dsc: float = -1.0
+    calf_stats: dict | None = None
+    rng: torch.Tensor | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {**values, "preprocess": self.preprocess.to_dict()}
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> Checkpoint:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in state.items() if k in known}
+        preprocess = state.get("preprocess")
+        values["preprocess"] = (Preprocess.from_dict(preprocess) if preprocess is not None
+                                else _first_release_preprocess(state))
+        return cls(**values)
+
+    def build_model(self, device: torch.device | str = "cpu") -> torch.nn.Module:
+        """The network this checkpoint describes, its weights loaded strictly, in eval mode on `device`."""
+        from microseg.models import ModelConfig, build_model
+
+        model = build_model(ModelConfig.from_dict(self.model_config))
+        missing, unexpected = model.load_state_dict(self.model, strict=False)
+        if missing or unexpected:
+            raise MicrosegError(
+                f"checkpoint does not fit its model config: {len(missing)} missing, {len(unexpected)} unexpected tensors"
+            )
+        return model.to(device).eval()
+
+
+def _first_release_preprocess(state: dict[str, Any]) -> Preprocess:
+    """The preprocessing a first-release checkpoint was trained with (its dict had no `preprocess`)."""
+    train = state.get("train_config") or {}
+    kernels = list(train.get("ds_kernel_sizes", REFERENCE_KERNEL_SIZES))
+    if not train.get("deep_supervision", True):
+        kernels = kernels[-1:]
+    return Preprocess(size=int(state["model_config"]["img_size"]), kernel_sizes=tuple(int(k) for k in kernels))
+
+
+def save_checkpoint(checkpoint: Checkpoint, path: Path) -> None:
+    """torch.save to a temporary name, then rename: a crash never leaves half a checkpoint."""
+    with atomic_path(path) as tmp:
+        torch.save(checkpoint.to_dict(), tmp)
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Load a checkpoint onto the CPU; MicrosegError when missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise MicrosegError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch raises many types for a corrupt file
+        raise MicrosegError(f"cannot read checkpoint {path}: {type(err).__name__}") from None
+    if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
+        raise MicrosegError(f"{path} is not a microseg checkpoint (no model / model_config)")
+    return Checkpoint.from_dict(state)
+
+
+def load_run_model(run: Path, device: torch.device) -> tuple[torch.nn.Module, Checkpoint]:
+    """The run's best (else last) network on `device`, and its checkpoint."""
+    checkpoint = load_checkpoint(RunFolder(run).checkpoint_path())
+    return checkpoint.build_model(device), checkpoint
+
+
+RESUME_MAY_CHANGE = ("run", "device", "num_workers")
+
+
+def resumed_config(run: str, yaml_path: str | None, options: dict[str, Any]) -> TrainConfig:
+    """The config a run was started with; options given again must agree with it (bar device, workers)."""
+    saved = load_config(RunFolder(run).config)
+    explicit = {k: v for k, v in options.items() if v is not None}
+    given = resolve_train_config(yaml_path, {"cache": saved.cache, **explicit}).to_dict()
+    for key in sorted(set(explicit) - set(RESUME_MAY_CHANGE)):
+        if given[key] != getattr(saved, key):
+            raise MicrosegError(f"--{key.replace('_', '-')} {given[key]} differs from the run's config "
+                                f"({getattr(saved, key)}); a resumed run keeps its config")
+    return dataclasses.replace(saved, **{k: given[k] for k in RESUME_MAY_CHANGE if k in explicit})
+
+
+@dataclass
+class RunRecord:
+    """What `compare` needs of one run folder."""
+
+    name: str
+    loss: str
+    history: list[dict[str, float]]
+    patients: dict[str, dict[str, float]] = field(default_factory=dict)  # case_id -> metric -> value
+    slices: list[dict] = field(default_factory=list)  # metrics/per_slice.csv rows
+    evaluation: dict = field(default_factory=dict)  # metrics/evaluation.json: data, split, protocol
+    path: Path = Path()
+
+    @property
+    def label(self) -> str:
+        """The run's name, with its loss when the name does not already say it."""
+        return self.name if self.name == self.loss else f"{self.name} ({self.loss})"
+
+
+def load_run(run: Path) -> RunRecord:
+    """Read a run folder for `compare`; MicrosegError when it is missing or holds no history."""
+    folder = RunFolder(run)
+    if not folder.path.is_dir():
+        raise MicrosegError(f"run folder not found: {folder.path}")
+    config = load_config(folder.config)
+    if not folder.history.is_file():
+        raise MicrosegError(f"{folder.path} has no history.csv: train it first (microseg train --run {folder.path})")
+    history = [{k: number(v) for k, v in row.items()} for row in read_csv(folder.history)]
+    record = RunRecord(folder.path.name, config.loss, history, path=folder.path)
+    if folder.per_patient.is_file():
+        for row in read_csv(folder.per_patient):
+            if row["case_id"] not in SUMMARY_ROWS:
+                record.patients[row["case_id"]] = {k: number(v) for k, v in row.items() if k != "case_id"}
+    if folder.per_slice.is_file():
+        record.slices = [{k: v if k == "case_id" else number(v) for k, v in row.items()}
+                         for row in read_csv(folder.per_slice)]
+    if folder.evaluation.is_file():
+        record.evaluation = json.loads(folder.evaluation.read_text())
+    return record

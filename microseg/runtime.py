@@ -1,0 +1,73 @@
+"""Where a run computes: the torch device, mixed-precision autocast, and torchrun's processes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import torch.distributed as dist
+
+from microseg.errors import MicrosegError
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" (CUDA when present, else the CPU) or a torch device name, checked to exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise MicrosegError(f"--device {name!r} is not a torch device (try cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MicrosegError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def autocast_context(device: torch.device, amp: str | None):
+    """bf16 autocast on CPU or GPU; fp16 on GPU only (with a grad scaler); none when amp is None."""
+    if amp is None:
+        return contextlib.nullcontext()
+    if amp == "fp16" and device.type != "cuda":
+        raise MicrosegError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+class Distributed:
+    """torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) or a single process."""
+
+    def __init__(self, device_name: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = resolve_device(device_name)
+        if self.device.type == "cuda" and self.device.index is None and self.world > 1:
+            self.device = torch.device("cuda", local_rank)
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(values)
+        return values
+
+    def broadcast_flag(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on any."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
