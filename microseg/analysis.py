@@ -6,7 +6,9 @@
   Inside R: DSC_R = 2|P n E n R| / (|P n R| + |E n R|), error rate = |(P XOR E) n R| / |R|.
 - Stratification (A-FL Fig. 3): per-slice DSC grouped by tertiles of the expert's area and
   of its boundary roughness, the isoperimetric ratio P^2 / (4 pi A) (1 for a disk, 4/pi for a
-  square, larger for rougher outlines); A-FL's gamma_mSa is reported beside it.
+  square, larger for rougher outlines); A-FL's gamma_mSa is reported beside it. And, as the
+  paper's Fig. 3 itself does, per patient: the patient's DSC grouped by tertiles of its expert
+  volume (ml) and of its smoothness, the volume's gamma_mSa (`patient_descriptors`).
 The figures of these are drawn by `microseg.figures`.
 Masks are [Z,H,W] arrays (non-zero = object).
 """
@@ -29,6 +31,9 @@ SIZE_LABELS = ("small", "medium", "large")
 ROUGHNESS_LABELS = ("smooth", "moderate", "rough")
 FACTORS = (("size", "area_mm2", SIZE_LABELS), ("roughness", "roughness", ROUGHNESS_LABELS))
 STRATIFIED_HEADER = ["run", "factor", "stratum", "mean_dsc", "std_dsc", "n_slices"]
+SMOOTHNESS_LABELS = ("good", "medium", "poor")  # A-FL Fig. 3's smoothness classes: low gamma_mSa is smooth
+PATIENT_FACTORS = (("volume", "volume_ml", SIZE_LABELS), ("smoothness", "gamma_msa", SMOOTHNESS_LABELS))
+PATIENT_STRATIFIED_HEADER = ["run", "factor", "stratum", "mean_dsc", "std_dsc", "n_patients"]
 OUTLINE_EPSILON_PX = 1.0
 _CHUNK = 16  # slices per gamma_mSa call: bounds memory on 962 x 1372 volumes
 
@@ -179,6 +184,41 @@ def stratum_edges(per_slice: Mapping[str, Sequence[Mapping]]) -> dict[str, tuple
     return {factor: tertile_edges([s[key] for s in unique.values()]) for factor, key, _ in FACTORS}
 
 
+def patient_descriptors(expert: np.ndarray, spacing_zyx: Sequence[float], size: int) -> dict[str, float]:
+    """A patient's size and smoothness, as A-FL's Fig. 3 groups its patients.
+
+    volume_ml = expert voxel count * sz * sy * sx / 1000 (mm^3 -> ml, the NIfTI spacing);
+    gamma_msa = A-FL's mean gradient magnitude of the expert volume (`patient_statistics`, voxel
+    units, 3D) on the grid the network trains on: every slice resized to size x size as the cache
+    resizes masks (`microseg.data.cache.resize_mask`). That is the statistic the loss sees, and
+    it stays small in memory where the native 962 x 1372 x 300 volume would need gigabytes.
+    """
+    from microseg.data.cache import resize_mask
+    from microseg.losses import patient_statistics
+
+    (expert,) = bool_volumes(expert=expert)
+    voxel_mm3 = float(np.prod(np.asarray(spacing_zyx, dtype=np.float64)))
+    stack = np.stack([resize_mask(z, size) for z in expert])
+    return {"volume_ml": float(np.count_nonzero(expert)) * voxel_mm3 / 1000.0,
+            "gamma_msa": patient_statistics(stack)[1]}
+
+
+def _strata_rows(groups_of: Mapping[str, Sequence[Mapping]], factors: Sequence[tuple],
+                 edges: Mapping[str, tuple[float, float]]) -> list[list]:
+    """[run, factor, stratum, mean_dsc, std_dsc, n] of each run's items (dicts with dsc and the factors' keys)."""
+    rows = []
+    for run, items in groups_of.items():
+        for factor, key, labels in factors:
+            groups: dict[str, list[float]] = {label: [] for label in labels}
+            for item in items:
+                if not math.isnan(item.get(key, math.nan)):
+                    groups[stratum(item[key], edges[factor], labels)].append(item.get("dsc", math.nan))
+            for label in labels:
+                stats = summarize(groups[label])
+                rows.append([run, factor, label, stats["mean"], stats["std"], stats["n"]])
+    return rows
+
+
 def stratified_table(per_slice: Mapping[str, Sequence[Mapping]]) -> tuple[list[str], list[list]]:
     """Mean and std (population) of per-slice DSC, and slice count, per run and per stratum.
 
@@ -188,18 +228,40 @@ def stratified_table(per_slice: Mapping[str, Sequence[Mapping]]) -> tuple[list[s
     and n, and slices with a NaN descriptor (undefined roughness) out of that factor's strata.
     Rows: [run, "size"|"roughness", stratum, mean_dsc, std_dsc, n_slices].
     """
-    edges = stratum_edges(per_slice)
-    rows = []
-    for run, slices in per_slice.items():
-        for factor, key, labels in FACTORS:
-            groups: dict[str, list[float]] = {label: [] for label in labels}
-            for s in slices:
-                if not math.isnan(s[key]):
-                    groups[stratum(s[key], edges[factor], labels)].append(s["dsc"])
-            for label in labels:
-                stats = summarize(groups[label])
-                rows.append([run, factor, label, stats["mean"], stats["std"], stats["n"]])
-    return list(STRATIFIED_HEADER), rows
+    return list(STRATIFIED_HEADER), _strata_rows(per_slice, FACTORS, stratum_edges(per_slice))
+
+
+def patient_strata_edges(patients: Mapping[str, Mapping[str, Mapping]]) -> dict[str, tuple[float, float]]:
+    """Tertile edges per patient factor ("volume", "smoothness") over the patients of all runs.
+
+    The expert volume is the same for every run: each case counts once, with the first run's
+    non-NaN value. A factor no patient has (an evaluation of an older release) is left out.
+    """
+    edges = {}
+    for factor, key, _ in PATIENT_FACTORS:
+        values: dict[str, float] = {}
+        for cases in patients.values():
+            for case, row in cases.items():
+                if case not in values and not math.isnan(row.get(key, math.nan)):
+                    values[case] = row[key]
+        if values:
+            edges[factor] = tertile_edges(list(values.values()))
+    return edges
+
+
+def patient_stratified_table(patients: Mapping[str, Mapping[str, Mapping]]) -> tuple[list[str], list[list]]:
+    """A-FL Fig. 3 per patient: mean and std (population) of per-patient DSC, and patient count,
+    per run and per tertile of the expert volume (small, medium, large) and of its gamma_mSa
+    (good, medium, poor smoothness), the edges computed once over all runs' patients.
+
+    `patients`: run name -> case_id -> its per_patient.csv row (dsc, volume_ml, gamma_msa).
+    Rows: [run, "volume"|"smoothness", stratum, mean_dsc, std_dsc, n_patients]; none when no
+    patient has the descriptors.
+    """
+    edges = patient_strata_edges(patients)
+    factors = [f for f in PATIENT_FACTORS if f[0] in edges]
+    items = {run: list(cases.values()) for run, cases in patients.items()}
+    return list(PATIENT_STRATIFIED_HEADER), _strata_rows(items, factors, edges)
 
 
 def disagreement_slices(preds: Mapping[str, np.ndarray], expert: np.ndarray, n: int) -> list[int]:

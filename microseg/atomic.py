@@ -61,7 +61,7 @@ def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
     for path in target.parent.glob(glob.escape(f".{target.name}.") + "*.tmp*"):
         match = pattern.fullmatch(path.name)
         if match and not _pid_alive(int(match.group(1))):
-            path.unlink(missing_ok=True)
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
             removed.append(path)
     return removed
 
@@ -151,6 +151,55 @@ def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterato
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new empty folder beside `target`; if the block succeeds it replaces `target` whole.
+
+    Files of an earlier `target` that the block did not write are gone afterwards, and a failed
+    block leaves `target` as it was. The earlier folder is renamed aside (``<temporary>.old``)
+    before the new one takes its name, then removed; a writer killed in between leaves
+    temporaries that the next write of `target` removes (`remove_stale_temporaries`).
+    """
+    target = Path(target)
+    make_folder(target.parent)
+    remove_stale_temporaries(target)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(target), suffix=".tmp", dir=target.parent))
+    except OSError as err:
+        raise MicrosegError(f"cannot write {target}: {_reason(err)}") from None
+    try:
+        yield tmp
+        aside = tmp.with_name(tmp.name + ".old")
+        if target.exists():
+            os.replace(target, aside)
+        os.replace(tmp, target)
+        shutil.rmtree(aside, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_files_into(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new empty folder beside the folder `target`; if the block succeeds, its files move into
+    `target` (created if needed; other files there stay). A failed block leaves `target` as it was:
+    a batch of outputs appears whole or not at all."""
+    target = Path(target)
+    make_folder(target.parent)
+    remove_stale_temporaries(target)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(target), suffix=".tmp", dir=target.parent))
+    except OSError as err:
+        raise MicrosegError(f"cannot write {target}: {_reason(err)}") from None
+    try:
+        yield tmp
+        make_folder(target)
+        for path in sorted(tmp.iterdir()):
+            os.replace(path, target / path.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_text(target: str | os.PathLike, text: str) -> None:

@@ -78,7 +78,15 @@ def _add_prepare(verbs: argparse._SubParsersAction) -> None:
 
 
 def _add_train(verbs: argparse._SubParsersAction) -> None:
-    p = verbs.add_parser("train", help="train a model on a slice cache (defaults: the reference recipe)")
+    p = verbs.add_parser("train", help="train a model on a slice cache (--recipe: a paper's settings)",
+                         description="Train a model on a slice cache. Defaults are the `default` recipe "
+                                     "(MicroSegNet's optimisation, the adaptive focal loss, augmentation); --recipe "
+                                     "microsegnet or adaptive-focal sets a paper's settings (the --config file and "
+                                     "the options win over it). Without a paper recipe, the default model "
+                                     "R50-ViT-B_16 trains from scratch unless --weights R50-ViT-B_16 gives it the "
+                                     "paper's ImageNet-21k encoder (fetch it once with "
+                                     "`microseg download weights R50-ViT-B_16`). --cache and --run are required, "
+                                     "on the command line or in the --config file.")
     p.add_argument("--config", help="YAML file holding any of the options below (the command line wins)")
     _add_config_options(p)
     p.add_argument("--resume", action="store_true", help="continue the run from its last.pt")
@@ -117,7 +125,7 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
             shown = " ".join(map(str, default)) if isinstance(default, list) else default
             text += f" (default {shown})".replace("%", "%%")
         if isinstance(default, bool):
-            extra |= {"action": "store_const", "const": not default}
+            extra |= {"action": argparse.BooleanOptionalAction}  # --x / --no-x: either can undo a recipe's
         elif isinstance(default, list):
             extra |= {"nargs": "+", "type": type(default[0])}
         elif default is not None and "nargs" not in extra:
@@ -134,10 +142,14 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
 def _add_evaluate(verbs: argparse._SubParsersAction) -> None:
     from microseg.metrics import PROTOCOLS
 
-    p = verbs.add_parser("evaluate", help="predict a split volume by volume and score each patient (DSC, HD95 mm)")
-    p.add_argument("--run", required=True, help="trained run folder")
+    p = verbs.add_parser("evaluate", help="predict a split volume by volume and score each patient (DSC, HD95 mm)",
+                         description="Predict every volume of a split with the run's best.pt (the best validation "
+                                     "DSC; last.pt when training had no validation) and score each patient. "
+                                     "Overwrites the run's metrics/ and predictions/ (predictions/ is replaced "
+                                     "whole), and prints the checkpoint used and the mean DSC and HD95.")
+    p.add_argument("--run", required=True, help="trained run folder (uses its best.pt, else last.pt)")
     p.add_argument("--data", required=True, help="dataset folder holding the split")
-    p.add_argument("--split", default="test", help="split to evaluate (default test)")
+    p.add_argument("--split", default="test", help="split to evaluate: train or test (default test)")
     p.add_argument("--protocol", default=PROTOCOLS[0], help=f"scoring protocol: {', '.join(PROTOCOLS)} (default %(default)s)")
     _add_inference_options(p)
 
@@ -155,7 +167,9 @@ def _add_predict(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("predict", help="segment a volume or a folder of volumes with a trained run")
     p.add_argument("--run", required=True, help="trained run folder")
     p.add_argument("--input", required=True, help="a .nii/.nii.gz volume or a folder of them")
-    p.add_argument("--out", required=True, help="output mask file (for one volume) or folder")
+    p.add_argument("--out", required=True,
+                   help="output mask file ending in .nii or .nii.gz (for one volume), or folder (for a folder: "
+                        "its masks keep the input names and appear only once every volume is predicted)")
     _add_inference_options(p)
 
     def run(args: argparse.Namespace) -> int:
@@ -169,8 +183,12 @@ def _add_predict(verbs: argparse._SubParsersAction) -> None:
 
 
 def _add_compare(verbs: argparse._SubParsersAction) -> None:
-    p = verbs.add_parser("compare", help="compare runs: loss curves, per-epoch and per-patient tables, tests")
-    p.add_argument("runs", nargs="+", help="run folders")
+    p = verbs.add_parser("compare", help="compare runs: loss curves, per-epoch and per-patient tables, tests",
+                         description="Compare runs: what was compared, a results paragraph (paired differences, "
+                                     "bootstrap CIs, Wilcoxon tests), loss curves, per-epoch and per-patient tables, "
+                                     "raters, hard region, strata. Evaluated runs must share the split and protocol "
+                                     "of their `microseg evaluate` (patients are paired by case).")
+    p.add_argument("runs", nargs="+", help="run folders (evaluated ones on the same split and protocol)")
     p.add_argument("--out", required=True, help="report folder to write")
     p.add_argument("--overlays", action="store_true", help="also draw contour overlays of image, expert and each run")
     p.add_argument("--cases", help="overlay these cases (and slices): e.g. 01,03:12,03:40 (default: where runs differ most)")
@@ -185,13 +203,18 @@ def _add_compare(verbs: argparse._SubParsersAction) -> None:
 
 
 def _add_demo(verbs: argparse._SubParsersAction) -> None:
+    from microseg.demo import DEMO_TRAIN
+
     p = verbs.add_parser("demo", help="simulate, prepare, train three losses, evaluate and compare, on a CPU")
     p.add_argument("--out", default="demo", help="folder for everything the demo writes (default ./demo)")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the demo's own)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help=f"epochs per run (default {DEMO_TRAIN['epochs']}, at least 1)")
 
     def run(args: argparse.Namespace) -> int:
         from microseg.demo import run_demo
 
+        if args.epochs is not None and args.epochs < 1:
+            raise MicrosegError(f"--epochs must be >= 1, got {args.epochs}")
         run_demo(args.out, epochs=args.epochs)
         return 0
 

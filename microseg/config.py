@@ -1,16 +1,26 @@
-"""Typed run configuration: defaults <- YAML file <- command-line options.
+"""Typed run configuration: defaults <- recipe <- YAML file <- command-line options.
 
-Defaults are the reference recipe (MicroSegNet): SGD, lr 0.01, momentum 0.9, weight decay 1e-4,
-batch 8, 10 epochs, poly decay (1 - iter/max_iter)^0.9, seed 1234, deep-supervision kernels
-(1, 2, 3, 4) and unit weights for the 28/56/112/224 outputs. One kernel size (and one weight)
-trains the main output alone, without deep supervision. Each field's `help` metadata is the
-`microseg train` option's help (the CLI adds the default). The resolved config is saved as
-`config.yaml` in every run.
+Defaults (the `default` recipe) take MicroSegNet's optimisation: SGD, lr 0.01, momentum 0.9,
+weight decay 1e-4, batch 8, 10 epochs, poly decay (1 - iter/max_iter)^0.9, seed 1234,
+deep-supervision kernels (1, 2, 3, 4) and unit weights for the 28/56/112/224 outputs; with the
+adaptive focal loss, augmentation and bilinear resize back at evaluation. `--recipe microsegnet`
+or `--recipe adaptive-focal` sets what each paper used instead (`microseg.recipes`). One kernel
+size (and one weight) trains the main output alone, without deep supervision. Each field's
+`help` metadata is the `microseg train` option's help (the CLI adds the default). The resolved
+config, with its recipe's name, is saved as `config.yaml` in every run.
+
+Validation, all before a run folder is created: every value has its field's type (a YAML
+`lr: 1e-3`, which YAML reads as a string, is read as the number it spells) and its range
+(`RULES`); names (optimizer, amp, device, model, loss spec) are checked against what exists;
+then `check_train_inputs` reads the files the config names (the cache, and the weights) and
+checks that the model can take the cache's slice size. Each refusal is one MicrosegError line
+naming the option.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -18,7 +28,8 @@ from typing import Any
 import yaml
 
 from microseg.errors import MicrosegError
-from microseg.preprocess import REFERENCE_KERNEL_SIZES, Preprocess
+from microseg.preprocess import PREDICTION_RESIZES, REFERENCE_KERNEL_SIZES, Preprocess
+from microseg.recipes import DEFAULT_RECIPE, RECIPES, recipe_settings
 
 
 def option(default: Any = None, help: str = "", **cli: Any) -> Any:
@@ -31,41 +42,71 @@ def option(default: Any = None, help: str = "", **cli: Any) -> Any:
 @dataclass
 class TrainConfig:
     cache: str = option("", "slice cache from `microseg prepare`")
-    run: str = option("", "run folder to write, e.g. runs/NAME", required=True)
+    run: str = option("", "run folder to write, e.g. runs/NAME (required, here or as run: in --config)")
+    recipe: str = option(DEFAULT_RECIPE, f"named set of defaults: {', '.join(RECIPES)} (the --config file and "
+                                         "the options win over it; see the README)")
     loss: str = option("adaptive_focal", "loss spec, e.g. adaptive_focal, ag_bce:w=4, 0.5*dice+focal")
-    model: str = option("R50-ViT-B_16", "named model config (the paper's, or small, tiny: see the README)")
+    model: str = option("R50-ViT-B_16", "named model config: R50-ViT-B_16 (the paper's; without --weights it "
+                                        "trains from scratch, not from the paper's ImageNet-21k encoder), "
+                                        "R50-ViT-B_16-port, R50-ViT-L_16, small, tiny: see the README")
     weights: str | None = option(None, "pretrained weights file (Google .npz, timm/safetensors state dict, "
-                                       "microseg checkpoint) or a name found in weights/: R50-ViT-B_16")
-    epochs: int = option(10, "epochs")
-    batch_size: int = option(8, "batch size")
-    lr: float = option(0.01, "base learning rate, poly decay")
+                                       "microseg checkpoint) or a name found in weights/: R50-ViT-B_16 "
+                                       "(fetch it with `microseg download weights R50-ViT-B_16`)")
+    epochs: int = option(10, "epochs, at least 1")
+    batch_size: int = option(8, "batch size, at least 1")
+    lr: float = option(0.01, "base learning rate, > 0, poly decay")
     optimizer: str = option("sgd", "sgd or adam")
-    momentum: float = option(0.9, "SGD momentum")
-    weight_decay: float = option(1e-4, "weight decay")
-    poly_power: float = option(0.9, "poly decay power: lr (1 - iteration / max_iter) ^ power")
-    val_fraction: float = option(0.0, "fraction of training patients held out for validation")
-    seed: int = option(1234, "random seed")
+    momentum: float = option(0.9, "SGD momentum, in [0, 1)")
+    weight_decay: float = option(1e-4, "weight decay, >= 0")
+    poly_power: float = option(0.9, "poly decay power, >= 0: lr (1 - iteration / max_iter) ^ power")
+    val_fraction: float = option(0.0, "fraction of training patients held out for validation, in [0, 1)")
+    seed: int = option(1234, "random seed, 0 to 2^32 - 1")
     ds_kernel_sizes: list[int] = option(list(REFERENCE_KERNEL_SIZES),
                                         "hard-region dilation kernel per output, coarsest first (one: no deep supervision)")
-    ds_weights: list[float] = option([1.0] * len(REFERENCE_KERNEL_SIZES), "loss weight per output, coarsest first")
-    augment: bool = option(True, "train without augmentation", flag="--no-augment")
-    amp: str | None = option(None, "mixed precision: bf16 (with a bare --amp) or fp16 (CUDA, with a grad scaler)",
-                             nargs="?", const="bf16")
+    ds_weights: list[float] = option([1.0] * len(REFERENCE_KERNEL_SIZES),
+                                     "loss weight per output, coarsest first, each >= 0, not all 0")
+    augment: bool = option(True, "augment the training slices: flips, rotations, scaling, brightness/contrast "
+                                 "(--no-augment: none, as MicroSegNet)")
+    prediction_resize: str = option("bilinear", "how evaluation brings probabilities back to native size: "
+                                                "bilinear, or nearest (MicroSegNet's test script)")
+    amp: str | None = option("auto", "mixed precision: auto (bf16 on CUDA, none on the CPU), bf16 (a bare --amp), "
+                                     "fp16 (CUDA, with a grad scaler) or none (fp32)", nargs="?", const="bf16")
     channels_last: bool = option(False, "channels_last memory format")
     compile: bool = option(False, "torch.compile the model")
     device: str = option("auto", "auto, cpu, cuda, cuda:N")
-    num_workers: int = option(2, "DataLoader workers")
+    num_workers: int = option(2, "DataLoader workers, >= 0 (0: load in the main process); they persist across epochs")
+    sync_every: int = option(50, "read the losses back from the device every N steps (and at each epoch's end): "
+                                 "the NaN/Inf check, progress bar and TensorBoard running loss, >= 1")
+    tensorboard: str | None = option(None, "write TensorBoard logs to DIR (a bare --tensorboard: RUN/tensorboard; "
+                                           "needs pip install -e '.[tensorboard]')", nargs="?", const="",
+                                     metavar="DIR")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def preprocess(self, size: int) -> Preprocess:
         """The preprocessing of a run trained on a `size` px cache with this config."""
-        return Preprocess(size=size, kernel_sizes=tuple(int(k) for k in self.ds_kernel_sizes))
+        return Preprocess(size=size, kernel_sizes=tuple(int(k) for k in self.ds_kernel_sizes),
+                          prediction_resize=self.prediction_resize)
 
 
 OPTIMIZERS = ("sgd", "adam")
-AMP_DTYPES = (None, "bf16", "fp16")
+AMP_DTYPES = (None, "auto", "none", "bf16", "fp16")
+SEED_MAX = 2**32 - 1
+
+RULES: dict[str, tuple[float, float, bool, bool]] = {
+    # field: (low, high, low included, high included); every number must also be finite
+    "epochs": (1, math.inf, True, False),
+    "batch_size": (1, math.inf, True, False),
+    "num_workers": (0, math.inf, True, False),
+    "sync_every": (1, math.inf, True, False),
+    "seed": (0, SEED_MAX, True, True),
+    "lr": (0.0, math.inf, False, False),
+    "momentum": (0.0, 1.0, True, False),
+    "weight_decay": (0.0, math.inf, True, False),
+    "poly_power": (0.0, math.inf, True, False),
+    "val_fraction": (0.0, 1.0, True, False),
+}
 
 
 def resolve_train_config(yaml_path: str | None, overrides: dict[str, Any]) -> TrainConfig:
@@ -79,15 +120,18 @@ def resolve_train_config(yaml_path: str | None, overrides: dict[str, Any]) -> Tr
             loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise MicrosegError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        except UnicodeDecodeError:
+            raise MicrosegError(f"{path} is not a text (YAML) file") from None
         if not isinstance(loaded, dict):
             raise MicrosegError(f"{path} must hold a mapping of option: value")
         values.update(_upgrade(loaded))
     values.update({k: v for k, v in overrides.items() if v is not None})
+    values = {**recipe_settings(values.get("recipe", DEFAULT_RECIPE)), **values}
     known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(set(values) - known, key=str)
     if unknown:
-        raise MicrosegError(f"unknown config option(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
-    config = TrainConfig(**values)
+        raise MicrosegError(f"unknown config option(s) {', '.join(map(str, unknown))}; valid: {', '.join(sorted(known))}")
+    config = TrainConfig(**{key: _typed(key, value) for key, value in values.items()})
     _validate(config)
     return config
 
@@ -101,24 +145,130 @@ def _upgrade(values: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _typed(name: str, value: Any) -> Any:
+    """`value` as the type of field `name`'s default (a string that spells a number is that number)."""
+    default = getattr(TrainConfig(), name)
+    if isinstance(default, list):
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if not items:
+            raise MicrosegError(f"{_flag(name)} needs at least one value")
+        return [_scalar(name, item, type(default[0])) for item in items]
+    if default is None and value is None:
+        return None
+    return _scalar(name, value, str if default is None else type(default))
+
+
+def _scalar(name: str, value: Any, kind: type) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif not isinstance(value, bool):
+        try:
+            number = float(value)
+            if kind is float:
+                return number
+            if number.is_integer():
+                return int(number)
+        except (TypeError, ValueError, OverflowError):
+            pass
+    what = {bool: "true or false", str: "a text value", int: "an integer", float: "a number"}[kind]
+    raise MicrosegError(f"{_flag(name)} must be {what}, got {value!r}")
+
+
+def _check_range(name: str, value: float) -> None:
+    low, high, low_in, high_in = RULES[name]
+    above = value >= low if low_in else value > low
+    below = value <= high if high_in else value < high
+    if not (math.isfinite(value) and above and below):
+        if high == math.inf:
+            wanted = f"{'>=' if low_in else '>'} {_number(low)}"
+        else:
+            wanted = f"in {'[' if low_in else '('}{_number(low)}, {_number(high)}{']' if high_in else ')'}"
+        raise MicrosegError(f"{_flag(name)} must be {wanted}, got {_number(value)}")
+
+
+def _number(value: float) -> str:
+    """An integral value in full (4294967295), any other as %g (0.001, nan)."""
+    return str(int(value)) if math.isfinite(value) and float(value).is_integer() else f"{value:g}"
+
+
 def _validate(c: TrainConfig) -> None:
+    """Ranges and names of a merged config (no file is read)."""
+    from microseg.losses import check_spec
+    from microseg.models.configs import CONFIGS
+    from microseg.runtime import resolve_device
+
     if not c.cache:
         raise MicrosegError("no slice cache given: pass --cache CACHE.h5 (made by `microseg prepare`)")
     if not c.run:
-        raise MicrosegError("no run folder given: pass --run runs/NAME")
+        raise MicrosegError("no run folder given: pass --run runs/NAME (or run: in the --config file)")
+    for name in RULES:
+        _check_range(name, getattr(c, name))
     if c.optimizer not in OPTIMIZERS:
         raise MicrosegError(f"--optimizer {c.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
     if c.amp not in AMP_DTYPES:
-        raise MicrosegError(f"--amp {c.amp!r} is not one of bf16, fp16")
-    if c.epochs < 1 or c.batch_size < 1:
-        raise MicrosegError("--epochs and --batch-size must be at least 1")
-    if not 0.0 <= c.val_fraction < 1.0:
-        raise MicrosegError(f"--val-fraction must be in [0, 1), got {c.val_fraction}")
+        raise MicrosegError(f"--amp {c.amp!r} is not one of auto, bf16, fp16, none")
+    if c.prediction_resize not in PREDICTION_RESIZES:
+        raise MicrosegError(f"--prediction-resize {c.prediction_resize!r} is not one of "
+                            f"{', '.join(PREDICTION_RESIZES)}")
+    if c.model not in CONFIGS:
+        raise MicrosegError(f"--model {c.model!r} is not a model config; choose one of: {', '.join(CONFIGS)}")
+    _validate_deep_supervision(c)
+    check_spec(c.loss)
+    if resolve_device(c.device).type != "cuda" and c.amp == "fp16":
+        raise MicrosegError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
+
+
+def _validate_deep_supervision(c: TrainConfig) -> None:
+    n = len(REFERENCE_KERNEL_SIZES)
+    if len(c.ds_kernel_sizes) not in (1, n):
+        raise MicrosegError(f"--ds-kernel-sizes needs {n} entries (one per output, coarsest first) "
+                            f"or 1 (the main output alone), got {len(c.ds_kernel_sizes)}")
     if len(c.ds_kernel_sizes) != len(c.ds_weights):
-        raise MicrosegError("ds_kernel_sizes and ds_weights must have one entry per output scale")
-    if len(c.ds_kernel_sizes) not in (1, len(REFERENCE_KERNEL_SIZES)):
-        raise MicrosegError(f"ds_kernel_sizes needs {len(REFERENCE_KERNEL_SIZES)} entries (one per output) "
-                            "or 1 (the main output alone)")
+        raise MicrosegError(f"--ds-weights needs one entry per --ds-kernel-sizes entry ({len(c.ds_kernel_sizes)}), "
+                            f"got {len(c.ds_weights)}")
+    bad = [k for k in c.ds_kernel_sizes if k < 1]
+    if bad:
+        raise MicrosegError(f"--ds-kernel-sizes must be integers >= 1 (dilation kernel sizes), got {bad[0]}")
+    bad = [w for w in c.ds_weights if not (math.isfinite(w) and w >= 0)]
+    if bad:
+        raise MicrosegError(f"--ds-weights must be finite and >= 0, got {bad[0]:g}")
+    if not sum(c.ds_weights) > 0:
+        raise MicrosegError("--ds-weights are all 0: at least one output must have a weight > 0")
+
+
+def check_train_inputs(c: TrainConfig, resume: bool) -> list[str]:
+    """Refuse, before a run folder is created, a cache or weights file the run could not use; returns warnings.
+
+    The cache must be readable and its slice size one the model takes (a multiple of the encoder
+    stride); the weights (a fresh run's) must resolve to a readable weights file. A batch larger
+    than the training split is legitimate but suspicious: one warning.
+    """
+    from microseg.data.cache import read_cache_info
+    from microseg.data.dataset import split_by_patient
+    from microseg.models.configs import ENCODER_STRIDE
+    from microseg.models.weights import check_weights_file
+
+    info = read_cache_info(Path(c.cache))
+    if info.size % ENCODER_STRIDE:
+        lower = max(ENCODER_STRIDE, info.size // ENCODER_STRIDE * ENCODER_STRIDE)
+        raise MicrosegError(f"cache {c.cache} holds {info.size} px slices, which no model takes (a multiple of "
+                            f"{ENCODER_STRIDE} is needed): prepare it again with --size {lower} or "
+                            f"{lower + ENCODER_STRIDE}")
+    if c.weights and not resume:
+        check_weights_file(c.weights)
+    train_idx, _ = split_by_patient(Path(c.cache), c.val_fraction, c.seed)
+    if c.batch_size > len(train_idx):
+        return [f"--batch-size {c.batch_size} is larger than the {len(train_idx)} training slices of {c.cache}: "
+                f"every step sees the whole training split"]
+    return []
 
 
 def save_config(config: TrainConfig, path: Path) -> None:
@@ -130,4 +280,15 @@ def save_config(config: TrainConfig, path: Path) -> None:
 def load_config(path: Path) -> TrainConfig:
     if not path.is_file():
         raise MicrosegError(f"{path.parent} is not a microseg run: {path.name} is missing")
-    return TrainConfig(**_upgrade(yaml.safe_load(path.read_text()) or {}))
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError):
+        raise MicrosegError(f"{path} is not a readable run config (YAML)") from None
+    if not isinstance(values, dict):
+        raise MicrosegError(f"{path} must hold a mapping of option: value")
+    values = _upgrade(values)
+    unknown = sorted(set(values) - {f.name for f in fields(TrainConfig)}, key=str)
+    if unknown:
+        raise MicrosegError(f"{path} has option(s) this microseg does not know: {', '.join(map(str, unknown))} "
+                            "(written by another version?)")
+    return TrainConfig(**values)

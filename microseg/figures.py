@@ -1,4 +1,4 @@
-"""Every figure: loss curves, size/roughness-stratified bars, contour overlays; Agg backend, atomic PNGs.
+"""Every figure: loss curves, stratified bars (per slice, per patient), contour overlays; Agg backend, atomic PNGs.
 
 Colours: one per run, the same in every figure of a comparison (`run_colours`, by the runs'
 order), from RUN_COLOURS (matplotlib's tab10 without its green and grey); the expert is drawn in
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from microseg.analysis import FACTORS, STRATIFIED_HEADER, bool_volumes
+from microseg.analysis import FACTORS, bool_volumes
 from microseg.atomic import atomic_path
 from microseg.errors import MicrosegError
 from microseg.metrics import dice
@@ -70,20 +70,32 @@ def plot_loss_curves(histories: Mapping[str, Sequence[Mapping[str, float]]], pat
     save_png(fig, path)
 
 
+PANEL_TITLES = {
+    "size": "by object size (expert area tertiles)",
+    "roughness": "by boundary roughness (P\u00b2/4\u03c0A tertiles)",
+    "volume": "by patient volume (expert ml tertiles)",
+    "smoothness": "by patient smoothness (\u03b3_mSa tertiles)",
+}
+
+
 def plot_stratified(header: Sequence[str], rows: Sequence[Sequence], out_png: str | Path,
-                    colours: Mapping[str, str] | None = None) -> None:
-    """A-FL Fig. 3 layout: a size panel and a roughness panel, one group of bars per stratum,
-    one bar per run, error bars = std, mean DSC written above each bar."""
+                    colours: Mapping[str, str] | None = None, factors: Sequence[tuple] = FACTORS) -> None:
+    """A-FL Fig. 3 layout: one panel per factor (per slice: size, roughness; per patient: volume,
+    smoothness), one group of bars per stratum, one bar per run, error bars = std, mean DSC
+    written above each bar. `header` is [run, factor, stratum, mean_dsc, std_dsc, n_slices |
+    n_patients]; the last column says what was averaged."""
     plt = pyplot()
-    col = {name: header.index(name) for name in STRATIFIED_HEADER}
+    col = {name: i for i, name in enumerate(header)}
+    count = header[-1]
     runs = list(dict.fromkeys(row[col["run"]] for row in rows))
     colours = colours or run_colours(runs)
     cell = {(r[col["run"]], r[col["factor"]], r[col["stratum"]]): r for r in rows}
-    lows = [r[col["mean_dsc"]] - r[col["std_dsc"]] for r in rows if r[col["n_slices"]]]
+    lows = [r[col["mean_dsc"]] - r[col["std_dsc"]] for r in rows if r[col[count]]]
     bottom = max(0.0, math.floor(20 * min(lows, default=0.0)) / 20 - 0.05)  # zoom on the bars' range
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), layout="constrained")
+    fig, axes = plt.subplots(1, len(factors), figsize=(5.5 * len(factors), 4.4), layout="constrained", squeeze=False)
     width = 0.8 / max(1, len(runs))
-    for ax, (factor, _, labels) in zip(axes, FACTORS):
+    unit = count.removeprefix("n_").removesuffix("s")
+    for ax, (factor, _, labels) in zip(axes[0], factors):
         x = np.arange(len(labels))
         for i, run in enumerate(runs):
             got = [cell.get((run, factor, label)) for label in labels]
@@ -94,12 +106,11 @@ def plot_stratified(header: Sequence[str], rows: Sequence[Sequence], out_png: st
             ax.bar_label(bars, labels=["" if math.isnan(m) else f"{m:.3f}" for m in mean], fontsize=7, padding=2)
         ax.set_xticks(x, labels)
         ax.set_ylim(bottom, 1.0)
-        ax.set_ylabel("mean slice DSC")
-        ax.set_title("by object size (expert area tertiles)" if factor == "size"
-                     else "by boundary roughness (P\u00b2/4\u03c0A tertiles)")
+        ax.set_ylabel(f"mean {unit} DSC")
+        ax.set_title(PANEL_TITLES.get(factor, factor))
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle("Slice DSC stratified by size and roughness")
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=len(runs), fontsize=8,
+    fig.suptitle(f"{unit.capitalize()} DSC stratified by " + " and ".join(f[0] for f in factors))
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside lower center", ncol=len(runs), fontsize=8,
                frameon=False)
     save_png(fig, out_png)
 

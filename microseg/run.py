@@ -7,6 +7,12 @@
 - `last.pt`, `best.pt` checkpoints (`best.pt` by validation DSC, only with a validation split);
 - `metrics/`         `per_patient.csv` / `.md`, `per_slice.csv`, `evaluation.json` (from evaluate);
 - `predictions/`     the predicted masks (from evaluate).
+- `tensorboard/`     TensorBoard event files (with `train --tensorboard`).
+
+While `train` writes a run it holds the run's lock (`RunLock`: an exclusive flock on
+`<run>/.lock`, which holds the writer's pid): a second `train` into the same run is refused
+naming that pid. The lock dies with its process, so a killed run never blocks the next one.
+A fresh run that fails before its first checkpoint leaves nothing: what it created is removed.
 
 A checkpoint is a `Checkpoint`, stored by torch.save as a plain dict of its fields (so a
 checkpoint is also a weights file: `model` + `model_config`), the `Preprocess` record among
@@ -16,16 +22,20 @@ preprocessing is rebuilt from the model config's size and the train config's ker
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import fcntl
 import json
+import os
 import shutil
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
-from microseg.atomic import atomic_path
+from microseg.atomic import atomic_path, make_folder
 from microseg.config import TrainConfig, load_config, resolve_train_config
 from microseg.errors import MicrosegError
 from microseg.preprocess import REFERENCE_KERNEL_SIZES, Preprocess
@@ -35,7 +45,8 @@ from microseg.tables import SUMMARY_ROWS, number, read_csv, write_records
 class RunFolder:
     """The paths of one run folder, and the policy for writing into it."""
 
-    OUTPUTS = ("config.yaml", "calf_stats.json", "history.csv", "last.pt", "best.pt", "metrics", "predictions")
+    OUTPUTS = ("config.yaml", "calf_stats.json", "history.csv", "last.pt", "best.pt", "metrics", "predictions",
+               "tensorboard")
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -46,6 +57,7 @@ class RunFolder:
         self.best = self.path / "best.pt"
         self.metrics = self.path / "metrics"
         self.predictions = self.path / "predictions"
+        self.tensorboard = self.path / "tensorboard"
         self.per_patient = self.metrics / "per_patient.csv"
         self.per_patient_md = self.metrics / "per_patient.md"
         self.per_slice = self.metrics / "per_slice.csv"
@@ -65,6 +77,44 @@ class RunFolder:
             shutil.rmtree(target) if target.is_dir() else target.unlink()
         self.path.mkdir(parents=True, exist_ok=True)
 
+    @contextlib.contextmanager
+    def claim(self, resume: bool, force: bool) -> Iterator[None]:
+        """Hold the run's lock and apply `prepare` under it while the block writes the run.
+
+        If the block fails before a fresh run has its `last.pt`, the outputs it wrote are removed,
+        and so are the folders this call created.
+        """
+        created = [p for p in (self.path, *self.path.parents) if not p.exists()]
+        make_folder(self.path)
+        lock = RunLock(self.path)
+        try:
+            lock.acquire()
+            try:
+                self.prepare(resume, force)
+            except BaseException:
+                lock.release()
+                raise
+        except BaseException:
+            _remove_empty(created)
+            raise
+        try:
+            yield
+        except BaseException:
+            if not resume and not self.last.exists():
+                self._remove_outputs()
+            raise
+        finally:
+            lock.release()
+            _remove_empty(created)
+
+    def _remove_outputs(self) -> None:
+        for name in self.OUTPUTS:
+            target = self.path / name
+            if target.is_dir():
+                shutil.rmtree(target, ignore_errors=True)
+            else:
+                target.unlink(missing_ok=True)
+
     def write_history(self, rows: list[dict[str, Any]]) -> None:
         write_records(self.history, rows)
 
@@ -77,6 +127,59 @@ class RunFolder:
             if path.is_file():
                 return path
         raise MicrosegError(f"{self.path} holds no checkpoint (expected {' or '.join(p.name for p in candidates)})")
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """rmdir `folders` (deepest first) while they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+class RunLock:
+    """An exclusive, non-blocking flock on `<run>/.lock`; the file holds the holder's pid.
+
+    The kernel drops a flock when its process ends, however it ends, so a stale `.lock` left by a
+    killed process is taken over. The holder unlinks the file before it unlocks; a process that
+    locked a file since unlinked (it opened it just before) sees another inode at the path and
+    tries again.
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, run: Path):
+        self.run, self.path, self.fd = run, run / self.NAME, None
+
+    def acquire(self) -> None:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise
+                raise MicrosegError(f"run {self.run} is being written by another microseg process (pid {holder}); "
+                                    "wait for it to end, or choose another --run") from None
+            try:
+                current = os.stat(self.path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current == os.fstat(fd).st_ino:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self.fd)
+            self.fd = None
 
 
 @dataclass
@@ -153,17 +256,20 @@ def load_checkpoint(path: Path) -> Checkpoint:
     return Checkpoint.from_dict(state)
 
 
-def load_run_model(run: Path, device: torch.device) -> tuple[torch.nn.Module, Checkpoint]:
-    """The run's best (else last) network on `device`, and its checkpoint."""
-    checkpoint = load_checkpoint(RunFolder(run).checkpoint_path())
-    return checkpoint.build_model(device), checkpoint
+def load_run_model(run: Path, device: torch.device) -> tuple[torch.nn.Module, Checkpoint, Path]:
+    """The run's best (else last) network on `device`, its checkpoint, and the checkpoint's file."""
+    path = RunFolder(run).checkpoint_path()
+    checkpoint = load_checkpoint(path)
+    return checkpoint.build_model(device), checkpoint, path
 
 
-RESUME_MAY_CHANGE = ("run", "device", "num_workers")
+RESUME_MAY_CHANGE = ("run", "device", "num_workers", "sync_every", "tensorboard")
 
 
 def resumed_config(run: str, yaml_path: str | None, options: dict[str, Any]) -> TrainConfig:
     """The config a run was started with; options given again must agree with it (bar device, workers)."""
+    if not run:
+        raise MicrosegError("--resume needs --run RUN: the run folder to continue")
     saved = load_config(RunFolder(run).config)
     explicit = {k: v for k, v in options.items() if v is not None}
     given = resolve_train_config(yaml_path, {"cache": saved.cache, **explicit}).to_dict()
@@ -185,6 +291,7 @@ class RunRecord:
     slices: list[dict] = field(default_factory=list)  # metrics/per_slice.csv rows
     evaluation: dict = field(default_factory=dict)  # metrics/evaluation.json: data, split, protocol
     path: Path = Path()
+    config: dict = field(default_factory=dict)  # config.yaml: model, epochs, cache ...
 
     @property
     def label(self) -> str:
@@ -201,7 +308,7 @@ def load_run(run: Path) -> RunRecord:
     if not folder.history.is_file():
         raise MicrosegError(f"{folder.path} has no history.csv: train it first (microseg train --run {folder.path})")
     history = [{k: number(v) for k, v in row.items()} for row in read_csv(folder.history)]
-    record = RunRecord(folder.path.name, config.loss, history, path=folder.path)
+    record = RunRecord(folder.path.name, config.loss, history, path=folder.path, config=config.to_dict())
     if folder.per_patient.is_file():
         for row in read_csv(folder.per_patient):
             if row["case_id"] not in SUMMARY_ROWS:

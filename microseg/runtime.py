@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from microseg.errors import MicrosegError
 
+
 def resolve_device(name: str) -> torch.device:
     """"auto" (CUDA when present, else the CPU) or a torch device name, checked to exist."""
     if name == "auto":
@@ -20,11 +21,25 @@ def resolve_device(name: str) -> torch.device:
         raise MicrosegError(f"--device {name!r} is not a torch device (try cpu, cuda, cuda:1)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MicrosegError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise MicrosegError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if device.type not in ("cpu", "cuda"):
+        raise MicrosegError(f"--device {name!r}: microseg runs on cpu or cuda")
     return device
 
 
+def resolve_amp(amp: str | None, device: torch.device) -> str | None:
+    """The `--amp` setting on `device`: "auto" is bf16 on a CUDA device that has it (the fast path)
+    and none (fp32) elsewhere, so CPU runs keep full precision; "none" / None is fp32."""
+    if amp == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    return None if amp in (None, "none") else amp
+
+
 def autocast_context(device: torch.device, amp: str | None):
-    """bf16 autocast on CPU or GPU; fp16 on GPU only (with a grad scaler); none when amp is None."""
+    """bf16 autocast on CPU or GPU; fp16 on GPU only (with a grad scaler); none when amp is None or "none"."""
+    amp = resolve_amp(amp, device)
     if amp is None:
         return contextlib.nullcontext()
     if amp == "fp16" and device.type != "cuda":

@@ -1,33 +1,107 @@
-"""Paired significance tests between runs: the Wilcoxon signed-rank test (scipy) on common patients."""
+"""Paired comparisons of runs over patients: differences, bootstrap confidence intervals, Wilcoxon tests.
+
+For two runs a, b and one per-patient metric, the paired differences d_i = a_i - b_i over the
+patients both runs scored (NaN pairs left out) are summarised by
+- their mean and median;
+- a percentile bootstrap 95% confidence interval of the mean difference: B resamples of the n
+  patients with replacement (seeded), the mean of each, and the 2.5th and 97.5th percentiles of
+  those B means (Efron and Tibshirani's percentile interval; the resamples of one call come from
+  one `numpy.random.Generator.integers(0, n, (B, n))`, as `scipy.stats.bootstrap` draws them);
+- the Wilcoxon signed-rank test (`scipy.stats.wilcoxon`, exact two-sided for small n without
+  ties). With n patients its smallest reachable p is 2 / 2^n (every difference of one sign:
+  the statistic 0 has probability 1 / 2^n under the null, doubled for two sides), so with
+  n <= 5 patients no difference can reach p < 0.05.
+A difference is called within noise when its interval covers 0 or p >= 0.05 (or p is undefined).
+"""
 
 from __future__ import annotations
 
 import itertools
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from microseg.run import RunRecord
 
-WILCOXON_HEADER = ["run_a", "run_b", "metric", "n", "median_diff", "statistic", "p_value"]
+WILCOXON_HEADER = ["run_a", "run_b", "metric", "n", "median_diff", "statistic", "p_value",
+                   "mean_diff", "ci95_low", "ci95_high"]
+BOOTSTRAP_RESAMPLES = 10_000
+BOOTSTRAP_SEED = 0
+CI_LEVEL = 0.95
+ALPHA = 0.05
+
+
+def bootstrap_ci(diffs: Sequence[float], n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
+                 level: float = CI_LEVEL) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `diffs` (vectorised: one [B, n] index draw).
+
+    (lo, hi) = percentiles 100 (1 - level) / 2 and 100 (1 + level) / 2 (numpy's linear
+    interpolation) of the B resampled means; (NaN, NaN) for no values.
+    """
+    d = np.asarray(diffs, dtype=np.float64)
+    if not d.size:
+        return math.nan, math.nan
+    index = np.random.default_rng(seed).integers(0, d.size, (n_resamples, d.size))
+    lo, hi = np.percentile(d[index].mean(axis=1), [50 * (1 - level), 50 * (1 + level)])
+    return float(lo), float(hi)
+
+
+def min_wilcoxon_p(n: int) -> float:
+    """The smallest two-sided p of the exact Wilcoxon signed-rank test on n differences: 2 / 2^n (at most 1)."""
+    return min(1.0, 2.0 / 2.0**n)
+
+
+@dataclass
+class PairedDifference:
+    """The paired per-patient differences a - b of one metric and their summaries."""
+
+    n: int
+    mean: float
+    median: float
+    ci95: tuple[float, float]
+    statistic: float
+    p_value: float
+
+    @property
+    def within_noise(self) -> bool:
+        """True when the interval covers 0, or p >= ALPHA, or p is undefined."""
+        lo, hi = self.ci95
+        return not (self.p_value < ALPHA) or math.isnan(lo) or lo <= 0 <= hi
+
+
+def paired_values(a: RunRecord, b: RunRecord, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """The metric `key` of the patients both runs scored (NaN on either side left out), in case order."""
+    cases = sorted(set(a.patients) & set(b.patients))
+    pairs = [(a.patients[c].get(key, math.nan), b.patients[c].get(key, math.nan)) for c in cases]
+    pairs = [(x, y) for x, y in pairs if not (math.isnan(x) or math.isnan(y))]
+    x, y = (np.array(v, dtype=np.float64) for v in zip(*pairs)) if pairs else (np.empty(0), np.empty(0))
+    return x, y
+
+
+def paired_difference(a: RunRecord, b: RunRecord, key: str) -> PairedDifference:
+    """Mean, median, bootstrap CI and Wilcoxon test of a - b on `key`; test NaN when every difference is 0."""
+    from scipy.stats import wilcoxon
+
+    x, y = paired_values(a, b, key)
+    d = x - y
+    if d.size and np.any(d != 0):
+        test = wilcoxon(d)
+        stat, p = float(test.statistic), float(test.pvalue)
+    else:
+        stat, p = math.nan, math.nan
+    mean, median = (float(f(d)) if d.size else math.nan for f in (np.mean, np.median))
+    return PairedDifference(int(d.size), mean, median, bootstrap_ci(d), stat, p)
 
 
 def wilcoxon_table(records: Sequence[RunRecord], metrics: Sequence[tuple[str, str]]) -> tuple[list[str], list[list]]:
-    """Per (key, label) metric and every two runs: `scipy.stats.wilcoxon` of the per-patient
-    differences a - b over the patients both scored (NaN pairs left out); NaN when no difference."""
-    from scipy.stats import wilcoxon
-
+    """Per (key, label) metric and every two runs: the paired differences a - b, their Wilcoxon
+    signed-rank test (`scipy.stats.wilcoxon`; NaN when no difference) and bootstrap 95% CI."""
     rows = []
     for a, b in itertools.combinations(records, 2):
         for key, label in metrics:
-            pairs = [(a.patients[c][key], b.patients[c][key]) for c in sorted(set(a.patients) & set(b.patients))]
-            pairs = [(x, y) for x, y in pairs if not (math.isnan(x) or math.isnan(y))]
-            diffs = np.array([x - y for x, y in pairs])
-            if len(diffs) and np.any(diffs != 0):
-                test = wilcoxon(diffs)
-                stat, p = float(test.statistic), float(test.pvalue)
-            else:
-                stat, p = math.nan, math.nan
-            rows.append([a.name, b.name, label, len(diffs), float(np.median(diffs)) if len(diffs) else math.nan, stat, p])
+            diff = paired_difference(a, b, key)
+            rows.append([a.name, b.name, label, diff.n, diff.median, diff.statistic, diff.p_value,
+                         diff.mean, *diff.ci95])
     return list(WILCOXON_HEADER), rows

@@ -1,11 +1,21 @@
 """Training: slice cache -> augmented batches -> TransUNet -> deep-supervised loss -> checkpoints.
 
-The recipe is the reference one (MicroSegNet): SGD with poly decay
-lr_i = lr * (1 - i / max_iter)^0.9 (i = 0-based iteration; torch's PolynomialLR), the plain sum
-of the loss at the four output scales. Each epoch appends a row to `history.csv`: the run's own
+The config's recipe (`microseg.recipes`, recorded in `config.yaml`) sets the defaults; the
+optimisation is MicroSegNet's by default: SGD with poly decay lr_i = lr * (1 - i / max_iter)^0.9
+(i = 0-based iteration; torch's PolynomialLR), the plain sum of the loss at the four output
+scales. Each batch carries its slices' patients' A-FL statistics to the loss (`sample_stats`,
+from the cache). Each epoch appends a row to `history.csv`: the run's own
 loss (total and per scale), a common-ruler BCE of the main output (the same yardstick whatever
 the loss), validation DSC / HD95 when there is a validation split, the learning rate of the
 epoch's last step and the seconds.
+
+No host synchronisation in a step: the losses stay on the device (`LossMonitor` sums them there)
+and are read back every `sync_every` steps and at the epoch's end. That read is the NaN / Inf
+guard: a non-finite loss found there stops training, names the step where it appeared, and
+leaves `last.pt` at the last completed epoch. It also updates the progress bar and, with
+`--tensorboard`, the running loss (`microseg.tensorboard_log`). The loader's workers persist
+across epochs (the epoch travels with each index: `microseg.data.order`), pinned on CUDA, where
+the optimizer step is fused.
 
 Reproducible and resumable: the data order of epoch e is a permutation seeded by (seed, e) and
 each item's augmentation is seeded by (seed, e, index), so a run resumed from `last.pt`, even
@@ -15,6 +25,8 @@ Multi-GPU through `torchrun` (DistributedDataParallel; only rank 0 writes).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 import time
@@ -26,15 +38,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import PolynomialLR
-from torch.utils.data import DataLoader
-from torch.utils.data.distributed import DistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from microseg.atomic import write_text
-from microseg.config import TrainConfig, save_config
-from microseg.errors import MicrosegError
+from microseg.config import TrainConfig, check_train_inputs, save_config
+from microseg.errors import MicrosegError, warn
+from microseg.losses import SAMPLE_STAT_KEYS
 from microseg.run import Checkpoint, RunFolder, load_checkpoint, save_checkpoint
-from microseg.runtime import Distributed, autocast_context
+from microseg.runtime import Distributed, autocast_context, resolve_amp
 
 
 class NonFiniteLoss(MicrosegError):
@@ -44,57 +56,133 @@ class NonFiniteLoss(MicrosegError):
 @dataclass(frozen=True)
 class StepLosses:
     """One optimisation step: each head's loss (coarsest first), their weighted total, the main
-    output's BCE (the common ruler), and the learning rate the step used."""
+    output's BCE (the common ruler), and the learning rate the step used. The losses are device
+    tensors (reading them would synchronise); floats are accepted too."""
 
-    per_scale: tuple[float, ...]
-    total: float
-    bce: float
+    per_scale: torch.Tensor | tuple[float, ...]
+    total: torch.Tensor | float
+    bce: torch.Tensor | float
     lr: float = math.nan
 
-    def as_tensor(self) -> torch.Tensor:
-        """[per-scale..., total, bce] in float64: the layout of the epoch's running sums."""
-        return torch.tensor([*self.per_scale, self.total, self.bce], dtype=torch.float64)
+    def as_tensor(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """[per-scale..., total, bce] in float64 on `device`: the layout of the epoch's running sums."""
+        if isinstance(self.total, torch.Tensor):
+            parts = [torch.as_tensor(self.per_scale).reshape(-1), self.total.reshape(1), self.bce.reshape(1)]
+            return torch.cat([p.to(device, torch.float64) for p in parts])
+        return torch.tensor([*self.per_scale, self.total, self.bce], dtype=torch.float64, device=device)
+
+
+@dataclass(frozen=True)
+class LossCheck:
+    """What one read of the monitor found: the first non-finite total in the window, the window's
+    mean total and the epoch's running mean."""
+
+    first_bad_step: int | None
+    bad_value: float
+    window_mean: float
+    epoch_mean: float
+
+
+class LossMonitor:
+    """The epoch's running loss sums and each step's total since the last check, on the device.
+
+    `add` costs no host read; `read` is the one read, every `sync_every` steps and at the epoch's end.
+    """
+
+    def __init__(self, n_values: int, window: int, device: torch.device):
+        self.sums = torch.zeros(n_values, dtype=torch.float64, device=device)  # per scale, total, BCE
+        self.totals = torch.zeros(window, dtype=torch.float64, device=device)
+        self.start, self.count = 0, 0  # epoch step before the window's first step; steps in the window
+
+    def restart(self, sums: torch.Tensor | None, step: int) -> None:
+        """A new epoch (sums None: zero), or a resumed one at `step` with its saved sums."""
+        self.sums.copy_(sums if sums is not None else torch.zeros_like(self.sums))
+        self.start, self.count = step, 0
+
+    @property
+    def full(self) -> bool:
+        return self.count == len(self.totals)
+
+    def add(self, values: torch.Tensor) -> None:
+        self.sums += values
+        self.totals[self.count] = values[-2]
+        self.count += 1
+
+    def read(self) -> LossCheck:
+        """One device -> host copy of the window and the sums; then the window restarts after it."""
+        host = torch.cat([self.totals[:self.count], self.sums[-2:-1]]).cpu().numpy()
+        window, steps = host[:-1], self.start + self.count
+        bad = np.flatnonzero(~np.isfinite(window))
+        first = int(bad[0]) if bad.size else None
+        check = LossCheck(None if first is None else self.start + first + 1,
+                          math.nan if first is None else float(window[first]),
+                          float(window.mean()) if window.size else math.nan, float(host[-1]) / max(steps, 1))
+        self.start, self.count = steps, 0
+        return check
 
 
 def train(config: TrainConfig, resume: bool = False, force: bool = False) -> Path:
     """Train one run as `config` says; returns the run folder."""
+    warnings = check_train_inputs(config, resume)  # before anything is created
     env = Distributed(config.device)
+    for line in warnings if env.main else ():
+        warn(line)
     folder = RunFolder(config.run)
-    if env.main:
-        folder.prepare(resume, force)
-    env.barrier()
-    try:
-        trainer = Trainer(config, env, resume)
+    with folder.claim(resume, force) if env.main else contextlib.nullcontext():  # the run's lock
+        env.barrier()
         try:
-            for epoch in range(trainer.epoch, config.epochs):
-                trainer.run_epoch(epoch)
-        except KeyboardInterrupt:
-            trainer.save_interrupted()
-            raise
-    finally:
-        env.close()
+            trainer = Trainer(config, env, resume)
+            try:
+                for epoch in range(trainer.epoch, config.epochs):
+                    trainer.run_epoch(epoch)
+            except KeyboardInterrupt:
+                trainer.save_interrupted()
+                raise
+            finally:
+                trainer.close()
+        finally:
+            env.close()
     return folder.path
 
 
 def train_step(forward, criterion, optimizer, scaler, batch, device, config: TrainConfig) -> StepLosses:
-    """One optimisation step on `batch` (forward, deep-supervised loss, backward, optimizer step)."""
+    """One optimisation step on `batch` (forward, deep-supervised loss, backward, optimizer step);
+    the losses it returns stay on the device."""
     image = batch["image"].to(device, non_blocking=True)
     expert = batch["expert"].to(device, non_blocking=True)
     non_expert = batch["non_expert"].to(device, non_blocking=True)
+    stats = {key: batch[key].to(device, non_blocking=True) for key in SAMPLE_STAT_KEYS if key in batch}
     if config.channels_last:
         image = image.contiguous(memory_format=torch.channels_last)
     lr = optimizer.param_groups[0]["lr"]
     with autocast_context(device, config.amp):
         out = forward(image)
-        result = criterion(out.logits, out.aux, expert, non_expert)
+        result = criterion(out.logits, out.aux, expert, non_expert, sample_stats=stats or None)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(result.total).backward()
     scaler.step(optimizer)
     scaler.update()
     with torch.no_grad():
         bce = F.binary_cross_entropy_with_logits(out.logits.float(), expert)
-    values = torch.cat([result.per_scale.detach().float(), result.total.detach().float()[None], bce[None]]).tolist()
-    return StepLosses(tuple(values[:-2]), values[-2], values[-1], lr)
+    return StepLosses(result.per_scale.detach().float(), result.total.detach().float(), bce, lr)
+
+
+def build_optimizer(config: TrainConfig, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+    """SGD (momentum, weight decay) or Adam; fused on CUDA (one kernel for all parameters, and no
+    host read of the grad scaler's inf check), torch's default implementation on the CPU."""
+    fused = {"fused": True} if device.type == "cuda" else {}
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+                               **fused)
+    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, **fused)
+
+
+def build_loader(dataset: Dataset, config: TrainConfig, device: torch.device, sampler: Sampler | None = None,
+                 seed_offset: int = 0) -> DataLoader:
+    """A DataLoader whose workers persist across epochs, pinned on CUDA, with its own seeded generator."""
+    return DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, num_workers=config.num_workers,
+                      persistent_workers=config.num_workers > 0, pin_memory=device.type == "cuda",
+                      generator=_loader_generator(config.seed, seed_offset))
 
 
 class Trainer:
@@ -102,8 +190,9 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, env: Distributed, resume: bool):
         from microseg.data.cache import read_cache_info
-        from microseg.data.dataset import SliceDataset, split_by_patient
+        from microseg.data.dataset import split_by_patient
 
+        config = dataclasses.replace(config, amp=resolve_amp(config.amp, env.device) or "none")  # saved resolved
         self.config, self.env, self.folder = config, env, RunFolder(config.run)
         self.device = env.device
         loaded = load_checkpoint(self.folder.last) if resume else None
@@ -115,15 +204,12 @@ class Trainer:
         self.preprocess = loaded.preprocess if loaded is not None else config.preprocess(self.info.size)
         train_idx, val_idx = split_by_patient(Path(config.cache), config.val_fraction, config.seed)
         self._build(train_idx, fresh=loaded is None)
-        self.dataset = SliceDataset(Path(config.cache), train_idx, augment=config.augment, seed=config.seed,
-                                    intensity_max=self.preprocess.intensity_max)
-        self.sampler = DistributedSampler(self.dataset, num_replicas=env.world, rank=env.rank, shuffle=True,
-                                          seed=config.seed)
-        self.steps_per_epoch = math.ceil(len(self.sampler) / config.batch_size)
+        self._build_data(train_idx, val_idx)
+        self.board = self._open_board(loaded)
         self.scheduler = PolynomialLR(self.optimizer, total_iters=config.epochs * self.steps_per_epoch,
                                       power=config.poly_power)
-        self.epoch, self.step, self.history, self.best_dsc = 0, 0, [], -1.0
-        self.accum = torch.zeros(self.preprocess.n_scales + 2, dtype=torch.float64)  # per scale, total, BCE
+        self.epoch, self.step, self.history, self.best_dsc, self.lr = 0, 0, [], -1.0, math.nan
+        self.monitor = LossMonitor(self.preprocess.n_scales + 2, config.sync_every, self.device)
         if loaded is not None:
             self._restore(loaded)
         elif env.main:
@@ -133,11 +219,35 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.forward = torch.compile(net) if config.compile else net
-        self.val_loader = None
-        if val_idx and env.main:
-            self.val_loader = DataLoader(
-                SliceDataset(Path(config.cache), val_idx, augment=False, intensity_max=self.preprocess.intensity_max),
-                batch_size=config.batch_size, num_workers=config.num_workers, generator=_loader_generator(config.seed, -1))
+
+    def _open_board(self, loaded: Checkpoint | None):
+        """The TensorBoard writer (rank 0, with --tensorboard), continuing at the checkpoint's position."""
+        if self.config.tensorboard is None or not self.env.main:
+            return None
+        from microseg.tensorboard_log import TrainingBoard
+
+        log_dir = Path(self.config.tensorboard) if self.config.tensorboard else self.folder.tensorboard
+        return TrainingBoard(log_dir, purge_step=None if loaded is None
+                             else loaded.epoch * self.steps_per_epoch + loaded.step + 1)
+
+    def _build_data(self, train_idx: list[int], val_idx: list[int]) -> None:
+        """The training loader (persistent workers, (epoch, index) sampler) and the validation one (rank 0)."""
+        from microseg.data.dataset import SliceDataset
+        from microseg.data.order import EpochItems, EpochSampler
+
+        config, cache = self.config, Path(self.config.cache)
+        self.dataset = SliceDataset(cache, train_idx, augment=config.augment, seed=config.seed,
+                                    intensity_max=self.preprocess.intensity_max)
+        self.sampler = EpochSampler(self.dataset, self.env.world, self.env.rank, config.seed, config.batch_size)
+        self.steps_per_epoch = math.ceil(self.sampler.epoch_items / config.batch_size)
+        self.loader = build_loader(EpochItems(self.dataset), config, self.device, self.sampler)
+        self.val_loader, self.overlay_index, self.overlay = None, 0, None
+        if val_idx and self.env.main:
+            from microseg.data.cache import foreground_areas
+
+            val = SliceDataset(cache, val_idx, augment=False, intensity_max=self.preprocess.intensity_max)
+            self.val_loader = build_loader(val, config, self.device, seed_offset=-1)
+            self.overlay_index = int(np.argmax(foreground_areas(cache)[np.asarray(val_idx)]))
 
     def _build(self, train_idx: list[int], fresh: bool) -> None:
         """Model (seeded), pretrained weights, CALF moments, loss, optimizer and grad scaler."""
@@ -166,11 +276,7 @@ class Trainer:
         if config.channels_last:
             self.model.to(memory_format=torch.channels_last)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        if config.optimizer == "sgd":
-            self.optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
-                                             weight_decay=config.weight_decay)
-        else:
-            self.optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = build_optimizer(config, params, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=config.amp == "fp16")
 
     def _restore(self, loaded: Checkpoint) -> None:
@@ -179,7 +285,8 @@ class Trainer:
         self.optimizer.load_state_dict(loaded.optimizer)
         self.scaler.load_state_dict(loaded.scaler)
         self.epoch, self.step = loaded.epoch, loaded.step
-        self.history, self.best_dsc, self.accum = loaded.history, loaded.best_dsc, loaded.accum.clone()
+        self.history, self.best_dsc = loaded.history, loaded.best_dsc
+        self.monitor.restart(loaded.accum.to(self.device), self.step)
         if loaded.scheduler is not None:
             self.scheduler.load_state_dict(loaded.scheduler)
         else:  # a first-release checkpoint: the closed form at its iteration
@@ -194,39 +301,41 @@ class Trainer:
     def run_epoch(self, epoch: int) -> dict[str, Any]:
         """Train one epoch (from `self.step` when resumed mid-epoch), log it and save the checkpoints."""
         config, started = self.config, time.perf_counter()
+        if epoch != self.epoch or self.step == 0:
+            self.monitor.restart(None, 0)
         self.epoch = epoch
-        self.sampler.set_epoch(epoch)
-        self.dataset.set_epoch(epoch)
-        order = list(self.sampler)[self.step * config.batch_size:]
-        loader = DataLoader(self.dataset, batch_size=config.batch_size, sampler=order, num_workers=config.num_workers,
-                            pin_memory=self.device.type == "cuda", generator=_loader_generator(config.seed, epoch))
+        self.sampler.set_position(epoch, self.step)
         self.model.train()
-        bar = tqdm(loader, total=self.steps_per_epoch, initial=self.step, desc=f"epoch {epoch + 1}/{config.epochs}",
+        bar = tqdm(self.loader, total=self.steps_per_epoch, initial=self.step, desc=f"epoch {epoch + 1}/{config.epochs}",
                    disable=None if self.env.main else True, leave=False, dynamic_ncols=True)
-        lr = math.nan
         for batch in bar:
-            losses = self.train_step(batch)
-            if self.env.broadcast_flag(not math.isfinite(losses.total)):
-                kept = f"{self.folder.last} keeps epoch {epoch}" if epoch else "no epoch had finished"
-                raise NonFiniteLoss(f"loss became {losses.total} at epoch {epoch + 1}, step {self.step + 1}; "
-                                    f"stopped ({kept})")
-            self.accum += losses.as_tensor()
-            self.step += 1
-            lr = losses.lr
-            bar.set_postfix(loss=f"{self.accum[-2].item() / self.step:.4f}")
+            self.advance(batch)
+            if self.monitor.full:
+                self.check(bar)
+        if self.monitor.count:
+            self.check(bar)
         bar.close()
-        row = self._epoch_row(epoch, lr, started)
+        row = self._epoch_row(epoch, self.lr, started)
         self.history.append(row)
-        self.accum.zero_()
+        self.monitor.restart(None, 0)
         self.epoch, self.step = epoch + 1, 0
         if self.env.main:
             improved = "val_dsc" in row and row["val_dsc"] > self.best_dsc
             self.best_dsc = max(self.best_dsc, row.get("val_dsc", -1.0))
             self.save(improved)
             self.folder.write_history(self.history)
+            if self.board is not None:
+                self.board.epoch(row, self.overlay)
             print(_format_row(row), flush=True)
         self.env.barrier()
         return row
+
+    def advance(self, batch: dict) -> None:
+        """One step, its losses added to the monitor on the device (no host read)."""
+        losses = self.train_step(batch)
+        self.monitor.add(losses.as_tensor(self.device))
+        self.step += 1
+        self.lr = losses.lr
 
     def train_step(self, batch: dict) -> StepLosses:
         """One optimisation step, then the schedule's next learning rate."""
@@ -234,9 +343,25 @@ class Trainer:
         self.scheduler.step()
         return losses
 
+    def check(self, bar: tqdm | None = None) -> None:
+        """The host read of the losses since the last check: stop on a non-finite one (any rank), else
+        show the running loss (progress bar, TensorBoard)."""
+        first_step, steps = self.monitor.start + 1, self.monitor.start + self.monitor.count
+        found = self.monitor.read()
+        if self.env.broadcast_flag(found.first_bad_step is not None):
+            where = (f"became {found.bad_value} at epoch {self.epoch + 1}, step {found.first_bad_step}"
+                     if found.first_bad_step is not None else f"became non-finite on another rank in epoch {self.epoch + 1}")
+            kept = f"{self.folder.last} keeps epoch {self.epoch}" if self.epoch else "no epoch had finished"
+            raise NonFiniteLoss(f"loss {where} (found at the check of steps {first_step}-{steps}, every "
+                                f"--sync-every {self.config.sync_every}); stopped ({kept})")
+        if bar is not None:
+            bar.set_postfix(loss=f"{found.epoch_mean:.4f}")
+        if self.board is not None:
+            self.board.running(found.window_mean, self.lr, self.epoch * self.steps_per_epoch + steps)
+
     def _epoch_row(self, epoch: int, lr: float, started: float) -> dict[str, Any]:
         """The epoch's history row: mean losses over its steps and ranks, validation, lr, seconds."""
-        totals = self.env.sum(self.accum.to(self.device)).cpu() / (self.step * self.env.world)
+        totals = self.env.sum(self.monitor.sums.clone()).cpu() / (self.step * self.env.world)
         n = self.preprocess.n_scales
         row = {"epoch": epoch + 1, "loss": float(totals[-2])}
         row.update({f"loss_{s}": float(v) for s, v in zip(self.preprocess.scale_sizes, totals[:n])})
@@ -253,19 +378,27 @@ class Trainer:
 
         Protocol "all-slices": every slice where the expert or the prediction is non-empty counts, a
         one-sided slice with DSC 0 (so an untrained model that predicts nothing scores 0, not NaN).
+        Keeps (image, expert, prediction) of the validation slice with the largest expert area in
+        `self.overlay` (TensorBoard's image).
         """
         from microseg.metrics import score_case
 
         self.model.eval()
         preds: dict[str, list[np.ndarray]] = {}
         refs: dict[str, list[np.ndarray]] = {}
+        seen = 0
         for batch in self.val_loader:
             with autocast_context(self.device, self.config.amp):
-                logits = self.model(batch["image"].to(self.device)).logits
+                logits = self.model(batch["image"].to(self.device, non_blocking=True)).logits
             pred = (logits.float() > 0).cpu().numpy()[:, 0]
-            for case, p, r in zip(batch["case_id"], pred, batch["expert"].numpy()[:, 0] > 0.5):
+            expert = batch["expert"].numpy()[:, 0] > 0.5
+            for case, p, r in zip(batch["case_id"], pred, expert):
                 preds.setdefault(case, []).append(p)
                 refs.setdefault(case, []).append(r)
+            if seen <= self.overlay_index < seen + len(pred):
+                i = self.overlay_index - seen
+                self.overlay = (batch["image"][i, 0].numpy(), expert[i], pred[i])
+            seen += len(pred)
         scores = [score_case(np.stack(preds[c]), np.stack(refs[c]), self.info.slice_spacing(c), "all-slices")
                   for c in preds]
         self.model.train()
@@ -279,7 +412,7 @@ class Trainer:
             model=self.model.state_dict(), model_config=asdict(self.model.config), preprocess=self.preprocess,
             train_config=self.config.to_dict(), optimizer=self.optimizer.state_dict(),
             scaler=self.scaler.state_dict(), scheduler=self.scheduler.state_dict(), epoch=self.epoch,
-            step=self.step, accum=self.accum.clone(), history=self.history, best_dsc=self.best_dsc,
+            step=self.step, accum=self.monitor.sums.cpu().clone(), history=self.history, best_dsc=self.best_dsc,
             calf_stats=asdict(self.calf_stats) if self.calf_stats is not None else None, rng=torch.get_rng_state(),
         )
 
@@ -290,17 +423,30 @@ class Trainer:
             save_checkpoint(checkpoint, self.folder.best)
 
     def save_interrupted(self) -> None:
-        """Ctrl-C: keep the position inside the epoch in `last.pt` (rank 0)."""
+        """Ctrl-C: keep the position inside the epoch in `last.pt` (rank 0), unless the steps since
+        the last check hold a non-finite loss (then `last.pt` stays as it was)."""
+        try:
+            if self.monitor.count:
+                self.check()
+        except NonFiniteLoss as err:
+            print(f"interrupted: {err}; {self.folder.last} not updated")
+            return
         if self.env.main:
             save_checkpoint(self.checkpoint(), self.folder.last)
             print(f"interrupted at epoch {self.epoch + 1}, step {self.step}: saved {self.folder.last}; "
                   "continue with --resume")
 
+    def close(self) -> None:
+        """Stop the loaders' persistent workers and flush TensorBoard."""
+        self.loader = self.val_loader = None
+        if self.board is not None:
+            self.board.close()
 
-def _loader_generator(seed: int, epoch: int) -> torch.Generator:
+
+def _loader_generator(seed: int, offset: int) -> torch.Generator:
     """A DataLoader's own generator: without one, each loader draws its worker seed from the global
     RNG, which would shift the dropout stream of a run resumed mid-epoch."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.Generator().manual_seed(seed * 1_000_003 + offset)
 
 
 def _format_row(row: dict[str, Any]) -> str:

@@ -48,7 +48,7 @@ class PngSlices(Dataset):
 
     def __getitem__(self, item: int) -> dict:
         if self.transform is None:
-            self.transform = build_augmentation(self.size, seed=self.seed + torch.initial_seed() % 1000)
+            self.transform = build_augmentation(seed=self.seed + torch.initial_seed() % 1000)
         image, expert, non_expert = (cv2.imread(str(p))[:, :, 0] for p in self.triples[item])
         image = cv2.resize(image, (self.size, self.size))
         masks = [(cv2.resize(m, (self.size, self.size)) > 127).astype(np.uint8) for m in (expert, non_expert)]

@@ -1,25 +1,31 @@
-"""Benchmark a training epoch: images/s of our loop against the reference loop, per model config.
+"""Benchmark training: images/s of the reference-style loop against microseg's, FLOPs and MFU.
 
-Both loops run in this run, on the same native-size (962 x 1372) phantom set, the same model
+All loops run in this run, on the same native-size (962 x 1372) phantom set, the same model
 (built once, copied), SGD with poly decay, the same batch size, workers and deep-supervised loss
-(4 scales; AG-BCE by default), through the same step function (`microseg.train.train_step`).
-They differ only in what the issue names:
-- ours: `SliceDataset` over the HDF5 slice cache (augmented, seeded per item), the hard region on
-  the device; on CUDA also with bf16 autocast, and bf16 + channels_last (`--bf16`);
-- reference (MicroSegNet's way): one PNG per slice decoded with OpenCV and resized on every item
-  (`bench_data.PngSlices`), fp32, the hard region on the host with OpenCV and device <-> host copies
-  (`bench_losses.reference_hard_region`).
-A round is one epoch of `steps` batches from a fresh DataLoader (drawn from the phantom slices,
-repeating them as needed), timed from the loader's creation to the last step (worker start-up
-included, as every training epoch pays it; CUDA synchronised); each loop first takes one untimed
-warm-up step, and the loops take their rounds in turn, in alternating order, so that they share the
-machine's noise; a loop's figure is the median of its rounds' images/s. Defaults: on the CPU,
-`small` (128 px) 3 rounds of 12 steps and the paper config `R50-ViT-B_16` (224 px) 1 round of 3
-steps (5-25 s a step on 2 cores); on CUDA 3 rounds of 24 steps.
+(4 scales; the adaptive focal loss by default), through the same step function
+(`microseg.train.train_step`):
+(a) reference (MicroSegNet's way): one PNG per slice decoded with OpenCV and resized on every
+    item (`bench_data.PngSlices`), a fresh DataLoader each epoch, fp32, the hard region on the
+    host with OpenCV and device <-> host copies (`bench_losses.reference_hard_region`), torch's
+    default SGD and a `.item()` of the loss after every step;
+(b) microseg fp32: `SliceDataset` over the HDF5 slice cache (augmented, seeded per item) through
+    the trainer's loader (persistent workers, pinned on CUDA), the hard region on the device, the
+    trainer's optimizer (fused on CUDA) and `LossMonitor` (losses summed on the device, read every
+    `--sync-every` steps and at each round's end);
+(c) (b) with bf16 autocast + channels_last; (d) (c) + torch.compile.
+(c) and (d) run on CUDA by default (`--fast yes` adds them on the CPU, where (d) compiles for over ten
+minutes on 2 cores: `--no-compile` skips it).
+A round is `steps` batches (drawn from the phantom slices, repeating them as needed), timed from
+the round's first batch request to the last step (CUDA synchronised); each loop first takes one
+untimed warm-up round of 2 steps (compilation for (d)), and the loops take their rounds in turn,
+in alternating order, so that they share the machine's noise; a loop's figure is the median of its
+rounds' images/s. Training FLOPs per image = 3 x the forward's (torch's FlopCounterMode on the meta
+device; backward = 2 x forward); MFU = images/s x FLOPs per image / `--peak-tflops` (default: the
+detected GPU's dense bf16 peak, e.g. 989 TFLOP/s for H100 / H200 SXM).
 
-    python scripts/bench_train.py                                  # CPU: about 3-4 min on 2 cores
-    python scripts/bench_train.py --configs small --steps 6 --rounds 2
-    python scripts/bench_train.py --threads 1                      # steadier on a busy CPU
+    python scripts/bench_train.py --device cuda --configs R50-ViT-B_16          # the GPU figures
+    python scripts/bench_train.py --configs small --steps 6 --rounds 2 --threads 1  # CPU: a few minutes
+    python scripts/bench_train.py --configs small --steps 2 --rounds 1 --profile 3   # + torch.profiler table
 """
 
 from __future__ import annotations
@@ -37,23 +43,28 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
 SCRIPTS = Path(__file__).resolve().parent
 sys.path[:0] = [str(SCRIPTS), str(SCRIPTS.parent)]
 from bench_data import PngSlices, write_pngs  # noqa: E402
 from bench_losses import HARD_REGION_LOSSES, hardware, reference_hard_region  # noqa: E402
+from bench_model import forward_gflops  # noqa: E402
 
 from microseg.config import TrainConfig  # noqa: E402
 from microseg.data.cache import prepare_cache  # noqa: E402
 from microseg.data.dataset import SliceDataset  # noqa: E402
+from microseg.data.order import EpochItems  # noqa: E402
 from microseg.data.phantom import NATIVE_SIZE, simulate_dataset  # noqa: E402
 from microseg.losses import DeepSupervision  # noqa: E402
 from microseg.models import build_model  # noqa: E402
 from microseg.runtime import resolve_device  # noqa: E402
-from microseg.train import train_step  # noqa: E402
+from microseg.train import LossMonitor, build_loader, build_optimizer, train_step  # noqa: E402
 
 SIZES = {"small": 128, "tiny": 128}  # input size per config; the others at the paper's 224
+# dense bf16 tensor-core peaks (TFLOP/s, no sparsity), by a substring of torch.cuda.get_device_name
+BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0,
+                    "L40S": 362.0, "L4": 121.0, "A10": 125.0, "RTX 4090": 165.0, "V100": 125.0}
 
 
 def sync(device: torch.device) -> None:
@@ -61,96 +72,172 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def detected_peak(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in BF16_PEAK_TFLOPS.items() if key in name), None)
+
+
+class RoundSampler(Sampler):
+    """(round, index) pairs: `n` indices drawn with replacement, seeded by the round."""
+
+    def __init__(self, size: int, n: int):
+        self.size, self.n, self.round = size, n, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.round)
+        return ((self.round, i) for i in torch.randint(self.size, (self.n,), generator=generator).tolist())
+
+
 class Loop:
     """One training loop under test: its data pipeline, its own copy of the model and optimizer, its step."""
 
     def __init__(self, label: str, dataset: Dataset, model: nn.Module, config: TrainConfig, reference: bool,
-                 device: torch.device, max_iter: int):
-        self.label, self.dataset, self.config, self.reference = label, dataset, config, reference
-        self.device = device
+                 device: torch.device, max_iter: int, steps: int):
+        self.label, self.config, self.reference, self.device = label, config, reference, device
         self.model = copy.deepcopy(model).to(device).train()
         if config.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        self.forward = torch.compile(self.model) if config.compile else self.model
         self.criterion = DeepSupervision(config.loss, config.ds_kernel_sizes, config.ds_weights).to(device)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=config.momentum,
-                                         weight_decay=config.weight_decay)
+        params = list(self.model.parameters())
+        self.optimizer = (torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+                          if reference else build_optimizer(config, params, device))
         self.scaler = torch.amp.GradScaler("cuda", enabled=False)
         self.scheduler = torch.optim.lr_scheduler.PolynomialLR(self.optimizer, total_iters=max_iter,
                                                                power=config.poly_power)
+        self.dataset, self.steps = dataset, steps
+        if not reference:  # the trainer's loader: built once, workers persist across rounds
+            self.sampler = RoundSampler(len(dataset), steps * config.batch_size)
+            self.loader = build_loader(EpochItems(dataset), config, device, self.sampler)
         self.rates: list[float] = []  # images/s of each timed round
 
-    def epoch(self, epoch: int, steps: int) -> tuple[int, float]:
-        """`steps` training steps from a fresh DataLoader; returns (images, seconds)."""
-        if isinstance(self.dataset, SliceDataset):
-            self.dataset.set_epoch(epoch)
+    def _reference_loader(self, epoch: int, steps: int) -> DataLoader:
         generator = torch.Generator().manual_seed(epoch)
         sampler = RandomSampler(self.dataset, num_samples=steps * self.config.batch_size, generator=generator)
-        images = 0
+        return DataLoader(self.dataset, batch_size=self.config.batch_size, sampler=sampler, generator=generator,
+                          num_workers=self.config.num_workers, pin_memory=self.device.type == "cuda")
+
+    def epoch(self, epoch: int, steps: int) -> tuple[int, float]:
+        """`steps` training steps; returns (images, seconds)."""
+        images, monitor = 0, LossMonitor(len(self.config.ds_kernel_sizes) + 2, self.config.sync_every, self.device)
         sync(self.device)
         start = time.perf_counter()
-        loader = DataLoader(self.dataset, batch_size=self.config.batch_size, sampler=sampler, generator=generator,
-                            num_workers=self.config.num_workers, pin_memory=self.device.type == "cuda")
+        if self.reference:
+            loader = self._reference_loader(epoch, steps)
+        else:
+            self.sampler.round, self.sampler.n, loader = epoch, steps * self.config.batch_size, self.loader
         with reference_hard_region() if self.reference else contextlib.nullcontext():
             for batch in loader:
-                train_step(self.model, self.criterion, self.optimizer, self.scaler, batch, self.device, self.config)
+                losses = train_step(self.forward, self.criterion, self.optimizer, self.scaler, batch, self.device,
+                                    self.config)
                 self.scheduler.step()
+                if self.reference:
+                    float(losses.total.item())  # the reference's per-step host read
+                else:
+                    monitor.add(losses.as_tensor(self.device))
+                    if monitor.full:
+                        monitor.read()
                 images += len(batch["image"])
+        if monitor.count:
+            monitor.read()
         sync(self.device)
         return images, time.perf_counter() - start
 
 
 def plan(name: str, device: torch.device, args: argparse.Namespace) -> tuple[int, int]:
-    """(rounds, steps per round) for a config: the flags, else the defaults of the module docstring."""
+    """(rounds, steps per round): the flags, else CPU small 3 x 12, CPU paper config 1 x 3, CUDA 3 x 30."""
     paper_on_cpu = device.type == "cpu" and name not in SIZES
     rounds = args.rounds or (1 if paper_on_cpu else 3)
-    steps = args.steps or (3 if paper_on_cpu else 12 if device.type == "cpu" else 24)
+    steps = args.steps or (3 if paper_on_cpu else 12 if device.type == "cpu" else 30)
     return rounds, steps
+
+
+def variants(base: TrainConfig, device: torch.device, args: argparse.Namespace) -> list[tuple[str, TrainConfig, bool]]:
+    """(label, config, reference?) of each loop, (a) to (d)."""
+    fp32 = dataclasses.replace(base, amp="none")
+    loops = [("(a) reference: PNG per item, host-OpenCV hard region, fp32, .item() per step", fp32, True),
+             ("(b) microseg fp32", fp32, False)]
+    if args.fast == "yes" or (args.fast == "auto" and device.type == "cuda"):
+        fast = dataclasses.replace(base, amp="bf16", channels_last=True)
+        loops.append(("(c) microseg bf16 + channels_last", fast, False))
+        if not args.no_compile:
+            loops.append(("(d) microseg bf16 + channels_last + torch.compile", dataclasses.replace(fast, compile=True),
+                          False))
+    return loops
+
+
+def profile_steps(loop: Loop, device: torch.device, steps: int) -> None:
+    """torch.profiler over `steps` steps of `loop` (the last, fastest variant): the top operators by self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        loop.epoch(10_000, steps)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\nprofile of {loop.label}, {steps} steps, by {key}:", file=sys.stderr)
+    print(prof.key_averages().table(sort_by=key, row_limit=20), file=sys.stderr, flush=True)
 
 
 def bench_config(name: str, size: int, cache: Path, pngs: list, device: torch.device,
                  args: argparse.Namespace) -> list[list[str]]:
     rounds, steps = plan(name, device, args)
-    base = TrainConfig(loss=args.loss, model=name, batch_size=args.batch, num_workers=args.workers)
-    variants = [("ours: HDF5 cache, on-device hard region, fp32", base)]
-    if args.bf16 == "yes" or (args.bf16 == "auto" and device.type == "cuda"):
-        variants += [("ours, bf16 autocast", dataclasses.replace(base, amp="bf16")),
-                     ("ours, bf16 autocast + channels_last", dataclasses.replace(base, amp="bf16", channels_last=True))]
+    base = TrainConfig(loss=args.loss, model=name, batch_size=args.batch, num_workers=args.workers,
+                       sync_every=args.sync_every)
     torch.manual_seed(0)
     model = build_model(name, img_size=size)
-    max_iter = 1 + rounds * steps + 1
-    loops = [Loop(label, SliceDataset(cache, augment=True, seed=config.seed), model, config, False, device, max_iter)
-             for label, config in variants]
-    loops.append(Loop("reference: PNG per slice, host-OpenCV hard region, fp32", PngSlices(pngs, seed=0, size=size), model,
-                      base, True, device, max_iter))
+    train_gflops = 3 * forward_gflops(lambda: build_model(name, img_size=size), size)
+    max_iter = 2 + rounds * steps + 1
+    loops = []
+    for label, config, reference in variants(base, device, args):
+        dataset = PngSlices(pngs, seed=0, size=size) if reference else SliceDataset(cache, augment=True, seed=config.seed)
+        loops.append(Loop(label, dataset, model, config, reference, device, max_iter, steps))
     del model
     for loop in loops:
-        loop.epoch(0, 1)  # warm-up
+        loop.epoch(0, 2)  # warm-up (and compilation)
     for r in range(1, rounds + 1):
         for loop in loops if r % 2 else loops[::-1]:
             images, seconds = loop.epoch(r, steps)
             loop.rates.append(images / seconds)
             print(f"{name} round {r}: {loop.label}: {loop.rates[-1]:.2f} images/s", file=sys.stderr, flush=True)
     rates = [statistics.median(loop.rates) for loop in loops]
-    return [[f"{name} ({size} px)", loop.label, f"{rounds} x {steps}", f"{rate:.2f}", f"{rate / rates[-1]:.2f}x"]
-            for loop, rate in zip(loops, rates)]
+    if args.profile:
+        profile_steps(loops[-1], device, args.profile)
+    peak = args.peak_tflops or detected_peak(device)
+    rows = []
+    for loop, rate in zip(loops, rates):
+        mfu = f"{100 * rate * train_gflops / (peak * 1e3):.1f}%" if peak else "-"
+        rows.append([f"{name} ({size} px)", loop.label, f"{rounds} x {steps}", f"{rate:.2f}",
+                     f"{rate / rates[0]:.2f}x", f"{train_gflops:.1f}", mfu])
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", default=["small", "R50-ViT-B_16"],
                         help="model configs (small/tiny at 128 px, the others at 224 px)")
-    parser.add_argument("--steps", type=int, default=0, help="timed steps per round (default: see above)")
-    parser.add_argument("--rounds", type=int, default=0, help="rounds per loop (default: see above)")
+    parser.add_argument("--steps", type=int, default=0, help="timed steps per round (default: see plan())")
+    parser.add_argument("--rounds", type=int, default=0, help="rounds per loop (default: see plan())")
     parser.add_argument("--batch", type=int, default=TrainConfig.batch_size)
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                        help="DataLoader workers of both loops (default: the reference's 8, at most the core count)")
-    parser.add_argument("--loss", choices=HARD_REGION_LOSSES, default="ag_bce")
-    parser.add_argument("--bf16", choices=("auto", "yes", "no"), default="auto",
-                        help="also time ours with bf16 autocast (+ channels_last); auto: on CUDA")
+                        help="DataLoader workers of every loop (default: the reference's 8, at most the core count)")
+    parser.add_argument("--loss", choices=HARD_REGION_LOSSES, default="adaptive_focal")
+    parser.add_argument("--fast", choices=("auto", "yes", "no"), default="auto",
+                        help="also time (c) bf16 + channels_last and (d) + torch.compile; auto: on CUDA")
+    parser.add_argument("--no-compile", action="store_true", help="skip (d) (torch.compile takes minutes on a CPU)")
+    parser.add_argument("--sync-every", type=int, default=TrainConfig.sync_every, help="microseg's loss read-back interval")
+    parser.add_argument("--peak-tflops", type=float, default=0.0,
+                        help="bf16 peak for the MFU (default: the detected GPU's, e.g. 989 for H100/H200 SXM)")
     parser.add_argument("--train", type=int, default=3, help="phantom training patients (default 3)")
     parser.add_argument("--slices", type=int, default=16, help="slices per patient (default 16)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu or cuda")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's own)")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="after the rounds, torch.profiler over STEPS steps of the last loop (to stderr)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -169,16 +256,16 @@ def main() -> None:
                 prepare_cache(data, cache, size)
             rows += bench_config(name, size, cache, pngs, device, args)
 
-    cpu = hardware(torch.device("cpu"))
-    gpu = f"; GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
-    print(f"\n{cpu}, {os.cpu_count()} cores{gpu}; training on {device.type}; load average "
+    peak = args.peak_tflops or detected_peak(device)
+    print(f"\n{hardware(device)}; {os.cpu_count()} cores; training on {device.type}; bf16 peak "
+          f"{f'{peak:g} TFLOP/s' if peak else 'unknown (pass --peak-tflops)'}; load average "
           f"{load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end")
     print(f"{args.train * args.slices} phantom slices ({args.train} patients x {args.slices}) at "
           f"{NATIVE_SIZE[0]} x {NATIVE_SIZE[1]}; batch {args.batch}, {args.workers} workers, deep-supervised "
-          f"{args.loss} (4 scales), SGD; each loop: 1 warm-up step, then rounds x steps timed, each round a fresh "
-          "DataLoader (worker start-up included), loops alternating\n")
-    print("| config | loop | rounds x steps | images/s (median of rounds) | vs reference |")
-    print("| --- | --- | ---: | ---: | ---: |")
+          f"{args.loss} (4 scales), SGD; microseg reads the loss every {args.sync_every} steps; each loop: "
+          "1 warm-up round of 2 steps, then rounds x steps timed, loops alternating\n")
+    print("| config | loop | rounds x steps | images/s (median) | vs (a) | train GFLOP/image | MFU (bf16 peak) |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
         print("| " + " | ".join(row) + " |")
 

@@ -12,10 +12,13 @@ from matplotlib.image import imread
 
 from microseg.analysis import (
     ROUGHNESS_LABELS,
+    SMOOTHNESS_LABELS,
     disagreement_slices,
     hard_region_kernel,
     hard_region_mask,
     hard_region_score,
+    patient_descriptors,
+    patient_stratified_table,
     slice_descriptors,
     stratified_table,
     stratum,
@@ -208,6 +211,54 @@ def test_stratified_table_by_hand():
     }
     for key, (mean, std, n) in expect.items():
         assert table[key] == [pytest.approx(mean), pytest.approx(std, abs=1e-12), n], key
+
+
+def test_patient_stratified_table_by_hand():
+    """Six patients; volume tertiles at 1 + 5/3 and 1 + 10/3 ml; the largest patient is the smoothest."""
+    volumes = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    gammas = [0.06, 0.05, 0.04, 0.03, 0.02, 0.01]
+
+    def patients(dscs):
+        return {f"{i + 1:02d}": dict(dsc=d, volume_ml=volumes[i], gamma_msa=gammas[i]) for i, d in enumerate(dscs)}
+
+    runs = {"a": patients([0.5, 0.7, 0.8, 0.9, 0.9, 1.0]), "b": patients([0.4, 0.6, math.nan, 0.8, 0.9, 0.9])}
+    runs["b"]["07"] = dict(dsc=0.1)  # an older evaluation's row: no descriptors, in no stratum
+    header, rows = patient_stratified_table(runs)
+    assert header == ["run", "factor", "stratum", "mean_dsc", "std_dsc", "n_patients"]
+    table = {tuple(r[:3]): r[3:] for r in rows}
+    assert len(rows) == 12 and {r[2] for r in rows if r[1] == "smoothness"} == set(SMOOTHNESS_LABELS)
+    expect = {
+        ("a", "volume", "small"): (0.6, 0.1, 2), ("a", "volume", "large"): (0.95, 0.05, 2),
+        ("a", "smoothness", "good"): (0.95, 0.05, 2), ("a", "smoothness", "poor"): (0.6, 0.1, 2),
+        ("b", "volume", "medium"): (0.8, 0.0, 1), ("b", "smoothness", "medium"): (0.8, 0.0, 1),  # NaN left out
+    }
+    for key, (mean, std, n) in expect.items():
+        assert table[key] == [pytest.approx(mean), pytest.approx(std, abs=1e-12), n], key
+
+
+def test_patient_descriptors_against_numpy():
+    expert = np.zeros((5, 40, 60), bool)
+    expert[1:4] = _disk((40, 60), (20, 30), 12)
+    got = patient_descriptors(expert, (2.0, 0.5, 0.25), 20)
+    assert got["volume_ml"] == pytest.approx(expert.sum() * 2.0 * 0.5 * 0.25 / 1000)
+    small = np.stack([cv2.resize(z.astype(np.float32), (20, 20), interpolation=cv2.INTER_AREA) >= 0.5
+                      for z in expert]).astype(np.float64)
+    assert got["gamma_msa"] == pytest.approx(np.sqrt(sum(g**2 for g in np.gradient(small))).mean(), rel=1e-12)
+    assert patient_descriptors(np.zeros((3, 8, 8), bool), (1, 1, 1), 8) == {"volume_ml": 0.0, "gamma_msa": 0.0}
+
+
+def test_plot_stratified_per_patient(tmp_path):
+    from microseg.analysis import PATIENT_FACTORS
+
+    rows = [[run, factor, label, mean, 0.02, 3]
+            for run, mean in (("focal", 0.8), ("afl", 0.9))
+            for factor, _, labels in PATIENT_FACTORS for label in labels]
+    out = tmp_path / "patients.png"
+    plot_stratified(["run", "factor", "stratum", "mean_dsc", "std_dsc", "n_patients"], rows, out,
+                    factors=PATIENT_FACTORS)
+    png = imread(out)
+    assert _colour_pixels(png, (0.122, 0.467, 0.706), 0.05) > 500  # C0 bars (first run)
+    assert _colour_pixels(png, (1.0, 0.498, 0.055), 0.05) > 500  # C1 bars (second run)
 
 
 # --- disagreement ------------------------------------------------------------------------------

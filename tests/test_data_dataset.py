@@ -83,7 +83,7 @@ def test_augmentation_is_seeded_per_epoch_and_item(cache):
     assert torch.equal(draw(3, 0), draw(3, 0, order=range(5, -1, -1)).flip(0))
     assert not torch.equal(draw(3, 0), draw(3, 1))
     assert not torch.equal(draw(3, 0), draw(4, 0))
-    aug = build_augmentation(64, seed=1)
+    aug = build_augmentation(seed=1)
     out = aug(image=np.zeros((64, 64), np.uint8), masks=[np.ones((64, 64), np.uint8)] * 2)
     assert out["image"].shape == (64, 64) and len(out["masks"]) == 2
 

@@ -7,9 +7,16 @@ Layout of the file (one slice per chunk, lzf-compressed):
     case_id      bytes [N]        patient id of each slice ("01", ...)
     slice_index  int32 [N]        z of each slice in its volume
     expert_fraction float32 [N]   expert foreground fraction of the slice at native size
-    train/<id>   group; attrs: shape [Z,H,W], spacing (sz,sy,sx) of the source volume
+    train/<id>   group; attrs: shape [Z,H,W], spacing (sz,sy,sx) of the source volume, and the
+                 patient's A-FL statistics `afl_fg_fraction`, `afl_gamma_msa` (below)
     test/<id>    group; attrs: image, expert, non_expert, <rater> paths, shape [Z,H,W], spacing (sz,sy,sx)
     root attrs:  size, format_version, fingerprint, data_root
+
+A-FL per-patient statistics (`microseg.losses.patient_statistics`): the foreground fraction and
+the mean 3D gradient magnitude of the patient's cached expert stack (Z x S x S, the training-size
+slices, empty ones included), in voxel units of that grid (unit spacing on every axis, the grid
+the network trains on, as A-FL computes them on its resized volumes); the dataset hands them
+with each of the patient's slices.
 
 Resizing choices: the reference rescales twice with bilinear interpolation (962x1372 -> 481x686
 PNG -> 224x224), which aliases the speckle at these 4-6x reductions; area averaging is the
@@ -44,9 +51,10 @@ from microseg.data.check import checked_train_volumes
 from microseg.data.layout import RATERS, Case, find_cases
 from microseg.data.volumes import read_geometry, require_same_geometry
 from microseg.errors import MicrosegError
+from microseg.losses import SAMPLE_STAT_KEYS, patient_statistics
 from microseg.preprocess import SIZE_MULTIPLE
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: per-patient A-FL statistics
 SLICE_KEYS = ("images", "expert", "non_expert")
 
 
@@ -60,6 +68,7 @@ class CacheInfo:
     case_ids: list[str]
     test_cases: dict[str, dict]
     train_geometry: dict[str, dict]  # id -> {"shape": (Z,H,W), "spacing": (sz,sy,sx)} at native size
+    patient_stats: dict[str, dict[str, float]]  # id -> {SAMPLE_STAT_KEYS: value}, A-FL's per patient
 
     def slice_spacing(self, case_id: str) -> tuple[float, float, float]:
         """(sz, sy, sx) in mm of a training case's cached slices (native spacing scaled to size x size)."""
@@ -148,10 +157,13 @@ def prepare_cache(data_root: str | Path, out: str | Path, size: int = 224) -> Pa
         for case, image, masks in checked_train_volumes(root, out, digest, train, test):  # + <cache>.check.json
             require_free_space(out, len(image.array) * size * size * len(SLICE_KEYS))  # before HDF5 meets ENOSPC
             _append(slices["images"], np.stack([resize_image(s, size) for s in image.array]))
-            for key, mask in zip(SLICE_KEYS[1:], masks):
-                _append(slices[key], np.stack([resize_mask(s, size) for s in mask.array]))
+            resized = [np.stack([resize_mask(s, size) for s in mask.array]) for mask in masks]
+            for key, stack in zip(SLICE_KEYS[1:], resized):
+                _append(slices[key], stack)
             n = len(image.array)
-            f.create_group(f"train/{case.case_id}").attrs.update(shape=image.array.shape, spacing=image.spacing)
+            f.create_group(f"train/{case.case_id}").attrs.update(
+                shape=image.array.shape, spacing=image.spacing,
+                **dict(zip(SAMPLE_STAT_KEYS, patient_statistics(resized[0]))))
             _append(per_slice["case_id"], np.full(n, case.case_id.encode(), dtype="S16"))
             _append(per_slice["slice_index"], np.arange(n, dtype=np.int32))
             _append(per_slice["expert_fraction"], masks[0].array.mean(axis=(1, 2), dtype=np.float64).astype(np.float32))
@@ -189,7 +201,9 @@ def read_cache_info(path: str | Path) -> CacheInfo:
                 }
             geometry = {case_id: {key: tuple(group.attrs[key].tolist()) for key in ("shape", "spacing")}
                         for case_id, group in f["train"].items()}
-            return CacheInfo(path, int(f.attrs["size"]), len(ids), list(dict.fromkeys(ids)), tests, geometry)
+            stats = {case_id: {key: float(group.attrs[key]) for key in SAMPLE_STAT_KEYS}
+                     for case_id, group in f["train"].items()}
+            return CacheInfo(path, int(f.attrs["size"]), len(ids), list(dict.fromkeys(ids)), tests, geometry, stats)
     except OSError as err:
         raise MicrosegError(f"{path}: not a readable microseg cache ({err})") from None
 

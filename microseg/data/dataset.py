@@ -2,7 +2,9 @@
 
 Each item is ``{"image": float32 [1,S,S] = uint8 / intensity_max clipped to 1 (the run's
 ``Preprocess.intensity_max``, INTENSITY_MAX by default: MicroSegNet's scaling),
-"expert"/"non_expert": float32 [1,S,S] in {0,1}, "case_id": str, "slice_index": int}``.
+"expert"/"non_expert": float32 [1,S,S] in {0,1}, "case_id": str, "slice_index": int, and the
+slice's patient's A-FL statistics under ``SAMPLE_STAT_KEYS`` (0-d float32 tensors, [B] once
+collated: ``microseg.data.cache``)}``.
 The HDF5 file is opened lazily, once per process (DataLoader workers each open their own; the
 dataset pickles without a handle). Items are read one HDF5 chunk (one slice) at a time: that
 costs well under a millisecond, below the augmentation's cost, and keeps worker start-up and
@@ -45,6 +47,8 @@ class SliceDataset(Dataset):
         with h5py.File(self.path, "r") as f:
             self.case_ids = [i.decode() for i in f["case_id"][()]]
             self.slice_index = f["slice_index"][()]
+        self.patient_stats = {case_id: {key: np.float32(value) for key, value in stats.items()}
+                              for case_id, stats in info.patient_stats.items()}
         n = info.n_slices
         self.indices = np.arange(n) if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
         if self.indices.size and (self.indices.min() < 0 or self.indices.max() >= n):
@@ -77,7 +81,7 @@ class SliceDataset(Dataset):
 
     def _augmentation(self, index: int) -> Compose:
         if self._transform is None or self._transform[0] != os.getpid():
-            self._transform = (os.getpid(), build_augmentation(self.size, seed=torch.initial_seed() % 2**32))
+            self._transform = (os.getpid(), build_augmentation(seed=torch.initial_seed() % 2**32))
         transform = self._transform[1]
         if self.seed is not None:
             transform.set_random_seed(int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]))
@@ -89,8 +93,10 @@ class SliceDataset(Dataset):
         if self.augment:
             out = self._augmentation(index)(image=image, masks=[expert, non_expert])
             image, (expert, non_expert) = out["image"], out["masks"]
+        patient = self.patient_stats[self.case_ids[index]]
+        stats = {key: torch.from_numpy(np.asarray(value)) for key, value in patient.items()}
         return {**slice_tensors(image, expert, non_expert, self.intensity_max), "case_id": self.case_ids[index],
-                "slice_index": int(self.slice_index[index])}
+                "slice_index": int(self.slice_index[index]), **stats}
 
 
 def slice_tensors(image: np.ndarray, expert: np.ndarray, non_expert: np.ndarray,

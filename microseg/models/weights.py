@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -159,11 +160,65 @@ def _read_npz(model: TransUNet, path: Path) -> tuple[Source, list[str]]:
 
 
 def _torch_load(path: Path) -> Any:
+    """torch.load with weights_only=True; a file it refuses is one line saying what the file is not.
+
+    torch's own message advises weights_only=False, which would run the file's code: never repeated.
+    """
+    if path.stat().st_size == 0:
+        raise MicrosegError(f"cannot read weights file {path}: it is empty")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols of files it then refuses
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip and weights-only errors come in many types
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise MicrosegError(f"cannot read weights file {path}: {message}") from None
+        with open(path, "rb") as handle:
+            head = handle.read(2)
+        if zipfile.is_zipfile(path) or head[:1] == b"\x80":  # torch's zip format or a pickle (protocol 2+)
+            raise MicrosegError(f"cannot read weights file {path}: it holds Python objects besides tensors, which "
+                                "are never loaded (not a plain state dict or microseg checkpoint)") from None
+        reason = type(err).__name__
+        raise MicrosegError(f"cannot read weights file {path}: it is not a weights file (not .npz, .safetensors, "
+                            f"nor a torch state dict or checkpoint: {reason})") from None
+
+
+def _state_dict_of(obj: Any, path: Path) -> tuple[dict[str, Any], str]:
+    """The state dict a loaded torch file holds, and its format (checkpoint or state_dict)."""
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "model_config" in obj:
+        return obj["model"], "checkpoint"
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise MicrosegError(f"weights file {path} holds a {type(obj).__name__}, not a state dict")
+    if not any(isinstance(value, Tensor) for value in obj.values()):
+        raise MicrosegError(f"weights file {path} holds no tensor: it is not a state dict")
+    return obj, "state_dict"
+
+
+def check_weights_file(name_or_path: str | os.PathLike) -> Path:
+    """The weights file a name or path gives, once its content reads as weights (no model needed)."""
+    from microseg.pretrained import resolve_weights
+
+    path = resolve_weights(name_or_path)
+    if path.suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                npz.files
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+            raise MicrosegError(f"cannot read weights file {path} as .npz: {err}") from None
+    elif path.suffix == ".safetensors":
+        _read_safetensors(path)
+    else:
+        _state_dict_of(_torch_load(path), path)
+    return path
+
+
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    from safetensors.torch import load_file  # installed with timm
+
+    try:
+        return load_file(path)
+    except Exception as err:  # safetensors raises its own error types
+        raise MicrosegError(f"cannot read weights file {path} as safetensors: {err}") from None
 
 
 def _match_state_dict(model: TransUNet, state: dict[str, Any], path: Path) -> tuple[Source, list[str]]:
@@ -238,18 +293,6 @@ def load_weights(model: TransUNet, path: str | os.PathLike) -> LoadReport:
     if path.suffix == ".npz":
         return _apply(model, *_read_npz(model, path), "npz", path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file  # installed with timm
-
-        try:
-            state = load_file(path)
-        except Exception as err:  # safetensors raises its own error types
-            raise MicrosegError(f"cannot read weights file {path} as safetensors: {err}") from None
-        return _apply(model, *_match_state_dict(model, state, path), "safetensors", path)
-    obj = _torch_load(path)
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "model_config" in obj:
-        return _apply(model, *_match_state_dict(model, obj["model"], path), "checkpoint", path)
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise MicrosegError(f"weights file {path} holds a {type(obj).__name__}, not a state dict")
-    return _apply(model, *_match_state_dict(model, obj, path), "state_dict", path)
+        return _apply(model, *_match_state_dict(model, _read_safetensors(path), path), "safetensors", path)
+    state, source_format = _state_dict_of(_torch_load(path), path)
+    return _apply(model, *_match_state_dict(model, state, path), source_format, path)
