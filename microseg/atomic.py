@@ -153,6 +153,17 @@ def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterato
         raise
 
 
+def _sibling_folder(target: Path) -> Path:
+    """A new empty temporary folder beside `target` (named as our temporaries are), after removing
+    stale ones of `target`."""
+    make_folder(target.parent)
+    remove_stale_temporaries(target)
+    try:
+        return Path(tempfile.mkdtemp(prefix=_temporary_prefix(target), suffix=".tmp", dir=target.parent))
+    except OSError as err:
+        raise MicrosegError(f"cannot write {target}: {_reason(err)}") from None
+
+
 @contextlib.contextmanager
 def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a new empty folder beside `target`; if the block succeeds it replaces `target` whole.
@@ -163,12 +174,7 @@ def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
     temporaries that the next write of `target` removes (`remove_stale_temporaries`).
     """
     target = Path(target)
-    make_folder(target.parent)
-    remove_stale_temporaries(target)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(target), suffix=".tmp", dir=target.parent))
-    except OSError as err:
-        raise MicrosegError(f"cannot write {target}: {_reason(err)}") from None
+    tmp = _sibling_folder(target)
     try:
         yield tmp
         aside = tmp.with_name(tmp.name + ".old")
@@ -187,12 +193,7 @@ def atomic_files_into(target: str | os.PathLike) -> Iterator[Path]:
     `target` (created if needed; other files there stay). A failed block leaves `target` as it was:
     a batch of outputs appears whole or not at all."""
     target = Path(target)
-    make_folder(target.parent)
-    remove_stale_temporaries(target)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(target), suffix=".tmp", dir=target.parent))
-    except OSError as err:
-        raise MicrosegError(f"cannot write {target}: {_reason(err)}") from None
+    tmp = _sibling_folder(target)
     try:
         yield tmp
         make_folder(target)

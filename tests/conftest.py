@@ -30,6 +30,24 @@ def train_tiny(cache: Path, run: Path, **options) -> Path:
     return train(resolve_train_config(None, dict(TINY_TRAIN, cache=str(cache), run=str(run), **options)))
 
 
+def train_until_ctrl_c(cache: Path, run: Path, monkeypatch, at_call: int, **options) -> None:
+    """Train the tiny run with Ctrl-C pressed at the `at_call`-th training step, then restore the step."""
+    from microseg.train import Trainer
+
+    real_step, calls = Trainer.train_step, {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_tiny(cache, run, **options)
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+
+
 @pytest.fixture(scope="session")
 def trained_run(cache, tmp_path_factory) -> Path:
     return train_tiny(cache, tmp_path_factory.mktemp("runs") / "tiny_af")

@@ -21,33 +21,12 @@ from pathlib import Path
 import h5py
 import pytest
 
+from cli_helpers import PROC_FOLDER, one_error, run_cli, tree
 from data_helpers import make_dataset
 from microseg.atomic import atomic_path, remove_stale_temporaries, write_text
 from microseg.cli import main
 from microseg.errors import MicrosegError
 
-PROC_FOLDER = Path("/proc/microseg-tests")  # procfs refuses new entries, even to root
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def one_error(code: int, err: str, *needles: str) -> str:
-    """The single `microseg: error:` line, after checking exit 2, no traceback and the needles."""
-    assert code == 2 and "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("microseg:")]
-    assert len(lines) == 1 and lines[0].startswith("microseg: error: "), err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
-
-
-def tree(folder: Path) -> list[str]:
-    """Every path under ``folder`` (hidden ones included), relative, sorted."""
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
 
 @pytest.fixture(scope="module")

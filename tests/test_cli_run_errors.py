@@ -22,30 +22,9 @@ import pytest
 import torch
 
 from conftest import TINY_TRAIN
+from cli_helpers import PROC_FOLDER, one_error, run_cli, tree
 from microseg.cli import main
 
-PROC_FOLDER = Path("/proc/microseg-tests")  # procfs refuses new entries, even to root
-
-
-def run_cli(argv: list, capsys) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def one_error(code: int, err: str, *needles: str) -> str:
-    """The single `microseg: error:` line, after checking exit 2, no traceback and the needles."""
-    assert code == 2 and "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.startswith("microseg:")]
-    assert len(lines) == 1 and lines[0].startswith("microseg: error: "), err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
-
-
-def tree(folder: Path) -> list[str]:
-    """Every path under ``folder`` (hidden ones included), relative, sorted."""
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
 
 def tiny_train(cache: Path, run: Path, *extra) -> list:

@@ -112,7 +112,7 @@ def test_timm_state_dict_as_safetensors(tmp_path):
 
 
 def checkpoint(model) -> dict:
-    """A microseg checkpoint as microseg.checkpoint writes it: state dict + config dict (+ anything else)."""
+    """A microseg checkpoint as microseg.run writes it: state dict + config dict (+ anything else)."""
     return {"model": model.state_dict(), "model_config": dataclasses.asdict(model.config), "epoch": 3}
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_TRAIN, train_tiny
+from conftest import TINY_TRAIN, train_tiny, train_until_ctrl_c
 from microseg.cli import main
 from microseg.train import StepLosses, Trainer
 
@@ -100,20 +100,9 @@ def test_poly_schedule_matches_reference_formula(trained_run, cache):
 
 def test_resume_after_ctrl_c_matches_uninterrupted_run(cache, tmp_path, monkeypatch):
     full = train_tiny(cache, tmp_path / "full")
-    real_step, calls = Trainer.train_step, {"n": 0}
-
-    def interrupted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:  # epoch 2, second batch (3 batches of 4 per epoch)
-            raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(Trainer, "train_step", interrupted)
     cut = tmp_path / "cut"
-    with pytest.raises(KeyboardInterrupt):
-        train_tiny(cache, cut)
+    train_until_ctrl_c(cache, cut, monkeypatch, 5)  # epoch 2, second batch (3 batches of 4 per epoch)
     assert torch.load(cut / "last.pt", weights_only=False)["step"] == 1
-    monkeypatch.setattr(Trainer, "train_step", real_step)
     assert main(["train", "--run", str(cut), "--resume", "--num-workers", "0"]) == 0
     a, b = weights(full / "last.pt"), weights(cut / "last.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

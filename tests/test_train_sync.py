@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import train_tiny
+from conftest import train_tiny, train_until_ctrl_c
 from microseg.cli import main
 from microseg.train import LossMonitor, StepLosses, Trainer
 
@@ -139,20 +139,9 @@ def test_ctrl_c_after_an_unchecked_nan_keeps_the_last_checkpoint(cache, tmp_path
 
 def test_resume_with_persistent_workers_matches_uninterrupted_run(cache, tmp_path, monkeypatch):
     full = train_tiny(cache, tmp_path / "full")  # in the main process (no workers)
-    real_step, calls = Trainer.train_step, {"n": 0}
-
-    def interrupted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:  # epoch 2, second batch (3 batches of 4 per epoch)
-            raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(Trainer, "train_step", interrupted)
     cut = tmp_path / "cut"
-    with pytest.raises(KeyboardInterrupt):
-        train_tiny(cache, cut, num_workers=2, sync_every=2)
+    train_until_ctrl_c(cache, cut, monkeypatch, 5, num_workers=2, sync_every=2)  # epoch 2, second batch (3 batches of 4 per epoch)
     assert torch.load(cut / "last.pt", weights_only=False)["step"] == 1
-    monkeypatch.setattr(Trainer, "train_step", real_step)
     assert main(["train", "--run", str(cut), "--resume", "--num-workers", "2", "--sync-every", "3"]) == 0
     a = torch.load(full / "last.pt", weights_only=False)["model"]
     b = torch.load(cut / "last.pt", weights_only=False)["model"]

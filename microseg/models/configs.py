@@ -1,7 +1,7 @@
 """Named TransUNet configurations: one dataclass, numbers only; every config runs the same code.
 
 `R50-ViT-B_16` is the paper's model (TransUNet, Chen et al. 2021, as used by MicroSegNet and
-seed 002): BiT ResNet-50 stem + stages (3, 4, 9), ViT-B/16 (768 hidden, 12 layers, 12 heads,
+the micro-US adaptive focal paper): BiT ResNet-50 stem + stages (3, 4, 9), ViT-B/16 (768 hidden, 12 layers, 12 heads,
 MLP 3072) on the stride-16 map, CUP decoder (256, 128, 64, 16), 3 skips, 3x3 deep-supervision
 heads. `R50-ViT-L_16` swaps in ViT-L/16 (1024, 24, 16, 4096). `small` (demo on a laptop CPU) and
 `tiny` (tests) shrink the same structure.
