@@ -237,9 +237,17 @@ def _first_release_preprocess(state: dict[str, Any]) -> Preprocess:
 
 
 def save_checkpoint(checkpoint: Checkpoint, path: Path) -> None:
-    """torch.save to a temporary name, then rename: a crash never leaves half a checkpoint."""
+    """torch.save to a temporary name, then rename: a crash never leaves half a checkpoint.
+
+    torch reports a failed write (a full disk) as a RuntimeError of its C++ writer, not an
+    OSError: it becomes one line naming the checkpoint and the free space left.
+    """
     with atomic_path(path) as tmp:
-        torch.save(checkpoint.to_dict(), tmp)
+        try:
+            torch.save(checkpoint.to_dict(), tmp)
+        except RuntimeError:
+            free = shutil.disk_usage(tmp.parent).free / 2**20
+            raise MicrosegError(f"cannot write {path}: the write failed ({free:.1f} MiB free on its disk)") from None
 
 
 def load_checkpoint(path: Path) -> Checkpoint:

@@ -144,6 +144,20 @@ def test_a_failure_after_the_run_is_created_leaves_no_run_folder(trained_run, ca
     assert tree(tmp_path) == ["mine", "mine/notes.txt"]
 
 
+def test_a_checkpoint_on_a_full_disk_is_one_line(cache, tmp_path, capsys, monkeypatch):
+    """torch's writer reports a full disk as a RuntimeError ("enforce fail ... file write failed"),
+    as seen on a 256 KiB tmpfs; the run stops with one line naming the checkpoint, nothing left."""
+    def full_disk(obj, path, *args, **kwargs):
+        Path(path).write_bytes(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    run = tmp_path / "runs" / "full"
+    code, _, err = run_cli(tiny_train(cache, run), capsys)
+    one_error(code, err, "cannot write", "last.pt", "MiB free")
+    assert tree(tmp_path) == []
+
+
 def test_a_run_folder_that_cannot_be_created(cache, tmp_path, capsys):
     code, _, err = run_cli(tiny_train(cache, PROC_FOLDER / "run"), capsys)
     one_error(code, err, f"cannot create folder {PROC_FOLDER / 'run'}", "/proc does not accept new entries")
