@@ -43,8 +43,8 @@ def option(default: Any = None, help: str = "", **cli: Any) -> Any:
 class TrainConfig:
     cache: str = option("", "slice cache from `microseg prepare`")
     run: str = option("", "run folder to write, e.g. runs/NAME (required, here or as run: in --config)")
-    recipe: str = option(DEFAULT_RECIPE, f"named set of defaults: {', '.join(RECIPES)} (the --config file and "
-                                         "the options win over it; see the README)")
+    recipe: str = option(DEFAULT_RECIPE, "named set of defaults (the --config file and the options win over it): "
+                                         + "; ".join(f"{r.name} ({r.reproduces})" for r in RECIPES.values()))
     loss: str = option("adaptive_focal", "loss spec, e.g. adaptive_focal, ag_bce:w=4, 0.5*dice+focal")
     model: str = option("R50-ViT-B_16", "named model config: R50-ViT-B_16 (the paper's; without --weights it "
                                         "trains from scratch, not from the paper's ImageNet-21k encoder), "

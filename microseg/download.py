@@ -31,7 +31,6 @@ from microseg.data.layout import DATASET_FOLDER, find_cases
 from microseg.errors import MicrosegError
 
 RECORD_ID = "10475293"
-DOI = "10.5281/zenodo.10475293"
 DEFAULT_API = "https://zenodo.org/api"
 API_ENV = "MICROSEG_ZENODO_API"
 TIMEOUT_S = 30
