@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from microseg.errors import MicrosegError
-from microseg.preprocess import PREDICTION_RESIZES, REFERENCE_KERNEL_SIZES, Preprocess
+from microseg.preprocess import PREDICTION_RESIZES, REFERENCE_KERNEL_SIZES, SIZE_MULTIPLE, Preprocess
 from microseg.recipes import DEFAULT_RECIPE, RECIPES, recipe_settings
 
 
@@ -253,15 +253,14 @@ def check_train_inputs(c: TrainConfig, resume: bool) -> list[str]:
     """
     from microseg.data.cache import read_cache_info
     from microseg.data.dataset import split_by_patient
-    from microseg.models.configs import ENCODER_STRIDE
     from microseg.models.weights import check_weights_file
 
     info = read_cache_info(Path(c.cache))
-    if info.size % ENCODER_STRIDE:
-        lower = max(ENCODER_STRIDE, info.size // ENCODER_STRIDE * ENCODER_STRIDE)
+    if info.size % SIZE_MULTIPLE:
+        lower = max(SIZE_MULTIPLE, info.size // SIZE_MULTIPLE * SIZE_MULTIPLE)
         raise MicrosegError(f"cache {c.cache} holds {info.size} px slices, which no model takes (a multiple of "
-                            f"{ENCODER_STRIDE} is needed): prepare it again with --size {lower} or "
-                            f"{lower + ENCODER_STRIDE}")
+                            f"{SIZE_MULTIPLE} is needed): prepare it again with --size {lower} or "
+                            f"{lower + SIZE_MULTIPLE}")
     if c.weights and not resume:
         check_weights_file(c.weights)
     train_idx, _ = split_by_patient(Path(c.cache), c.val_fraction, c.seed)

@@ -26,7 +26,7 @@ INTENSITY_MAX = 254
 REFERENCE_KERNEL_SIZES = (1, 2, 3, 4)
 """MicroSegNet's hard-region dilation kernels for the 1/8, 1/4, 1/2 and full-size outputs."""
 SIZE_MULTIPLE = 16
-"""A training size must be a multiple of the ViT patch stride (16)."""
+"""The encoder's stride (ViT-B/16 patches on the stride-16 map): every training size is a multiple of it."""
 TARGET_RESIZES = ("bilinear_floor", "nearest", "area")
 PREDICTION_RESIZES = ("bilinear", "nearest")
 

@@ -78,6 +78,7 @@ from microseg.atomic import make_folder, write_text
 from microseg.data.layout import EXPERT, IMAGES, NON_EXPERT, RATERS, file_name, rater_kind
 from microseg.data.volumes import read_volume, write_volume
 from microseg.errors import MicrosegError
+from microseg.preprocess import INTENSITY_MAX
 
 NATIVE_SIZE = (962, 1372)
 NATIVE_SPACING_MM = 0.033586
@@ -359,7 +360,7 @@ def _polar_image(geo: ScanGeometry, echo: np.ndarray, alpha: np.ndarray, rng: np
     analytic = fft.ifft(fft.rfft(rf, n=geo.n_fft, axis=1)[:, :half] * geo.analytic_pulse, axis=1)[:, : rf.shape[1] // 2]
     power = analytic.real**2 + analytic.imag**2
     db = 10 * np.log10(np.maximum(power * (0.25 / geo.reference**2), 1e-12))
-    return (254 * np.clip(1 + db / DYNAMIC_RANGE_DB, 0, 1)).astype(np.float32)
+    return (INTENSITY_MAX * np.clip(1 + db / DYNAMIC_RANGE_DB, 0, 1)).astype(np.float32)
 
 
 def _textures(geo: ScanGeometry, rng: np.random.Generator, n_slices: int) -> dict[str, np.ndarray]:
@@ -395,7 +396,7 @@ def simulate_case(geo: ScanGeometry, rng: np.random.Generator, n_slices: int,
                for name, t in textures.items()}
         polar = _polar_image(geo, *_echogenicity(geo, anat, s, tex), rng)
         frame = cv2.remap(polar, geo.map_r, geo.map_t, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-        image[z] = np.where(geo.fov, np.rint(np.clip(frame, 0, 254)), 0)
+        image[z] = np.where(geo.fov, np.rint(np.clip(frame, 0, INTENSITY_MAX)), 0)
         cx, cy = anat.centre(s)
         dx, dy = geo.xc - cx, geo.yc - cy
         rho, idx = np.hypot(dx, dy), _angle_index(dx, dy)
@@ -495,7 +496,7 @@ def write_preview(data_root: str | Path, split: str = "train", case_id: str = "0
     for ax in axes.flat:
         ax.axis("off")
     for ax, z in zip(axes.flat, slices):
-        ax.imshow(image[z], cmap="gray", vmin=0, vmax=254, interpolation="nearest")
+        ax.imshow(image[z], cmap="gray", vmin=0, vmax=INTENSITY_MAX, interpolation="nearest")
         for mask, colour in ((expert[z], "lime"), (non_expert[z], "red")):
             if mask.any():
                 ax.contour(mask, levels=[0.5], colors=colour, linewidths=0.8)

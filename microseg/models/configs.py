@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from microseg.errors import MicrosegError
+from microseg.preprocess import SIZE_MULTIPLE
 
-ENCODER_STRIDE = 16
 VARIANTS = ("google", "port")
 
 
@@ -67,8 +67,8 @@ class ModelConfig:
         for field in ("resnet_layers", "decoder_channels"):  # YAML/JSON give lists
             object.__setattr__(self, field, tuple(int(v) for v in getattr(self, field)))
         checks = (
-            (self.img_size > 0 and self.img_size % ENCODER_STRIDE == 0,
-             f"img_size {self.img_size} is not a positive multiple of {ENCODER_STRIDE} (the encoder stride)"),
+            (self.img_size > 0 and self.img_size % SIZE_MULTIPLE == 0,
+             f"img_size {self.img_size} is not a positive multiple of {SIZE_MULTIPLE} (the encoder stride)"),
             (len(self.resnet_layers) == 3, f"resnet_layers {self.resnet_layers} must name 3 stages"),
             (self.resnet_width > 0 and self.resnet_width % self.gn_groups == 0,
              f"resnet_width {self.resnet_width} is not a multiple of gn_groups {self.gn_groups}"),
@@ -86,7 +86,7 @@ class ModelConfig:
     @property
     def grid(self) -> int:
         """Token grid side: img_size / 16."""
-        return self.img_size // ENCODER_STRIDE
+        return self.img_size // SIZE_MULTIPLE
 
     @property
     def skip_channels(self) -> tuple[int, int, int]:
