@@ -43,12 +43,8 @@ def run_demo(out: str | Path = "demo", epochs: int | None = None) -> Path:
     started = time.perf_counter()
     data = simulate_dataset(out / "data", preview=True, **DEMO_DATA)
     cache = prepare_cache(data, out / "cache.h5", size=DEMO_SIZE)
-    jobs = {}
-    for loss in DEMO_LOSSES:
-        options = dict(DEMO_TRAIN, cache=str(cache), run=str(out / "runs" / loss), loss=loss)
-        if epochs is not None:
-            options["epochs"] = epochs
-        jobs[loss] = options
+    options = dict(DEMO_TRAIN, cache=str(cache), **({} if epochs is None else {"epochs": epochs}))
+    jobs = {loss: dict(options, run=str(out / "runs" / loss), loss=loss) for loss in DEMO_LOSSES}
     runs = train_side_by_side(jobs, data)
     report = compare(runs, out / "report", overlays=True)
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; report: {report}")
