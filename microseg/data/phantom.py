@@ -43,8 +43,8 @@ systematic over- or under-reach of +-1, the same sign for every rater of a patie
 variation half of which they share: everyone finds the same places ambiguous) and m a smooth
 field for small errors elsewhere. ``RATER_ERRORS`` orders them by experience; on the demo's
 8 test patients their per-patient mean against the expert (microsegnet protocol) is DSC 0.895 /
-HD95 2.29 mm (clinician), 0.886 / 2.67 mm (master student), 0.869 / 3.02 mm (non-expert) and
-0.865 / 3.13 mm (medical student). The errors are in mm, so native-size phantoms score the same
+HD95 2.35 mm (clinician), 0.886 / 2.77 mm (master student), 0.869 / 3.10 mm (non-expert) and
+0.866 / 3.22 mm (medical student). The errors are in mm, so native-size phantoms score the same
 (three patients at 962 x 1372 and at 240 x 343: HD95 within 0.05 mm, DSC within 0.001).
 
 Sizes: the pixel spacing is the real 0.033586 mm at 962 x 1372 and scales by 962 / H at other
