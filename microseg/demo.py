@@ -23,14 +23,11 @@ DEMO_DATA = dict(n_train=16, n_test=8, n_slices=36, size=(240, 343), seed=0)
 # Short CPU schedule, tuned on 2 cores for the whole demo to fit in 5 minutes: optimiser steps are
 # the budget. No augmentation (as MicroSegNet's trainer); batch 4 at 80 px (the 80 px round trip
 # still keeps volume DSC 0.992 of the expert mask) buys ~1.3x the steps per second of 96 px; no
-# validation split (last.pt is evaluated) puts all 16 training patients in every epoch, which
-# helps more than more slices of fewer patients; Adam lr 3e-3 with poly decay (a 1-epoch warm-up
-# and lr 5e-3 did not help). 36 slices a patient: the microsegnet protocol averages per slice, so
-# with 18 the 2-4 small end slices that a 2D model misses weigh 1/12 of a patient each, and a
-# loss's mean moved by up to 0.045 between 12 and 16 epochs; 36 slices x 6 epochs (the steps of
-# 18 x 12) brought all three losses to DSC 0.910-0.919 (0.913-0.929 with seeds 1235 and 42).
-# The three trainings side by side run 1.4x the steps per second of three in turn; loader workers
-# would only compete.
+# validation split (last.pt is evaluated) puts all 16 training patients in every epoch; Adam lr
+# 3e-3 with poly decay (a 1-epoch warm-up and lr 5e-3 did not help). 36 slices a patient and
+# 6 epochs rather than 18 and 12 (the same steps): the microsegnet protocol averages per slice, and
+# with 18 the few small end slices a 2D model misses swung a patient's score. Measured results:
+# the README's Benchmarks.
 DEMO_TRAIN = dict(model="small", epochs=6, batch_size=4, optimizer="adam", lr=3e-3, val_fraction=0.0, seed=1234,
                   augment=False, num_workers=0)
 DEMO_SIZE = 80

@@ -41,11 +41,9 @@ Raters: every other rater's contour is ``R(phi, s) + error * 5.5 mm * scale(s)^1
 W = ``1 - (1 - w)(1 - w_shadow)`` the hidden part of the contour, n a smooth in/out field (a
 systematic over- or under-reach of +-1, the same sign for every rater of a patient, plus smooth
 variation half of which they share: everyone finds the same places ambiguous) and m a smooth
-field for small errors elsewhere. ``RATER_ERRORS`` orders them by experience; on the demo's
-8 test patients their per-patient mean against the expert (microsegnet protocol) is DSC 0.895 /
-HD95 2.35 mm (clinician), 0.886 / 2.77 mm (master student), 0.869 / 3.10 mm (non-expert) and
-0.866 / 3.22 mm (medical student). The errors are in mm, so native-size phantoms score the same
-(three patients at 962 x 1372 and at 240 x 343: HD95 within 0.05 mm, DSC within 0.001).
+field for small errors elsewhere. ``RATER_ERRORS`` orders them by experience (their scores
+against the expert on the demo's test patients: the README's Benchmarks). The errors are in mm,
+so native-size phantoms score the same (three patients at 962 x 1372 and at 240 x 343: HD95 within 0.05 mm, DSC within 0.001).
 
 Sizes: the pixel spacing is the real 0.033586 mm at 962 x 1372 and scales by 962 / H at other
 sizes; anatomy is in mm, so a smaller phantom is the same anatomy at a coarser pixel. The PSF is
