@@ -43,7 +43,8 @@ systematic over- or under-reach of +-1, the same sign for every rater of a patie
 variation half of which they share: everyone finds the same places ambiguous) and m a smooth
 field for small errors elsewhere. ``RATER_ERRORS`` orders them by experience (their scores
 against the expert on the demo's test patients: the README's Benchmarks). The errors are in mm,
-so native-size phantoms score the same (three patients at 962 x 1372 and at 240 x 343: HD95 within 0.05 mm, DSC within 0.001).
+so native-size phantoms score the same (three patients at 962 x 1372 and at 240 x 343: HD95
+within 0.05 mm, DSC within 0.001).
 
 Sizes: the pixel spacing is the real 0.033586 mm at 962 x 1372 and scales by 962 / H at other
 sizes; anatomy is in mm, so a smaller phantom is the same anatomy at a coarser pixel. The PSF is
