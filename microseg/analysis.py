@@ -26,6 +26,8 @@ from microseg.errors import MicrosegError
 from microseg.losses.afl import mean_gradient_magnitude
 from microseg.losses.hard_region import check_kernel_size, dilate
 from microseg.metrics import dice, summarize
+from microseg.patient_stats import patient_statistics
+from microseg.preprocess import resize_mask
 
 SIZE_LABELS = ("small", "medium", "large")
 ROUGHNESS_LABELS = ("smooth", "moderate", "rough")
@@ -190,12 +192,9 @@ def patient_descriptors(expert: np.ndarray, spacing_zyx: Sequence[float], size: 
     volume_ml = expert voxel count * sz * sy * sx / 1000 (mm^3 -> ml, the NIfTI spacing);
     gamma_msa = A-FL's mean gradient magnitude of the expert volume (`patient_statistics`, voxel
     units, 3D) on the grid the network trains on: every slice resized to size x size as the cache
-    resizes masks (`microseg.data.cache.resize_mask`). That is the statistic the loss sees, and
+    resizes masks (`microseg.preprocess.resize_mask`). That is the statistic the loss sees, and
     it stays small in memory where the native 962 x 1372 x 300 volume would need gigabytes.
     """
-    from microseg.data.cache import resize_mask
-    from microseg.losses import patient_statistics
-
     (expert,) = bool_volumes(expert=expert)
     voxel_mm3 = float(np.prod(np.asarray(spacing_zyx, dtype=np.float64)))
     stack = np.stack([resize_mask(z, size) for z in expert])

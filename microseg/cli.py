@@ -50,8 +50,11 @@ def _add_simulate(verbs: argparse._SubParsersAction) -> None:
 
     def run(args: argparse.Namespace) -> int:
         from microseg.data.phantom import simulate_dataset
+        from microseg.figures import plot_case_preview
 
-        out = simulate_dataset(args.out, args.train, args.test, args.slices, tuple(args.size), args.seed, args.preview)
+        out = simulate_dataset(args.out, args.train, args.test, args.slices, tuple(args.size), args.seed)
+        if args.preview:
+            plot_case_preview(out)
         print(f"wrote phantom dataset: {out}")
         return 0
 
@@ -69,7 +72,7 @@ def _add_prepare(verbs: argparse._SubParsersAction) -> None:
                         "(the models' patch stride; default 224)")
 
     def run(args: argparse.Namespace) -> int:
-        from microseg.data.cache import prepare_cache
+        from microseg.prepare import prepare_cache
 
         prepare_cache(args.data, args.out, args.size)
         return 0
@@ -261,7 +264,7 @@ def _add_check(verbs: argparse._SubParsersAction) -> None:
     def run(args: argparse.Namespace) -> int:
         from pathlib import Path
 
-        from microseg.data.check import check_dataset, format_check, require_clean, write_check
+        from microseg.check import check_dataset, format_check, require_clean, write_check
 
         report = check_dataset(args.data, args.protocol)
         print(format_check(report))

@@ -253,6 +253,7 @@ def check_train_inputs(c: TrainConfig, resume: bool) -> list[str]:
     """
     from microseg.data.cache import read_cache_info
     from microseg.data.dataset import split_by_patient
+    from microseg.models.pretrained_files import resolve_weights
     from microseg.models.weights import check_weights_file
 
     info = read_cache_info(Path(c.cache))
@@ -262,7 +263,7 @@ def check_train_inputs(c: TrainConfig, resume: bool) -> list[str]:
                             f"{SIZE_MULTIPLE} is needed): prepare it again with --size {lower} or "
                             f"{lower + SIZE_MULTIPLE}")
     if c.weights and not resume:
-        check_weights_file(c.weights)
+        check_weights_file(resolve_weights(c.weights))
     train_idx, _ = split_by_patient(Path(c.cache), c.val_fraction, c.seed)
     if c.batch_size > len(train_idx):
         return [f"--batch-size {c.batch_size} is larger than the {len(train_idx)} training slices of {c.cache}: "

@@ -35,14 +35,16 @@ DEMO_SIZE = 80
 
 def run_demo(out: str | Path = "demo", epochs: int | None = None) -> Path:
     """Run the demo into `out`; returns the report path. Re-running overwrites the demo's runs."""
-    from microseg.data.cache import prepare_cache
+    from microseg.prepare import prepare_cache
     from microseg.data.phantom import simulate_dataset
+    from microseg.figures import plot_case_preview
     from microseg.report import compare, results_paragraph
     from microseg.run import load_run
 
     out = Path(out)
     started = time.perf_counter()
-    data = simulate_dataset(out / "data", preview=True, **DEMO_DATA)
+    data = simulate_dataset(out / "data", **DEMO_DATA)
+    plot_case_preview(data)
     cache = prepare_cache(data, out / "cache.h5", size=DEMO_SIZE)
     options = dict(DEMO_TRAIN, cache=str(cache), **({} if epochs is None else {"epochs": epochs}))
     jobs = {loss: dict(options, run=str(out / "runs" / loss), loss=loss) for loss in DEMO_LOSSES}

@@ -32,13 +32,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from microseg.atomic import atomic_folder, make_folder, write_text
 from microseg.errors import MicrosegError, warn
 from microseg.metrics import check_protocol, score_case, summarize
-from microseg.preprocess import PREDICTION_RESIZES, Preprocess
+from microseg.preprocess import PREDICTION_RESIZES, Preprocess, resize_image, resize_prediction, scale_intensity
 from microseg.run import Checkpoint, RunFolder, load_run_model
 from microseg.runtime import resolve_device
 from microseg.tables import SUMMARY_ROWS, markdown_table, write_csv
@@ -50,18 +49,14 @@ SLICE_HEADER = ["case_id", "z", "dsc", "hd95_mm", "area_mm2", "roughness", "gamm
 def predict_volume(model: torch.nn.Module, volume: np.ndarray, device: torch.device, preprocess: Preprocess,
                    batch_size: int = 16) -> np.ndarray:
     """Binary prediction [Z,H,W] for a uint8 volume [Z,H,W] (0..intensity_max), slice by slice."""
-    from microseg.data.cache import resize_image
-
     size, resize = preprocess.size, preprocess.prediction_resize
     z, h, w = volume.shape
     out = np.empty((z, h, w), dtype=bool)
     model.eval()
     for start in range(0, z, batch_size):
         chunk = np.stack([resize_image(s, size) for s in volume[start:start + batch_size]])
-        x = torch.from_numpy(chunk).to(device).float().div_(float(preprocess.intensity_max)).clamp_(0, 1)[:, None]
-        prob = torch.sigmoid(model(x).logits.float())
-        kwargs = {"align_corners": False} if resize == "bilinear" else {}
-        prob = F.interpolate(prob, size=(h, w), mode=resize, **kwargs)
+        x = scale_intensity(torch.from_numpy(chunk).to(device), preprocess.intensity_max)[:, None]
+        prob = resize_prediction(torch.sigmoid(model(x).logits.float()), (h, w), resize)
         out[start:start + batch_size] = (prob[:, 0] > 0.5).cpu().numpy()
     return out
 
@@ -102,7 +97,7 @@ def evaluate(run: Path, data: Path, split: str = "test", protocol: str = "micros
     `resize` (bilinear, nearest) overrides the run's prediction resize. Prints the checkpoint
     used first and the mean DSC and HD95 at the end.
     """
-    from microseg.data.check import SPLITS
+    from microseg.check import SPLITS
     from microseg.data.layout import find_cases
 
     if split not in SPLITS:

@@ -1,4 +1,5 @@
-"""Every figure: loss curves, stratified bars (per slice, per patient), contour overlays; Agg backend, atomic PNGs.
+"""Every figure: loss curves, stratified bars (per slice, per patient), contour overlays, the phantom preview;
+Agg backend, atomic PNGs.
 
 Colours: one per run, the same in every figure of a comparison (`run_colours`, by the runs'
 order), from RUN_COLOURS (matplotlib's tab10 without its green and grey); the expert is drawn in
@@ -15,8 +16,11 @@ import numpy as np
 
 from microseg.analysis import FACTORS, bool_volumes
 from microseg.atomic import atomic_path
+from microseg.data.layout import EXPERT, IMAGES, NON_EXPERT, file_name
+from microseg.data.volumes import read_volume
 from microseg.errors import MicrosegError
 from microseg.metrics import dice
+from microseg.preprocess import INTENSITY_MAX
 
 EXPERT_COLOUR = "#00ff00"
 RUN_COLOURS = ("#1f77b4", "#ff7f0e", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
@@ -181,3 +185,30 @@ def plot_overlays(image: np.ndarray, expert: np.ndarray, preds: Mapping[str, np.
     fig.suptitle(title, fontsize=10)
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
     save_png(fig, out_png)
+
+
+def plot_case_preview(data_root: str | Path, split: str = "train", case_id: str = "01", n_panels: int = 8) -> Path:
+    """``<data_root>/preview.png``, a montage of one case: slices across the sweep, expert (green) and non-expert (red) contours."""
+    plt = pyplot()
+    root = Path(data_root) / split
+    image = read_volume(root / IMAGES[0] / file_name(IMAGES, split, case_id)).array
+    expert = read_volume(root / EXPERT[0] / file_name(EXPERT, split, case_id), "mask").array
+    non_expert = read_volume(root / NON_EXPERT[0] / file_name(NON_EXPERT, split, case_id), "mask").array
+    slices = np.unique(np.linspace(0, len(image) - 1, n_panels).round().astype(int))
+    cols = min(4, len(slices))
+    rows = math.ceil(len(slices) / cols)
+    h, w = image.shape[1:]
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows * h / w + 0.3), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, z in zip(axes.flat, slices):
+        ax.imshow(image[z], cmap="gray", vmin=0, vmax=INTENSITY_MAX, interpolation="nearest")
+        for mask, colour in ((expert[z], "lime"), (non_expert[z], "red")):
+            if mask.any():
+                ax.contour(mask, levels=[0.5], colors=colour, linewidths=0.8)
+        ax.set_title(f"slice {z}", fontsize=8)
+    fig.suptitle(f"{split} {case_id}: expert (green), non-expert (red)", fontsize=9)
+    fig.tight_layout()
+    target = Path(data_root) / "preview.png"
+    save_png(fig, target, dpi=110)
+    return target

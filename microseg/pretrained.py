@@ -1,4 +1,4 @@
-"""Pretrained encoder weights by name: where they live in weights/, and the one command that fetches them.
+"""Pretrained encoder weights by name: the one command that fetches and verifies them.
 
 ``R50-ViT-B_16`` is the ImageNet-21k R50+ViT-B/16 hybrid that TransUNet and MicroSegNet start from:
 - ``--source hub`` (default): timm's pretrained config of ``vit_base_r50_s16_224.orig_in21k`` names
@@ -11,8 +11,7 @@ Either file is then loaded into the model it is for (``microseg.models.weights.l
 must fill every encoder tensor, or it is refused. Files are written under a temporary name and
 renamed only once verified.
 
-``resolve_weights`` turns ``train --weights R50-ViT-B_16`` into the file in weights/ (or
-``MICROSEG_WEIGHTS``), or says the command that fetches it; it never touches the network.
+The names, and where their files live, are ``microseg.models.pretrained_files``'s.
 """
 
 from __future__ import annotations
@@ -21,56 +20,16 @@ import hashlib
 import os
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 from microseg.atomic import atomic_path
 from microseg.errors import MicrosegError
+from microseg.models import build_model
+from microseg.models.pretrained_files import SPECS, PretrainedSpec, weights_dir
+from microseg.models.weights import format_load_report, load_weights
 
-WEIGHTS_DIR_ENV = "MICROSEG_WEIGHTS"
-DEFAULT_WEIGHTS_DIR = "weights"
 HUB_FILE = "model.safetensors"
 SOURCES = ("hub", "npz")
-
-
-@dataclass(frozen=True)
-class PretrainedSpec:
-    """A named pretrained encoder: the model config it initialises and where each source keeps it."""
-
-    name: str
-    model: str  # microseg model config
-    hub_tag: str  # timm pretrained tag
-    hub_file: str  # file name in weights/ for the hub source
-    npz_url: str
-    npz_file: str  # file name in weights/ for the npz source
-
-
-SPECS = {
-    "R50-ViT-B_16": PretrainedSpec(
-        "R50-ViT-B_16", "R50-ViT-B_16", "vit_base_r50_s16_224.orig_in21k", "R50-ViT-B_16.safetensors",
-        "https://storage.googleapis.com/vit_models/imagenet21k/R50%2BViT-B_16.npz", "R50+ViT-B_16.npz"),
-}
-
-
-def weights_dir(folder: str | os.PathLike | None = None) -> Path:
-    """The weights folder: ``folder``, else $MICROSEG_WEIGHTS, else ./weights."""
-    return Path(folder or os.environ.get(WEIGHTS_DIR_ENV) or DEFAULT_WEIGHTS_DIR)
-
-
-def resolve_weights(name_or_path: str | os.PathLike, folder: str | os.PathLike | None = None) -> Path:
-    """An existing file as given, or a known name's file in the weights folder; else one clear error."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    spec = SPECS.get(str(name_or_path))
-    if spec is None:
-        raise MicrosegError(f"weights file not found: {path} (or a name: {', '.join(SPECS)})")
-    folder = weights_dir(folder)
-    for file in (spec.hub_file, spec.npz_file):
-        if (folder / file).is_file():
-            return folder / file
-    raise MicrosegError(f"weights '{spec.name}' not found in {folder}/; fetch them with: "
-                        f"microseg download weights {spec.name} --out {folder}")
 
 
 def hub_repo(tag: str) -> str:
@@ -118,9 +77,6 @@ def fetch_from_hub(tag: str) -> Path:
 
 def verify_weights(spec: PretrainedSpec, path: Path) -> str:
     """Load ``path`` into a fresh ``spec.model`` TransUNet; refuse it unless every encoder tensor is filled."""
-    from microseg.models import build_model
-    from microseg.models.weights import format_load_report, load_weights
-
     report = load_weights(build_model(spec.model), path)
     missing = [key for key in report.missing if key.startswith("encoder.")]
     if missing:

@@ -193,7 +193,7 @@ def results_paragraph(records: list[RunRecord]) -> str:
 def find_dataset_check(records: list[RunRecord]) -> tuple[Path, dict] | None:
     """The dataset check JSON of the evaluated data folder: `<data>.check.json` (`microseg check`)
     or `<cache>.check.json` of a run's cache (`prepare`), if its `data` is that folder."""
-    from microseg.data.check import check_path
+    from microseg.check import check_path
 
     data = next((r.evaluation["data"] for r in records if "data" in r.evaluation), None)
     if data is None:

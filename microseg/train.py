@@ -254,13 +254,14 @@ class Trainer:
         from microseg.data.cache import foreground_areas
         from microseg.losses import DeepSupervision, calf_stats_for, parse_spec
         from microseg.models import build_model
+        from microseg.models.pretrained_files import resolve_weights
         from microseg.models.weights import format_load_report, load_weights
 
         config, pre = self.config, self.preprocess
         torch.manual_seed(config.seed)
         self.model = build_model(config.model, img_size=pre.size, deep_supervision=pre.n_scales > 1)
         if config.weights and fresh:
-            report = load_weights(self.model, Path(config.weights))
+            report = load_weights(self.model, resolve_weights(config.weights))
             if self.env.main:
                 print(f"weights {config.weights}: {format_load_report(report)}")
         self.calf_stats = None

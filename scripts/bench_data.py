@@ -28,11 +28,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from microseg.data.augment import build_augmentation
-from microseg.data.cache import prepare_cache
 from microseg.data.dataset import SliceDataset, slice_tensors
 from microseg.data.layout import find_cases
 from microseg.data.phantom import simulate_dataset
 from microseg.data.volumes import read_volume
+from microseg.prepare import prepare_cache
 
 SIZE = 224
 

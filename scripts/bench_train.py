@@ -52,12 +52,12 @@ from bench_losses import HARD_REGION_LOSSES, hardware, reference_hard_region  # 
 from bench_model import forward_gflops  # noqa: E402
 
 from microseg.config import TrainConfig  # noqa: E402
-from microseg.data.cache import prepare_cache  # noqa: E402
 from microseg.data.dataset import SliceDataset  # noqa: E402
 from microseg.data.order import EpochItems  # noqa: E402
 from microseg.data.phantom import NATIVE_SIZE, simulate_dataset  # noqa: E402
 from microseg.losses import DeepSupervision  # noqa: E402
 from microseg.models import build_model  # noqa: E402
+from microseg.prepare import prepare_cache  # noqa: E402
 from microseg.runtime import resolve_device  # noqa: E402
 from microseg.train import LossMonitor, build_loader, build_optimizer, train_step  # noqa: E402
 

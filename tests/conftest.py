@@ -18,7 +18,7 @@ def phantom(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def cache(phantom, tmp_path_factory) -> Path:
-    from microseg.data.cache import prepare_cache
+    from microseg.prepare import prepare_cache
 
     return prepare_cache(phantom, tmp_path_factory.mktemp("cache") / "cache.h5", size=32)
 

@@ -16,9 +16,9 @@ import pytest
 from medpy.metric.binary import dc, hd95
 
 from microseg.cli import main
-from microseg.data.cache import prepare_cache
-from microseg.data.check import check_dataset, check_path, write_check
+from microseg.check import check_dataset, check_path, write_check
 from microseg.evaluate import evaluate
+from microseg.prepare import prepare_cache
 
 RATER_FOLDERS = {"non_expert": "non_expert_annotations", "clinician": "clinician_annotations",
                  "master_student": "master_student_annotations", "medical_student": "medical_student_annotations"}
@@ -178,7 +178,7 @@ def test_prepare_writes_the_check_beside_the_cache_and_reuses_it(phantom, tmp_pa
 
 
 def test_prepare_checks_as_it_reads_each_training_volume_once(phantom, tmp_path, monkeypatch):
-    import microseg.data.check as check
+    import microseg.check as check
 
     reads: Counter = Counter()
     real = check.read_volume

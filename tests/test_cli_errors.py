@@ -147,19 +147,19 @@ def test_simulate_on_a_full_disk_names_the_file(tmp_path, capsys, monkeypatch):
 
 
 def test_any_other_system_error_is_one_line_naming_its_file(capsys, monkeypatch):
-    import microseg.data.cache as cache_module
+    import microseg.prepare as prepare_module
 
     def unreadable(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied", "/data/train/micro_ultrasound_scans")
 
-    monkeypatch.setattr(cache_module, "prepare_cache", unreadable)
+    monkeypatch.setattr(prepare_module, "prepare_cache", unreadable)
     code, _, err = run_cli(["prepare", "--data", "/data", "--out", "c.h5"], capsys)
     one_error(code, err, "microseg: error: /data/train/micro_ultrasound_scans: Permission denied")
 
     def nameless(*args, **kwargs):
         raise OSError("Unable to open file\n(truncated file: eof = 96)")
 
-    monkeypatch.setattr(cache_module, "prepare_cache", nameless)
+    monkeypatch.setattr(prepare_module, "prepare_cache", nameless)
     code, _, err = run_cli(["prepare", "--data", "/data", "--out", "c.h5"], capsys)
     one_error(code, err, "microseg: error: Unable to open file (truncated file: eof = 96)")
 

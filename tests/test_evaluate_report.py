@@ -35,7 +35,7 @@ def zyx(path: Path) -> np.ndarray:
 def evaluated(trained_run, phantom, tmp_path_factory):
     """The tiny run, its output bias shifted so that ~30% of the test pixels are foreground (two
     epochs on a toy set predict nothing yet), evaluated on the phantom's test split."""
-    from microseg.data.cache import resize_image
+    from microseg.preprocess import resize_image
     from microseg.run import load_checkpoint, save_checkpoint
 
     run = tmp_path_factory.mktemp("evaluated") / "tiny_af"

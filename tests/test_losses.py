@@ -12,10 +12,11 @@ import torch
 from torchvision.ops import sigmoid_focal_loss
 
 from microseg.errors import MicrosegError
-from microseg.losses import CalfStats, build_loss, calf_stats, calf_stats_for, hard_region, patient_statistics
+from microseg.losses import CalfStats, build_loss, calf_stats, calf_stats_for, hard_region
 from microseg.losses.adaptive_focal import AdaptiveFocal
 from microseg.losses.afl import AFL
 from microseg.losses.calf import CALF, choose_branch
+from microseg.patient_stats import patient_statistics
 
 LN3 = math.log(3.0)
 

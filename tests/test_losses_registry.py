@@ -9,7 +9,8 @@ import torch
 import yaml
 
 from microseg.errors import MicrosegError
-from microseg.losses import LOSSES, DeepSupervision, build_loss, check_spec, parse_spec, resize_target
+from microseg.losses import LOSSES, DeepSupervision, build_loss, check_spec, parse_spec
+from microseg.preprocess import resize_target
 from microseg.losses.ag_bce import AGBCE
 from microseg.losses.focal import Focal
 from microseg.losses.region import Dice

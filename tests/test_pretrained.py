@@ -21,12 +21,11 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from microseg import pretrained
 from microseg.cli import main
 from microseg.errors import MicrosegError
 from microseg.models import build_model
 from microseg.models.weights import load_weights
-from microseg.pretrained import SPECS, resolve_weights
+from microseg.models.pretrained_files import SPECS, resolve_weights, weights_dir
 from model_helpers import google_npz
 
 NAME = "R50-ViT-B_16"
@@ -102,7 +101,7 @@ def test_train_weights_name_finds_the_file(tmp_path, monkeypatch):
     (tmp_path / "R50-ViT-B_16.safetensors").write_bytes(save(state))
     monkeypatch.setenv("MICROSEG_WEIGHTS", str(tmp_path))
     model = build_model("tiny")
-    report = load_weights(model, NAME)
+    report = load_weights(model, resolve_weights(NAME))
     encoder = model.encoder.state_dict()
     assert report.unexpected == ["cls_token"] and not [k for k in report.missing if k.startswith("encoder.")]
     assert torch.equal(encoder["pos_embed"], state["pos_embed"][:, 1:])  # class-token row dropped
@@ -112,7 +111,7 @@ def test_train_weights_name_finds_the_file(tmp_path, monkeypatch):
 def test_missing_named_weights_say_the_command(tmp_path, monkeypatch):
     monkeypatch.setenv("MICROSEG_WEIGHTS", str(tmp_path / "w"))
     with pytest.raises(MicrosegError, match=rf"microseg download weights {NAME} --out {tmp_path / 'w'}$"):
-        load_weights(build_model("tiny"), NAME)
+        resolve_weights(NAME)
     with pytest.raises(MicrosegError, match="weights file not found: nothing.npz"):
         resolve_weights("nothing.npz")
     (tmp_path / "w").mkdir()
@@ -185,4 +184,4 @@ def test_npz_source_by_url(tmp_path, npz_server, monkeypatch, capsys):
 def test_unknown_name_is_refused(capsys):
     code, err = run_cli(["download", "weights", "R50-ViT-Q_99"], capsys)
     assert code == 2 and err.strip() == f"microseg: error: unknown weights 'R50-ViT-Q_99'; known: {NAME}"
-    assert pretrained.weights_dir(None) == Path(os.environ.get("MICROSEG_WEIGHTS") or "weights")
+    assert weights_dir(None) == Path(os.environ.get("MICROSEG_WEIGHTS") or "weights")

@@ -37,7 +37,7 @@ def one_error_line(code: int, err: list[str]) -> str:
 def predicting_copy(trained_run: Path, phantom: Path, run: Path) -> Path:
     """A copy of the tiny run whose output bias is shifted (in best.pt and last.pt) so that ~30% of
     the test pixels are foreground: two epochs on a toy set predict nothing yet."""
-    from microseg.data.cache import resize_image
+    from microseg.preprocess import resize_image
     from microseg.run import load_checkpoint, save_checkpoint
 
     shutil.copytree(trained_run, run)

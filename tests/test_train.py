@@ -144,7 +144,7 @@ def test_bad_train_inputs_give_one_line(case, trained_run, cache, phantom, tmp_p
         config = load_config(run / "config.yaml")
         config.cache = str(other)
         save_config(config, run / "config.yaml")
-        from microseg.data.cache import prepare_cache
+        from microseg.prepare import prepare_cache
 
         prepare_cache(phantom, other, size=48)
         capsys.readouterr()  # what preparing the cache printed is not the train command's

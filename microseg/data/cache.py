@@ -12,50 +12,45 @@ Layout of the file (one slice per chunk, lzf-compressed):
     test/<id>    group; attrs: image, expert, non_expert, <rater> paths, shape [Z,H,W], spacing (sz,sy,sx)
     root attrs:  size, format_version, fingerprint, data_root
 
-A-FL per-patient statistics (`microseg.losses.patient_statistics`): the foreground fraction and
+A-FL per-patient statistics (`microseg.patient_stats`): the foreground fraction and
 the mean 3D gradient magnitude of the patient's cached expert stack (Z x S x S, the training-size
 slices, empty ones included), in voxel units of that grid (unit spacing on every axis, the grid
 the network trains on, as A-FL computes them on its resized volumes); the dataset hands them
 with each of the patient's slices.
 
-Resizing choices: the reference rescales twice with bilinear interpolation (962x1372 -> 481x686
-PNG -> 224x224), which aliases the speckle at these 4-6x reductions; area averaging is the
-anti-aliased version of the same map. Masks are area-averaged and thresholded at 0.5 so the
-boundary moves neither in nor out (the reference thresholds its bilinear masks at > 0 once and
-truncates them once, dilating then eroding). Evaluation must use ``resize_image`` too.
+Slices are resized by ``microseg.preprocess.resize_image`` / ``resize_mask`` (area averaging;
+the reference thresholds its bilinear masks at > 0 once and truncates them once, dilating then
+eroding), the functions evaluation uses too.
 
 The fingerprint is sha256 over the format version, the size, and each source file's absolute
-path, byte size and mtime; ``prepare_cache`` reuses a cache whose fingerprint matches and
-rebuilds it otherwise. Only the train split is cached; the test split is checked from headers
-(files present, 3D, every mask on its image's grid: shape, spacing, origin, axis directions) and
-read at native size by evaluation. Before the build, the dataset check (``microseg.data.check``)
-runs on the test split and then on each training case as it is read (one read per volume): its
-first error stops the build with one line, its warnings (e.g. a mask empty on every slice) get a
-line each, and the report is written beside the cache as ``<cache>.check.json``.
-A progress bar is shown when stderr is a terminal.
+path, byte size and mtime; ``microseg.prepare.prepare_cache`` reuses a cache whose fingerprint
+matches and rebuilds it otherwise. Only the train split is cached; the test split is checked
+from headers (``test_record``: files present, 3D, every mask on its image's grid: shape,
+spacing, origin, axis directions) and read at native size by evaluation.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import h5py
 import numpy as np
 
-from microseg.atomic import atomic_path, remove_stale_temporaries, require_free_space, require_writable
-from microseg.data.check import checked_train_volumes
-from microseg.data.layout import RATERS, Case, find_cases
-from microseg.data.volumes import read_geometry, require_same_geometry
+from microseg.atomic import atomic_path, require_free_space
+from microseg.data.layout import RATERS, Case
+from microseg.data.volumes import Volume, read_geometry, require_same_geometry
 from microseg.errors import MicrosegError
-from microseg.losses import SAMPLE_STAT_KEYS, patient_statistics
-from microseg.preprocess import SIZE_MULTIPLE
+from microseg.patient_stats import PATIENT_STAT_KEYS, patient_statistics
+from microseg.preprocess import resize_image, resize_mask
 
 FORMAT_VERSION = 3  # 3: per-patient A-FL statistics
 SLICE_KEYS = ("images", "expert", "non_expert")
+TrainVolume = tuple[Case, Volume, list[Volume]]
+"""A training case, its image and its [expert, non-expert] masks, as ``write_cache`` takes them."""
 
 
 @dataclass
@@ -68,24 +63,13 @@ class CacheInfo:
     case_ids: list[str]
     test_cases: dict[str, dict]
     train_geometry: dict[str, dict]  # id -> {"shape": (Z,H,W), "spacing": (sz,sy,sx)} at native size
-    patient_stats: dict[str, dict[str, float]]  # id -> {SAMPLE_STAT_KEYS: value}, A-FL's per patient
+    patient_stats: dict[str, dict[str, float]]  # id -> {PATIENT_STAT_KEYS: value}, A-FL's per patient
 
     def slice_spacing(self, case_id: str) -> tuple[float, float, float]:
         """(sz, sy, sx) in mm of a training case's cached slices (native spacing scaled to size x size)."""
         geometry = self.train_geometry[case_id]
         (_, h, w), (sz, sy, sx) = geometry["shape"], geometry["spacing"]
         return (sz, sy * h / self.size, sx * w / self.size)
-
-
-def resize_image(slice_hw: np.ndarray, size: int) -> np.ndarray:
-    """An image slice resized to ``size x size`` by area averaging (dtype kept)."""
-    return cv2.resize(slice_hw, (size, size), interpolation=cv2.INTER_AREA)
-
-
-def resize_mask(slice_hw: np.ndarray, size: int) -> np.ndarray:
-    """A binary slice resized to ``size x size``: area fraction >= 0.5 -> 1 (uint8)."""
-    area = cv2.resize(slice_hw.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
-    return (area >= 0.5).view(np.uint8)
 
 
 def _source_files(cases: list[Case]) -> list[Path]:
@@ -103,7 +87,7 @@ def fingerprint(cases: list[Case], size: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _test_record(case: Case) -> dict:
+def test_record(case: Case) -> dict:
     """Header-level check of a test case: every mask lies on the image's grid."""
     image = read_geometry(case.image)
     masks = {"expert": case.expert, "non_expert": case.non_expert} | case.raters
@@ -113,7 +97,7 @@ def _test_record(case: Case) -> dict:
     return {"image": str(case.image), **paths, "shape": image.shape, "spacing": image.spacing}
 
 
-def _cached_fingerprint(out: Path) -> str | None:
+def cached_fingerprint(out: Path) -> str | None:
     """Fingerprint of the microseg cache at ``out`` (None if absent or of another format); refuse other files."""
     if not out.exists():
         return None
@@ -133,28 +117,17 @@ def _append(dataset: h5py.Dataset, values: np.ndarray) -> None:
     dataset[start:] = values
 
 
-def prepare_cache(data_root: str | Path, out: str | Path, size: int = 224) -> Path:
-    """Build (or reuse, when up to date) the slice cache of ``data_root`` at ``out``; returns ``out``."""
-    if size < SIZE_MULTIPLE or size % SIZE_MULTIPLE:
-        raise MicrosegError(f"--size must be a positive multiple of {SIZE_MULTIPLE}, the models' patch stride "
-                            f"(got {size})")
-    root, out = Path(data_root).resolve(), Path(out)
-    require_writable(out)
-    train = find_cases(root, "train")
-    test = find_cases(root, "test") if (root / "test").exists() else []
-    digest = fingerprint(train + test, size)
-    remove_stale_temporaries(out)
-    if _cached_fingerprint(out) == digest:
-        print(f"cache up to date: {out}")
-        return out
-    records = {case.case_id: _test_record(case) for case in test}
+def write_cache(out: Path, size: int, digest: str, root: Path, train_volumes: Iterable[TrainVolume],
+                test_records: dict[str, dict]) -> int:
+    """Write the cache of ``train_volumes`` (each case's image and [expert, non-expert] masks) and the
+    test split's records at ``out``, atomically; returns the number of slices."""
     with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
         f.attrs.update(size=size, format_version=FORMAT_VERSION, fingerprint=digest, data_root=str(root))
         slices = {key: f.create_dataset(key, (0, size, size), np.uint8, maxshape=(None, size, size),
                                         chunks=(1, size, size), compression="lzf") for key in SLICE_KEYS}
         per_slice = {key: f.create_dataset(key, (0,), dtype, maxshape=(None,))
                      for key, dtype in (("case_id", "S16"), ("slice_index", np.int32), ("expert_fraction", np.float32))}
-        for case, image, masks in checked_train_volumes(root, out, digest, train, test):  # + <cache>.check.json
+        for case, image, masks in train_volumes:
             require_free_space(out, len(image.array) * size * size * len(SLICE_KEYS))  # before HDF5 meets ENOSPC
             _append(slices["images"], np.stack([resize_image(s, size) for s in image.array]))
             resized = [np.stack([resize_mask(s, size) for s in mask.array]) for mask in masks]
@@ -163,16 +136,14 @@ def prepare_cache(data_root: str | Path, out: str | Path, size: int = 224) -> Pa
             n = len(image.array)
             f.create_group(f"train/{case.case_id}").attrs.update(
                 shape=image.array.shape, spacing=image.spacing,
-                **dict(zip(SAMPLE_STAT_KEYS, patient_statistics(resized[0]))))
+                **dict(zip(PATIENT_STAT_KEYS, patient_statistics(resized[0]))))
             _append(per_slice["case_id"], np.full(n, case.case_id.encode(), dtype="S16"))
             _append(per_slice["slice_index"], np.arange(n, dtype=np.int32))
             _append(per_slice["expert_fraction"], masks[0].array.mean(axis=(1, 2), dtype=np.float64).astype(np.float32))
-        for case_id, record in records.items():
+        for case_id, record in test_records.items():
             group = f.create_group(f"test/{case_id}")
             group.attrs.update(record)
-        n_slices = len(slices["images"])
-    print(f"wrote cache: {out} ({n_slices} slices from {len(train)} patients, {len(test)} test cases)")
-    return out
+        return len(slices["images"])
 
 
 def read_cache_info(path: str | Path) -> CacheInfo:
@@ -201,7 +172,7 @@ def read_cache_info(path: str | Path) -> CacheInfo:
                 }
             geometry = {case_id: {key: tuple(group.attrs[key].tolist()) for key in ("shape", "spacing")}
                         for case_id, group in f["train"].items()}
-            stats = {case_id: {key: float(group.attrs[key]) for key in SAMPLE_STAT_KEYS}
+            stats = {case_id: {key: float(group.attrs[key]) for key in PATIENT_STAT_KEYS}
                      for case_id, group in f["train"].items()}
             return CacheInfo(path, int(f.attrs["size"]), len(ids), list(dict.fromkeys(ids)), tests, geometry, stats)
     except OSError as err:

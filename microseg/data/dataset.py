@@ -3,7 +3,7 @@
 Each item is ``{"image": float32 [1,S,S] = uint8 / intensity_max clipped to 1 (the run's
 ``Preprocess.intensity_max``, INTENSITY_MAX by default: MicroSegNet's scaling),
 "expert"/"non_expert": float32 [1,S,S] in {0,1}, "case_id": str, "slice_index": int, and the
-slice's patient's A-FL statistics under ``SAMPLE_STAT_KEYS`` (0-d float32 tensors, [B] once
+slice's patient's A-FL statistics under ``PATIENT_STAT_KEYS`` (0-d float32 tensors, [B] once
 collated: ``microseg.data.cache``)}``.
 The HDF5 file is opened lazily, once per process (DataLoader workers each open their own; the
 dataset pickles without a handle). Items are read one HDF5 chunk (one slice) at a time: that
@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 from microseg.data.augment import build_augmentation
 from microseg.data.cache import SLICE_KEYS, read_cache_info
 from microseg.errors import MicrosegError
-from microseg.preprocess import INTENSITY_MAX
+from microseg.preprocess import INTENSITY_MAX, scale_intensity
 
 
 class SliceDataset(Dataset):
@@ -101,13 +101,13 @@ class SliceDataset(Dataset):
 
 def slice_tensors(image: np.ndarray, expert: np.ndarray, non_expert: np.ndarray,
                   intensity_max: int = INTENSITY_MAX) -> dict[str, torch.Tensor]:
-    """uint8 [S, S] arrays -> float32 [1, S, S] tensors; image / intensity_max clipped to 1.
+    """uint8 [S, S] arrays -> float32 [1, S, S] tensors; the image scaled by ``scale_intensity``.
 
     Converted in NumPy: a torch op per item would wake torch's intra-op thread pool, which
     costs milliseconds per call on a busy machine when run in the main process.
     """
     return {
-        "image": torch.from_numpy(np.minimum(image.astype(np.float32) / intensity_max, 1)[None]),
+        "image": torch.from_numpy(scale_intensity(image, intensity_max)[None]),
         "expert": torch.from_numpy(expert.astype(np.float32)[None]),
         "non_expert": torch.from_numpy(non_expert.astype(np.float32)[None]),
     }

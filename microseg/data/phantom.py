@@ -75,7 +75,7 @@ from tqdm import tqdm
 
 from microseg.atomic import make_folder, write_text
 from microseg.data.layout import EXPERT, IMAGES, NON_EXPERT, RATERS, file_name, rater_kind
-from microseg.data.volumes import read_volume, write_volume
+from microseg.data.volumes import write_volume
 from microseg.errors import MicrosegError
 from microseg.preprocess import INTENSITY_MAX
 
@@ -436,7 +436,7 @@ def _previous_files(out: Path) -> list[Path]:
 
 
 def simulate_dataset(out: str | Path, n_train: int = 10, n_test: int = 4, n_slices: int = 24,
-                     size: tuple[int, int] = NATIVE_SIZE, seed: int = 0, preview: bool = False) -> Path:
+                     size: tuple[int, int] = NATIVE_SIZE, seed: int = 0) -> Path:
     """Write a phantom dataset (real layout, two-digit ids from 01) under ``out``; returns ``out``.
 
     Case ``(split, i)`` draws from ``np.random.default_rng([seed, split_index, i])``, so a case's
@@ -473,35 +473,4 @@ def simulate_dataset(out: str | Path, n_train: int = 10, n_test: int = 4, n_slic
     for stale in set(previous) - set(written):
         stale.unlink(missing_ok=True)
     write_marker(written)
-    if preview:
-        write_preview(out)
     return out
-
-
-def write_preview(data_root: str | Path, split: str = "train", case_id: str = "01", n_panels: int = 8) -> Path:
-    """PNG montage of one case: slices across the sweep, expert (green) and non-expert (red) contours."""
-    from microseg.figures import pyplot, save_png
-
-    plt = pyplot()
-    root = Path(data_root) / split
-    image = read_volume(root / IMAGES[0] / file_name(IMAGES, split, case_id)).array
-    expert = read_volume(root / EXPERT[0] / file_name(EXPERT, split, case_id), "mask").array
-    non_expert = read_volume(root / NON_EXPERT[0] / file_name(NON_EXPERT, split, case_id), "mask").array
-    slices = np.unique(np.linspace(0, len(image) - 1, n_panels).round().astype(int))
-    cols = min(4, len(slices))
-    rows = math.ceil(len(slices) / cols)
-    h, w = image.shape[1:]
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows * h / w + 0.3), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, z in zip(axes.flat, slices):
-        ax.imshow(image[z], cmap="gray", vmin=0, vmax=INTENSITY_MAX, interpolation="nearest")
-        for mask, colour in ((expert[z], "lime"), (non_expert[z], "red")):
-            if mask.any():
-                ax.contour(mask, levels=[0.5], colors=colour, linewidths=0.8)
-        ax.set_title(f"slice {z}", fontsize=8)
-    fig.suptitle(f"{split} {case_id}: expert (green), non-expert (red)", fontsize=9)
-    fig.tight_layout()
-    target = Path(data_root) / "preview.png"
-    save_png(fig, target, dpi=110)
-    return target

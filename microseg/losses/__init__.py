@@ -9,10 +9,9 @@ every option.
 from __future__ import annotations
 
 from microseg.losses import adaptive_focal, afl, ag_bce, calf, classic, focal, region  # noqa: F401  (registers)
-from microseg.losses.afl import patient_statistics
 from microseg.losses.base import LOSSES, SAMPLE_STAT_KEYS, SegLoss, WeightedSum, register
 from microseg.losses.calf import CalfStats, calf_stats, calf_stats_for
-from microseg.losses.deep_supervision import DeepSupervisedLoss, DeepSupervision, resize_target
+from microseg.losses.deep_supervision import DeepSupervisedLoss, DeepSupervision
 from microseg.losses.hard_region import dilate, hard_region
 from microseg.losses.registry import build_loss, check_spec, parse_spec
 
@@ -31,7 +30,5 @@ __all__ = [
     "dilate",
     "hard_region",
     "parse_spec",
-    "patient_statistics",
     "register",
-    "resize_target",
 ]

@@ -11,7 +11,7 @@ Whose statistics (`stats`):
 - "patient" (default): the paper computes the parameters "for each patient's tumor", from
   gradients "along the x, y, and z axes". A [B,1,D,H,W] volume is its own patient: its
   statistics come from its target. A [B,1,H,W] slice takes its patient's from `sample_stats`
-  (`afl_fg_fraction`, `afl_gamma_msa`: [B] tensors, see `patient_statistics`; the trainer hands
+  (`afl_fg_fraction`, `afl_gamma_msa`: [B] tensors, see `microseg.patient_stats`; the trainer hands
   them from the slice cache); without them the loss refuses to guess.
 - "slice": every sample's own statistics from its target, whatever `sample_stats` holds (a
   slice is then its own patient, the per-slice reading).
@@ -44,9 +44,7 @@ from microseg.errors import MicrosegError
 from microseg.losses.base import SegLoss, register
 from microseg.losses.focal import class_weights, focal_terms
 from microseg.losses.options import NON_NEGATIVE, UNIT_INTERVAL, Choice, Flag
-
-FG_FRACTION, GAMMA_MSA = "afl_fg_fraction", "afl_gamma_msa"
-
+from microseg.patient_stats import FG_FRACTION, GAMMA_MSA
 
 def mean_gradient_magnitude(mask: Tensor) -> Tensor:
     """gamma_mSa: per sample mean of the gradient magnitude of a [B, C, *spatial] mask, shape [B,1,...]."""
@@ -56,27 +54,6 @@ def mean_gradient_magnitude(mask: Tensor) -> Tensor:
         return mask.new_zeros(mask.shape[:1] + (1,) * (mask.ndim - 1))
     squared = sum(g * g for g in torch.gradient(mask, dim=axes))
     return torch.sqrt(squared).mean(dims, keepdim=True)
-
-
-def patient_statistics(expert_volume_zyx: Any, spacing_zyx: Sequence[float] | None = None) -> tuple[float, float]:
-    """(P_fg / (P_fg + P_bg), gamma_mSa) of one patient's expert volume [Z, Y, X] (non-zero = foreground).
-
-    gamma_mSa is the mean over all voxels of |numpy.gradient| (central differences, one-sided at
-    the borders) over the axes longer than 1. `spacing_zyx=None` is the paper's voxel units (unit
-    spacing, on the grid the network trains on: pass the stack of training-size slices); a
-    (dz, dy, dx) spacing gives gradients per unit of that spacing instead (not A-FL's reading).
-    """
-    volume = np.asarray(expert_volume_zyx)
-    if volume.ndim != 3 or volume.size == 0 or not np.all(np.isfinite(volume)):
-        raise MicrosegError(f"A-FL patient statistics need a finite [Z, Y, X] volume, got shape {volume.shape}")
-    spacing = np.ones(3) if spacing_zyx is None else np.asarray(spacing_zyx, dtype=np.float64)
-    if spacing.shape != (3,) or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
-        raise MicrosegError(f"A-FL patient statistics: spacing_zyx must be 3 positive numbers, got {spacing_zyx!r}")
-    mask = (volume != 0).astype(np.float64)
-    squared = np.zeros_like(mask)
-    for axis in (a for a in range(3) if mask.shape[a] > 1):
-        squared += np.gradient(mask, spacing[axis], axis=axis) ** 2
-    return float(mask.mean()), float(np.sqrt(squared).mean())
 
 
 @register("afl")
@@ -120,7 +97,7 @@ class AFL(SegLoss):
             if missing:
                 raise MicrosegError(
                     f"loss 'afl' (stats=patient) needs each slice's patient statistics {missing} in sample_stats "
-                    "([B] tensors, afl.patient_statistics; the trainer takes them from the cache), "
+                    "([B] tensors, microseg.patient_stats; the trainer takes them from the cache), "
                     "or use afl:stats=slice"
                 )
             zero = target.new_zeros(shape)

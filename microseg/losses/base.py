@@ -19,13 +19,14 @@ from torch import Tensor, nn
 
 from microseg.errors import MicrosegError
 from microseg.losses.options import POSITIVE, Rule, check_option
+from microseg.patient_stats import PATIENT_STAT_KEYS
 
 LOSSES: dict[str, type["SegLoss"]] = {}
 """Loss name -> class, filled by `@register`."""
 
-SAMPLE_STAT_KEYS = ("afl_fg_fraction", "afl_gamma_msa")
-"""Per-sample statistics a batch may carry, each a [B] tensor: the foreground fraction P_fg / (P_fg + P_bg)
-and the mean gradient magnitude gamma_mSa of the patient's expert volume (A-FL, `afl.patient_statistics`)."""
+SAMPLE_STAT_KEYS = PATIENT_STAT_KEYS
+"""Per-sample statistics a batch may carry, each a [B] tensor: the statistics of the patient's expert volume
+(`microseg.patient_stats`)."""
 
 _L = TypeVar("_L", bound=type["SegLoss"])
 

@@ -8,12 +8,8 @@ the default weights make the plain sum of the reference. Kernel sizes are intege
 finite and >= 0 with a positive sum. Aux outputs must come coarsest first, each spatial size
 strictly below the next and the last below the main output's. Per-sample statistics
 (`sample_stats`, e.g. A-FL's per-patient ones) go unchanged to every scale's loss. Targets come
-at the main output's size and are resized on their device, staying binary:
-- "bilinear_floor" (default): MicroSegNet's dataset code, `cv2.resize` (bilinear, half-pixel
-  centres) and then `.long()`, which truncates: a pixel stays foreground only where every input
-  pixel under the bilinear support is foreground (1e-6 tolerance for float rounding).
-- "nearest": the input pixel under each output pixel's centre (`nearest-exact`).
-- "area": the mean over each output pixel's footprint, thresholded at 0.5.
+at the main output's size and are resized on their device, staying binary
+(`microseg.preprocess.resize_target`: MicroSegNet's bilinear-then-truncate by default).
 """
 
 from __future__ import annotations
@@ -22,13 +18,12 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from microseg.errors import MicrosegError
 from microseg.losses.options import KERNEL, NON_NEGATIVE, check_option
 from microseg.losses.registry import build_loss
-from microseg.preprocess import REFERENCE_KERNEL_SIZES, TARGET_RESIZES
+from microseg.preprocess import REFERENCE_KERNEL_SIZES, TARGET_RESIZES, resize_target
 
 
 @dataclass(frozen=True)
@@ -38,20 +33,6 @@ class DeepSupervisedLoss:
     """[n_scales] loss of each head, coarsest first (a tensor: no host synchronisation)."""
     scales: tuple[int, ...]
     """Each head's output height, coarsest first (28, 56, 112, 224)."""
-
-
-def resize_target(mask: Tensor, size: Sequence[int], mode: str = TARGET_RESIZES[0]) -> Tensor:
-    """A {0,1} [B, C, *spatial] mask resized to `size` (spatial), still {0,1}; unchanged if already that size."""
-    if tuple(mask.shape[2:]) == tuple(size):
-        return mask
-    mask = mask.to(torch.promote_types(mask.dtype, torch.float32))
-    if mode == "nearest":
-        return F.interpolate(mask, size=tuple(size), mode="nearest-exact")
-    if mode == "area":
-        return (F.interpolate(mask, size=tuple(size), mode="area") >= 0.5).to(mask.dtype)
-    linear = "bilinear" if mask.ndim == 4 else "trilinear"
-    resized = F.interpolate(mask, size=tuple(size), mode=linear, align_corners=False)
-    return (resized >= 1.0 - 1e-6).to(mask.dtype)
 
 
 def check_weights(weights: Sequence[float]) -> tuple[float, ...]:

@@ -194,11 +194,11 @@ def _state_dict_of(obj: Any, path: Path) -> tuple[dict[str, Any], str]:
     return obj, "state_dict"
 
 
-def check_weights_file(name_or_path: str | os.PathLike) -> Path:
-    """The weights file a name or path gives, once its content reads as weights (no model needed)."""
-    from microseg.pretrained import resolve_weights
-
-    path = resolve_weights(name_or_path)
+def check_weights_file(path: str | os.PathLike) -> Path:
+    """``path``, once its content reads as weights (no model needed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MicrosegError(f"weights file not found: {path}")
     if path.suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as npz:
@@ -285,11 +285,11 @@ def load_weights(model: TransUNet, path: str | os.PathLike) -> LoadReport:
 
     A partial load (e.g. an encoder-only file) is allowed and reported: print
     `format_load_report(report)`. Unreadable files, shape mismatches and non-finite values raise.
-    A known name (`R50-ViT-B_16`) is looked up in weights/ (`microseg.pretrained.resolve_weights`).
+    A name (`R50-ViT-B_16`) is turned into its file by `microseg.models.pretrained_files.resolve_weights`.
     """
-    from microseg.pretrained import resolve_weights
-
-    path = resolve_weights(path)
+    path = Path(path)
+    if not path.is_file():
+        raise MicrosegError(f"weights file not found: {path}")
     if path.suffix == ".npz":
         return _apply(model, *_read_npz(model, path), "npz", path)
     if path.suffix == ".safetensors":
