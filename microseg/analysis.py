@@ -25,7 +25,7 @@ import torch
 from microseg.errors import MicrosegError
 from microseg.losses.afl import mean_gradient_magnitude
 from microseg.losses.hard_region import check_kernel_size, dilate
-from microseg.metrics import dice, summarize
+from microseg.metrics import summarize
 from microseg.patient_stats import patient_statistics
 from microseg.preprocess import resize_mask
 

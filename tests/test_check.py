@@ -139,7 +139,7 @@ def test_problems_give_exit_2_and_one_line(phantom, tmp_path, capsys, breakage):
     out, err = capsys.readouterr()
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert err.startswith("microseg: error: dataset check found 1 error(s)") and culprit in err
-    assert f"error: " in out and culprit in out  # the screen names it too
+    assert "error: " in out and culprit in out  # the screen names it too
     assert json.loads(Path(f"{root}.check.json").read_text())["errors"] == 1
 
 

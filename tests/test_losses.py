@@ -7,7 +7,6 @@ import math
 import cv2
 import numpy as np
 import pytest
-import scipy.stats
 import torch
 from torchvision.ops import sigmoid_focal_loss
 

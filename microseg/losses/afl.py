@@ -34,9 +34,7 @@ Readings:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 

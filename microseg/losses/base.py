@@ -12,7 +12,7 @@ before any arithmetic, so bf16/fp16 autocast gives finite values. Every option h
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Mapping, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -64,6 +64,10 @@ class SegLoss(nn.Module):
     """Short spec option names -> constructor parameter names (e.g. ag_bce `w` -> `hard_weight`)."""
     option_rules: ClassVar[dict[str, Rule]] = {}
     """Every constructor option -> its valid range (`microseg.losses.options`)."""
+
+    if TYPE_CHECKING:  # the options are attributes that `set_options` sets (nn.Module types them Tensor | Module)
+
+        def __getattr__(self, name: str) -> Any: ...
 
     def check_options(self, **values: Any) -> dict[str, Any]:
         """Each option checked against its rule and converted (MicrosegError naming the first bad one)."""
