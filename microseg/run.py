@@ -40,6 +40,7 @@ from microseg.config import TrainConfig, load_config, resolve_train_config
 from microseg.errors import MicrosegError
 from microseg.preprocess import REFERENCE_KERNEL_SIZES, Preprocess
 from microseg.tables import SUMMARY_ROWS, number, read_csv, write_records
+from microseg.torch_files import plain, read_torch_file, require_finite
 
 
 class RunFolder:
@@ -207,9 +208,18 @@ class Checkpoint:
 
     @classmethod
     def from_dict(cls, state: dict[str, Any]) -> Checkpoint:
+        """The checkpoint a loaded dict holds; TypeError / KeyError naming a record that is missing
+        or of the wrong type (a hand-made or damaged file)."""
+        from microseg.models import ModelConfig
+
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in state.items() if k in known}
+        _require_types(state["model_config"], ModelConfig, "model_config")
+        if "name" not in state["model_config"] or "img_size" not in state["model_config"]:
+            raise TypeError("its 'model_config' record lacks the model's name or img_size")
         preprocess = state.get("preprocess")
+        if preprocess is not None:
+            _require_types(preprocess, Preprocess, "preprocess")
         values["preprocess"] = (Preprocess.from_dict(preprocess) if preprocess is not None
                                 else _first_release_preprocess(state))
         return cls(**values)
@@ -219,12 +229,35 @@ class Checkpoint:
         from microseg.models import ModelConfig, build_model
 
         model = build_model(ModelConfig.from_dict(self.model_config))
-        missing, unexpected = model.load_state_dict(self.model, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(self.model, strict=False)
+        except RuntimeError as err:  # a tensor of another shape
+            shapes = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
+            raise MicrosegError(f"checkpoint does not fit its model config: {(shapes or ['?'])[0]}") from None
         if missing or unexpected:
             raise MicrosegError(
                 f"checkpoint does not fit its model config: {len(missing)} missing, {len(unexpected)} unexpected tensors"
             )
         return model.to(device).eval()
+
+
+def _require_types(values: Any, record: type, name: str) -> None:
+    """TypeError unless `values` is a dict whose entries have the types of `record`'s defaults."""
+    if not isinstance(values, dict):
+        raise TypeError(f"'{name}' is a {type(values).__name__}, not a dict")
+    for f in fields(record):
+        if f.name not in values or f.default is dataclasses.MISSING:
+            continue
+        value, default = values[f.name], f.default
+        if isinstance(default, tuple):
+            item = type(default[0]) if default else object
+            ok = isinstance(value, (list, tuple)) and all(isinstance(v, item) for v in value)
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, type(default)) and (isinstance(default, bool) or not isinstance(value, bool))
+        if not ok:
+            raise TypeError(f"'{name}.{f.name}' is {value!r}, not a {type(default).__name__}")
 
 
 def _first_release_preprocess(state: dict[str, Any]) -> Preprocess:
@@ -233,35 +266,41 @@ def _first_release_preprocess(state: dict[str, Any]) -> Preprocess:
     kernels = list(train.get("ds_kernel_sizes", REFERENCE_KERNEL_SIZES))
     if not train.get("deep_supervision", True):
         kernels = kernels[-1:]
-    return Preprocess(size=int(state["model_config"]["img_size"]), kernel_sizes=tuple(int(k) for k in kernels))
+    if not isinstance(state["model_config"].get("img_size"), int):
+        raise TypeError("it has no 'preprocess' record and no 'model_config.img_size' to rebuild it from")
+    return Preprocess(size=state["model_config"]["img_size"], kernel_sizes=tuple(int(k) for k in kernels))
 
 
 def save_checkpoint(checkpoint: Checkpoint, path: Path) -> None:
     """torch.save to a temporary name, then rename: a crash never leaves half a checkpoint.
 
-    torch reports a failed write (a full disk) as a RuntimeError of its C++ writer, not an
-    OSError: it becomes one line naming the checkpoint and the free space left.
+    The content is made of plain types (`microseg.torch_files.plain`), so it loads with
+    weights_only=True. torch reports a failed write (a full disk) as a RuntimeError of its C++
+    writer, not an OSError: it becomes one line naming the checkpoint and the free space left.
     """
     with atomic_path(path) as tmp:
         try:
-            torch.save(checkpoint.to_dict(), tmp)
+            torch.save(plain(checkpoint.to_dict()), tmp)
         except RuntimeError:
+            tmp.unlink(missing_ok=True)
             free = shutil.disk_usage(tmp.parent).free / 2**20
             raise MicrosegError(f"cannot write {path}: the write failed ({free:.1f} MiB free on its disk)") from None
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
-    """Load a checkpoint onto the CPU; MicrosegError when missing or unreadable."""
+    """Load a checkpoint onto the CPU without running code; MicrosegError when it is missing,
+    corrupt (zip CRCs, non-finite weights), holds Python objects, or lacks a record."""
     path = Path(path)
     if not path.is_file():
         raise MicrosegError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # torch raises many types for a corrupt file
-        raise MicrosegError(f"cannot read checkpoint {path}: {type(err).__name__}") from None
-    if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
+    state = read_torch_file(path, "checkpoint", "not a file torch.save wrote", require_zip=True)
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict) or "model_config" not in state:
         raise MicrosegError(f"{path} is not a microseg checkpoint (no model / model_config)")
-    return Checkpoint.from_dict(state)
+    require_finite(state["model"], "checkpoint", path)
+    try:
+        return Checkpoint.from_dict(state)
+    except (TypeError, ValueError) as err:
+        raise MicrosegError(f"checkpoint {path} is incomplete or damaged: {err}") from None
 
 
 def load_run_model(run: Path, device: torch.device) -> tuple[torch.nn.Module, Checkpoint, Path]:

@@ -154,7 +154,7 @@ def test_checkpoint_round_trips_and_carries_its_preprocessing(trained_run):
     from microseg.preprocess import Preprocess
     from microseg.run import load_checkpoint
 
-    state = torch.load(trained_run / "last.pt", map_location="cpu", weights_only=False)
+    state = torch.load(trained_run / "last.pt", map_location="cpu", weights_only=True)
     assert isinstance(state, dict) and FIRST_RELEASE_KEYS <= set(state)  # still a plain dict on disk
     checkpoint = load_checkpoint(trained_run / "last.pt")
     assert checkpoint.preprocess == Preprocess(size=32, kernel_sizes=(1, 2, 3, 4))
@@ -166,7 +166,7 @@ def test_first_release_checkpoint_loads_and_evaluates_to_the_same_numbers(evalua
     """A run whose checkpoint has the first release's 12-key dict (no preprocess, no scheduler)."""
     old = tmp_path / "first_release"
     shutil.copytree(evaluated, old, ignore=shutil.ignore_patterns("metrics", "predictions"))
-    state = torch.load(old / "last.pt", map_location="cpu", weights_only=False)
+    state = torch.load(old / "last.pt", map_location="cpu", weights_only=True)
     state = {key: state[key] for key in FIRST_RELEASE_KEYS}
     state["train_config"]["deep_supervision"] = True  # the first release's train config had it
     torch.save(state, old / "last.pt")

@@ -74,7 +74,7 @@ def test_evaluate_prints_checkpoint_overwrite_and_means(predicting_run, phantom,
     shutil.copytree(predicting_run, run)
     code, out, _ = run_cli(["evaluate", "--run", run, "--data", phantom, "--device", "cpu"], capsys)
     assert code == 0
-    state = torch.load(run / "best.pt", map_location="cpu", weights_only=False)
+    state = torch.load(run / "best.pt", map_location="cpu", weights_only=True)
     lines = out.strip().splitlines()
     assert f"with best.pt (epoch {state['epoch']}, best validation DSC {state['best_dsc']:.4f})" in lines[0]
     assert f"overwrites {run / 'metrics'}/ and {run / 'predictions'}/" in lines[0]
@@ -84,7 +84,7 @@ def test_evaluate_prints_checkpoint_overwrite_and_means(predicting_run, phantom,
 
 def test_evaluation_json_and_a_clean_predictions_folder(evaluated_cli, phantom):
     record = json.loads((evaluated_cli / "metrics" / "evaluation.json").read_text())
-    state = torch.load(evaluated_cli / "best.pt", map_location="cpu", weights_only=False)
+    state = torch.load(evaluated_cli / "best.pt", map_location="cpu", weights_only=True)
     assert record["data"] == str(phantom.resolve()) and record["split"] == "test"
     assert record["protocol"] == "microsegnet" and record["resize"] == "bilinear"
     assert record["checkpoint"] == "best.pt" and record["checkpoint_epoch"] == state["epoch"]

@@ -24,7 +24,7 @@ def read_history(run: Path) -> list[dict[str, str]]:
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
 def test_history_and_checkpoints(trained_run):
@@ -55,7 +55,7 @@ def test_calf_statistics_come_from_the_training_slices(cache, tmp_path):
     assert saved["n"] == len(areas) and saved["include_empty"] is True
     assert saved["skewness"] == pytest.approx(skew(areas), rel=1e-5)
     assert saved["kurtosis"] == pytest.approx(kurtosis(areas), rel=1e-5)
-    assert saved["branch"] and torch.load(run / "last.pt", weights_only=False)["calf_stats"] == saved
+    assert saved["branch"] and torch.load(run / "last.pt", weights_only=True)["calf_stats"] == saved
 
 
 def test_bf16_autocast_and_channels_last_train(cache, tmp_path):
@@ -102,7 +102,7 @@ def test_resume_after_ctrl_c_matches_uninterrupted_run(cache, tmp_path, monkeypa
     full = train_tiny(cache, tmp_path / "full")
     cut = tmp_path / "cut"
     train_until_ctrl_c(cache, cut, monkeypatch, 5)  # epoch 2, second batch (3 batches of 4 per epoch)
-    assert torch.load(cut / "last.pt", weights_only=False)["step"] == 1
+    assert torch.load(cut / "last.pt", weights_only=True)["step"] == 1
     assert main(["train", "--run", str(cut), "--resume", "--num-workers", "0"]) == 0
     a, b = weights(full / "last.pt"), weights(cut / "last.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -127,7 +127,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(cache, tmp_path, monkeypa
                  "--batch-size", "4", "--num-workers", "0"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "nan" in err[0] and "epoch 2, step 2" in err[0] and "keeps epoch 1" in err[0]
-    assert torch.load(run / "last.pt", weights_only=False)["epoch"] == 1
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
     assert len(read_history(run)) == 1
 
 
@@ -176,7 +176,7 @@ def test_torchrun_two_cpu_processes_write_one_run(cache, tmp_path):
     assert result.stdout.count("run written") == 2  # both ranks finished ...
     assert len(read_history(run)) == 1  # ... and one history, one checkpoint were written
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "history.csv", "last.pt"]
-    assert TINY_TRAIN["model"] == torch.load(run / "last.pt", weights_only=False)["model_config"]["name"]
+    assert TINY_TRAIN["model"] == torch.load(run / "last.pt", weights_only=True)["model_config"]["name"]
 
 
 def test_train_options_come_from_the_config_fields(capsys):

@@ -123,7 +123,7 @@ def test_nan_between_checks_stops_at_the_next_check_and_keeps_the_last_epoch(cac
     assert code == 2 and len(err) == 1 and err[0].startswith("microseg: error:")
     assert "nan" in err[0] and "epoch 2, step 3" in err[0] and "steps 3-4" in err[0] and "keeps epoch 1" in err[0]
     assert seen["n"] == 9  # stopped at the check after step 4, not at the epoch's end
-    checkpoint = torch.load(run / "last.pt", weights_only=False)
+    checkpoint = torch.load(run / "last.pt", weights_only=True)
     assert (checkpoint["epoch"], checkpoint["step"]) == (1, 0) and len(read_history(run)) == 1
 
 
@@ -133,7 +133,7 @@ def test_ctrl_c_after_an_unchecked_nan_keeps_the_last_checkpoint(cache, tmp_path
     with pytest.raises(KeyboardInterrupt):
         train_tiny(cache, run, epochs=3, val_fraction=0.0, sync_every=4)
     assert "not updated" in capsys.readouterr().out
-    checkpoint = torch.load(run / "last.pt", weights_only=False)
+    checkpoint = torch.load(run / "last.pt", weights_only=True)
     assert (checkpoint["epoch"], checkpoint["step"]) == (1, 0)
 
 
@@ -141,9 +141,9 @@ def test_resume_with_persistent_workers_matches_uninterrupted_run(cache, tmp_pat
     full = train_tiny(cache, tmp_path / "full")  # in the main process (no workers)
     cut = tmp_path / "cut"
     train_until_ctrl_c(cache, cut, monkeypatch, 5, num_workers=2, sync_every=2)  # epoch 2, second batch (3 batches of 4 per epoch)
-    assert torch.load(cut / "last.pt", weights_only=False)["step"] == 1
+    assert torch.load(cut / "last.pt", weights_only=True)["step"] == 1
     assert main(["train", "--run", str(cut), "--resume", "--num-workers", "2", "--sync-every", "3"]) == 0
-    a = torch.load(full / "last.pt", weights_only=False)["model"]
-    b = torch.load(cut / "last.pt", weights_only=False)["model"]
+    a = torch.load(full / "last.pt", weights_only=True)["model"]
+    b = torch.load(cut / "last.pt", weights_only=True)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert read_history(full) == read_history(cut)

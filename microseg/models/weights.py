@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from torch import Tensor
 
 from microseg.errors import MicrosegError
 from microseg.models.transunet import TransUNet
+from microseg.torch_files import read_torch_file
 
 Source = dict[str, tuple[str, Tensor]]  # model key -> (name in the file, tensor in the model's layout)
 
@@ -160,25 +160,8 @@ def _read_npz(model: TransUNet, path: Path) -> tuple[Source, list[str]]:
 
 
 def _torch_load(path: Path) -> Any:
-    """torch.load with weights_only=True; a file it refuses is one line saying what the file is not.
-
-    torch's own message advises weights_only=False, which would run the file's code: never repeated.
-    """
-    if path.stat().st_size == 0:
-        raise MicrosegError(f"cannot read weights file {path}: it is empty")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch warns about pickle protocols of files it then refuses
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle, zip and weights-only errors come in many types
-        with open(path, "rb") as handle:
-            head = handle.read(2)
-        if zipfile.is_zipfile(path) or head[:1] == b"\x80":  # torch's zip format or a pickle (protocol 2+)
-            raise MicrosegError(f"cannot read weights file {path}: it holds Python objects besides tensors, which "
-                                "are never loaded (not a plain state dict or microseg checkpoint)") from None
-        reason = type(err).__name__
-        raise MicrosegError(f"cannot read weights file {path}: it is not a weights file (not .npz, .safetensors, "
-                            f"nor a torch state dict or checkpoint: {reason})") from None
+    """The torch file's content, read without running code (`microseg.torch_files.read_torch_file`)."""
+    return read_torch_file(path, "weights file", "not .npz, .safetensors, nor a torch state dict or checkpoint")
 
 
 def _state_dict_of(obj: Any, path: Path) -> tuple[dict[str, Any], str]:
