@@ -69,7 +69,8 @@ class TrainConfig:
                                  "(--no-augment: none, as MicroSegNet)")
     prediction_resize: str = option("bilinear", "how evaluation brings probabilities back to native size: "
                                                 "bilinear, or nearest (MicroSegNet's test script)")
-    amp: str | None = option("auto", "mixed precision: auto (bf16 on CUDA, none on the CPU), bf16 (a bare --amp), "
+    amp: str | None = option("auto", "mixed precision: auto (bf16 on a GPU that has it natively, fp16 on an older GPU, "
+                                     "none on the CPU), bf16 (a bare --amp), "
                                      "fp16 (CUDA, with a grad scaler) or none (fp32)", nargs="?", const="bf16")
     channels_last: bool = option(False, "channels_last memory format")
     compile: bool = option(False, "torch.compile the model")

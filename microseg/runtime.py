@@ -29,11 +29,20 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 natively: a CUDA GPU of compute capability 8.0 or later
+    (Ampere on). `torch.cuda.is_bf16_supported()` also counts emulation (T4, RTX 20xx), where bf16
+    convolutions take a slow path."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def resolve_amp(amp: str | None, device: torch.device) -> str | None:
-    """The `--amp` setting on `device`: "auto" is bf16 on a CUDA device that has it (the fast path)
-    and none (fp32) elsewhere, so CPU runs keep full precision; "none" / None is fp32."""
+    """The `--amp` setting on `device`: "auto" is bf16 on a GPU with native bf16, fp16 (with the
+    grad scaler) on an older GPU, and none (fp32) on the CPU; "none" / None is fp32."""
     if amp == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+        if device.type != "cuda":
+            return None
+        return "bf16" if native_bf16(device) else "fp16"
     return None if amp in (None, "none") else amp
 
 

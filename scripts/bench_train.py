@@ -12,16 +12,18 @@ All loops run in this run, on the same native-size (962 x 1372) phantom set, the
     the trainer's loader (persistent workers, pinned on CUDA), the hard region on the device, the
     trainer's optimizer (fused) and `LossMonitor` (losses summed on the device, read every
     `--sync-every` steps and at each round's end);
-(c) (b) with bf16 autocast + channels_last; (d) (c) + torch.compile.
-(c) and (d) run on CUDA by default (`--fast yes` adds them on the CPU, where (d) compiles for over ten
+(c) (b) with bf16 autocast; (d) (c) + channels_last (its effect alone); (e) (c) + torch.compile of
+the model and the loss together (the trainer's `--compile`).
+(c) to (e) run on CUDA by default (`--fast yes` adds them on the CPU, where (e) compiles for over ten
 minutes on 2 cores: `--no-compile` skips it).
 A round is `steps` batches (drawn from the phantom slices, repeating them as needed), timed from
 the round's first batch request to the last step (CUDA synchronised); each loop first takes one
-untimed warm-up round of 2 steps (compilation for (d)), and the loops take their rounds in turn,
+untimed warm-up round of 2 steps (compilation for (e)), and the loops take their rounds in turn,
 in alternating order, so that they share the machine's noise; a loop's figure is the median of its
 rounds' images/s. Training FLOPs per image = 3 x the forward's (torch's FlopCounterMode on the meta
 device; backward = 2 x forward); MFU = images/s x FLOPs per image / `--peak-tflops` (default: the
-detected GPU's dense bf16 peak, e.g. 989 TFLOP/s for H100 / H200 SXM).
+detected GPU's dense bf16 peak, looked up by its exact name in `BF16_PEAK_TFLOPS`, e.g. 989.4 TFLOP/s
+for an H100 SXM, 756.5 for an H100 PCIe).
 
     python scripts/bench_train.py --device cuda --configs R50-ViT-B_16          # the GPU figures
     python scripts/bench_train.py --configs small --steps 6 --rounds 2 --threads 1  # CPU: a few minutes
@@ -62,9 +64,26 @@ from microseg.runtime import resolve_device  # noqa: E402
 from microseg.train import LossMonitor, build_loader, build_optimizer, train_step  # noqa: E402
 
 SIZES = {"small": 128, "tiny": 128}  # input size per config; the others at the paper's 224
-# dense bf16 tensor-core peaks (TFLOP/s, no sparsity), by a substring of torch.cuda.get_device_name
-BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "GH200": 989.0, "B200": 2250.0, "A100": 312.0,
-                    "L40S": 362.0, "L4": 121.0, "A10": 125.0, "RTX 4090": 165.0, "V100": 125.0}
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity, FP32 accumulate) from the vendors' data sheets,
+# keyed by torch.cuda.get_device_name exactly: an H100 PCIe is not an H100 SXM, an L40 not an L4.
+# Another GPU: --peak-tflops N.
+BF16_PEAK_TFLOPS = {
+    "NVIDIA H100 80GB HBM3": 989.4,  # H100 SXM5
+    "NVIDIA H100 PCIe": 756.5,
+    "NVIDIA H100 NVL": 835.5,
+    "NVIDIA H200": 989.4,  # H200 SXM
+    "NVIDIA H200 NVL": 835.5,
+    "NVIDIA GH200 480GB": 989.4,
+    "NVIDIA A100-SXM4-40GB": 312.0,
+    "NVIDIA A100-SXM4-80GB": 312.0,
+    "NVIDIA A100-PCIE-40GB": 312.0,
+    "NVIDIA A100 80GB PCIe": 312.0,
+    "NVIDIA L40S": 362.1,
+    "NVIDIA L40": 181.0,
+    "NVIDIA L4": 121.0,
+    "NVIDIA A10": 125.0,
+    "NVIDIA GeForce RTX 4090": 165.2,
+}
 
 
 def sync(device: torch.device) -> None:
@@ -75,8 +94,7 @@ def sync(device: torch.device) -> None:
 def detected_peak(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in BF16_PEAK_TFLOPS.items() if key in name), None)
+    return BF16_PEAK_TFLOPS.get(torch.cuda.get_device_name(device))
 
 
 class RoundSampler(Sampler):
@@ -158,15 +176,16 @@ def plan(name: str, device: torch.device, args: argparse.Namespace) -> tuple[int
 
 
 def variants(base: TrainConfig, device: torch.device, args: argparse.Namespace) -> list[tuple[str, TrainConfig, bool]]:
-    """(label, config, reference?) of each loop, (a) to (d)."""
+    """(label, config, reference?) of each loop, (a) to (e)."""
     fp32 = dataclasses.replace(base, amp="none")
     loops = [("(a) reference: PNG per item, host-OpenCV hard region, fp32, .item() per step", fp32, True),
              ("(b) microseg fp32", fp32, False)]
     if args.fast == "yes" or (args.fast == "auto" and device.type == "cuda"):
-        fast = dataclasses.replace(base, amp="bf16", channels_last=True)
-        loops.append(("(c) microseg bf16 + channels_last", fast, False))
+        bf16 = dataclasses.replace(base, amp="bf16")
+        loops += [("(c) microseg bf16", bf16, False),
+                  ("(d) microseg bf16 + channels_last", dataclasses.replace(bf16, channels_last=True), False)]
         if not args.no_compile:
-            loops.append(("(d) microseg bf16 + channels_last + torch.compile", dataclasses.replace(fast, compile=True),
+            loops.append(("(e) microseg bf16 + torch.compile (model and loss)", dataclasses.replace(bf16, compile=True),
                           False))
     return loops
 
@@ -227,11 +246,11 @@ def main() -> None:
                         help="DataLoader workers of every loop (default: the reference's 8, at most the core count)")
     parser.add_argument("--loss", choices=HARD_REGION_LOSSES, default="adaptive_focal")
     parser.add_argument("--fast", choices=("auto", "yes", "no"), default="auto",
-                        help="also time (c) bf16 + channels_last and (d) + torch.compile; auto: on CUDA")
-    parser.add_argument("--no-compile", action="store_true", help="skip (d) (torch.compile takes minutes on a CPU)")
+                        help="also time (c) bf16, (d) bf16 + channels_last and (e) bf16 + torch.compile; auto: on CUDA")
+    parser.add_argument("--no-compile", action="store_true", help="skip (e) (torch.compile takes minutes on a CPU)")
     parser.add_argument("--sync-every", type=int, default=TrainConfig.sync_every, help="microseg's loss read-back interval")
     parser.add_argument("--peak-tflops", type=float, default=0.0,
-                        help="bf16 peak for the MFU (default: the detected GPU's, e.g. 989 for H100/H200 SXM)")
+                        help="bf16 peak for the MFU (default: the GPU's by its exact name in BF16_PEAK_TFLOPS)")
     parser.add_argument("--train", type=int, default=3, help="phantom training patients (default 3)")
     parser.add_argument("--slices", type=int, default=16, help="slices per patient (default 16)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu or cuda")
