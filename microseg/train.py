@@ -3,8 +3,9 @@
 The config's recipe (`microseg.recipes`, recorded in `config.yaml`) sets the defaults; the
 optimisation is MicroSegNet's by default: SGD with poly decay lr_i = lr * (1 - i / max_iter)^0.9
 (i = 0-based iteration; torch's PolynomialLR), the plain sum of the loss at the four output
-scales. Each batch carries its slices' patients' A-FL statistics to the loss (`sample_stats`,
-from the cache). Each epoch appends a row to `history.csv`: the run's own
+scales. The loss declares the statistics it needs from the data (`microseg.losses.base`): the
+training set's, computed before training and saved with the run, and each slice's patient's
+(`sample_stats`), carried by every batch from the cache. Each epoch appends a row to `history.csv`: the run's own
 loss (total and per scale), a common-ruler BCE of the main output (the same yardstick whatever
 the loss), validation DSC / HD95 when there is a validation split, the learning rate of the
 epoch's last step and the seconds.
@@ -44,7 +45,6 @@ from tqdm import tqdm
 from microseg.atomic import write_text
 from microseg.config import TrainConfig, check_train_inputs, save_config
 from microseg.errors import MicrosegError, warn
-from microseg.losses import SAMPLE_STAT_KEYS
 from microseg.run import Checkpoint, RunFolder, load_checkpoint, save_checkpoint
 from microseg.runtime import Distributed, autocast_context, resolve_amp
 
@@ -151,7 +151,7 @@ def train_step(forward, criterion, optimizer, scaler, batch, device, config: Tra
     image = batch["image"].to(device, non_blocking=True)
     expert = batch["expert"].to(device, non_blocking=True)
     non_expert = batch["non_expert"].to(device, non_blocking=True)
-    stats = {key: batch[key].to(device, non_blocking=True) for key in SAMPLE_STAT_KEYS if key in batch}
+    stats = {key: batch[key].to(device, non_blocking=True) for key in criterion.sample_stat_keys}
     if config.channels_last:
         image = image.contiguous(memory_format=torch.channels_last)
     lr = optimizer.param_groups[0]["lr"]
@@ -250,9 +250,9 @@ class Trainer:
             self.overlay_index = int(np.argmax(foreground_areas(cache)[np.asarray(val_idx)]))
 
     def _build(self, train_idx: list[int], fresh: bool) -> None:
-        """Model (seeded), pretrained weights, CALF moments, loss, optimizer and grad scaler."""
+        """Model (seeded), pretrained weights, the loss's training-set statistics, loss, optimizer and grad scaler."""
         from microseg.data.cache import foreground_areas
-        from microseg.losses import DeepSupervision, calf_stats_for, parse_spec
+        from microseg.losses import DeepSupervision, dataset_statistics
         from microseg.models import build_model
         from microseg.models.pretrained_files import resolve_weights
         from microseg.models.weights import format_load_report, load_weights
@@ -264,15 +264,12 @@ class Trainer:
             report = load_weights(self.model, resolve_weights(config.weights))
             if self.env.main:
                 print(f"weights {config.weights}: {format_load_report(report)}")
-        self.calf_stats = None
-        if any(term.name == "calf" for term in parse_spec(config.loss)):
-            self.calf_stats = calf_stats_for(config.loss, foreground_areas(Path(config.cache))[np.asarray(train_idx)])
-            if self.env.main:
-                s = self.calf_stats
-                print(f"calf: skewness {s.skewness:.3f}, excess kurtosis {s.kurtosis:.3f} -> branch {s.branch}")
-                write_text(self.folder.calf_stats, json.dumps(asdict(s), indent=1))
+        self.loss_stats = dataset_statistics(config.loss, lambda: foreground_areas(config.cache)[np.asarray(train_idx)])
+        if self.loss_stats is not None and self.env.main:
+            print(self.loss_stats.summary())
+            write_text(self.folder.calf_stats, json.dumps(asdict(self.loss_stats), indent=1))
         self.criterion = DeepSupervision(config.loss, kernel_sizes=pre.kernel_sizes, weights=config.ds_weights,
-                                         calf_stats=self.calf_stats, target_resize=pre.target_resize)
+                                         dataset_stats=self.loss_stats, target_resize=pre.target_resize)
         self.model.to(self.device)
         if config.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -414,7 +411,7 @@ class Trainer:
             train_config=self.config.to_dict(), optimizer=self.optimizer.state_dict(),
             scaler=self.scaler.state_dict(), scheduler=self.scheduler.state_dict(), epoch=self.epoch,
             step=self.step, accum=self.monitor.sums.cpu().clone(), history=self.history, best_dsc=self.best_dsc,
-            calf_stats=asdict(self.calf_stats) if self.calf_stats is not None else None, rng=torch.get_rng_state(),
+            calf_stats=asdict(self.loss_stats) if self.loss_stats is not None else None, rng=torch.get_rng_state(),
         )
 
     def save(self, improved: bool) -> None:

@@ -140,7 +140,7 @@ def bench(device: torch.device, args: argparse.Namespace) -> None:
     speedup = f"x{hard_ref / hard_ours:.2f}"
     rows = [[f"hard region alone (k = {k}, forward)", f"{hard_ours:.2f}", f"{hard_ref:.2f}", speedup]]
     for name in sorted(LOSSES):
-        loss = build_loss(name, calf_stats=stats) if name == "calf" else build_loss(name)
+        loss = build_loss(name, dataset_stats=stats) if name == "calf" else build_loss(name)
         label = f"calf ({loss.branch})" if name == "calf" else name
         value = lambda loss=loss: loss(logits, expert, non_expert, patient)  # noqa: E731
         step = loss_step([logits], value)

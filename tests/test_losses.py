@@ -11,7 +11,7 @@ import torch
 from torchvision.ops import sigmoid_focal_loss
 
 from microseg.errors import MicrosegError
-from microseg.losses import CalfStats, build_loss, calf_stats, calf_stats_for, hard_region
+from microseg.losses import CalfStats, build_loss, calf_stats, dataset_statistics, hard_region
 from microseg.losses.adaptive_focal import AdaptiveFocal
 from microseg.losses.afl import AFL
 from microseg.losses.calf import CALF, choose_branch
@@ -322,8 +322,11 @@ def test_calf_stats_match_table_1_with_and_without_empty_images():
     assert calf_stats(areas_1_10 + [0.0] * 10, include_empty=False).skewness == pytest.approx(-1.5, rel=1e-12)
     assert calf_stats(areas_1_10 + [0.0] * 10, include_empty=False).branch == "fisher"
     assert calf_stats(areas_1_10 + [0.0] * 10).branch == "log10"
-    assert calf_stats_for("dice+calf:include_empty=false", with_empty) == skipped
-    assert calf_stats_for("calf", with_empty) == stats
+    assert dataset_statistics("dice+calf:include_empty=false", lambda: with_empty) == skipped
+    assert dataset_statistics("calf", lambda: with_empty) == stats
+    assert dataset_statistics("dice+afl", lambda: with_empty) is None
+    with pytest.raises(MicrosegError, match="2 different training-set statistics"):
+        dataset_statistics("calf+calf:include_empty=false", lambda: with_empty)
     # symmetric, heavy-tailed (K = 64 / 16 - 3 = 1): BCE-Dice; reversed exponential: Fisher
     assert calf_stats([1.0] + [5.0] * 6 + [9.0]).branch == "bce_dice"
     assert calf_stats(areas.max() + 1 - areas).branch == "fisher"
@@ -347,14 +350,14 @@ def test_calf_stats_must_be_consistent():
         with pytest.raises(MicrosegError):
             CalfStats(*bad)
     with pytest.raises(MicrosegError, match="include_empty=False but the statistics were computed with include_emp"):
-        build_loss("calf:include_empty=false", calf_stats=branch_stats("ln"))
+        build_loss("calf:include_empty=false", dataset_stats=branch_stats("ln"))
     with pytest.raises(MicrosegError, match="given twice"):
-        build_loss("calf", calf_stats=branch_stats("ln"), stats=branch_stats("ln"))
-    with pytest.raises(MicrosegError, match="no calf term"):
-        build_loss("dice", calf_stats=branch_stats("ln"))
+        build_loss("calf", dataset_stats=branch_stats("ln"), stats=branch_stats("ln"))
+    with pytest.raises(MicrosegError, match="has no term that takes them \\(calf\\)"):
+        build_loss("dice", dataset_stats=branch_stats("ln"))
     for spec in ("calf:clamp_eps=0", "calf:clamp_eps=0.6", "calf:include_empty=1"):
         with pytest.raises(MicrosegError, match="calf: option"):
-            build_loss(spec, calf_stats=branch_stats("ln"))
+            build_loss(spec, dataset_stats=branch_stats("ln"))
 
 
 def test_calf_branch_boundaries():
@@ -383,7 +386,7 @@ CALF_BY_HAND = {
 
 @pytest.mark.parametrize("branch", sorted(CALF_BY_HAND))
 def test_calf_branch_values_by_hand(branch):
-    loss = build_loss("calf", calf_stats=branch_stats(branch))
+    loss = build_loss("calf", dataset_stats=branch_stats(branch))
     assert loss.branch == branch
     value = loss(t([0.0, LN3], (1, 1, 1, 2)), t([1.0, 0.0], (1, 1, 1, 2)))
     assert value.item() == pytest.approx(CALF_BY_HAND[branch], rel=1e-6)
@@ -391,14 +394,14 @@ def test_calf_branch_values_by_hand(branch):
 
 def test_calf_clamps_unbounded_transforms_on_the_rewarded_side_only():
     y = torch.ones(1, 1, 1, 1)
-    logit = build_loss("calf", calf_stats=branch_stats("logit"))(torch.full((1, 1, 1, 1), 80.0), y)
+    logit = build_loss("calf", dataset_stats=branch_stats("logit"))(torch.full((1, 1, 1, 1), 80.0), y)
     assert logit.item() == pytest.approx(-math.log((1 - 1e-6) / 1e-6), rel=1e-5)
-    fisher = build_loss("calf", calf_stats=branch_stats("fisher"))(torch.full((1, 1, 1, 1), 80.0), y)
+    fisher = build_loss("calf", dataset_stats=branch_stats("fisher"))(torch.full((1, 1, 1, 1), 80.0), y)
     assert fisher.item() == pytest.approx(-math.atanh(1 - 1e-6), rel=1e-5)
     # confidently wrong: the paper's value, no clamp (logit: -(-20); fisher: -atanh(sigmoid(-20)))
     wrong = torch.full((1, 1, 1, 1), -20.0)
-    assert build_loss("calf", calf_stats=branch_stats("logit"))(wrong, y).item() == pytest.approx(20.0, rel=1e-6)
-    fisher_wrong = build_loss("calf", calf_stats=branch_stats("fisher"))(wrong, y).item()
+    assert build_loss("calf", dataset_stats=branch_stats("logit"))(wrong, y).item() == pytest.approx(20.0, rel=1e-6)
+    fisher_wrong = build_loss("calf", dataset_stats=branch_stats("fisher"))(wrong, y).item()
     assert fisher_wrong == pytest.approx(-math.atanh(1 / (1 + math.exp(20))), rel=1e-5)
 
 
@@ -415,7 +418,7 @@ CALF_GRADIENT = {
 def test_calf_bounded_branches_keep_the_gradient_of_wrong_pixels(branch, x, y):
     """Against the analytic gradient (y = 0 mirrors y = 1 with -x): confidently wrong pixels are not clamped away."""
     logits = torch.tensor([[[[x]]]], requires_grad=True)  # float32
-    build_loss("calf", calf_stats=branch_stats(branch))(logits, torch.full_like(logits, y)).backward()
+    build_loss("calf", dataset_stats=branch_stats(branch))(logits, torch.full_like(logits, y)).backward()
     sign = 1.0 if y == 1.0 else -1.0
     p = 1 / (1 + math.exp(-sign * x))
     assert logits.grad.item() == pytest.approx(sign * CALF_GRADIENT[branch](p), rel=1e-5)
@@ -425,7 +428,7 @@ def test_calf_bounded_branches_keep_the_gradient_of_wrong_pixels(branch, x, y):
 def test_calf_arcsine_keeps_float32_precision_near_p_one():
     """asin(sqrt(sigmoid x)) = atan(exp(x / 2)) in float64 is the reference; float32 to a few ulp of pi/2."""
     x = torch.linspace(-30.0, 30.0, 601, dtype=torch.float64)
-    loss = build_loss("calf", calf_stats=branch_stats("arcsine"))
+    loss = build_loss("calf", dataset_stats=branch_stats("arcsine"))
     values = torch.stack([loss(v.float().reshape(1, 1, 1, 1), torch.ones(1, 1, 1, 1)) for v in x]).double()
     reference = -torch.atan(torch.exp(x.float().double() / 2))
     assert (values - reference).abs().max().item() < 4e-7  # float32 ulp at pi/2 is 1.2e-7

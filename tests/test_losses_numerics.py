@@ -29,7 +29,7 @@ def make(spec: str):
     if spec.startswith("calf:"):
         branch, _, options = spec[5:].partition(",")
         include_empty = "include_empty=false" not in options
-        return build_loss(f"calf:{options}" if options else "calf", calf_stats=branch_stats(branch, include_empty))
+        return build_loss(f"calf:{options}" if options else "calf", dataset_stats=branch_stats(branch, include_empty))
     return build_loss(spec)
 
 

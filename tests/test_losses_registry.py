@@ -76,7 +76,7 @@ def test_aliases_keywords_and_the_scale_kernel():
         ("adaptive_focal", {"detach_gamma": "false"}, "detach_gamma='false' must be true or false"),
         ("ag_bce", {"w": "10"}, "w='10' must be > 0"),
         ("focal", {"alpha": float("nan")}, "alpha=nan must be in \\[0, 1\\] or none"),
-        ("dice", {"calf_stats": None, "batch": 1}, "batch=1 must be true or false"),
+        ("dice", {"dataset_stats": None, "batch": 1}, "batch=1 must be true or false"),
     ],
 )
 def test_keyword_options_are_checked_like_spec_options(spec, keywords, message):

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from microseg.losses import adaptive_focal, afl, ag_bce, calf, classic, focal, region  # noqa: F401  (registers)
 from microseg.losses.base import LOSSES, SAMPLE_STAT_KEYS, SegLoss, WeightedSum, register
-from microseg.losses.calf import CalfStats, calf_stats, calf_stats_for
+from microseg.losses.calf import CalfStats, calf_stats
 from microseg.losses.deep_supervision import DeepSupervisedLoss, DeepSupervision
 from microseg.losses.hard_region import dilate, hard_region
-from microseg.losses.registry import build_loss, check_spec, parse_spec
+from microseg.losses.registry import build_loss, check_spec, dataset_statistics, parse_spec
 
 __all__ = [
     "LOSSES",
@@ -25,8 +25,8 @@ __all__ = [
     "WeightedSum",
     "build_loss",
     "calf_stats",
-    "calf_stats_for",
     "check_spec",
+    "dataset_statistics",
     "dilate",
     "hard_region",
     "parse_spec",

@@ -42,7 +42,7 @@ from microseg.errors import MicrosegError
 from microseg.losses.base import SegLoss, register
 from microseg.losses.focal import class_weights, focal_terms
 from microseg.losses.options import NON_NEGATIVE, UNIT_INTERVAL, Choice, Flag
-from microseg.patient_stats import FG_FRACTION, GAMMA_MSA
+from microseg.patient_stats import FG_FRACTION, GAMMA_MSA, PATIENT_STAT_KEYS
 
 def mean_gradient_magnitude(mask: Tensor) -> Tensor:
     """gamma_mSa: per sample mean of the gradient magnitude of a [B, C, *spatial] mask, shape [B,1,...]."""
@@ -57,7 +57,7 @@ def mean_gradient_magnitude(mask: Tensor) -> Tensor:
 @register("afl")
 class AFL(SegLoss):
     supports_3d = True
-    reads_sample_stats = True
+    sample_stat_keys = PATIENT_STAT_KEYS
     option_rules = {
         "use_alpha_va": Flag(),
         "use_gamma_va": Flag(),

@@ -2,9 +2,16 @@
 
 Every loss is called as `loss(logits, target, non_expert=None, sample_stats=None) -> scalar
 tensor` with raw single-channel foreground logits and {0, 1} targets shaped [B, 1, H, W] (or
-[B, 1, D, H, W] where `supports_3d`). `sample_stats` optionally carries per-sample statistics
-(`SAMPLE_STAT_KEYS`, each a [B] tensor: the statistics of the patient each slice comes from);
-losses that read them declare `reads_sample_stats`, the others ignore them. Inputs are checked
+[B, 1, D, H, W] where `supports_3d`).
+The statistics a loss needs from the data, declared by the loss, handed by the trainer (which
+names no loss):
+- per sample (`sample_stat_keys`, among `SAMPLE_STAT_KEYS`, each a [B] tensor: the statistics of
+  the patient each slice comes from, which every batch carries): given as `sample_stats`; losses
+  that declare none ignore them;
+- of the training set (`dataset_stats_param`, the constructor parameter that takes them): computed
+  once before training by the class's `dataset_statistics` from the training slices' expert
+  foreground fractions (`microseg.losses.registry.dataset_statistics`), a dataclass with a
+  `summary()` line, saved with the run. Inputs are checked
 on their shapes only (no host synchronisation) and half-precision logits are upcast to float32
 before any arithmetic, so bf16/fp16 autocast gives finite values. Every option has a rule
 (`option_rules`, see `microseg.losses.options`) checked at construction.
@@ -14,6 +21,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence, TypeVar
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -56,14 +64,22 @@ class SegLoss(nn.Module):
     name: ClassVar[str] = ""
     needs_non_expert: ClassVar[bool] = False
     supports_3d: ClassVar[bool] = False
-    reads_sample_stats: ClassVar[bool] = False
-    """True for losses whose `compute` takes `sample_stats` (a dict of [B] tensors, or None)."""
+    sample_stat_keys: ClassVar[tuple[str, ...]] = ()
+    """The per-sample statistics this loss reads: its `compute` then takes `sample_stats` (a dict of [B] tensors,
+    or None)."""
     dataset_stats_param: ClassVar[str | None] = None
-    """The constructor parameter that takes statistics of the training set (CALF's `stats`), not a spec option."""
+    """The constructor parameter that takes statistics of the training set (CALF's `stats`), not a spec option;
+    `dataset_statistics` computes them."""
     aliases: ClassVar[dict[str, str]] = {}
     """Short spec option names -> constructor parameter names (e.g. ag_bce `w` -> `hard_weight`)."""
     option_rules: ClassVar[dict[str, Rule]] = {}
     """Every constructor option -> its valid range (`microseg.losses.options`)."""
+
+    @classmethod
+    def dataset_statistics(cls, options: Mapping[str, Any], foreground_fractions: np.ndarray) -> Any:
+        """The training-set statistics for `dataset_stats_param`, from a spec term's options and the expert
+        foreground fraction of every training slice."""
+        raise NotImplementedError(f"loss {cls.name!r} takes no training-set statistics")
 
     if TYPE_CHECKING:  # the options are attributes that `set_options` sets (nn.Module types them Tensor | Module)
 
@@ -100,7 +116,7 @@ def compute(
     loss: SegLoss, logits: Tensor, target: Tensor, non_expert: Tensor | None, sample_stats: dict[str, Tensor] | None
 ) -> Tensor:
     """`loss.compute(...)`, with `sample_stats` for the losses that read them."""
-    if loss.reads_sample_stats:
+    if loss.sample_stat_keys:
         return loss.compute(logits, target, non_expert, sample_stats=sample_stats)
     return loss.compute(logits, target, non_expert)
 
@@ -151,8 +167,6 @@ def check_sample_stats(
 class WeightedSum(SegLoss):
     """sum_i w_i * L_i(logits, target, non_expert): composite specs and the compound losses (weights > 0)."""
 
-    reads_sample_stats = True
-
     def __init__(self, terms: Sequence[tuple[float, SegLoss]], name: str = "") -> None:
         super().__init__()
         if name:
@@ -162,6 +176,7 @@ class WeightedSum(SegLoss):
         self.terms = nn.ModuleList(loss for _, loss in terms)
         self.needs_non_expert = any(t.needs_non_expert for t in self.terms)
         self.supports_3d = all(t.supports_3d for t in self.terms)
+        self.sample_stat_keys = tuple(dict.fromkeys(k for t in self.terms for k in t.sample_stat_keys))
 
     def compute(
         self, logits: Tensor, target: Tensor, non_expert: Tensor | None, sample_stats: dict[str, Tensor] | None = None

@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 from numbers import Integral, Real
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import scipy.stats
@@ -50,9 +50,8 @@ from torch import Tensor
 
 from microseg.errors import MicrosegError
 from microseg.losses.base import SegLoss, register
-from microseg.losses.options import GUARD, Flag
+from microseg.losses.options import GUARD, Flag, check_option
 from microseg.losses.region import Dice
-from microseg.losses.registry import parse_spec
 
 
 def _fisher(z: Tensor) -> Tensor:
@@ -114,6 +113,9 @@ class CalfStats:
                 f"{self.kurtosis:g}, which select {expected!r}"
             )
 
+    def summary(self) -> str:
+        return f"calf: skewness {self.skewness:.3f}, excess kurtosis {self.kurtosis:.3f} -> branch {self.branch}"
+
 
 def calf_stats(areas: Any, include_empty: bool = True) -> CalfStats:
     """Skewness, excess kurtosis (population moments, Table 1) and branch of per-image foreground areas."""
@@ -132,22 +134,11 @@ def calf_stats(areas: Any, include_empty: bool = True) -> CalfStats:
     return CalfStats(skewness, kurtosis, int(a.size), choose_branch(skewness, kurtosis), include_empty)
 
 
-def calf_stats_for(spec: str, areas: Any) -> CalfStats:
-    """`calf_stats(areas)` with the `include_empty` option of the spec's calf term (the trainer's entry point)."""
-    chosen = {t.options.get("include_empty", True) for t in parse_spec(spec) if t.name == "calf"}
-    if len(chosen) != 1:
-        raise MicrosegError(f"loss spec {spec!r} needs exactly one include_empty choice for calf, got {len(chosen)}")
-    (include_empty,) = chosen
-    if not isinstance(include_empty, bool):
-        raise MicrosegError(f"calf: option include_empty={include_empty!r} must be true or false")
-    return calf_stats(areas, include_empty)
-
-
 def as_calf_stats(stats: CalfStats | dict | None) -> CalfStats:
     """A CalfStats, or one from its dict (asdict, calf_stats.json); MicrosegError when missing or malformed."""
     if stats is None:
         raise MicrosegError(
-            "loss 'calf' needs dataset statistics (calf_stats): the train stage computes them "
+            "loss 'calf' needs dataset statistics (dataset_stats): the train stage computes them "
             "from the slice cache's foreground_areas"
         )
     if isinstance(stats, dict):
@@ -165,6 +156,12 @@ class CALF(SegLoss):
     supports_3d = True
     dataset_stats_param = "stats"
     option_rules = {"include_empty": Flag(), "clamp_eps": GUARD}
+
+    @classmethod
+    def dataset_statistics(cls, options: Mapping[str, Any], foreground_fractions: np.ndarray) -> CalfStats:
+        """The moments of the training slices' foreground areas, with the term's `include_empty` choice."""
+        include_empty = check_option(cls.name, "include_empty", options.get("include_empty", True), Flag())
+        return calf_stats(foreground_fractions, include_empty)
 
     def __init__(
         self, stats: CalfStats | dict | None = None, include_empty: bool = True, clamp_eps: float = 1e-6

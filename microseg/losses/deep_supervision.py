@@ -65,7 +65,7 @@ class DeepSupervision(nn.Module):
         spec: str,
         kernel_sizes: Sequence[int] = REFERENCE_KERNEL_SIZES,
         weights: Sequence[float] | None = None,
-        calf_stats: Any = None,
+        dataset_stats: Any = None,
         target_resize: str = TARGET_RESIZES[0],
     ) -> None:
         super().__init__()
@@ -80,8 +80,9 @@ class DeepSupervision(nn.Module):
         kernels = [check_option("deep supervision", f"kernel_sizes[{i}]", k, KERNEL)
                    for i, k in enumerate(kernel_sizes)]
         self.spec, self.target_resize, self.weights = spec, target_resize, check_weights(weights)
-        self.losses = nn.ModuleList(build_loss(spec, calf_stats=calf_stats, scale_kernel_size=k) for k in kernels)
+        self.losses = nn.ModuleList(build_loss(spec, dataset_stats=dataset_stats, scale_kernel_size=k) for k in kernels)
         self.needs_non_expert = self.losses[0].needs_non_expert
+        self.sample_stat_keys = self.losses[0].sample_stat_keys
 
     def forward(
         self,

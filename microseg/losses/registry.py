@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from microseg.errors import MicrosegError
 from microseg.losses.base import LOSSES, SegLoss, WeightedSum
@@ -89,7 +92,7 @@ def _term_class(name: str) -> type[SegLoss]:
     return cls
 
 
-def _build_term(term: Term, calf_stats: Any, keywords: dict[str, Any], scale_kernel_size: int | None) -> SegLoss:
+def _build_term(term: Term, dataset_stats: Any, keywords: dict[str, Any], scale_kernel_size: int | None) -> SegLoss:
     """One term: spec options (by the key the user wrote), keyword options and the deep-supervision kernel."""
     cls = _term_class(term.name)
     options: dict[str, Any] = {}
@@ -113,17 +116,18 @@ def _build_term(term: Term, calf_stats: Any, keywords: dict[str, Any], scale_ker
             )
         options["kernel_size"] = scale_kernel_size
     if cls.dataset_stats_param is not None:
-        options[cls.dataset_stats_param] = calf_stats
+        options[cls.dataset_stats_param] = dataset_stats
     return cls(**options)
 
 
-def build_loss(spec: str, calf_stats: Any = None, *, scale_kernel_size: int | None = None, **options: Any) -> SegLoss:
+def build_loss(spec: str, dataset_stats: Any = None, *, scale_kernel_size: int | None = None, **options: Any) -> SegLoss:
     """The loss module a spec describes; a weighted sum (`WeightedSum`) when it has several terms or a weight.
 
     `options` are keyword options, read as spec options are (short names too: `w=10`), given to
     every term that takes them; a keyword no term takes, or one the spec sets too, is refused.
-    `calf_stats` (a `CalfStats`, or its dict) goes to CALF; `stats=` is accepted as its other
-    spelling when no term has a `stats` option (A-FL's). `scale_kernel_size` is deep supervision's
+    `dataset_stats` (from `dataset_statistics`, or its dict) goes to the terms that take training-set
+    statistics (CALF's `CalfStats`); `stats=` is accepted as its other spelling when no term has a
+    `stats` option (A-FL's). `scale_kernel_size` is deep supervision's
     kernel for one scale: it goes to every term with a dilation kernel (`kernel_size`) and to no
     other, and a spec that sets that kernel itself is refused.
     """
@@ -131,19 +135,38 @@ def build_loss(spec: str, calf_stats: Any = None, *, scale_kernel_size: int | No
     classes = [_term_class(t.name) for t in terms]
     takes_stats_option = any("stats" in cls.option_rules for cls in classes)
     if "stats" in options and not takes_stats_option and any(cls.dataset_stats_param for cls in classes):
-        if calf_stats is not None:
-            raise MicrosegError("CALF statistics given twice (calf_stats= and stats=); give one")
-        calf_stats = options.pop("stats")
+        if dataset_stats is not None:
+            raise MicrosegError("dataset statistics given twice (dataset_stats= and stats=); give one")
+        dataset_stats = options.pop("stats")
     for key in options:
         if not any(cls.aliases.get(key, key) in cls.option_rules for cls in classes):
             listed = _listed(classes[0]) if len(classes) == 1 else "; ".join(f"{c.name}: {_listed(c)}" for c in classes)
             raise MicrosegError(f"unknown option {key!r} for loss {spec!r}; its options: {listed}")
-    if calf_stats is not None and not any(cls.dataset_stats_param for cls in classes):
-        raise MicrosegError(f"calf_stats given, but loss {spec!r} has no calf term")
-    built = [(t.weight, _build_term(t, calf_stats, options, scale_kernel_size)) for t in terms]
+    if dataset_stats is not None and not any(cls.dataset_stats_param for cls in classes):
+        takers = ", ".join(name for name, cls in sorted(LOSSES.items()) if cls.dataset_stats_param)
+        raise MicrosegError(f"dataset statistics given, but loss {spec!r} has no term that takes them ({takers})")
+    built = [(t.weight, _build_term(t, dataset_stats, options, scale_kernel_size)) for t in terms]
     if len(built) == 1 and built[0][0] == 1.0:
         return built[0][1]
     return WeightedSum(built, name="".join(spec.split()))
+
+
+def dataset_statistics(spec: str, foreground_fractions: Callable[[], np.ndarray]) -> Any:
+    """The training-set statistics the spec's loss needs before training, None when it needs none.
+
+    Each term whose loss declares `dataset_stats_param` computes them (`SegLoss.dataset_statistics`)
+    from its options and the expert foreground fraction of every training slice
+    (`foreground_fractions()`, read only when needed); the terms must agree on them.
+    """
+    needing = [(term, cls) for term in parse_spec(spec) if (cls := _term_class(term.name)).dataset_stats_param]
+    if not needing:
+        return None
+    fractions = foreground_fractions()
+    found = list(dict.fromkeys(cls.dataset_statistics(term.options, fractions) for term, cls in needing))
+    if len(found) != 1:
+        raise MicrosegError(f"loss spec {spec!r}: its terms need {len(found)} different training-set statistics "
+                            "(e.g. two include_empty choices for calf); give them one")
+    return found[0]
 
 
 def check_spec(spec: str) -> None:
