@@ -28,6 +28,7 @@ from microseg.losses.hard_region import check_kernel_size, dilate
 from microseg.metrics import summarize
 from microseg.patient_stats import patient_statistics
 from microseg.preprocess import resize_mask
+from microseg.rules import KERNEL, check_option
 
 SIZE_LABELS = ("small", "medium", "large")
 ROUGHNESS_LABELS = ("smooth", "moderate", "rough")
@@ -65,8 +66,7 @@ def hard_region_kernel(train_kernel: int, train_size: int, native_rows: int) -> 
     dilation is square, as in training. round() is half-up.
     """
     for name, v in (("train_kernel", train_kernel), ("train_size", train_size), ("native_rows", native_rows)):
-        if isinstance(v, bool) or int(v) != v or v < 1:
-            raise MicrosegError(f"hard-region {name} must be an integer >= 1, got {v!r}")
+        check_option("hard-region", name, v, KERNEL)
     return max(1, math.floor(train_kernel * native_rows / train_size + 0.5))
 
 

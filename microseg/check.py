@@ -31,7 +31,7 @@ from tqdm import tqdm
 from microseg.atomic import write_text
 from microseg.data.layout import Case, find_cases
 from microseg.data.volumes import Volume, read_mask_for, read_volume, require_same_geometry
-from microseg.errors import MicrosegError, warn
+from microseg.errors import MicrosegError, OptionError, warn
 from microseg.metrics import PROTOCOLS, score_case, summarize
 
 SPLITS = ("train", "test")
@@ -151,7 +151,7 @@ def split_report(records: list[dict], problems: list[dict]) -> dict:
 def check_dataset(root: str | Path, protocol: str = "microsegnet", progress: bool | None = None) -> dict:
     """The check of every split present under ``root`` (train/, test/)."""
     if protocol not in PROTOCOLS:
-        raise MicrosegError(f"--protocol {protocol!r} is not one of {', '.join(PROTOCOLS)}")
+        raise OptionError(f"`protocol` {protocol!r} is not one of {', '.join(PROTOCOLS)}")
     root = Path(root)
     if not root.is_dir():
         raise MicrosegError(f"data folder {root} does not exist")

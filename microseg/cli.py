@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 from microseg import __version__
-from microseg.errors import MicrosegError
+from microseg.errors import MicrosegError, OptionError
 
 
 EXAMPLES = """examples:
@@ -288,13 +289,20 @@ def _os_error_line(err: OSError) -> str:
     return f"{files}: {reason}" if files else reason
 
 
+def flag_names(err: MicrosegError) -> str:
+    """An error's message as the command line says it: an OptionError's `option` names become --option flags."""
+    if not isinstance(err, OptionError):
+        return str(err)
+    return re.sub(r"`(\w+)`", lambda match: "--" + match[1].replace("_", "-"), str(err))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except MicrosegError as err:
-        print(f"microseg: error: {err}", file=sys.stderr)
+        print(f"microseg: error: {flag_names(err)}", file=sys.stderr)
         return 2
     except OSError as err:
         print(f"microseg: error: {_os_error_line(err)}", file=sys.stderr)

@@ -11,7 +11,7 @@ config, with its recipe's name, is saved as `config.yaml` in every run.
 
 Validation, all before a run folder is created: every value has its field's type (a YAML
 `lr: 1e-3`, which YAML reads as a string, is read as the number it spells) and its range
-(`RULES`); names (optimizer, amp, device, model, loss spec) are checked against what exists;
+(`RULES`, in the rule system of `microseg.rules`); names (optimizer, amp, device, model, loss spec) are checked against what exists;
 then `check_train_inputs` reads the files the config names (the cache, and the weights) and
 checks that the model can take the cache's slice size. Each refusal is one MicrosegError line
 naming the option.
@@ -20,16 +20,16 @@ naming the option.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from microseg.errors import MicrosegError
+from microseg.errors import MicrosegError, OptionError
 from microseg.preprocess import PREDICTION_RESIZES, REFERENCE_KERNEL_SIZES, SIZE_MULTIPLE, Preprocess
 from microseg.recipes import DEFAULT_RECIPE, RECIPES, recipe_settings
+from microseg.rules import KERNEL, NON_NEGATIVE, POSITIVE, Number, Rule, check_value
 
 
 def option(default: Any = None, help: str = "", **cli: Any) -> Any:
@@ -95,18 +95,17 @@ OPTIMIZERS = ("sgd", "adam")
 AMP_DTYPES = (None, "auto", "none", "bf16", "fp16")
 SEED_MAX = 2**32 - 1
 
-RULES: dict[str, tuple[float, float, bool, bool]] = {
-    # field: (low, high, low included, high included); every number must also be finite
-    "epochs": (1, math.inf, True, False),
-    "batch_size": (1, math.inf, True, False),
-    "num_workers": (0, math.inf, True, False),
-    "sync_every": (1, math.inf, True, False),
-    "seed": (0, SEED_MAX, True, True),
-    "lr": (0.0, math.inf, False, False),
-    "momentum": (0.0, 1.0, True, False),
-    "weight_decay": (0.0, math.inf, True, False),
-    "poly_power": (0.0, math.inf, True, False),
-    "val_fraction": (0.0, 1.0, True, False),
+RULES: dict[str, Rule] = {  # the numeric fields' ranges (`_typed` has made them ints or floats)
+    "epochs": Number(1),
+    "batch_size": Number(1),
+    "num_workers": Number(0),
+    "sync_every": Number(1),
+    "seed": Number(0, SEED_MAX),
+    "lr": POSITIVE,
+    "momentum": Number(0.0, 1.0, high_open=True),
+    "weight_decay": NON_NEGATIVE,
+    "poly_power": NON_NEGATIVE,
+    "val_fraction": Number(0.0, 1.0, high_open=True),
 }
 
 
@@ -146,17 +145,13 @@ def _upgrade(values: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def _typed(name: str, value: Any) -> Any:
     """`value` as the type of field `name`'s default (a string that spells a number is that number)."""
     default = getattr(TrainConfig(), name)
     if isinstance(default, list):
         items = value if isinstance(value, (list, tuple)) else [value]
         if not items:
-            raise MicrosegError(f"{_flag(name)} needs at least one value")
+            raise OptionError(f"`{name}` needs at least one value")
         return [_scalar(name, item, type(default[0])) for item in items]
     if default is None and value is None:
         return None
@@ -180,24 +175,7 @@ def _scalar(name: str, value: Any, kind: type) -> Any:
         except (TypeError, ValueError, OverflowError):
             pass
     what = {bool: "true or false", str: "a text value", int: "an integer", float: "a number"}[kind]
-    raise MicrosegError(f"{_flag(name)} must be {what}, got {value!r}")
-
-
-def _check_range(name: str, value: float) -> None:
-    low, high, low_in, high_in = RULES[name]
-    above = value >= low if low_in else value > low
-    below = value <= high if high_in else value < high
-    if not (math.isfinite(value) and above and below):
-        if high == math.inf:
-            wanted = f"{'>=' if low_in else '>'} {_number(low)}"
-        else:
-            wanted = f"in {'[' if low_in else '('}{_number(low)}, {_number(high)}{']' if high_in else ')'}"
-        raise MicrosegError(f"{_flag(name)} must be {wanted}, got {_number(value)}")
-
-
-def _number(value: float) -> str:
-    """An integral value in full (4294967295), any other as %g (0.001, nan)."""
-    return str(int(value)) if math.isfinite(value) and float(value).is_integer() else f"{value:g}"
+    raise OptionError(f"`{name}` must be {what}, got {value!r}")
 
 
 def _validate(c: TrainConfig) -> None:
@@ -207,42 +185,40 @@ def _validate(c: TrainConfig) -> None:
     from microseg.runtime import resolve_device
 
     if not c.cache:
-        raise MicrosegError("no slice cache given: pass --cache CACHE.h5 (made by `microseg prepare`)")
+        raise OptionError("no slice cache given: pass `cache` CACHE.h5 (made by `microseg prepare`)")
     if not c.run:
-        raise MicrosegError("no run folder given: pass --run runs/NAME (or run: in the --config file)")
-    for name in RULES:
-        _check_range(name, getattr(c, name))
+        raise OptionError("no run folder given: pass `run` runs/NAME (or run: in the `config` file)")
+    for name, rule in RULES.items():
+        check_value(name, getattr(c, name), rule)
     if c.optimizer not in OPTIMIZERS:
-        raise MicrosegError(f"--optimizer {c.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        raise OptionError(f"`optimizer` {c.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
     if c.amp not in AMP_DTYPES:
-        raise MicrosegError(f"--amp {c.amp!r} is not one of auto, bf16, fp16, none")
+        raise OptionError(f"`amp` {c.amp!r} is not one of auto, bf16, fp16, none")
     if c.prediction_resize not in PREDICTION_RESIZES:
-        raise MicrosegError(f"--prediction-resize {c.prediction_resize!r} is not one of "
+        raise OptionError(f"`prediction_resize` {c.prediction_resize!r} is not one of "
                             f"{', '.join(PREDICTION_RESIZES)}")
     if c.model not in CONFIGS:
-        raise MicrosegError(f"--model {c.model!r} is not a model config; choose one of: {', '.join(CONFIGS)}")
+        raise OptionError(f"`model` {c.model!r} is not a model config; choose one of: {', '.join(CONFIGS)}")
     _validate_deep_supervision(c)
     check_spec(c.loss)
     if resolve_device(c.device).type != "cuda" and c.amp == "fp16":
-        raise MicrosegError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
+        raise OptionError("`amp` fp16 needs a CUDA device; use `amp` bf16 on the CPU")
 
 
 def _validate_deep_supervision(c: TrainConfig) -> None:
     n = len(REFERENCE_KERNEL_SIZES)
     if len(c.ds_kernel_sizes) not in (1, n):
-        raise MicrosegError(f"--ds-kernel-sizes needs {n} entries (one per output, coarsest first) "
+        raise OptionError(f"`ds_kernel_sizes` needs {n} entries (one per output, coarsest first) "
                             f"or 1 (the main output alone), got {len(c.ds_kernel_sizes)}")
     if len(c.ds_kernel_sizes) != len(c.ds_weights):
-        raise MicrosegError(f"--ds-weights needs one entry per --ds-kernel-sizes entry ({len(c.ds_kernel_sizes)}), "
+        raise OptionError(f"`ds_weights` needs one entry per `ds_kernel_sizes` entry ({len(c.ds_kernel_sizes)}), "
                             f"got {len(c.ds_weights)}")
-    bad = [k for k in c.ds_kernel_sizes if k < 1]
-    if bad:
-        raise MicrosegError(f"--ds-kernel-sizes must be integers >= 1 (dilation kernel sizes), got {bad[0]}")
-    bad = [w for w in c.ds_weights if not (math.isfinite(w) and w >= 0)]
-    if bad:
-        raise MicrosegError(f"--ds-weights must be finite and >= 0, got {bad[0]:g}")
+    for k in c.ds_kernel_sizes:
+        check_value("ds_kernel_sizes", k, KERNEL)
+    for w in c.ds_weights:
+        check_value("ds_weights", w, NON_NEGATIVE)
     if not sum(c.ds_weights) > 0:
-        raise MicrosegError("--ds-weights are all 0: at least one output must have a weight > 0")
+        raise OptionError("`ds_weights` are all 0: at least one output must have a weight > 0")
 
 
 def check_train_inputs(c: TrainConfig, resume: bool) -> list[str]:
@@ -260,8 +236,8 @@ def check_train_inputs(c: TrainConfig, resume: bool) -> list[str]:
     info = read_cache_info(Path(c.cache))
     if info.size % SIZE_MULTIPLE:
         lower = max(SIZE_MULTIPLE, info.size // SIZE_MULTIPLE * SIZE_MULTIPLE)
-        raise MicrosegError(f"cache {c.cache} holds {info.size} px slices, which no model takes (a multiple of "
-                            f"{SIZE_MULTIPLE} is needed): prepare it again with --size {lower} or "
+        raise OptionError(f"cache {c.cache} holds {info.size} px slices, which no model takes (a multiple of "
+                            f"{SIZE_MULTIPLE} is needed): prepare it again with `size` {lower} or "
                             f"{lower + SIZE_MULTIPLE}")
     if c.weights and not resume:
         check_weights_file(resolve_weights(c.weights))

@@ -1,6 +1,7 @@
 """The one exception type for errors a user can cause (bad files, options, shapes), and warnings.
 
-The CLI turns an error into a single line `microseg: error: <message>` and exit status 2. An
+The CLI turns an error into a single line `microseg: error: <message>` and exit status 2 (an
+`OptionError`'s option names become the command's flags). An
 input that is legitimate but suspicious (an expert mask empty on every slice) gets one line
 `microseg: warning: <message>` on stderr and the run goes on.
 """
@@ -10,6 +11,11 @@ import sys
 
 class MicrosegError(Exception):
     """An error caused by the user's input; its message names the culprit."""
+
+
+class OptionError(MicrosegError):
+    """A refused option value, in the library's words: the message names each option as its parameter or config
+    field in backticks (`` `ds_weights` must be >= 0, got -1 ``); the command line says its flag (``--ds-weights``)."""
 
 
 def warn(message: str) -> None:

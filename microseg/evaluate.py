@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from microseg.atomic import atomic_folder, make_folder, write_text
-from microseg.errors import MicrosegError, warn
+from microseg.errors import MicrosegError, OptionError, warn
 from microseg.metrics import check_protocol, score_case, summarize
 from microseg.preprocess import PREDICTION_RESIZES, Preprocess, resize_image, resize_prediction, scale_intensity
 from microseg.run import Checkpoint, RunFolder, load_run_model
@@ -65,7 +65,7 @@ def _load_run(run: Path, device: str, resize: str | None) -> tuple[torch.nn.Modu
     """The run's network on `device`, its preprocessing (prediction resize replaced by `resize`),
     its checkpoint and the checkpoint's file (best.pt, else last.pt)."""
     if resize is not None and resize not in PREDICTION_RESIZES:
-        raise MicrosegError(f"--resize {resize!r} is not one of {', '.join(PREDICTION_RESIZES)}")
+        raise OptionError(f"`resize` {resize!r} is not one of {', '.join(PREDICTION_RESIZES)}")
     model, checkpoint, path = load_run_model(run, resolve_device(device))
     preprocess = checkpoint.preprocess
     preprocess = dataclasses.replace(preprocess, prediction_resize=resize) if resize else preprocess
@@ -101,7 +101,7 @@ def evaluate(run: Path, data: Path, split: str = "test", protocol: str = "micros
     from microseg.data.layout import find_cases
 
     if split not in SPLITS:
-        raise MicrosegError(f"--split {split!r} is not one of {', '.join(SPLITS)}")
+        raise OptionError(f"`split` {split!r} is not one of {', '.join(SPLITS)}")
     check_protocol(protocol)
     folder = RunFolder(run)
     model, preprocess, checkpoint, checkpoint_file = _load_run(folder.path, device, resize)
@@ -241,15 +241,15 @@ def _prediction_plan(source: Path, out: Path) -> tuple[list[Path], list[Path]]:
         if not inputs:
             raise MicrosegError(f"{source} holds no .nii or .nii.gz volume")
         if out.exists() and not out.is_dir():
-            raise MicrosegError(f"--out {out} is a file; for a folder of volumes give a folder")
+            raise OptionError(f"`out` {out} is a file; for a folder of volumes give a folder")
         if out.resolve() == source.resolve():
-            raise MicrosegError(f"--out {out} is the input folder: the masks would replace the scans")
+            raise OptionError(f"`out` {out} is the input folder: the masks would replace the scans")
         targets = [out / p.name for p in inputs]
     elif source.exists():
         if not out.name.endswith(NIFTI_SUFFIXES):
-            raise MicrosegError(f"--out {out}: a NIfTI file name must end in .nii or .nii.gz")
+            raise OptionError(f"`out` {out}: a NIfTI file name must end in .nii or .nii.gz")
         if out.exists() and out.resolve() == source.resolve():
-            raise MicrosegError(f"--out {out} is the input volume: the mask would replace the scan")
+            raise OptionError(f"`out` {out} is the input volume: the mask would replace the scan")
         inputs, targets = [source], [out]
     else:
         raise MicrosegError(f"input not found: {source}")

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.spatial import cKDTree
 
-from microseg.errors import MicrosegError
+from microseg.errors import MicrosegError, OptionError
 
 PROTOCOLS = ("microsegnet", "all-slices", "volume")
 ONE_SIDED_HD95 = ("skip", "diagonal")
@@ -30,7 +30,7 @@ ONE_SIDED_HD95 = ("skip", "diagonal")
 def check_protocol(protocol: str) -> str:
     """`protocol` if it is one of PROTOCOLS, else MicrosegError naming the option."""
     if protocol not in PROTOCOLS:
-        raise MicrosegError(f"--protocol {protocol!r} is not one of {', '.join(PROTOCOLS)}")
+        raise OptionError(f"`protocol` {protocol!r} is not one of {', '.join(PROTOCOLS)}")
     return protocol
 
 

@@ -16,14 +16,14 @@ from microseg.atomic import remove_stale_temporaries, require_writable
 from microseg.check import checked_train_volumes
 from microseg.data.cache import cached_fingerprint, fingerprint, test_record, write_cache
 from microseg.data.layout import find_cases
-from microseg.errors import MicrosegError
+from microseg.errors import OptionError
 from microseg.preprocess import SIZE_MULTIPLE
 
 
 def prepare_cache(data_root: str | Path, out: str | Path, size: int = 224) -> Path:
     """Build (or reuse, when up to date) the slice cache of ``data_root`` at ``out``; returns ``out``."""
     if size < SIZE_MULTIPLE or size % SIZE_MULTIPLE:
-        raise MicrosegError(f"--size must be a positive multiple of {SIZE_MULTIPLE}, the models' patch stride "
+        raise OptionError(f"`size` must be a positive multiple of {SIZE_MULTIPLE}, the models' patch stride "
                             f"(got {size})")
     root, out = Path(data_root).resolve(), Path(out)
     require_writable(out)

@@ -23,7 +23,7 @@ import shutil
 from pathlib import Path
 
 from microseg.atomic import atomic_path
-from microseg.errors import MicrosegError
+from microseg.errors import MicrosegError, OptionError
 from microseg.models import build_model
 from microseg.models.pretrained_files import SPECS, PretrainedSpec, weights_dir
 from microseg.models.weights import format_load_report, load_weights
@@ -94,7 +94,7 @@ def download_weights(name: str, out: str | os.PathLike | None = None, source: st
     if spec is None:
         raise MicrosegError(f"unknown weights '{name}'; known: {', '.join(SPECS)}")
     if source not in SOURCES:
-        raise MicrosegError(f"--source {source!r} is not one of {', '.join(SOURCES)}")
+        raise OptionError(f"`source` {source!r} is not one of {', '.join(SOURCES)}")
     target = weights_dir(out) / (spec.hub_file if source == "hub" else spec.npz_file)
     if source == "hub":
         cached = fetch_from_hub(spec.hub_tag)

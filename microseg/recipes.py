@@ -31,7 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from microseg.errors import MicrosegError
+from microseg.errors import OptionError
 from microseg.preprocess import REFERENCE_KERNEL_SIZES
 
 DEFAULT_RECIPE = "default"
@@ -74,5 +74,5 @@ def recipe_settings(name: Any) -> dict[str, Any]:
     """The settings of recipe `name` (a fresh copy); MicrosegError naming the valid ones otherwise."""
     recipe = RECIPES.get(name) if isinstance(name, str) else None
     if recipe is None:
-        raise MicrosegError(f"--recipe {name!r} is not a recipe; choose one of: {', '.join(RECIPES)}")
+        raise OptionError(f"`recipe` {name!r} is not a recipe; choose one of: {', '.join(RECIPES)}")
     return {key: list(value) if isinstance(value, list) else value for key, value in recipe.settings.items()}

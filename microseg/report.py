@@ -26,7 +26,7 @@ import math
 from pathlib import Path
 
 from microseg.atomic import make_folder, write_text
-from microseg.errors import MicrosegError, warn
+from microseg.errors import MicrosegError, OptionError, warn
 from microseg.figures import plot_loss_curves, plot_overlays, plot_stratified, run_colours
 from microseg.metrics import summarize
 from microseg.run import RunRecord, load_run
@@ -230,7 +230,7 @@ def parse_cases(text: str | None) -> dict[str, list[int]] | None:
     for item in filter(None, (part.strip() for part in text.split(","))):
         case, _, z = item.partition(":")
         if z and not z.isdigit():
-            raise MicrosegError(f"--cases item {item!r} is not CASE or CASE:SLICE")
+            raise OptionError(f"`cases` item {item!r} is not CASE or CASE:SLICE")
         chosen.setdefault(case, []).extend([int(z)] if z else [])
     return chosen
 
@@ -244,7 +244,7 @@ def write_overlays(records: list[RunRecord], out: Path, cases: dict[str, list[in
 
     evaluated = [r for r in records if r.evaluation]
     if not evaluated:
-        raise MicrosegError("--overlays needs evaluated runs: run `microseg evaluate` first")
+        raise OptionError("`overlays` needs evaluated runs: run `microseg evaluate` first")
     source = evaluated[0].evaluation
     available = {c.case_id: c for c in find_cases(Path(source["data"]), source["split"], require_non_expert=False)}
     if cases is None:
@@ -256,7 +256,7 @@ def write_overlays(records: list[RunRecord], out: Path, cases: dict[str, list[in
     written = []
     for case_id, slices in cases.items():
         if case_id not in available:
-            raise MicrosegError(f"--cases: no case {case_id!r} in {source['data']}/{source['split']}")
+            raise OptionError(f"`cases`: no case {case_id!r} in {source['data']}/{source['split']}")
         case = available[case_id]
         image = read_volume(case.image, "image").array
         expert = read_volume(case.expert, "mask").array

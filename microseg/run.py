@@ -37,7 +37,7 @@ import torch
 
 from microseg.atomic import atomic_path, make_folder
 from microseg.config import TrainConfig, load_config, resolve_train_config
-from microseg.errors import MicrosegError
+from microseg.errors import MicrosegError, OptionError
 from microseg.preprocess import REFERENCE_KERNEL_SIZES, Preprocess
 from microseg.tables import SUMMARY_ROWS, number, read_csv, write_records
 from microseg.torch_files import plain, read_torch_file, require_finite
@@ -316,13 +316,13 @@ RESUME_MAY_CHANGE = ("run", "device", "num_workers", "sync_every", "tensorboard"
 def resumed_config(run: str, yaml_path: str | None, options: dict[str, Any]) -> TrainConfig:
     """The config a run was started with; options given again must agree with it (bar device, workers)."""
     if not run:
-        raise MicrosegError("--resume needs --run RUN: the run folder to continue")
+        raise OptionError("`resume` needs `run` RUN: the run folder to continue")
     saved = load_config(RunFolder(run).config)
     explicit = {k: v for k, v in options.items() if v is not None}
     given = resolve_train_config(yaml_path, {"cache": saved.cache, **explicit}).to_dict()
     for key in sorted(set(explicit) - set(RESUME_MAY_CHANGE)):
         if given[key] != getattr(saved, key):
-            raise MicrosegError(f"--{key.replace('_', '-')} {given[key]} differs from the run's config "
+            raise OptionError(f"`{key}` {given[key]} differs from the run's config "
                                 f"({getattr(saved, key)}); a resumed run keeps its config")
     return dataclasses.replace(saved, **{k: given[k] for k in RESUME_MAY_CHANGE if k in explicit})
 

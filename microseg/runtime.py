@@ -8,7 +8,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from microseg.errors import MicrosegError
+from microseg.errors import OptionError
 
 
 def resolve_device(name: str) -> torch.device:
@@ -18,14 +18,14 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise MicrosegError(f"--device {name!r} is not a torch device (try cpu, cuda, cuda:1)") from None
+        raise OptionError(f"`device` {name!r} is not a torch device (try cpu, cuda, cuda:1)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise MicrosegError(f"--device {name}: CUDA is not available on this machine")
+        raise OptionError(f"`device` {name}: CUDA is not available on this machine")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise MicrosegError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+        raise OptionError(f"`device` {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
                             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     if device.type not in ("cpu", "cuda"):
-        raise MicrosegError(f"--device {name!r}: microseg runs on cpu or cuda")
+        raise OptionError(f"`device` {name!r}: microseg runs on cpu or cuda")
     return device
 
 
@@ -52,7 +52,7 @@ def autocast_context(device: torch.device, amp: str | None):
     if amp is None:
         return contextlib.nullcontext()
     if amp == "fp16" and device.type != "cuda":
-        raise MicrosegError("--amp fp16 needs a CUDA device; use --amp bf16 on the CPU")
+        raise OptionError("`amp` fp16 needs a CUDA device; use `amp` bf16 on the CPU")
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 

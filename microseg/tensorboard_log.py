@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from microseg.errors import MicrosegError
+from microseg.errors import OptionError
 
 EXTRA = "pip install -e '.[tensorboard]'"
 EXPERT_RGB = (0, 255, 0)
@@ -48,7 +48,7 @@ class TrainingBoard:
             import tensorboard  # noqa: F401  (torch's writer needs it; say which extra provides it)
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise MicrosegError(f"--tensorboard needs the tensorboard package: {EXTRA}") from None
+            raise OptionError(f"`tensorboard` needs the tensorboard package: {EXTRA}") from None
         self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
 
     def running(self, loss: float, lr: float, step: int) -> None:

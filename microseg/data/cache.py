@@ -43,7 +43,7 @@ import numpy as np
 from microseg.atomic import atomic_path, require_free_space
 from microseg.data.layout import RATERS, Case
 from microseg.data.volumes import Volume, read_geometry, require_same_geometry
-from microseg.errors import MicrosegError
+from microseg.errors import MicrosegError, OptionError
 from microseg.patient_stats import PATIENT_STAT_KEYS, patient_statistics
 from microseg.preprocess import resize_image, resize_mask
 
@@ -107,7 +107,7 @@ def cached_fingerprint(out: Path) -> str | None:
     except OSError:
         attrs = {}
     if "fingerprint" not in attrs:
-        raise MicrosegError(f"--out {out} exists and is not a microseg cache; refusing to overwrite it")
+        raise OptionError(f"`out` {out} exists and is not a microseg cache; refusing to overwrite it")
     return str(attrs["fingerprint"]) if int(attrs.get("format_version", -1)) == FORMAT_VERSION else None
 
 

@@ -76,7 +76,7 @@ from tqdm import tqdm
 from microseg.atomic import make_folder, write_text
 from microseg.data.layout import EXPERT, IMAGES, NON_EXPERT, RATERS, file_name, rater_kind
 from microseg.data.volumes import write_volume
-from microseg.errors import MicrosegError
+from microseg.errors import MicrosegError, OptionError
 from microseg.preprocess import INTENSITY_MAX
 
 NATIVE_SIZE = (962, 1372)
@@ -421,12 +421,12 @@ def _planned_files(out: Path, n_train: int, n_test: int) -> dict[tuple[str, str]
 def _previous_files(out: Path) -> list[Path]:
     """Files of an earlier phantom run in ``out``; refuse a non-empty folder that is not one."""
     if out.exists() and not out.is_dir():
-        raise MicrosegError(f"--out {out} exists and is not a folder")
+        raise OptionError(f"`out` {out} exists and is not a folder")
     if not out.exists() or not any(out.iterdir()):
         return []
     marker = out / MARKER
     if not marker.is_file():
-        raise MicrosegError(f"--out {out} is not empty and was not written by 'microseg simulate'; choose a new folder")
+        raise OptionError(f"`out` {out} is not empty and was not written by 'microseg simulate'; choose a new folder")
     try:
         listed = [out / f for f in json.loads(marker.read_text())["files"]]
     except (ValueError, KeyError, TypeError):
@@ -444,13 +444,13 @@ def simulate_dataset(out: str | Path, n_train: int = 10, n_test: int = 4, n_slic
     """
     out = Path(out)
     if n_train < 1 or n_test < 0:
-        raise MicrosegError(f"--train must be >= 1 and --test >= 0 (got {n_train}, {n_test})")
+        raise OptionError(f"`train` must be >= 1 and `test` >= 0 (got {n_train}, {n_test})")
     if seed < 0:
-        raise MicrosegError(f"--seed must be >= 0 (got {seed})")
+        raise OptionError(f"`seed` must be >= 0 (got {seed})")
     if n_slices < 3:
-        raise MicrosegError(f"--slices must be >= 3 (got {n_slices})")
+        raise OptionError(f"`slices` must be >= 3 (got {n_slices})")
     if min(size) < 32:
-        raise MicrosegError(f"--size must be at least 32 x 32 (got {size[0]} x {size[1]})")
+        raise OptionError(f"`size` must be at least 32 x 32 (got {size[0]} x {size[1]})")
     previous = _previous_files(out)
     plan = _planned_files(out, n_train, n_test)
     written = [p for files in plan.values() for _, p in files]

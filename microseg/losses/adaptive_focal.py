@@ -37,7 +37,7 @@ from torch import Tensor
 
 from microseg.losses.base import SegLoss, register, signed_logits
 from microseg.losses.hard_region import hard_region
-from microseg.losses.options import GUARD, KERNEL, NON_NEGATIVE, POSITIVE, Choice, Flag, Number
+from microseg.rules import GUARD, KERNEL, NON_NEGATIVE, POSITIVE, Choice, Flag, Number
 from microseg.preprocess import REFERENCE_KERNEL_SIZES
 
 

@@ -41,7 +41,7 @@ from torch import Tensor
 from microseg.errors import MicrosegError
 from microseg.losses.base import SegLoss, register
 from microseg.losses.focal import class_weights, focal_terms
-from microseg.losses.options import NON_NEGATIVE, UNIT_INTERVAL, Choice, Flag
+from microseg.rules import NON_NEGATIVE, UNIT_INTERVAL, Choice, Flag
 from microseg.patient_stats import FG_FRACTION, GAMMA_MSA, PATIENT_STAT_KEYS
 
 def mean_gradient_magnitude(mask: Tensor) -> Tensor:

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from microseg.losses.base import SegLoss, register
 from microseg.losses.hard_region import hard_region
-from microseg.losses.options import GUARD, KERNEL, POSITIVE, Number
+from microseg.rules import GUARD, KERNEL, POSITIVE, Number
 from microseg.preprocess import REFERENCE_KERNEL_SIZES
 
 CLASS_BALANCE = Number(0.0, 1.0, low_open=True, high_open=True)

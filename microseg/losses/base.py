@@ -14,7 +14,7 @@ names no loss):
   `summary()` line, saved with the run. Inputs are checked
 on their shapes only (no host synchronisation) and half-precision logits are upcast to float32
 before any arithmetic, so bf16/fp16 autocast gives finite values. Every option has a rule
-(`option_rules`, see `microseg.losses.options`) checked at construction.
+(`option_rules`, see `microseg.rules`) checked at construction.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from microseg.errors import MicrosegError
-from microseg.losses.options import POSITIVE, Rule, check_option
+from microseg.rules import POSITIVE, Rule, check_option
 from microseg.patient_stats import PATIENT_STAT_KEYS
 
 LOSSES: dict[str, type["SegLoss"]] = {}
@@ -73,7 +73,7 @@ class SegLoss(nn.Module):
     aliases: ClassVar[dict[str, str]] = {}
     """Short spec option names -> constructor parameter names (e.g. ag_bce `w` -> `hard_weight`)."""
     option_rules: ClassVar[dict[str, Rule]] = {}
-    """Every constructor option -> its valid range (`microseg.losses.options`)."""
+    """Every constructor option -> its valid range (`microseg.rules`)."""
 
     @classmethod
     def dataset_statistics(cls, options: Mapping[str, Any], foreground_fractions: np.ndarray) -> Any:

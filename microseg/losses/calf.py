@@ -50,7 +50,7 @@ from torch import Tensor
 
 from microseg.errors import MicrosegError
 from microseg.losses.base import SegLoss, register
-from microseg.losses.options import GUARD, Flag, check_option
+from microseg.rules import GUARD, Flag, check_option
 from microseg.losses.region import Dice
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from microseg.errors import MicrosegError
-from microseg.losses.options import KERNEL, NON_NEGATIVE, check_option
+from microseg.rules import KERNEL, NON_NEGATIVE, check_option
 from microseg.losses.registry import build_loss
 from microseg.preprocess import REFERENCE_KERNEL_SIZES, TARGET_RESIZES, resize_target
 

@@ -14,13 +14,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from microseg.errors import MicrosegError
+from microseg.rules import KERNEL, check_option
 
 
 def check_kernel_size(kernel_size: int) -> int:
-    """The dilation kernel size as an int >= 1, else MicrosegError."""
-    if isinstance(kernel_size, bool) or int(kernel_size) != kernel_size or kernel_size < 1:
-        raise MicrosegError(f"dilation kernel_size must be an integer >= 1, got {kernel_size!r}")
-    return int(kernel_size)
+    """The dilation kernel size as an int >= 1 (the `KERNEL` rule), else MicrosegError."""
+    return check_option("dilation", "kernel_size", kernel_size, KERNEL)
 
 
 def dilate(mask: Tensor, kernel_size: int, spatial_dims: int = 2) -> Tensor:

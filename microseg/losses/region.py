@@ -22,7 +22,7 @@ from torch import Tensor
 
 from microseg.errors import MicrosegError
 from microseg.losses.base import SegLoss, register
-from microseg.losses.options import FLOAT32_TINY, NON_NEGATIVE, Flag, Number
+from microseg.rules import FLOAT32_TINY, NON_NEGATIVE, Flag, Number
 
 SMOOTH = Number(FLOAT32_TINY, text=f"> 0 (at least {FLOAT32_TINY:g})")
 

@@ -1,10 +1,13 @@
-"""The valid range of every loss option: a rule per option, checked when the loss is built.
+"""Valid values, one rule system for every option: the losses', deep supervision's and the training config's.
 
+A rule (`Number`, `Integer`, `Flag`, `Choice`) says which values it accepts and describes them.
 Each loss class lists `option_rules` (option name -> rule); its constructor checks every value
 against its rule, and `build_loss` checks spec values first so that the message names the key
-the user wrote. A value outside its rule raises one MicrosegError line, e.g.
-`ag_bce: option w=-4 must be > 0`. Numbers must be finite; booleans are not numbers, and strings
-are not booleans (`detach_gamma="false"` is refused, not read as true).
+the user wrote: `check_option` raises one MicrosegError line, e.g. `ag_bce: option w=-4 must
+be > 0`. The training config (`microseg.config.RULES`) checks its fields with `check_value`,
+whose `OptionError` names the field (`` `lr` must be > 0, got -1 ``; the command line says
+``--lr``). Numbers must be finite; booleans are not numbers, and strings are not booleans
+(`detach_gamma="false"` is refused, not read as true).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from dataclasses import dataclass
 from numbers import Integral, Real
 from typing import Any
 
-from microseg.errors import MicrosegError
+from microseg.errors import MicrosegError, OptionError
 
 FLOAT32_TINY = 1e-30
 """The smallest guard (eps, smoothing) a loss accepts: float32 holds it, and its reciprocal (1e30), finitely."""
@@ -36,12 +39,13 @@ class Number:
     def describe(self) -> str:
         if self.text:
             return self.text
+        low, high = format_value(self.low), format_value(self.high)
         if self.low is not None and self.high is not None:
-            text = f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            text = f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
         elif self.low is not None:
-            text = f"{'>' if self.low_open else '>='} {self.low:g}"
+            text = f"{'>' if self.low_open else '>='} {low}"
         elif self.high is not None:
-            text = f"{'<' if self.high_open else '<='} {self.high:g}"
+            text = f"{'<' if self.high_open else '<='} {high}"
         else:
             text = "a finite number"
         return f"{text} or none" if self.none else text
@@ -51,8 +55,9 @@ class Number:
             return self.none
         if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
             return False
-        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
-        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        number = float(value)
+        above = self.low is None or (number > self.low if self.low_open else number >= self.low)
+        below = self.high is None or (number < self.high if self.high_open else number <= self.high)
         return above and below
 
     def convert(self, value: Any) -> float | None:
@@ -69,7 +74,7 @@ class Integer:
         return f"an integer >= {self.low}"
 
     def accepts(self, value: Any) -> bool:
-        return isinstance(value, Integral) and not isinstance(value, bool) and value >= self.low
+        return isinstance(value, Integral) and not isinstance(value, bool) and int(value) >= self.low
 
     def convert(self, value: Any) -> int:
         return int(value)
@@ -114,6 +119,21 @@ GUARD = Number(FLOAT32_TINY, 1e-2, text=f"in (0, 0.01] (at least {FLOAT32_TINY:g
 """eps-like guards: > 0 (float32-representable) so that logs and ratios stay finite, and at most 0.01
 so that they stay a guard and do not reshape the loss (eps = 0.6 would zero it)."""
 KERNEL = Integer(1)
+
+
+def format_value(value: Any) -> str:
+    """A number as a message shows it: integral values in full (4294967295), others as %g (0.001, nan)."""
+    if isinstance(value, Real) and not isinstance(value, bool):
+        number = float(value)
+        return str(int(number)) if math.isfinite(number) and number.is_integer() else f"{number:g}"
+    return repr(value)
+
+
+def check_value(name: str, value: Any, rule: Rule) -> Any:
+    """`value` converted if `rule` accepts it, else OptionError naming the option `name` (a config field)."""
+    if not rule.accepts(value):
+        raise OptionError(f"`{name}` must be {rule.describe()}, got {format_value(value)}")
+    return rule.convert(value)
 
 
 def check_option(loss: str, key: str, value: Any, rule: Rule) -> Any:
