@@ -39,7 +39,7 @@ def run_demo(out: str | Path = "demo", epochs: int | None = None) -> Path:
     from microseg.data.phantom import simulate_dataset
     from microseg.figures import plot_case_preview
     from microseg.report import compare, results_paragraph
-    from microseg.run import load_run
+    from microseg.run_record import load_run
 
     out = Path(out)
     started = time.perf_counter()

@@ -25,7 +25,6 @@ case and evaluation goes on (under the microsegnet protocol the patient's DSC an
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -35,11 +34,11 @@ import torch
 from tqdm import tqdm
 
 from microseg.atomic import atomic_folder, make_folder, write_text
+from microseg.checkpoint import Checkpoint, load_run_model
 from microseg.errors import MicrosegError, OptionError, warn
 from microseg.metrics import check_protocol, score_case, summarize
-from microseg.preprocess import PREDICTION_RESIZES, Preprocess, resize_image, resize_prediction, scale_intensity
-from microseg.run import Checkpoint, RunFolder, load_run_model
-from microseg.runtime import resolve_device
+from microseg.preprocess import Preprocess, resize_image, resize_prediction, scale_intensity
+from microseg.run import RunFolder
 from microseg.tables import SUMMARY_ROWS, markdown_table, write_csv
 
 SLICE_HEADER = ["case_id", "z", "dsc", "hd95_mm", "area_mm2", "roughness", "gamma_msa"]
@@ -59,23 +58,6 @@ def predict_volume(model: torch.nn.Module, volume: np.ndarray, device: torch.dev
         prob = resize_prediction(torch.sigmoid(model(x).logits.float()), (h, w), resize)
         out[start:start + batch_size] = (prob[:, 0] > 0.5).cpu().numpy()
     return out
-
-
-def _load_run(run: Path, device: str, resize: str | None) -> tuple[torch.nn.Module, Preprocess, Checkpoint, Path]:
-    """The run's network on `device`, its preprocessing (prediction resize replaced by `resize`),
-    its checkpoint and the checkpoint's file (best.pt, else last.pt)."""
-    if resize is not None and resize not in PREDICTION_RESIZES:
-        raise OptionError(f"`resize` {resize!r} is not one of {', '.join(PREDICTION_RESIZES)}")
-    model, checkpoint, path = load_run_model(run, resolve_device(device))
-    preprocess = checkpoint.preprocess
-    preprocess = dataclasses.replace(preprocess, prediction_resize=resize) if resize else preprocess
-    return model, preprocess, checkpoint, path
-
-
-def _load(run: Path, device: str, resize: str | None) -> tuple[torch.nn.Module, Preprocess]:
-    """The run's network on `device` and its preprocessing (its prediction resize replaced by `resize`)."""
-    model, preprocess, _, _ = _load_run(run, device, resize)
-    return model, preprocess
 
 
 def _other_annotations(case, image) -> dict[str, np.ndarray]:
@@ -104,7 +86,8 @@ def evaluate(run: Path, data: Path, split: str = "test", protocol: str = "micros
         raise OptionError(f"`split` {split!r} is not one of {', '.join(SPLITS)}")
     check_protocol(protocol)
     folder = RunFolder(run)
-    model, preprocess, checkpoint, checkpoint_file = _load_run(folder.path, device, resize)
+    loaded = load_run_model(folder.path, device, resize)
+    model, preprocess, checkpoint, checkpoint_file = loaded.model, loaded.preprocess, loaded.checkpoint, loaded.path
     cases = find_cases(Path(data), split, require_non_expert=False)
     missing = [c.case_id for c in cases if c.expert is None]
     if missing:
@@ -214,7 +197,8 @@ def predict(run: Path, source: Path, out: Path, device: str = "auto", resize: st
 
     source, out = Path(source), Path(out)
     inputs, targets = _prediction_plan(source, out)
-    model, preprocess = _load(Path(run), device, resize)
+    loaded = load_run_model(run, device, resize)
+    model, preprocess = loaded.model, loaded.preprocess
     dev = next(model.parameters()).device
     created = [p for p in (out, *out.parents) if not p.exists()]
     try:

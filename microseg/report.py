@@ -1,6 +1,6 @@
 """Comparing runs: loss curves across epochs, the micro-US adaptive focal paper's Table 1 and Table 2 layouts, paired tests.
 
-`compare(runs, out)` reads each run folder (`microseg.run.load_run`: `config.yaml`, `history.csv`,
+`compare(runs, out)` reads each run folder (`microseg.run_record.load_run`: `config.yaml`, `history.csv`,
 `metrics/`) and writes into `out/`:
 - `loss_curves.png`: each run's own loss, the common-ruler BCE and the validation DSC per epoch
   (raw values of different losses are not on one scale; the BCE of the main output is);
@@ -29,7 +29,7 @@ from microseg.atomic import make_folder, write_text
 from microseg.errors import MicrosegError, OptionError, warn
 from microseg.figures import plot_loss_curves, plot_overlays, plot_stratified, run_colours
 from microseg.metrics import summarize
-from microseg.run import RunRecord, load_run
+from microseg.run_record import RunRecord, load_run
 from microseg.significance import ALPHA, BOOTSTRAP_RESAMPLES, min_wilcoxon_p, paired_difference, wilcoxon_table
 from microseg.tables import SUMMARY_ROWS, markdown_table, write_csv
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from microseg.run import RunRecord
+from microseg.run_record import RunRecord
 
 WILCOXON_HEADER = ["run_a", "run_b", "metric", "n", "median_diff", "statistic", "p_value",
                    "mean_diff", "ci95_low", "ci95_high"]

@@ -43,9 +43,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from microseg.atomic import write_text
+from microseg.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from microseg.config import TrainConfig, check_train_inputs, save_config
 from microseg.errors import MicrosegError, warn
-from microseg.run import Checkpoint, RunFolder, load_checkpoint, save_checkpoint
+from microseg.run import RunFolder
 from microseg.runtime import Distributed, autocast_context, resolve_amp
 
 

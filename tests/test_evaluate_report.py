@@ -36,7 +36,7 @@ def evaluated(trained_run, phantom, tmp_path_factory):
     """The tiny run, its output bias shifted so that ~30% of the test pixels are foreground (two
     epochs on a toy set predict nothing yet), evaluated on the phantom's test split."""
     from microseg.preprocess import resize_image
-    from microseg.run import load_checkpoint, save_checkpoint
+    from microseg.checkpoint import load_checkpoint, save_checkpoint
 
     run = tmp_path_factory.mktemp("evaluated") / "tiny_af"
     shutil.copytree(trained_run, run)
@@ -152,7 +152,7 @@ FIRST_RELEASE_KEYS = {"model", "optimizer", "scaler", "epoch", "step", "accum", 
 
 def test_checkpoint_round_trips_and_carries_its_preprocessing(trained_run):
     from microseg.preprocess import Preprocess
-    from microseg.run import load_checkpoint
+    from microseg.checkpoint import load_checkpoint
 
     state = torch.load(trained_run / "last.pt", map_location="cpu", weights_only=True)
     assert isinstance(state, dict) and FIRST_RELEASE_KEYS <= set(state)  # still a plain dict on disk
@@ -179,7 +179,7 @@ def test_prediction_follows_the_checkpoints_preprocessing(evaluated, phantom, tm
     """A run whose Preprocess says nearest predicts as `--resize nearest` does on the same weights."""
     import dataclasses
 
-    from microseg.run import load_checkpoint, save_checkpoint
+    from microseg.checkpoint import load_checkpoint, save_checkpoint
 
     run = tmp_path / "nearest_run"
     shutil.copytree(evaluated, run, ignore=shutil.ignore_patterns("metrics", "predictions"))  # last.pt only

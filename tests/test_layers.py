@@ -24,6 +24,7 @@ LAYERS: list[tuple[bool, tuple[str, ...]]] = [
     (False, ("demo", "experiment*")),
     (True, ("train", "evaluate", "report", "prepare", "pretrained")),
     (True, ("significance",)),
+    (True, ("checkpoint", "run_record")),
     (True, ("run",)),
     (True, ("config", "figures", "check", "download")),
     (True, ("analysis", "tables", "recipes", "tensorboard_log")),

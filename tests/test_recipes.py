@@ -82,7 +82,7 @@ def test_the_command_line_can_turn_a_recipes_augmentation_either_way():
 
 
 def test_the_recipe_is_recorded_in_the_run(cache, tmp_path):
-    from microseg.run import load_checkpoint
+    from microseg.checkpoint import load_checkpoint
 
     run = tmp_path / "msn"
     argv = ["train", "--recipe", "microsegnet", "--cache", str(cache), "--run", str(run), "--model", "tiny",

@@ -38,7 +38,7 @@ def predicting_copy(trained_run: Path, phantom: Path, run: Path) -> Path:
     """A copy of the tiny run whose output bias is shifted (in best.pt and last.pt) so that ~30% of
     the test pixels are foreground: two epochs on a toy set predict nothing yet."""
     from microseg.preprocess import resize_image
-    from microseg.run import load_checkpoint, save_checkpoint
+    from microseg.checkpoint import load_checkpoint, save_checkpoint
 
     shutil.copytree(trained_run, run)
     volume = np.asarray(nib.load(sorted((phantom / "test" / "micro_ultrasound_scans").glob("*.nii.gz"))[0]).dataobj)

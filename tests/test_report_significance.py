@@ -12,7 +12,7 @@ from scipy.stats import bootstrap, wilcoxon
 
 from microseg.errors import MicrosegError
 from microseg.report import require_same_evaluation, results_paragraph
-from microseg.run import RunRecord
+from microseg.run_record import RunRecord
 from microseg.significance import bootstrap_ci, min_wilcoxon_p, paired_difference, wilcoxon_table
 
 
