@@ -24,6 +24,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from tqdm import tqdm
@@ -38,10 +39,11 @@ SPLITS = ("train", "test")
 SPACING_DECIMALS = 6  # spacings equal to 1e-6 mm are the same
 
 
-Reader = Callable[[Path, str], Volume]
+Kind = Literal["image", "mask"]
+Reader = Callable[[Path, Kind], Volume]
 
 
-def _read(path: Path, kind: str, problems: list[dict], case_id: str, read: Reader) -> Volume | None:
+def _read(path: Path, kind: Kind, problems: list[dict], case_id: str, read: Reader) -> Volume | None:
     try:
         return read(path, kind)
     except MicrosegError as err:
@@ -197,7 +199,7 @@ def _spread(values: dict[str, int]) -> str:
     """'min 18 (07), median 20, max 24 (03)' over per-patient counts."""
     if not values:
         return "none"
-    lo, hi = min(values, key=values.get), max(values, key=values.get)
+    lo, hi = min(values, key=lambda c: values[c]), max(values, key=lambda c: values[c])
     if values[lo] == values[hi]:
         return f"{values[lo]} each"
     return f"min {values[lo]} ({lo}), median {float(np.median(list(values.values()))):g}, max {values[hi]} ({hi})"
@@ -296,9 +298,9 @@ class _Remembered:
     """``read_volume`` that keeps what it read, so one case's volumes are read once."""
 
     def __init__(self) -> None:
-        self.volumes: dict[tuple[Path, str], Volume] = {}
+        self.volumes: dict[tuple[Path, Kind], Volume] = {}
 
-    def __call__(self, path: Path, kind: str) -> Volume:
+    def __call__(self, path: Path, kind: Kind) -> Volume:
         if (path, kind) not in self.volumes:
             self.volumes[path, kind] = read_volume(path, kind)
         return self.volumes[path, kind]

@@ -39,9 +39,11 @@ def write_records(path: Path, records: Sequence[dict[str, Any]]) -> None:
 
 def number(text: str | None) -> float:
     """A CSV cell as a float; NaN when empty or not a number."""
+    if text is None:
+        return math.nan
     try:
         return float(text)
-    except (TypeError, ValueError):
+    except ValueError:
         return math.nan
 
 

@@ -81,6 +81,7 @@ class AdaptiveFocal(SegLoss):
         return gamma.detach() if self.detach_gamma else gamma
 
     def compute(self, logits: Tensor, target: Tensor, non_expert: Tensor | None) -> Tensor:
+        assert non_expert is not None  # needs_non_expert: `check_inputs` refused a missing one
         hard = hard_region(target, non_expert, self.kernel_size)
         gamma = self.adaptive_gamma(logits, non_expert)
         z = signed_logits(logits, target)

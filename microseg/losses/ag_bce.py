@@ -54,6 +54,7 @@ class AGBCE(SegLoss):
         self.set_options(hard_weight=hard_weight, kernel_size=kernel_size, beta=beta, eps=eps)
 
     def compute(self, logits: Tensor, target: Tensor, non_expert: Tensor | None) -> Tensor:
+        assert non_expert is not None  # needs_non_expert: `check_inputs` refused a missing one
         hard = hard_region(target, non_expert, self.kernel_size)
         w = self.hard_weight
         weight = (1.0 - hard) / (1.0 + w) + hard * (w / (1.0 + w))

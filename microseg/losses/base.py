@@ -19,7 +19,7 @@ before any arithmetic, so bf16/fp16 autocast gives finite values. Every option h
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence, TypeVar, cast
 
 import numpy as np
 import torch
@@ -61,10 +61,10 @@ def signed_logits(logits: Tensor, target: Tensor) -> Tensor:
 class SegLoss(nn.Module):
     """Base class: option and input checks, float32 upcast in `forward`; subclasses implement `compute`."""
 
-    name: ClassVar[str] = ""
-    needs_non_expert: ClassVar[bool] = False
-    supports_3d: ClassVar[bool] = False
-    sample_stat_keys: ClassVar[tuple[str, ...]] = ()
+    name: str = ""  # class attributes, which a WeightedSum sets per instance from its terms
+    needs_non_expert: bool = False
+    supports_3d: bool = False
+    sample_stat_keys: tuple[str, ...] = ()
     """The per-sample statistics this loss reads: its `compute` then takes `sample_stats` (a dict of [B] tensors,
     or None)."""
     dataset_stats_param: ClassVar[str | None] = None
@@ -117,7 +117,7 @@ def compute(
 ) -> Tensor:
     """`loss.compute(...)`, with `sample_stats` for the losses that read them."""
     if loss.sample_stat_keys:
-        return loss.compute(logits, target, non_expert, sample_stats=sample_stats)
+        return loss.compute(logits, target, non_expert, sample_stats=sample_stats)  # type: ignore[call-arg]
     return loss.compute(logits, target, non_expert)
 
 
@@ -173,12 +173,15 @@ class WeightedSum(SegLoss):
             self.name = name
         label = self.name or type(self).__name__
         self.weights = [check_option(label, "weight", w, POSITIVE) for w, _ in terms]
-        self.terms = nn.ModuleList(loss for _, loss in terms)
-        self.needs_non_expert = any(t.needs_non_expert for t in self.terms)
-        self.supports_3d = all(t.supports_3d for t in self.terms)
-        self.sample_stat_keys = tuple(dict.fromkeys(k for t in self.terms for k in t.sample_stat_keys))
+        losses = [loss for _, loss in terms]
+        self.terms = nn.ModuleList(losses)
+        self.needs_non_expert = any(t.needs_non_expert for t in losses)
+        self.supports_3d = all(t.supports_3d for t in losses)
+        self.sample_stat_keys = tuple(dict.fromkeys(k for t in losses for k in t.sample_stat_keys))
 
     def compute(
         self, logits: Tensor, target: Tensor, non_expert: Tensor | None, sample_stats: dict[str, Tensor] | None = None
     ) -> Tensor:
-        return sum(w * compute(t, logits, target, non_expert, sample_stats) for w, t in zip(self.weights, self.terms))
+        terms = cast(list[SegLoss], list(self.terms))
+        return cast(Tensor, sum(w * compute(t, logits, target, non_expert, sample_stats)
+                                for w, t in zip(self.weights, terms)))

@@ -192,4 +192,5 @@ class CALF(SegLoss):
             return bce / math.log(10.0)
         if self.branch == "ln":
             return bce
+        assert self.dice is not None  # the bce_dice branch has its Dice term
         return bce + self.dice.compute(logits, target, non_expert)
