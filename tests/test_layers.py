@@ -139,3 +139,13 @@ def test_the_checker_sees_function_local_and_relative_imports(tmp_path):
                       "from . import errors\n")
     known = {"", "data", "data.cache", "losses", "losses.afl", "errors", "probe"}
     assert imported_modules("probe", source, known) == {"data", "data.cache", "losses.afl", "", "errors"}
+
+
+def test_the_trainer_names_no_loss():
+    """train.py hands every loss the statistics it declares (`microseg.losses.base`): no loss is named there."""
+    from microseg.losses import LOSSES
+
+    tree = ast.parse((PACKAGE / "train.py").read_text())
+    compared = [c for node in ast.walk(tree) if isinstance(node, ast.Compare) for c in (node.left, *node.comparators)]
+    named = {c.value for c in compared if isinstance(c, ast.Constant) and c.value in LOSSES}
+    assert not named, f"train.py tells losses apart by name: {sorted(named)}"
