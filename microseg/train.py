@@ -122,8 +122,9 @@ class LossMonitor:
         return check
 
 
-def train(config: TrainConfig, resume: bool = False, force: bool = False) -> Path:
-    """Train one run as `config` says; returns the run folder."""
+def train(config: TrainConfig, resume: bool = False, force: bool = False, trainer: type[Trainer] | None = None) -> Path:
+    """Train one run as `config` says (with `trainer`, a `Trainer` subclass whose hooks build something else);
+    returns the run folder."""
     warnings = check_train_inputs(config, resume)  # before anything is created
     env = Distributed(config.device)
     for line in warnings if env.main else ():
@@ -132,7 +133,7 @@ def train(config: TrainConfig, resume: bool = False, force: bool = False) -> Pat
     with folder.claim(resume, force) if env.main else contextlib.nullcontext():  # the run's lock
         env.barrier()
         try:
-            trainer = Trainer(config, env, resume)
+            trainer = (trainer or Trainer)(config, env, resume)
             try:
                 for epoch in range(trainer.epoch, config.epochs):
                     trainer.run_epoch(epoch)
@@ -205,7 +206,7 @@ class Trainer:
         self.preprocess = loaded.preprocess if loaded is not None else config.preprocess(self.info.size)
         train_idx, val_idx = split_by_patient(Path(config.cache), config.val_fraction, config.seed)
         self._build(train_idx, fresh=loaded is None)
-        self._build_data(train_idx, val_idx)
+        self.build_loaders(train_idx, val_idx)
         self.board = self._open_board(loaded)
         self.scheduler = PolynomialLR(self.optimizer, total_iters=config.epochs * self.steps_per_epoch,
                                       power=config.poly_power)
@@ -231,8 +232,8 @@ class Trainer:
         return TrainingBoard(log_dir, purge_step=None if loaded is None
                              else loaded.epoch * self.steps_per_epoch + loaded.step + 1)
 
-    def _build_data(self, train_idx: list[int], val_idx: list[int]) -> None:
-        """The training loader (persistent workers, (epoch, index) sampler) and the validation one (rank 0)."""
+    def build_loaders(self, train_idx: list[int], val_idx: list[int]) -> None:
+        """Hook: the training loader (persistent workers, (epoch, index) sampler) and the validation one (rank 0)."""
         from microseg.data.dataset import SliceDataset
         from microseg.data.order import EpochItems, EpochSampler
 
@@ -251,32 +252,46 @@ class Trainer:
             self.overlay_index = int(np.argmax(foreground_areas(cache)[np.asarray(val_idx)]))
 
     def _build(self, train_idx: list[int], fresh: bool) -> None:
-        """Model (seeded), pretrained weights, the loss's training-set statistics, loss, optimizer and grad scaler."""
-        from microseg.data.cache import foreground_areas
-        from microseg.losses import DeepSupervision, dataset_statistics
+        """Model, loss, optimizer and grad scaler, from the hooks below."""
+        self.model = self.build_model(fresh)
+        self.criterion = self.build_loss(train_idx)
+        self.optimizer = self.build_optimizer([p for p in self.model.parameters() if p.requires_grad])
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.config.amp == "fp16")
+
+    def build_model(self, fresh: bool) -> torch.nn.Module:
+        """Hook: the network (seeded), with the pretrained weights on a fresh run, on the device."""
         from microseg.models import build_model
         from microseg.models.pretrained_files import resolve_weights
         from microseg.models.weights import format_load_report, load_weights
 
         config, pre = self.config, self.preprocess
         torch.manual_seed(config.seed)
-        self.model = build_model(config.model, img_size=pre.size, deep_supervision=pre.n_scales > 1)
+        model = build_model(config.model, img_size=pre.size, deep_supervision=pre.n_scales > 1)
         if config.weights and fresh:
-            report = load_weights(self.model, resolve_weights(config.weights))
+            report = load_weights(model, resolve_weights(config.weights))
             if self.env.main:
                 print(f"weights {config.weights}: {format_load_report(report)}")
+        model.to(self.device)
+        if config.channels_last:
+            model.to(memory_format=torch.channels_last)
+        return model
+
+    def build_loss(self, train_idx: list[int]) -> torch.nn.Module:
+        """Hook: the deep-supervised loss, given the training-set statistics it declares (saved with the run)."""
+        from microseg.data.cache import foreground_areas
+        from microseg.losses import DeepSupervision, dataset_statistics
+
+        config, pre = self.config, self.preprocess
         self.loss_stats = dataset_statistics(config.loss, lambda: foreground_areas(config.cache)[np.asarray(train_idx)])
         if self.loss_stats is not None and self.env.main:
             print(self.loss_stats.summary())
             write_text(self.folder.calf_stats, json.dumps(asdict(self.loss_stats), indent=1))
-        self.criterion = DeepSupervision(config.loss, kernel_sizes=pre.kernel_sizes, weights=config.ds_weights,
-                                         dataset_stats=self.loss_stats, target_resize=pre.target_resize)
-        self.model.to(self.device)
-        if config.channels_last:
-            self.model.to(memory_format=torch.channels_last)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(config, params)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=config.amp == "fp16")
+        return DeepSupervision(config.loss, kernel_sizes=pre.kernel_sizes, weights=config.ds_weights,
+                               dataset_stats=self.loss_stats, target_resize=pre.target_resize)
+
+    def build_optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        """Hook: the optimizer of `params` (`build_optimizer`: SGD or Adam, fused)."""
+        return build_optimizer(self.config, params)
 
     def _restore(self, loaded: Checkpoint) -> None:
         """Continue from a checkpoint: weights, optimizer, scaler, schedule, position and the RNG stream."""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-TINY_TRAIN = dict(model="tiny", epochs=2, batch_size=4, optimizer="adam", lr=3e-3, val_fraction=0.34, num_workers=0, seed=7)
+from train_helpers import train_tiny
 
 
 @pytest.fixture(scope="session")
@@ -21,31 +21,6 @@ def cache(phantom, tmp_path_factory) -> Path:
     from microseg.prepare import prepare_cache
 
     return prepare_cache(phantom, tmp_path_factory.mktemp("cache") / "cache.h5", size=32)
-
-
-def train_tiny(cache: Path, run: Path, **options) -> Path:
-    from microseg.config import resolve_train_config
-    from microseg.train import train
-
-    return train(resolve_train_config(None, dict(TINY_TRAIN, cache=str(cache), run=str(run), **options)))
-
-
-def train_until_ctrl_c(cache: Path, run: Path, monkeypatch, at_call: int, **options) -> None:
-    """Train the tiny run with Ctrl-C pressed at the `at_call`-th training step, then restore the step."""
-    from microseg.train import Trainer
-
-    real_step, calls = Trainer.train_step, {"n": 0}
-
-    def interrupted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == at_call:
-            raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(Trainer, "train_step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train_tiny(cache, run, **options)
-    monkeypatch.setattr(Trainer, "train_step", real_step)
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from conftest import train_tiny
+from train_helpers import train_tiny
 from data_helpers import nifti_path, write_zyx
 from microseg.data.cache import read_cache_info
 from microseg.data.dataset import SliceDataset

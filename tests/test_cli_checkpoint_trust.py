@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_TRAIN
+from train_helpers import TINY_TRAIN
 from cli_helpers import one_error, run_cli
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_TRAIN
+from train_helpers import TINY_TRAIN
 from cli_helpers import PROC_FOLDER, one_error, run_cli, tree
 from microseg.cli import main
 

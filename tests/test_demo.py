@@ -7,7 +7,7 @@ import io
 import pytest
 import yaml
 
-from conftest import TINY_TRAIN
+from train_helpers import TINY_TRAIN
 from microseg.demo import PrefixedLines, train_side_by_side
 from microseg.errors import MicrosegError
 

@@ -16,7 +16,7 @@ import torch
 from medpy.metric.binary import dc, hd95
 from scipy.stats import wilcoxon
 
-from conftest import train_tiny
+from train_helpers import train_tiny
 from microseg.cli import main
 from microseg.evaluate import evaluate
 

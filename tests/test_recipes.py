@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from conftest import TINY_TRAIN
+from train_helpers import TINY_TRAIN
 from microseg.cli import build_parser, main
 from microseg.config import TrainConfig, resolve_train_config
 from microseg.models.configs import resolve_config

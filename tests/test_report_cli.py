@@ -161,7 +161,7 @@ def test_empty_expert_volume_is_warned_and_evaluation_goes_on(predicting_run, ph
 
 
 def test_report_opens_with_what_was_compared_and_its_results(evaluated_cli, cache, phantom, tmp_path, capsys):
-    from conftest import train_tiny
+    from train_helpers import train_tiny
 
     trained = train_tiny(cache, tmp_path / "runs" / "raw_bce", loss="ag_bce", epochs=1)
     second = predicting_copy(trained, phantom, tmp_path / "runs" / "tiny_bce")

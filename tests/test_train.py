@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_TRAIN, train_tiny, train_until_ctrl_c
+from train_helpers import TINY_TRAIN, faulty_trainer, train_tiny, train_until_ctrl_c
 from microseg.cli import main
-from microseg.train import StepLosses, Trainer
+from microseg.config import resolve_train_config
+from microseg.errors import MicrosegError
+from microseg.train import train
 
 
 def read_history(run: Path) -> list[dict[str, str]]:
@@ -65,8 +67,7 @@ def test_bf16_autocast_and_channels_last_train(cache, tmp_path):
 
 
 def test_yaml_config_with_command_line_overrides(tmp_path):
-    from microseg.config import TrainConfig, resolve_train_config
-    from microseg.errors import MicrosegError
+    from microseg.config import TrainConfig
 
     yaml_file = tmp_path / "run.yaml"
     yaml_file.write_text("cache: c.h5\nrun: runs/x\nloss: ag_bce:w=2\nepochs: 3\n")
@@ -98,10 +99,10 @@ def test_poly_schedule_matches_reference_formula(trained_run, cache):
     assert [float(r["lr"]) for r in read_history(trained_run)] == pytest.approx(expected, rel=1e-9)
 
 
-def test_resume_after_ctrl_c_matches_uninterrupted_run(cache, tmp_path, monkeypatch):
+def test_resume_after_ctrl_c_matches_uninterrupted_run(cache, tmp_path):
     full = train_tiny(cache, tmp_path / "full")
     cut = tmp_path / "cut"
-    train_until_ctrl_c(cache, cut, monkeypatch, 5)  # epoch 2, second batch (3 batches of 4 per epoch)
+    train_until_ctrl_c(cache, cut, 5)  # epoch 2, second batch (3 batches of 4 per epoch)
     assert torch.load(cut / "last.pt", weights_only=True)["step"] == 1
     assert main(["train", "--run", str(cut), "--resume", "--num-workers", "0"]) == 0
     a, b = weights(full / "last.pt"), weights(cut / "last.pt")
@@ -112,21 +113,14 @@ def test_resume_after_ctrl_c_matches_uninterrupted_run(cache, tmp_path, monkeypa
     ]
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(cache, tmp_path, monkeypatch, capsys):
-    real_step, calls = Trainer.train_step, {"n": 0}
-
-    def poisoned(*args, **kwargs):
-        calls["n"] += 1
-        values = real_step(*args, **kwargs)
-        nan = StepLosses((math.nan,) * len(values.per_scale), math.nan, math.nan, values.lr)
-        return nan if calls["n"] == 7 else values  # epoch 2, step 2 (5 steps/epoch)
-
-    monkeypatch.setattr(Trainer, "train_step", poisoned)
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(cache, tmp_path):
     run = tmp_path / "nan"
-    code = main(["train", "--cache", str(cache), "--run", str(run), "--model", "tiny", "--epochs", "3",
-                 "--batch-size", "4", "--num-workers", "0"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "nan" in err[0] and "epoch 2, step 2" in err[0] and "keeps epoch 1" in err[0]
+    nan_at_7 = faulty_trainer(nan_at=7)[0]  # epoch 2, step 2 (5 steps/epoch)
+    options = dict(cache=str(cache), run=str(run), model="tiny", epochs=3, batch_size=4, num_workers=0)
+    with pytest.raises(MicrosegError) as err:
+        train(resolve_train_config(None, options), trainer=nan_at_7)
+    message = str(err.value)
+    assert "\n" not in message and "nan" in message and "epoch 2, step 2" in message and "keeps epoch 1" in message
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
     assert len(read_history(run)) == 1
 

@@ -11,9 +11,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import train_tiny, train_until_ctrl_c
+from train_helpers import faulty_trainer, train_tiny, train_until_ctrl_c
 from microseg.cli import main
-from microseg.train import LossMonitor, StepLosses, Trainer
+from microseg.config import resolve_train_config
+from microseg.errors import MicrosegError
+from microseg.train import LossMonitor, Trainer, train
 
 # Python-level reads of a tensor's value, and the aten ops whose result size or value the host
 # must wait for (item/bool/float go through _local_scalar_dense; nonzero, masked_select, boolean
@@ -96,51 +98,34 @@ def test_training_steps_issue_no_host_synchronisation(loss, cache, tmp_path, mon
     assert reads == [2, 2, 1]  # every 2 steps, and the epoch's end
 
 
-def poison_at(calls: int, monkeypatch, interrupt_at: int | None = None) -> dict:
-    """Trainer.train_step returns NaN losses (device tensors) at call `calls`; KeyboardInterrupt at `interrupt_at`."""
-    real_step, seen = Trainer.train_step, {"n": 0}
-
-    def poisoned(*args, **kwargs):
-        seen["n"] += 1
-        if seen["n"] == interrupt_at:
-            raise KeyboardInterrupt
-        values = real_step(*args, **kwargs)
-        if seen["n"] != calls:
-            return values
-        nan = torch.tensor(float("nan"))
-        return StepLosses(values.per_scale * nan, values.total * nan, values.bce, values.lr)
-
-    monkeypatch.setattr(Trainer, "train_step", poisoned)
-    return seen
-
-
-def test_nan_between_checks_stops_at_the_next_check_and_keeps_the_last_epoch(cache, tmp_path, monkeypatch, capsys):
-    seen = poison_at(8, monkeypatch)  # epoch 2, step 3 of 5; checks after steps 2 and 4
+def test_nan_between_checks_stops_at_the_next_check_and_keeps_the_last_epoch(cache, tmp_path):
+    trainer, seen = faulty_trainer(nan_at=8)  # epoch 2, step 3 of 5; checks after steps 2 and 4
     run = tmp_path / "nan"
-    code = main(["train", "--cache", str(cache), "--run", str(run), "--model", "tiny", "--epochs", "3",
-                 "--batch-size", "4", "--num-workers", "0", "--sync-every", "2"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith("microseg: error:")
-    assert "nan" in err[0] and "epoch 2, step 3" in err[0] and "steps 3-4" in err[0] and "keeps epoch 1" in err[0]
-    assert seen["n"] == 9  # stopped at the check after step 4, not at the epoch's end
+    options = dict(cache=str(cache), run=str(run), model="tiny", epochs=3, batch_size=4, num_workers=0, sync_every=2)
+    with pytest.raises(MicrosegError) as err:
+        train(resolve_train_config(None, options), trainer=trainer)
+    message = str(err.value)
+    assert "\n" not in message
+    assert "nan" in message and "epoch 2, step 3" in message and "steps 3-4" in message and "keeps epoch 1" in message
+    assert seen["steps"] == 9  # stopped at the check after step 4, not at the epoch's end
     checkpoint = torch.load(run / "last.pt", weights_only=True)
     assert (checkpoint["epoch"], checkpoint["step"]) == (1, 0) and len(read_history(run)) == 1
 
 
-def test_ctrl_c_after_an_unchecked_nan_keeps_the_last_checkpoint(cache, tmp_path, monkeypatch, capsys):
-    poison_at(7, monkeypatch, interrupt_at=8)  # NaN at epoch 2, step 2; Ctrl-C before the check at step 4
+def test_ctrl_c_after_an_unchecked_nan_keeps_the_last_checkpoint(cache, tmp_path, capsys):
+    trainer, _ = faulty_trainer(nan_at=7, ctrl_c_at=8)  # NaN at epoch 2, step 2; Ctrl-C before the check at step 4
     run = tmp_path / "nan_cut"
     with pytest.raises(KeyboardInterrupt):
-        train_tiny(cache, run, epochs=3, val_fraction=0.0, sync_every=4)
+        train_tiny(cache, run, trainer=trainer, epochs=3, val_fraction=0.0, sync_every=4)
     assert "not updated" in capsys.readouterr().out
     checkpoint = torch.load(run / "last.pt", weights_only=True)
     assert (checkpoint["epoch"], checkpoint["step"]) == (1, 0)
 
 
-def test_resume_with_persistent_workers_matches_uninterrupted_run(cache, tmp_path, monkeypatch):
+def test_resume_with_persistent_workers_matches_uninterrupted_run(cache, tmp_path):
     full = train_tiny(cache, tmp_path / "full")  # in the main process (no workers)
     cut = tmp_path / "cut"
-    train_until_ctrl_c(cache, cut, monkeypatch, 5, num_workers=2, sync_every=2)  # epoch 2, second batch (3 batches of 4 per epoch)
+    train_until_ctrl_c(cache, cut, 5, num_workers=2, sync_every=2)  # epoch 2, second batch (3 batches of 4 per epoch)
     assert torch.load(cut / "last.pt", weights_only=True)["step"] == 1
     assert main(["train", "--run", str(cut), "--resume", "--num-workers", "2", "--sync-every", "3"]) == 0
     a = torch.load(full / "last.pt", weights_only=True)["model"]

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import TINY_TRAIN, train_tiny
+from train_helpers import TINY_TRAIN, train_tiny
 from microseg.cli import main
 from microseg.tensorboard_log import EXPERT_RGB, PREDICTION_RGB, overlay
 
