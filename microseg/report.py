@@ -7,9 +7,10 @@
 - `loss_table.csv`: that paper's Table 1 layout (one row per epoch, one column per run);
 - `per_patient.csv`: its Table 2 layout (one row per patient, DSC and HD95 per run, then
   mean, std and median rows);
-- `wilcoxon.csv`: a paired Wilcoxon signed-rank test (scipy) per metric for every pair of runs,
-  on the patients both runs scored (`microseg.significance`);
-- `wilcoxon.csv` also holds the mean difference and its percentile bootstrap 95% CI;
+- `wilcoxon.csv`: a paired Wilcoxon signed-rank test (scipy) per metric (DSC, HD95, DSC inside the
+  hard region) for every pair of runs, on the patients both runs scored (`microseg.significance`),
+  its p Holm-adjusted over that whole family (every pair x every metric), the mean difference and
+  its percentile bootstrap 95% CI;
 - `inter_rater.csv`, `hard_region.csv`, `stratified.csv` (+ `stratified.png`, per slice) and
   `stratified_patients.csv` (+ `.png`, per patient, A-FL Fig. 3), `overlays/`;
 - `report.md`: what was compared (runs, model, epochs, checkpoint, data, split, protocol,
@@ -21,6 +22,7 @@ A run has one colour in every figure (`microseg.figures.run_colours`, in the ord
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -30,13 +32,22 @@ from microseg.errors import MicrosegError, OptionError, warn
 from microseg.figures import plot_loss_curves, plot_overlays, plot_stratified, run_colours
 from microseg.metrics import summarize
 from microseg.run_record import RunRecord, load_run
-from microseg.significance import ALPHA, BOOTSTRAP_RESAMPLES, min_wilcoxon_p, paired_difference, wilcoxon_table
+from microseg.significance import (
+    ALPHA,
+    BOOTSTRAP_RESAMPLES,
+    PairedDifference,
+    family_differences,
+    min_wilcoxon_p,
+    wilcoxon_table,
+)
 from microseg.tables import SUMMARY_ROWS, markdown_table, write_csv
 
 METRICS = (("dsc", "DSC"), ("hd95_mm", "HD95 (mm)"))
 FINDINGS = (("dsc", "DSC", True, "", 4), ("hd95_mm", "HD95", False, " mm", 3),
             ("hard_dsc", "DSC inside the hard region", True, "", 4))
 """(per-patient key, name, higher is better, unit, decimals) of each result the paragraph states."""
+TESTED = METRICS + (("hard_dsc", "hard-region DSC"),)
+"""The metrics of the paired tests: with every pair of runs, the family their p are Holm-adjusted over."""
 MUST_AGREE = ("split", "protocol")
 
 
@@ -141,7 +152,21 @@ def compared_section(records: list[RunRecord]) -> list[str]:
     return lines
 
 
-def _finding(records: list[RunRecord], key: str, name: str, higher: bool, unit: str, digits: int) -> str | None:
+def tested_metrics(records: list[RunRecord]) -> list[tuple[str, str]]:
+    """The TESTED metrics some run has per-patient values of."""
+    return [(key, label) for key, label in TESTED if any(key in p for r in records for p in r.patients.values())]
+
+
+def _oriented(family: dict[tuple[int, int, str], PairedDifference], i: int, j: int, key: str) -> PairedDifference:
+    """The family's difference of runs i - j on `key` (stored for i < j; the other way round negated)."""
+    if i < j:
+        return family[i, j, key]
+    d = family[j, i, key]
+    return dataclasses.replace(d, mean=-d.mean, median=-d.median, ci95=(-d.ci95[1], -d.ci95[0]))
+
+
+def _finding(records: list[RunRecord], family: dict[tuple[int, int, str], PairedDifference], key: str, name: str,
+             higher: bool, unit: str, digits: int) -> str | None:
     """One sentence: the best run on `key` (by its mean over patients) and its paired differences to the others."""
     means = {i: summarize([p.get(key, math.nan) for p in r.patients.values()]) for i, r in enumerate(records)}
     valid = {i: m["mean"] for i, m in means.items() if m["n"]}
@@ -154,8 +179,8 @@ def _finding(records: list[RunRecord], key: str, name: str, higher: bool, unit: 
     if len(records) == 1:
         return sentence + "; there is no other run to compare it with."
     parts = []
-    for other in (r for i, r in enumerate(records) if i != best):
-        d = paired_difference(run, other, key)
+    for i, other in ((i, r) for i, r in enumerate(records) if i != best):
+        d = _oriented(family, best, i, key)
         if not d.n:
             parts.append(f"no patient in common with {other.label}")
             continue
@@ -164,6 +189,8 @@ def _finding(records: list[RunRecord], key: str, name: str, higher: bool, unit: 
         p = "n/a (no difference)" if math.isnan(d.p_value) else f"{d.p_value:.3g}"
         if math.isclose(d.p_value, min_wilcoxon_p(d.n), rel_tol=1e-9):
             p += f", the smallest {d.n} patients allow"
+        if not math.isnan(d.p_holm):
+            p += f", Holm-adjusted {d.p_holm:.3g}"
         parts.append(f"{d.mean:+.{digits}f}{unit} against {other.label} (95% CI {lo:+.{digits}f} to {hi:+.{digits}f}, "
                      f"Wilcoxon p = {p}, n = {d.n}): {verdict}")
     return f"{sentence}: " + "; ".join(parts) + "."
@@ -172,21 +199,35 @@ def _finding(records: list[RunRecord], key: str, name: str, higher: bool, unit: 
 def results_paragraph(records: list[RunRecord]) -> str:
     """The results in a few sentences: the best run on DSC, on HD95 and inside the hard region
     (each by its mean over patients), each paired per-patient difference to the other runs with
-    its bootstrap 95% CI and Wilcoxon p, called within noise when the CI covers 0 or p >= 0.05,
-    and the smallest p the exact Wilcoxon test can reach with that many patients (2 / 2^n)."""
+    its bootstrap 95% CI and Wilcoxon p, raw and Holm-adjusted over the family of wilcoxon.csv
+    (every pair of runs x every tested metric), called within noise when the CI covers 0 or the
+    adjusted p >= 0.05, and the smallest p the exact Wilcoxon test can reach with that many
+    patients (2 / 2^n)."""
     scored = [r for r in records if r.patients]
     if not scored:
         return "No run has been evaluated yet: `microseg evaluate` each run for per-patient results."
-    sentences = [s for s in (_finding(scored, *f) for f in FINDINGS) if s]
+    tested = tested_metrics(scored)
+    family = family_differences(scored, [key for key, _ in tested])
+    sentences = [s for s in (_finding(scored, family, *f) for f in FINDINGS) if s]
     n = max(len(r.patients) for r in scored)
     if len(scored) > 1:
+        size = sum(not math.isnan(d.p_value) for d in family.values())
+        sentences.append(f"The {size} Wilcoxon tests ({len(scored) * (len(scored) - 1) // 2} pair(s) of runs x "
+                         f"{', '.join(label for _, label in tested)}) are one family: their p are Holm-adjusted "
+                         "over it (wilcoxon.csv).")
         sentences.append(f"A difference is within noise when its 95% CI (percentile bootstrap over patients, "
-                         f"{BOOTSTRAP_RESAMPLES:,} resamples) covers 0 or its p >= {ALPHA}.")
+                         f"{BOOTSTRAP_RESAMPLES:,} resamples) covers 0 or its adjusted p >= {ALPHA}.")
         floor = min_wilcoxon_p(n)
         limit = (f"With {n} patients the exact two-sided Wilcoxon signed-rank test cannot give p below "
                  f"2 / 2^{n} = {floor:.3g}")
-        sentences.append(limit + (": no difference can reach p < 0.05, however large; read the CIs."
-                                  if floor >= 0.05 else "."))
+        if floor >= ALPHA:
+            limit += ": no difference can reach p < 0.05, however large; read the CIs."
+        elif size * floor >= ALPHA:
+            limit += (f", nor Holm over {size} tests an adjusted p below {size} x {floor:.3g} = {size * floor:.3g}: "
+                      "no difference can reach an adjusted p < 0.05, however large; read the CIs.")
+        else:
+            limit += "."
+        sentences.append(limit)
     return " ".join(sentences)
 
 
@@ -293,8 +334,10 @@ def _patient_sections(report: _Report, records: list[RunRecord]) -> None:
     report.table("per_patient", f"Per-patient DSC and HD95, protocol {protocol} (micro-US adaptive focal Table 2 "
                  "layout)", *patient_table(records))
     if len(records) > 1:
+        tested = tested_metrics(records)
         report.table("wilcoxon", "Paired Wilcoxon signed-rank tests and bootstrap 95% CIs of the mean difference "
-                     "(run_a - run_b)", *wilcoxon_table(records, METRICS))
+                     "(run_a - run_b)", *wilcoxon_table(records, tested),
+                     [f"p_holm: Holm-adjusted over the family of every pair of runs x {', '.join(l for _, l in tested)}."])
     found = find_dataset_check(records)
     if found:
         path, check = found

@@ -11,11 +11,17 @@ patients both runs scored (NaN pairs left out) are summarised by
   ties). With n patients its smallest reachable p is 2 / 2^n (every difference of one sign:
   the statistic 0 has probability 1 / 2^n under the null, doubled for two sides), so with
   n <= 5 patients no difference can reach p < 0.05.
-A difference is called within noise when its interval covers 0 or p >= 0.05 (or p is undefined).
+The tests of one report are a family: every pair of runs x every metric tested. Their p-values are
+Holm-adjusted over that family (`holm`; Holm, "A simple sequentially rejective multiple test
+procedure", Scandinavian Journal of Statistics 1979), which keeps the chance of any false finding
+in the family at most 0.05 whatever the tests' dependence.
+A difference is called within noise when its interval covers 0 or its adjusted p >= 0.05 (or p
+is undefined).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Sequence
@@ -25,7 +31,7 @@ import numpy as np
 
 from microseg.run_record import RunRecord
 
-WILCOXON_HEADER = ["run_a", "run_b", "metric", "n", "median_diff", "statistic", "p_value",
+WILCOXON_HEADER = ["run_a", "run_b", "metric", "n", "median_diff", "statistic", "p_value", "p_holm",
                    "mean_diff", "ci95_low", "ci95_high"]
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
@@ -48,6 +54,33 @@ def bootstrap_ci(diffs: Sequence[float], n_resamples: int = BOOTSTRAP_RESAMPLES,
     return float(lo), float(hi)
 
 
+def holm(p_values: Sequence[float]) -> np.ndarray:
+    """Holm's step-down adjusted p-values of one family, in the given order.
+
+    With the m defined p sorted p_(1) <= ... <= p_(m): adjusted p_(i) = max over j <= i of
+    min(1, (m - j + 1) p_(j)). Rejecting where the adjusted p < alpha is Holm's procedure at level
+    alpha. An undefined p (NaN: no test was possible) stays NaN and does not count in m.
+    """
+    p = np.asarray(p_values, dtype=np.float64)
+    adjusted = np.full(p.shape, math.nan)
+    defined = np.flatnonzero(~np.isnan(p))
+    order = defined[np.argsort(p[defined], kind="stable")]
+    m = order.size
+    adjusted[order] = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
+    return adjusted
+
+
+def wilcoxon_test(d: np.ndarray) -> tuple[float, float]:
+    """`scipy.stats.wilcoxon` of the paired differences `d`: (statistic, two-sided p); NaN, NaN when
+    there is no difference or every difference is 0."""
+    from scipy.stats import wilcoxon
+
+    if not (d.size and np.any(d != 0)):
+        return math.nan, math.nan
+    test = wilcoxon(d)
+    return float(test.statistic), float(test.pvalue)
+
+
 def min_wilcoxon_p(n: int) -> float:
     """The smallest two-sided p of the exact Wilcoxon signed-rank test on n differences: 2 / 2^n (at most 1)."""
     return min(1.0, 2.0 / 2.0**n)
@@ -63,12 +96,13 @@ class PairedDifference:
     ci95: tuple[float, float]
     statistic: float
     p_value: float
+    p_holm: float  # adjusted over the family the difference was tested in (alone: p_value)
 
     @property
     def within_noise(self) -> bool:
-        """True when the interval covers 0, or p >= ALPHA, or p is undefined."""
+        """True when the interval covers 0, or the adjusted p >= ALPHA, or p is undefined."""
         lo, hi = self.ci95
-        return not (self.p_value < ALPHA) or math.isnan(lo) or lo <= 0 <= hi
+        return not (self.p_holm < ALPHA) or math.isnan(lo) or lo <= 0 <= hi
 
 
 def paired_values(a: RunRecord, b: RunRecord, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -81,27 +115,31 @@ def paired_values(a: RunRecord, b: RunRecord, key: str) -> tuple[np.ndarray, np.
 
 
 def paired_difference(a: RunRecord, b: RunRecord, key: str) -> PairedDifference:
-    """Mean, median, bootstrap CI and Wilcoxon test of a - b on `key`; test NaN when every difference is 0."""
-    from scipy.stats import wilcoxon
-
+    """Mean, median, bootstrap CI and Wilcoxon test of a - b on `key` (a family of one test)."""
     x, y = paired_values(a, b, key)
     d = x - y
-    if d.size and np.any(d != 0):
-        test = wilcoxon(d)
-        stat, p = float(test.statistic), float(test.pvalue)
-    else:
-        stat, p = math.nan, math.nan
+    stat, p = wilcoxon_test(d)
     mean, median = (float(f(d)) if d.size else math.nan for f in (np.mean, np.median))
-    return PairedDifference(int(d.size), mean, median, bootstrap_ci(d), stat, p)
+    return PairedDifference(int(d.size), mean, median, bootstrap_ci(d), stat, p, p)
+
+
+def family_differences(records: Sequence[RunRecord], keys: Sequence[str]
+                       ) -> dict[tuple[int, int, str], PairedDifference]:
+    """`paired_difference` of every two runs (i < j, by position) on every key, Holm-adjusted over
+    that whole family (pairs x keys; the tests with no defined p left out)."""
+    diffs = {(i, j, key): paired_difference(records[i], records[j], key)
+             for i, j in itertools.combinations(range(len(records)), 2) for key in keys}
+    adjusted = holm([d.p_value for d in diffs.values()])
+    return {k: dataclasses.replace(d, p_holm=float(p)) for (k, d), p in zip(diffs.items(), adjusted)}
 
 
 def wilcoxon_table(records: Sequence[RunRecord], metrics: Sequence[tuple[str, str]]) -> tuple[list[str], list[list]]:
     """Per (key, label) metric and every two runs: the paired differences a - b, their Wilcoxon
-    signed-rank test (`scipy.stats.wilcoxon`; NaN when no difference) and bootstrap 95% CI."""
+    signed-rank test (`scipy.stats.wilcoxon`; NaN when no difference), its p Holm-adjusted over
+    all the table's tests (`family_differences`), and the bootstrap 95% CI."""
+    labels = dict(metrics)
     rows = []
-    for a, b in itertools.combinations(records, 2):
-        for key, label in metrics:
-            diff = paired_difference(a, b, key)
-            rows.append([a.name, b.name, label, diff.n, diff.median, diff.statistic, diff.p_value,
-                         diff.mean, *diff.ci95])
+    for (i, j, key), diff in family_differences(records, list(labels)).items():
+        rows.append([records[i].name, records[j].name, labels[key], diff.n, diff.median, diff.statistic, diff.p_value,
+                     diff.p_holm, diff.mean, *diff.ci95])
     return list(WILCOXON_HEADER), rows

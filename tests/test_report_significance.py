@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy.stats import bootstrap, wilcoxon
+from statsmodels.stats.multitest import multipletests
 
 from microseg.errors import MicrosegError
 from microseg.report import require_same_evaluation, results_paragraph
 from microseg.run_record import RunRecord
-from microseg.significance import bootstrap_ci, min_wilcoxon_p, paired_difference, wilcoxon_table
+from microseg.significance import bootstrap_ci, holm, min_wilcoxon_p, paired_difference, wilcoxon_table
 
 
 def record(name: str, values: dict[str, list[float]], evaluation: dict | None = None) -> RunRecord:
@@ -83,14 +84,50 @@ def constructed_runs() -> list[RunRecord]:
     return [a, b, c]
 
 
+def holm_reference(p_values: list[float]) -> np.ndarray:
+    """statsmodels' Holm adjustment of one family."""
+    return multipletests(p_values, method="holm")[1]
+
+
+@pytest.mark.parametrize("p", [[0.01, 0.04, 0.03, 0.005], [0.2, 0.2, 0.01, 0.5, 0.011, 0.04], [0.04], [1.0, 0.9],
+                               list(np.random.default_rng(3).uniform(0, 0.1, 25))])
+def test_holm_is_statsmodels_holm(p):
+    assert holm(p) == pytest.approx(holm_reference(p), abs=1e-15)
+
+
+def test_holm_worked_by_hand_and_leaves_undefined_p_out_of_the_family():
+    # sorted 0.005, 0.01, 0.03, 0.04: x4, x3, x2, x1 -> 0.02, 0.03, 0.06, 0.04 -> running max 0.02, 0.03, 0.06, 0.06
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    got = holm([0.01, math.nan, 0.04])  # a family of two
+    assert math.isnan(got[1]) and got[[0, 2]] == pytest.approx([0.02, 0.04])
+
+
+def test_wilcoxon_table_holm_adjusts_over_every_pair_and_metric():
+    runs = constructed_runs()
+    header, rows = wilcoxon_table(runs, [("dsc", "DSC"), ("hd95_mm", "HD95 (mm)")])
+    table = [dict(zip(header, row)) for row in rows]
+    assert len(table) == 6  # 3 pairs x 2 metrics
+    raw = [wilcoxon(np.array([p[k] for p in a.patients.values()]) - [p[k] for p in b.patients.values()]).pvalue
+           for a, b in [(runs[0], runs[1]), (runs[0], runs[2]), (runs[1], runs[2])] for k in ("dsc", "hd95_mm")]
+    assert [row["p_value"] for row in table] == pytest.approx(raw)
+    assert [row["p_holm"] for row in table] == pytest.approx(holm_reference(raw))
+
+
 def test_paragraph_picks_the_best_run_on_each_metric():
-    text = results_paragraph(constructed_runs())
-    dsc, hd, hard, rule, floor = re.split(r"(?<=\.) (?=On |With |A difference)", text)
+    runs = constructed_runs()
+    text = results_paragraph(runs)
+    dsc, hd, hard, family, rule, floor = re.split(r"(?<=\.) (?=On |With |A difference|The \d)", text)
     assert dsc.startswith("On DSC the best is a (mean 0.9388 over 8 patients)")
-    # a - c: every difference positive (0.01..0.08): p = 2 / 2^8, CI above 0
+    # the family: 3 pairs x DSC, HD95, hard DSC = 9 tests (statsmodels adjusts them independently)
+    raw = [wilcoxon(np.array([p[k] for p in a.patients.values()]) - [p[k] for p in b.patients.values()]).pvalue
+           for a, b in [(runs[0], runs[1]), (runs[0], runs[2]), (runs[1], runs[2])]
+           for k in ("dsc", "hd95_mm", "hard_dsc")]
+    adjusted = holm_reference(raw)
+    # a - c: every difference positive (0.01..0.08): p = 2 / 2^8, CI above 0, but 9 tests: adjusted 9 x 2 / 2^8
     against_c = dsc.split("; ")[1]
-    assert against_c.startswith("+0.0450 against c") and f"p = {2 / 256:.3g}" in against_c
-    assert against_c.endswith("outside noise.") and "p = 0.00781, the smallest 8 patients allow" in against_c
+    assert against_c.startswith("+0.0450 against c") and f"p = {2 / 256:.3g}, the smallest 8 patients allow" in against_c
+    assert f"Holm-adjusted {adjusted[3]:.3g}, n = 8" in against_c and adjusted[3] == pytest.approx(9 * 2 / 256)
+    assert against_c.endswith("within noise.")
     # c - a on HD95: -0.5 mm for every patient, a degenerate CI -0.5 to -0.5
     assert hd.startswith("On HD95 the best is c (mean 2.500 mm")
     assert "-0.500 mm against a (95% CI -0.500 to -0.500" in hd
@@ -98,9 +135,20 @@ def test_paragraph_picks_the_best_run_on_each_metric():
     assert hard.startswith("On DSC inside the hard region the best is b (mean 0.8000")
     against_a = hard.split(": ", 1)[1].split("; ")[0]
     assert against_a.startswith("+0.0013 against a") and against_a.endswith("within noise")
-    assert "p >= 0.05" in rule
+    assert family.startswith("The 9 Wilcoxon tests (3 pair(s) of runs x DSC, HD95 (mm), hard-region DSC)")
+    assert "adjusted p >= 0.05" in rule
     assert floor == ("With 8 patients the exact two-sided Wilcoxon signed-rank test cannot give p below "
-                     f"2 / 2^8 = {2 / 256:.3g}.")
+                     f"2 / 2^8 = {2 / 256:.3g}, nor Holm over 9 tests an adjusted p below 9 x {2 / 256:.3g} = "
+                     f"{9 * 2 / 256:.3g}: no difference can reach an adjusted p < 0.05, however large; read the CIs.")
+
+
+def test_paragraph_of_two_runs_a_difference_survives_holm():
+    a, _, c = constructed_runs()
+    text = results_paragraph([a, c])
+    # 2 runs x 3 metrics: a - c on DSC has p = 2 / 2^8, adjusted 3 x 2 / 2^8 = 0.0234 < 0.05, CI above 0
+    assert f"+0.0450 against c (95% CI +0.0288 to +0.0612, Wilcoxon p = {2 / 256:.3g}, the smallest 8 patients " \
+           f"allow, Holm-adjusted {3 * 2 / 256:.3g}, n = 8): outside noise." in text
+    assert text.endswith(f"2 / 2^8 = {2 / 256:.3g}.")
 
 
 def test_paragraph_with_too_few_patients_says_no_difference_can_reach_significance():
