@@ -24,6 +24,7 @@ EXAMPLES = """examples:
   microseg evaluate --run runs/af --data data/phantom
   microseg predict --run runs/af --input scan.nii.gz --out scan_mask.nii.gz
   microseg compare runs/af runs/ag_bce --out reports/losses
+  microseg compare exp/ --out reports/exp                     # an experiment: losses x seeds x folds
 
 'microseg VERB --help' describes each verb's options."""
 
@@ -187,19 +188,37 @@ def _add_predict(verbs: argparse._SubParsersAction) -> None:
 
 
 def _add_compare(verbs: argparse._SubParsersAction) -> None:
-    p = verbs.add_parser("compare", help="compare runs: loss curves, per-epoch and per-patient tables, tests",
+    p = verbs.add_parser("compare", help="compare runs, or the losses of an experiment: curves, tables, tests",
                          description="Compare runs: what was compared, a results paragraph (paired differences, "
-                                     "bootstrap CIs, Wilcoxon tests), loss curves, per-epoch and per-patient tables, "
-                                     "raters, hard region, strata. Evaluated runs must share the split and protocol "
-                                     "of their `microseg evaluate` (patients are paired by case).")
-    p.add_argument("runs", nargs="+", help="run folders (evaluated ones on the same split and protocol)")
+                                     "bootstrap CIs, Wilcoxon tests Holm-adjusted over every pair and metric), loss "
+                                     "curves, per-epoch and per-patient tables, raters, hard region, strata. "
+                                     "Evaluated runs must share the split and protocol of their `microseg evaluate` "
+                                     "(patients are paired by case). Given an experiment folder (one holding "
+                                     "experiment.json; several when they split the patients alike), compare its "
+                                     "losses over their seeds and folds: curves with bands, per-loss means with the "
+                                     "seed sd, ranks and their bootstrap stability, a significance map, the "
+                                     "variance share of the loss.")
+    p.add_argument("runs", nargs="+", metavar="RUN_OR_EXPERIMENT",
+                   help="run folders (evaluated ones on the same split and protocol), or experiment folders")
     p.add_argument("--out", required=True, help="report folder to write")
     p.add_argument("--overlays", action="store_true", help="also draw contour overlays of image, expert and each run")
     p.add_argument("--cases", help="overlay these cases (and slices): e.g. 01,03:12,03:40 (default: where runs differ most)")
 
     def run(args: argparse.Namespace) -> int:
+        from microseg.experiment_report import compare_experiments, is_experiment
         from microseg.report import compare
 
+        experiments = [path for path in args.runs if is_experiment(path)]
+        if experiments:
+            if len(experiments) < len(args.runs):
+                other = next(path for path in args.runs if not is_experiment(path))
+                raise MicrosegError(f"{other} is not an experiment folder (no experiment.json) but {experiments[0]} "
+                                    "is: compare run folders or experiment folders, not both")
+            if args.overlays or args.cases:
+                raise MicrosegError("--overlays and --cases draw run folders: compare an experiment's cells "
+                                    "(its runs/ folders) for overlays")
+            print(f"report: {compare_experiments(args.runs, args.out)}")
+            return 0
         print(f"report: {compare(args.runs, args.out, args.overlays or bool(args.cases), args.cases)}")
         return 0
 

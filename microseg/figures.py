@@ -212,3 +212,127 @@ def plot_case_preview(data_root: str | Path, split: str = "train", case_id: str 
     target = Path(data_root) / "preview.png"
     save_png(fig, target, dpi=110)
     return target
+
+
+CURVE_PANELS = (("loss", "own training loss"), ("bce", "common-ruler BCE (main output)"),
+                ("val_dsc", "validation DSC"))
+
+
+def plot_curve_bands(bands: Mapping[str, Mapping[str, Sequence[Sequence[float]]]], path: Path, band: str,
+                     colours: Mapping[str, str] | None = None) -> None:
+    """Loss curves of repeated runs: per panel (CURVE_PANELS that any loss has) a line per loss
+    (the mean over its runs per epoch) and a shaded band (`band` says which, e.g. "min-max over
+    seeds and folds").
+
+    `bands`: loss -> history column -> rows (epoch, mean, low, high).
+    """
+    plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    colours = colours or run_colours(list(bands))
+    panels = [(key, title) for key, title in CURVE_PANELS if any(curves.get(key) for curves in bands.values())]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.9), squeeze=False, layout="constrained")
+    for ax, (key, title) in zip(axes[0], panels):
+        for loss, curves in bands.items():
+            rows = np.array(curves.get(key) or np.empty((0, 4)), dtype=np.float64).reshape(-1, 4)
+            ax.plot(rows[:, 0], rows[:, 1], marker="o", markersize=3, label=loss, color=colours[loss])
+            ax.fill_between(rows[:, 0], rows[:, 2], rows[:, 3], color=colours[loss], alpha=0.2, linewidth=0)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"Mean over runs per epoch; band: {band}")
+    save_png(fig, path)
+
+
+def plot_rank_blobs(losses: Sequence[str], frequencies: Mapping[str, np.ndarray], observed: Mapping[str, np.ndarray],
+                    path: Path, colours: Mapping[str, str] | None = None) -> None:
+    """challengeR's blob plot (Wiesenfarth et al. 2021), one panel per metric: for each loss (x, in
+    the order of its observed rank) a disc at every rank it took in the bootstrap, its area the
+    share of resamples; the observed rank as a black cross, the median and the 2.5-97.5 percentile
+    range of the bootstrap ranks as a black dot and line.
+
+    `frequencies`: metric title -> [loss, rank - 1] shares; `observed`: metric title -> ranks.
+    """
+    plt = pyplot()
+    colours = colours or run_colours(list(losses))
+    n = len(losses)
+    fig, axes = plt.subplots(1, len(frequencies), figsize=(max(4.0, 1.2 * n + 2) * len(frequencies), 3.8),
+                             squeeze=False, layout="constrained")
+    for ax, (title, freq) in zip(axes[0], frequencies.items()):
+        order = sorted(range(n), key=lambda i: (observed[title][i], i))
+        for x, i in enumerate(order):
+            shares = freq[i]
+            ranks = np.arange(1, n + 1)
+            ax.scatter(np.full(n, x), ranks, s=900 * shares, color=colours[losses[i]], alpha=0.8, linewidths=0)
+            cumulative = np.cumsum(shares)
+            lo, median, hi = (int(np.searchsorted(cumulative, q - 1e-12)) + 1 for q in (0.025, 0.5, 0.975))
+            ax.plot([x, x], [lo, hi], color="black", linewidth=1)
+            ax.plot([x], [median], "o", color="black", markersize=3)
+            ax.plot([x], [observed[title][i]], "x", color="black", markersize=8)
+        ax.set_xticks(range(n), [losses[i] for i in order], rotation=20, ha="right", fontsize=8)
+        ax.set_yticks(range(1, n + 1))
+        ax.set_ylim(n + 0.6, 0.4)
+        ax.set_ylabel("rank (1 = best)")
+        ax.set_title(f"rank by mean {title}", fontsize=10)
+        ax.grid(alpha=0.3)
+    fig.suptitle("Ranking stability: bootstrap over patients and seeds (disc area = share of resamples; "
+                 "x observed rank)", fontsize=9)
+    save_png(fig, path)
+
+
+def plot_significance_map(losses: Sequence[str], cells: Mapping[str, Mapping[tuple[int, int], tuple[float, float]]],
+                          path: Path, alpha: float = 0.05) -> None:
+    """challengeR's significance map, one panel per metric: cell (row a, column b) holds the mean
+    difference a - b, signed so that positive means a is better, and its Holm-adjusted p;
+    coloured when the adjusted p < `alpha` (green: row better; red: row worse), grey otherwise.
+
+    `cells`: metric title -> {(a, b): (a better by this much, adjusted p)} for every ordered pair.
+    """
+    plt = pyplot()
+    from matplotlib.colors import ListedColormap
+
+    n = len(losses)
+    fig, axes = plt.subplots(1, len(cells), figsize=(max(3.5, 1.0 * n + 1.5) * len(cells), max(3.2, 0.9 * n + 1.5)),
+                             squeeze=False, layout="constrained")
+    cmap = ListedColormap(["#d6604d", "#e0e0e0", "#4dac26"])
+    for ax, (title, pairs) in zip(axes[0], cells.items()):
+        grid = np.zeros((n, n))
+        for (a, b), (gain, p) in pairs.items():
+            grid[a, b] = np.sign(gain) if p < alpha else 0
+        ax.imshow(grid, cmap=cmap, vmin=-1, vmax=1)
+        for (a, b), (gain, p) in pairs.items():
+            ax.text(b, a, f"{gain:+.3g}\np={p:.2g}", ha="center", va="center", fontsize=7)
+        for i in range(n):
+            ax.text(i, i, "-", ha="center", va="center", fontsize=9)
+        ax.set_xticks(range(n), losses, rotation=20, ha="right", fontsize=8)
+        ax.set_yticks(range(n), losses, fontsize=8)
+        ax.set_title(f"{title}: row better than column by", fontsize=9)
+    fig.suptitle(f"Paired Wilcoxon on per-patient means, Holm-adjusted p (coloured: p < {alpha})", fontsize=9)
+    save_png(fig, path)
+
+
+def plot_dot_box(losses: Sequence[str], values: Mapping[str, np.ndarray], path: Path,
+                 colours: Mapping[str, str] | None = None) -> None:
+    """challengeR's dot-and-box plot, one panel per metric: per loss a box of its per-patient values
+    (quartiles, whiskers at 1.5 IQR) over the points of the patients; a patient's points are joined
+    by a grey line across the losses. `values`: metric title -> [loss, patient]."""
+    plt = pyplot()
+    colours = colours or run_colours(list(losses))
+    n = len(losses)
+    fig, axes = plt.subplots(1, len(values), figsize=(max(4.0, 1.2 * n + 2) * len(values), 4.0), squeeze=False,
+                             layout="constrained")
+    for ax, (title, table) in zip(axes[0], values.items()):
+        x = np.arange(n)
+        for patient in np.asarray(table).T:
+            ax.plot(x, patient, color="0.6", linewidth=0.6, zorder=1)
+        for i, loss in enumerate(losses):
+            ax.scatter(np.full(table.shape[1], i), table[i], s=14, color=colours[loss], zorder=3)
+        kept = [row[~np.isnan(row)] for row in table]
+        ax.boxplot(kept, positions=x, widths=0.45, showfliers=False, zorder=2,
+                   medianprops={"color": "black"}, boxprops={"facecolor": "none"}, patch_artist=True)
+        ax.set_xticks(x, losses, rotation=20, ha="right", fontsize=8)
+        ax.set_title(f"per-patient {title} (mean over runs)", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    save_png(fig, path)

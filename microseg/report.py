@@ -337,7 +337,8 @@ def _patient_sections(report: _Report, records: list[RunRecord]) -> None:
         tested = tested_metrics(records)
         report.table("wilcoxon", "Paired Wilcoxon signed-rank tests and bootstrap 95% CIs of the mean difference "
                      "(run_a - run_b)", *wilcoxon_table(records, tested),
-                     [f"p_holm: Holm-adjusted over the family of every pair of runs x {', '.join(l for _, l in tested)}."])
+                     [f"p_holm: Holm-adjusted over the family of every pair of runs x "
+                      f"{', '.join(label for _, label in tested)}."])
     found = find_dataset_check(records)
     if found:
         path, check = found

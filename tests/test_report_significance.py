@@ -125,7 +125,8 @@ def test_paragraph_picks_the_best_run_on_each_metric():
     adjusted = holm_reference(raw)
     # a - c: every difference positive (0.01..0.08): p = 2 / 2^8, CI above 0, but 9 tests: adjusted 9 x 2 / 2^8
     against_c = dsc.split("; ")[1]
-    assert against_c.startswith("+0.0450 against c") and f"p = {2 / 256:.3g}, the smallest 8 patients allow" in against_c
+    assert against_c.startswith("+0.0450 against c")
+    assert f"p = {2 / 256:.3g}, the smallest 8 patients allow" in against_c
     assert f"Holm-adjusted {adjusted[3]:.3g}, n = 8" in against_c and adjusted[3] == pytest.approx(9 * 2 / 256)
     assert against_c.endswith("within noise.")
     # c - a on HD95: -0.5 mm for every patient, a degenerate CI -0.5 to -0.5
