@@ -316,8 +316,9 @@ def experiment_paragraph(analysis: Analysis) -> str:
         first = rank_frequencies(analysis.boot[key], higher)[:, 0]
         listed = ", ".join(f"{s.losses[i]} {_fmt(means[i], digits)} (seed sd {_fmt(sd[i], digits)})" for i in order)
         best = order[0]
-        sentences.append(f"By mean {title}: {listed}; {s.losses[best]} ranks first in {100 * first[best]:.0f}% "
-                         f"of {BOOTSTRAP_RESAMPLES:,} bootstrap resamples of patients and seeds.")
+        sentences.append(f"By mean {title}: {listed}" + (
+            f"; {s.losses[best]} ranks first in {100 * first[best]:.0f}% of {BOOTSTRAP_RESAMPLES:,} bootstrap "
+            "resamples of patients and seeds." if n_losses > 1 else "."))
     if n_losses > 1:
         diffs = analysis.differences
         tested = [d for d in diffs if not math.isnan(d.p_value)]
@@ -325,11 +326,15 @@ def experiment_paragraph(analysis: Analysis) -> str:
                   "paired Wilcoxon tests on the per-patient means, Holm-adjusted")
         surviving = [d for d in tested if d.significant]
         if surviving:
-            real = [d for d in surviving if not d.within_seed_noise]
+            real = [d for d in surviving if d.seed_noise <= abs(d.mean)]
+            unknown = [d for d in surviving if math.isnan(d.seed_noise)]
             noisy = [d for d in surviving if d.within_seed_noise]
             text = f"{family}; {len(surviving)} survive the correction"
             if real:
                 text += ", beyond seed noise: " + "; ".join(_difference_text(d, analysis) for d in real)
+            if unknown:
+                text += (", with the seed noise unknown (one run per loss): "
+                         + "; ".join(_difference_text(d, analysis) for d in unknown))
             if noisy:
                 text += (", but within seed noise (smaller than one seed sd of either loss, so another seed could "
                          "reverse them): " + "; ".join(_difference_text(d, analysis) for d in noisy))
@@ -356,7 +361,8 @@ def experiment_paragraph(analysis: Analysis) -> str:
                             else "."))
     shares = [f"{100 * v.loss_share:.0f}% on {analysis.title(k).split(' ')[0]} (chance level "
               f"{100 * v.chance_share:.0f}%)" for k, v in analysis.variance.items() if not math.isnan(v.loss_share)]
-    if shares and n_losses > 1:
+    replicated = all(v.n_runs > v.n_losses for v in analysis.variance.values())
+    if shares and n_losses > 1 and replicated:
         sentences.append("The loss explains " + " and ".join(shares) + " of the variance of the run means; the "
                          "rest is between seeds (and folds).")
     return " ".join(sentences)

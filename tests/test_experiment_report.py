@@ -383,3 +383,12 @@ def test_compare_of_single_runs_keeps_working(experiment, tmp_path, capsys):
     assert {r["metric"] for r in rows} == {"DSC", "HD95 (mm)"} and all(r["p_holm"] for r in rows)
     smallest = min(float(r["p_value"]) for r in rows)  # a family of 2 tests: the smallest p doubled
     assert math.isclose(min(float(r["p_holm"]) for r in rows), min(1.0, 2 * smallest))
+
+
+def test_with_one_run_per_loss_the_paragraph_says_the_seed_noise_is_unknown(tmp_path):
+    from microseg.experiment_report import analyse, experiment_paragraph
+
+    text = experiment_paragraph(analyse([write_experiment(tmp_path / "exp", chosen_scores(("good", "low"), (1,)))]))
+    assert "2 survive the correction, with the seed noise unknown (one run per loss): good - low on DSC" in text
+    assert "beyond seed noise" not in text and "train more seeds before trusting any difference" in text
+    assert "The loss explains" not in text  # no run to compare within a loss: no variance share
