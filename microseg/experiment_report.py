@@ -639,7 +639,8 @@ def _write_report(analysis: Analysis, out: Path) -> None:
         report.table("oof", "Cross-validation: out-of-fold scores of the training patients", *oof,
                      ["Each training patient scored once per loss and seed, by the fold model that did not train on "
                       "it (EXP/oof/per_patient.csv); per-patient means over seeds, then the mean over patients, as "
-                      "on the test split. The tests and the ranking stability above are on the test split."])
+                      "on the test split. A fold model's best.pt was chosen on those same patients, so these scores "
+                      "lean optimistic; the tests and the ranking stability above are on the test split."])
     report.table("cells", "Cells", *cells_table(analysis.experiments))
     write_text(out / "report.md", "\n".join(report.lines))
 
