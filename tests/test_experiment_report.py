@@ -77,7 +77,8 @@ def write_experiment(exp: Path, scores: dict[tuple, dict[str, np.ndarray]], unev
     cells = [write_cell(exp, *key, None if key in unevaluated else value, **cell_options)
              for key, value in scores.items()]
     plan = {"losses": list(dict.fromkeys(k[0] for k in scores)), "seeds": sorted({k[1] for k in scores}),
-            "folds": folds, "cache": "cache.h5", "data": "/data/phantom", "base": {"model": "tiny", "epochs": 4}}
+            "folds": folds, "cache": "cache.h5", "data": "/data/phantom", "protocol": "microsegnet",
+            "base": {"model": "tiny", "epochs": 4}}
     (exp / "experiment.json").write_text(json.dumps({"version": 1, "plan": plan, "cells": cells}))
     fold_ids = [[p for j, p in enumerate(["21", "22", "23", "24"]) if j % folds != f] for f in range(folds)]
     (exp / "splits.json").write_text(json.dumps({"folds": fold_ids, "test": list(test)}))
