@@ -600,7 +600,8 @@ def _write_report(analysis: Analysis, out: Path) -> None:
                  "run means, rank", *summary_table(analysis),
                  ["Ranks: aggregate-then-rank (1 = best, ties share the smallest). P(rank 1): the share of "
                   f"{BOOTSTRAP_RESAMPLES:,} bootstrap resamples of patients and seeds in which the loss ranks first. "
-                  "Raters: the other annotators against the expert, on the same patients."])
+                  "Seed sd: the sd of the loss's run means (with folds every fold's model is a run, so it spans seeds "
+                  "and folds). Raters: the other annotators against the expert, on the same patients."])
     bands, rows = curve_rows(analysis)
     plot_curve_bands(bands, out / "curves.png", BAND, colours)
     report.table("curves", f"Loss curves per epoch (mean ± sd over runs; band in the figure: {BAND})",
