@@ -20,11 +20,9 @@ from collections.abc import Mapping, Sequence
 
 import cv2
 import numpy as np
-import torch
 
 from microseg.errors import MicrosegError
-from microseg.losses.afl import mean_gradient_magnitude
-from microseg.losses.hard_region import check_kernel_size, dilate
+from microseg.losses.hard_region import check_kernel_size
 from microseg.metrics import summarize
 from microseg.patient_stats import patient_statistics
 from microseg.preprocess import resize_mask
@@ -38,7 +36,6 @@ SMOOTHNESS_LABELS = ("good", "medium", "poor")  # A-FL Fig. 3's smoothness class
 PATIENT_FACTORS = (("volume", "volume_ml", SIZE_LABELS), ("smoothness", "gamma_msa", SMOOTHNESS_LABELS))
 PATIENT_STRATIFIED_HEADER = ["run", "factor", "stratum", "mean_dsc", "std_dsc", "n_patients"]
 OUTLINE_EPSILON_PX = 1.0
-_CHUNK = 16  # slices per gamma_mSa call: bounds memory on 962 x 1372 volumes
 
 
 def bool_volumes(**arrays: np.ndarray) -> list[np.ndarray]:
@@ -74,33 +71,50 @@ def hard_region_mask(expert: np.ndarray, others: Sequence[np.ndarray], kernel_si
     """Union over `others` of dilate(expert XOR other, k x k), per slice, as a bool [Z,H,W] volume.
 
     Dilation distributes over union, so this is dilate(union_i (expert XOR other_i)), dilated
-    per slice by the training's own `microseg.losses.hard_region.dilate` (OpenCV anchor k // 2).
+    per slice by OpenCV on uint8 (`cv2.dilate`, anchor k // 2, outside the image background),
+    which the training's `microseg.losses.hard_region.dilate` reproduces on the device.
     """
     if not len(others):
         raise MicrosegError("the hard region needs at least one other annotation besides the expert")
-    kernel_size = check_kernel_size(kernel_size)
+    kernel = np.ones((check_kernel_size(kernel_size),) * 2, np.uint8)
     named = {"expert": expert} | {f"annotation {i + 1}": o for i, o in enumerate(others)}
     expert, *others = bool_volumes(**named)
     disagree = np.zeros_like(expert)
     for other in others:
         disagree |= expert ^ other
-    return dilate(torch.from_numpy(disagree.view(np.uint8)), kernel_size).numpy().view(bool)
+    region = np.empty_like(disagree)
+    for z, plane in enumerate(disagree.view(np.uint8)):
+        region[z] = cv2.dilate(plane, kernel).view(bool)
+    return region
+
+
+HARD_COUNTS = ("p_in_r", "e_in_r", "r", "pe_in_r", "xor_in_r")
+
+
+def hard_region_counts(pred: np.ndarray, expert: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """|P n R|, |E n R|, |R|, |P n E n R|, |(P XOR E) n R| (HARD_COUNTS) of [Z,H,W] masks: they add up over slabs."""
+    pred, expert, region = bool_volumes(prediction=pred, expert=expert, region=region)
+    p, e = pred & region, expert & region
+    return np.array([np.count_nonzero(m) for m in (p, e, region, p & e, p ^ e)], dtype=np.int64)
 
 
 def hard_region_score(pred: np.ndarray, expert: np.ndarray, region: np.ndarray) -> dict[str, float]:
-    """DSC and error rate of `pred` vs `expert` inside `region`, all slices of the volume pooled.
+    """DSC and error rate of `pred` vs `expert` inside `region`, all slices of the volume pooled."""
+    return hard_region_from_counts(hard_region_counts(pred, expert, region))
+
+
+def hard_region_from_counts(counts: np.ndarray) -> dict[str, float]:
+    """DSC and error rate inside the hard region from pooled `hard_region_counts`.
 
     dsc = 2|P n E n R| / (|P n R| + |E n R|)   (NaN when P and E are both empty inside R)
     error_rate = |(P XOR E) n R| / |R|        (NaN when R is empty)
     region_px = |R|. Pooled counts (not a mean of per-slice values): slices with a large hard
     region weigh more, and slices where R holds no object do not produce undefined DSCs.
     """
-    pred, expert, region = bool_volumes(prediction=pred, expert=expert, region=region)
-    p, e = pred & region, expert & region
-    n_p, n_e, n_r = (int(np.count_nonzero(m)) for m in (p, e, region))
+    n_p, n_e, n_r, n_pe, n_xor = (int(c) for c in counts)
     return {
-        "dsc": 2.0 * int(np.count_nonzero(p & e)) / (n_p + n_e) if n_p + n_e else math.nan,
-        "error_rate": int(np.count_nonzero(p ^ e)) / n_r if n_r else math.nan,
+        "dsc": 2.0 * n_pe / (n_p + n_e) if n_p + n_e else math.nan,
+        "error_rate": n_xor / n_r if n_r else math.nan,
         "region_px": n_r,
     }
 
@@ -115,25 +129,64 @@ def _outline_ratio(mask: np.ndarray, spacing_yx: tuple[float, float]) -> float:
     Holes and smaller components are ignored; a polygon of zero area (a line, a single pixel)
     has no defined ratio: NaN.
     """
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    contours, _ = cv2.findContours(mask.view(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     outline = cv2.approxPolyDP(max(contours, key=cv2.contourArea), OUTLINE_EPSILON_PX, True)
     points = (outline.reshape(-1, 2) * np.array([spacing_yx[1], spacing_yx[0]])).astype(np.float32)
     perimeter, area = cv2.arcLength(points, True), cv2.contourArea(points)
     return perimeter**2 / (4 * math.pi * area) if area > 0 else math.nan
 
 
-def _gamma_msa(masks: np.ndarray) -> list[float]:
-    """A-FL's gamma_mSa of each non-empty slice of a [n,H,W] bool stack, each over its whole slice.
+def _gamma_msa(mask: np.ndarray) -> float:
+    """A-FL's gamma_mSa of a non-empty 2D bool mask over its whole slice: the mean of
+    |numpy.gradient| (float64, unit spacing, one-sided at the image's edges).
 
-    `mean_gradient_magnitude` runs on the stack's common bounding box grown by 2 px (clipped to
-    the image), rescaled by crop area / slice area: exact, since the gradient vanishes beyond
-    1 px of the object, and 2 px keep the crop's one-sided edge differences at zero.
+    Computed on the mask's bounding box grown by 2 px (clipped to the image), summed and divided
+    by the slice's area: exact, since the gradient vanishes beyond 1 px of the object, and 2 px
+    keep the crop's one-sided edge differences at zero.
     """
-    rows, cols = (np.flatnonzero(masks.any(axis)) for axis in ((0, 2), (0, 1)))
-    crop = masks[:, max(0, rows[0] - 2):rows[-1] + 3, max(0, cols[0] - 2):cols[-1] + 3]
-    scale = crop.shape[1] * crop.shape[2] / (masks.shape[1] * masks.shape[2])
-    gamma = mean_gradient_magnitude(torch.from_numpy(crop[:, None].astype(np.float32))).flatten() * scale
-    return gamma.tolist()
+    rows, cols = (np.flatnonzero(mask.any(axis)) for axis in (1, 0))
+    crop = mask[max(0, rows[0] - 2):rows[-1] + 3, max(0, cols[0] - 2):cols[-1] + 3].astype(np.float64)
+    axes = [a for a in (0, 1) if crop.shape[a] > 1]
+    if not axes:
+        return 0.0
+    gradients = np.gradient(crop, axis=axes)
+    gradients = gradients if isinstance(gradients, (list, tuple)) else [gradients]
+    return float(np.sqrt(sum(g * g for g in gradients)).sum() / mask.size)
+
+
+class ExpertDescriptors:
+    """The expert's per-slice and per-patient descriptors, fed slab by slab (z ascending).
+
+    `add(slab)` describes the slab's non-empty slices (`slice_descriptors`) and keeps the
+    voxel count and, given a training `size`, the slices resized to it (uint8, Z x size x size:
+    the patient's gamma_mSa needs the whole stack, which is small); `patient()` gives
+    `patient_descriptors`.
+    """
+
+    def __init__(self, spacing_zyx: Sequence[float], size: int | None = None):
+        self.spacing = tuple(float(s) for s in spacing_zyx)
+        sy, sx = self.spacing[1:]
+        if not (math.isfinite(sy) and math.isfinite(sx) and sy > 0 and sx > 0):
+            raise MicrosegError(f"spacing {(sy, sx)} must be two positive numbers (sy, sx) in mm")
+        self.size, self.z, self.voxels = size, 0, 0
+        self.slices: list[dict[str, float]] = []
+        self.resized: list[np.ndarray] = []
+
+    def add(self, expert: np.ndarray) -> None:
+        (expert,) = bool_volumes(expert=expert)
+        sy, sx = self.spacing[1:]
+        for k in np.flatnonzero(expert.reshape(len(expert), -1).any(1)):
+            self.slices.append({"z": self.z + int(k), "area_mm2": float(np.count_nonzero(expert[k])) * sy * sx,
+                                "roughness": _outline_ratio(expert[k], (sy, sx)), "gamma_msa": _gamma_msa(expert[k])})
+        self.voxels += int(np.count_nonzero(expert))
+        if self.size is not None:
+            self.resized += [resize_mask(plane, self.size) for plane in expert.view(np.uint8)]
+        self.z += len(expert)
+
+    def patient(self) -> dict[str, float]:
+        voxel_mm3 = float(np.prod(np.asarray(self.spacing, dtype=np.float64)))
+        return {"volume_ml": float(self.voxels) * voxel_mm3 / 1000.0,
+                "gamma_msa": patient_statistics(np.stack(self.resized))[1]}
 
 
 def slice_descriptors(expert: np.ndarray, spacing_yx: tuple[float, float]) -> list[dict[str, float]]:
@@ -141,21 +194,12 @@ def slice_descriptors(expert: np.ndarray, spacing_yx: tuple[float, float]) -> li
 
     Per slice: z; area_mm2 = pixel count * sy * sx (all components); roughness = P^2 / (4 pi A)
     of the largest outline (see `_outline_ratio`); gamma_msa = A-FL's mean gradient magnitude
-    of the mask over the whole slice (`microseg.losses.afl.mean_gradient_magnitude`, unit pixel
-    spacing), which grows with the outline's length relative to the image, so mixes size and
-    roughness.
+    of the mask over the whole slice (`_gamma_msa`, unit pixel spacing), which grows with the
+    outline's length relative to the image, so mixes size and roughness.
     """
-    (expert,) = bool_volumes(expert=expert)
-    sy, sx = (float(s) for s in spacing_yx)
-    if not (math.isfinite(sy) and math.isfinite(sx) and sy > 0 and sx > 0):
-        raise MicrosegError(f"spacing {tuple(spacing_yx)} must be two positive numbers (sy, sx) in mm")
-    zs = np.flatnonzero(expert.reshape(len(expert), -1).any(1))
-    gamma = [g for i in range(0, len(zs), _CHUNK) for g in _gamma_msa(expert[zs[i:i + _CHUNK]])]
-    return [
-        {"z": int(z), "area_mm2": float(np.count_nonzero(expert[z])) * sy * sx,
-         "roughness": _outline_ratio(expert[z], (sy, sx)), "gamma_msa": g}
-        for z, g in zip(zs, gamma)
-    ]
+    described = ExpertDescriptors((1.0, *spacing_yx))
+    described.add(expert)
+    return described.slices
 
 
 def tertile_edges(values: Sequence[float]) -> tuple[float, float]:
@@ -195,11 +239,9 @@ def patient_descriptors(expert: np.ndarray, spacing_zyx: Sequence[float], size: 
     resizes masks (`microseg.preprocess.resize_mask`). That is the statistic the loss sees, and
     it stays small in memory where the native 962 x 1372 x 300 volume would need gigabytes.
     """
-    (expert,) = bool_volumes(expert=expert)
-    voxel_mm3 = float(np.prod(np.asarray(spacing_zyx, dtype=np.float64)))
-    stack = np.stack([resize_mask(z, size) for z in expert])
-    return {"volume_ml": float(np.count_nonzero(expert)) * voxel_mm3 / 1000.0,
-            "gamma_msa": patient_statistics(stack)[1]}
+    described = ExpertDescriptors(spacing_zyx, size)
+    described.add(expert)
+    return described.patient()
 
 
 def _strata_rows(groups_of: Mapping[str, Sequence[Mapping]], factors: Sequence[tuple],

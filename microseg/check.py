@@ -12,7 +12,7 @@ volume -- intensities outside 0..254, a non-binary mask, NaN --, a mask off its 
 shape, spacing, origin or axis directions, ``require_same_geometry``) or warnings (size or
 spacing outliers, an expert volume empty on every slice: legitimate but suspicious).
 ``check_dataset`` never raises on a problem; ``require_clean`` does, with one line, when any
-error was found. ``prepare`` runs the same check through ``checked_train_volumes``, reading each
+error was found. ``prepare`` runs the same check through ``checked_train_cases``, reading each
 training volume once for both, and writes it beside the cache as ``<cache>.check.json``.
 """
 
@@ -24,7 +24,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 from tqdm import tqdm
@@ -33,6 +33,7 @@ from microseg.atomic import write_text
 from microseg.data.layout import Case, find_cases
 from microseg.data.volumes import Volume, read_mask_for, read_volume, require_same_geometry
 from microseg.errors import MicrosegError, OptionError, warn
+from microseg.jobs import check_jobs, iterate_jobs, run_jobs
 from microseg.metrics import PROTOCOLS, score_case, summarize
 
 SPLITS = ("train", "test")
@@ -41,6 +42,7 @@ SPACING_DECIMALS = 6  # spacings equal to 1e-6 mm are the same
 
 Kind = Literal["image", "mask"]
 Reader = Callable[[Path, Kind], Volume]
+T = TypeVar("T")
 
 
 def _read(path: Path, kind: Kind, problems: list[dict], case_id: str, read: Reader) -> Volume | None:
@@ -121,15 +123,24 @@ def _bar(cases: list[Case], desc: str, progress: bool | None) -> tqdm:
     return tqdm(cases, desc=desc, unit="case", leave=False, disable=None if progress is None else not progress)
 
 
-def check_split(root: Path, split: str, protocol: str = "microsegnet", progress: bool | None = None) -> dict:
-    """Every number and problem of one split (a layout error ends the split's check with that error)."""
+def check_split(root: Path, split: str, protocol: str = "microsegnet", jobs: int | None = 1) -> dict:
+    """Every number and problem of one split (a layout error ends the split's check with that error);
+    `jobs` cases at once, one per process (`microseg.jobs`)."""
     problems: list[dict] = []
     try:
         cases = find_cases(root, split)
     except MicrosegError as err:
         return {"patients": 0, "problems": [{"level": "error", "case": None, "message": str(err)}]}
-    records = [check_case(case, protocol, problems) for case in _bar(cases, f"check {split}", progress)]
-    return split_report(records, problems)
+    checked = run_jobs(_check_one, [(case, protocol) for case in cases], jobs, desc=f"check {split}")
+    for _, found in checked:
+        problems += found
+    return split_report([record for record, _ in checked], problems)
+
+
+def _check_one(job: tuple[Case, str]) -> tuple[dict, list[dict]]:
+    """`check_case` of one (case, protocol) with its own problem list (a worker process's job)."""
+    problems: list[dict] = []
+    return check_case(*job, problems), problems
 
 
 def split_report(records: list[dict], problems: list[dict]) -> dict:
@@ -150,8 +161,8 @@ def split_report(records: list[dict], problems: list[dict]) -> dict:
     }
 
 
-def check_dataset(root: str | Path, protocol: str = "microsegnet", progress: bool | None = None) -> dict:
-    """The check of every split present under ``root`` (train/, test/)."""
+def check_dataset(root: str | Path, protocol: str = "microsegnet", jobs: int | None = 1) -> dict:
+    """The check of every split present under ``root`` (train/, test/), `jobs` cases at once."""
     if protocol not in PROTOCOLS:
         raise OptionError(f"`protocol` {protocol!r} is not one of {', '.join(PROTOCOLS)}")
     root = Path(root)
@@ -160,7 +171,8 @@ def check_dataset(root: str | Path, protocol: str = "microsegnet", progress: boo
     splits = [split for split in SPLITS if (root / split).exists()]
     if not splits:
         raise MicrosegError(f"{root} holds neither train/ nor test/: not a dataset folder")
-    return dataset_report(root, protocol, {split: check_split(root, split, protocol, progress) for split in splits})
+    jobs = check_jobs(jobs)
+    return dataset_report(root, protocol, {split: check_split(root, split, protocol, jobs) for split in splits})
 
 
 def dataset_report(root: Path, protocol: str, splits: dict[str, dict]) -> dict:
@@ -255,9 +267,12 @@ def _reusable(path: Path, fingerprint: str) -> dict | None:
     return report if isinstance(report, dict) and report.get("fingerprint") == fingerprint else None
 
 
-def checked_train_volumes(root: Path, cache: Path, fingerprint: str, train: list[Case],
-                          test: list[Case]) -> Iterator[tuple[Case, Volume, list[Volume]]]:
-    """prepare's reader: each training case's image and [expert, non-expert] masks, checked on the way.
+def checked_train_cases(root: Path, cache: Path, fingerprint: str, train: list[Case], test: list[Case],
+                        convert: Callable[[Case, Volume, list[Volume]], T], jobs: int | None = 1) -> Iterator[T]:
+    """prepare's reader: ``convert(case, image, [expert, non-expert])`` of each training case, in
+    order, the volumes checked on the way; `jobs` cases at once, one per process (`microseg.jobs`),
+    each holding one case's volumes (`convert` must be picklable: a module-level function or a
+    partial of one).
 
     The same check as ``check_dataset`` without a second pass over the training volumes: the test
     split first, then every training case from the very volumes prepare goes on to cache. The first
@@ -267,24 +282,20 @@ def checked_train_volumes(root: Path, cache: Path, fingerprint: str, train: list
     """
     path = check_path(cache)
     report = _reusable(path, fingerprint)
-    if report is not None:
-        for case in _bar(train, "prepare", None):
-            image = read_volume(case.image)
-            yield case, image, [read_mask_for(image, case.expert), read_mask_for(image, case.non_expert)]
-    else:
-        hint = f"run 'microseg check --data {root}' for the full report"
-        splits = {"test": check_split(root, "test", "microsegnet")} if test else {}
+    hint = f"run 'microseg check --data {root}' for the full report"
+    if report is None:
+        splits = {"test": check_split(root, "test", "microsegnet", jobs)} if test else {}
         require_clean(dataset_report(root, "microsegnet", splits), hint)
-        records: list[dict] = []
-        problems: list[dict] = []
-        for case in _bar(train, "prepare", None):
-            read = _Remembered()
-            records.append(check_case(case, "microsegnet", problems, read))
+    records: list[dict] = []
+    problems: list[dict] = []
+    jobs_ = [(case, report is None, convert) for case in train]
+    for converted, record, found in iterate_jobs(_read_checked, jobs_, jobs, desc="prepare"):
+        if record is not None:
+            records.append(record)
+            problems += found
             require_clean(dataset_report(root, "microsegnet", {"train": {"problems": problems}}), hint)
-            image, masks = read(case.image, "image"), [read(p, "mask") for p in (case.expert, case.non_expert)]
-            for mask in masks:
-                require_same_geometry(mask.geometry, image.geometry)
-            yield case, image, masks
+        yield converted
+    if report is None:
         splits = {"train": split_report(records, problems)} | splits
         report = dataset_report(root, "microsegnet", splits) | {"fingerprint": fingerprint}
         write_check(report, path)
@@ -292,6 +303,26 @@ def checked_train_volumes(root: Path, cache: Path, fingerprint: str, train: list
             warn(problem["message"])
     patients = ", ".join(f"{s['patients']} {split}" for split, s in report["splits"].items())
     print(f"dataset check: {patients} patients, {report['warnings']} warning(s): {path}", file=sys.stderr)
+
+
+def _read_checked(job: tuple[Case, bool, Callable]) -> tuple[Any, dict | None, list[dict]]:
+    """One training case for ``checked_train_cases``: (convert(case, image, masks), its check record
+    or None when not checked, its problems); after an error nothing is converted (None)."""
+    case, check, convert = job
+    if case.expert is None or case.non_expert is None:  # find_cases gives every training case both
+        raise MicrosegError(f"training case {case.case_id} lacks its expert or non-expert mask")
+    pair = [case.expert, case.non_expert]
+    if not check:
+        image = read_volume(case.image)
+        return convert(case, image, [read_mask_for(image, p) for p in pair]), None, []
+    read, problems = _Remembered(), list[dict]()
+    record = check_case(case, "microsegnet", problems, read)
+    if any(p["level"] == "error" for p in problems):
+        return None, record, problems
+    image, masks = read(case.image, "image"), [read(p, "mask") for p in pair]
+    for mask in masks:
+        require_same_geometry(mask.geometry, image.geometry)
+    return convert(case, image, masks), record, problems
 
 
 class _Remembered:

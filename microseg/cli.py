@@ -49,12 +49,13 @@ def _add_simulate(verbs: argparse._SubParsersAction) -> None:
                    help="slice size in pixels, at least 32 32 (default 962 1372, the real size; the demo uses 240 343)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--preview", action="store_true", help="also write preview.png: slices with both contours")
+    _add_jobs_option(p)
 
     def run(args: argparse.Namespace) -> int:
         from microseg.data.phantom import simulate_dataset
         from microseg.figures import plot_case_preview
 
-        out = simulate_dataset(args.out, args.train, args.test, args.slices, tuple(args.size), args.seed)
+        out = simulate_dataset(args.out, args.train, args.test, args.slices, tuple(args.size), args.seed, args.jobs)
         if args.preview:
             plot_case_preview(out)
         print(f"wrote phantom dataset: {out}")
@@ -72,11 +73,12 @@ def _add_prepare(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=int, default=224,
                    help=f"slice size in the cache, a multiple of {SIZE_MULTIPLE} "
                         "(the models' patch stride; default 224)")
+    _add_jobs_option(p)
 
     def run(args: argparse.Namespace) -> int:
         from microseg.prepare import prepare_cache
 
-        prepare_cache(args.data, args.out, args.size)
+        prepare_cache(args.data, args.out, args.size, args.jobs)
         return 0
 
     p.set_defaults(func=run)
@@ -138,6 +140,11 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
         p.add_argument(flag, dest=field.name, help=text, **extra)
 
 
+def _add_jobs_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--jobs", type=int, default=None, metavar="N",
+                   help="patients processed at once, one per process (default: the number of cores; 1: in this process)")
+
+
 def _add_inference_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resize", help="how probabilities return to native size: bilinear or nearest (the reference's) "
                    "(default: the run's, bilinear)")
@@ -157,11 +164,12 @@ def _add_evaluate(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test", help="split to evaluate: train or test (default test)")
     p.add_argument("--protocol", default=PROTOCOLS[0], help=f"scoring protocol: {', '.join(PROTOCOLS)} (default %(default)s)")
     _add_inference_options(p)
+    _add_jobs_option(p)
 
     def run(args: argparse.Namespace) -> int:
         from microseg.evaluate import evaluate
 
-        path = evaluate(args.run, args.data, args.split, args.protocol, args.resize, args.device)
+        path = evaluate(args.run, args.data, args.split, args.protocol, args.resize, args.device, jobs=args.jobs)
         print(f"per-patient scores: {path}")
         return 0
 
@@ -280,13 +288,14 @@ def _add_check(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="dataset folder holding train/ and/or test/")
     p.add_argument("--json", help="report file to write (default <data>.check.json beside the folder)")
     p.add_argument("--protocol", default="microsegnet", choices=PROTOCOLS, help="rater scoring protocol (default microsegnet)")
+    _add_jobs_option(p)
 
     def run(args: argparse.Namespace) -> int:
         from pathlib import Path
 
         from microseg.check import check_dataset, format_check, require_clean, write_check
 
-        report = check_dataset(args.data, args.protocol)
+        report = check_dataset(args.data, args.protocol, args.jobs)
         print(format_check(report))
         path = write_check(report, args.json or Path(args.data.rstrip("/\\") + ".check.json"))
         print(f"report: {path}")

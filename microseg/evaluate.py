@@ -1,6 +1,10 @@
 """Per-patient evaluation and prediction at native resolution, with the run's own preprocessing.
 
-Each volume is predicted slice by slice as the run was trained (its checkpoint's `Preprocess`):
+Volumes stream: each is read, predicted, written and scored in slabs of `SLAB` slices (every
+file decompressed once, `microseg.data.volumes.SlabReader`; masks scored, described and dilated
+per slab as uint8, `microseg.metrics.CaseScorer`, `microseg.analysis.ExpertDescriptors`), so
+memory does not grow with the number of slices. Each slab is predicted as the run was trained
+(its checkpoint's `Preprocess`):
 the slice is resized as the cache resizes it, intensity / intensity_max; the probability map is
 brought back to the native slice size on the device (the run's `prediction_resize`, bilinear by
 default, or the reference's nearest when asked), thresholded at 0.5, and scored per patient
@@ -25,8 +29,10 @@ case and evaluation goes on (under the microsegnet protocol the patient's DSC an
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -35,41 +41,59 @@ from tqdm import tqdm
 
 from microseg.atomic import atomic_folder, make_folder, write_text
 from microseg.checkpoint import Checkpoint, load_run_model
+from microseg.data.layout import Case
 from microseg.errors import MicrosegError, OptionError, warn
-from microseg.metrics import check_protocol, score_case, summarize
+from microseg.jobs import check_jobs, run_jobs
+from microseg.metrics import CaseScorer, check_protocol, summarize
 from microseg.preprocess import Preprocess, resize_image, resize_prediction, scale_intensity
 from microseg.run import RunFolder
 from microseg.tables import SUMMARY_ROWS, markdown_table, write_csv
 
 SLICE_HEADER = ["case_id", "z", "dsc", "hd95_mm", "area_mm2", "roughness", "gamma_msa"]
+SLAB = 16
+"""Slices read, predicted (one forward) and scored at a time: 16 native 962 x 1372 slices are 21 MB
+per uint8 volume and 84 MB of float32 probabilities."""
 
 
-@torch.no_grad()
-def predict_volume(model: torch.nn.Module, volume: np.ndarray, device: torch.device, preprocess: Preprocess,
-                   batch_size: int = 16) -> np.ndarray:
-    """Binary prediction [Z,H,W] for a uint8 volume [Z,H,W] (0..intensity_max), slice by slice."""
+Predictor = Callable[[np.ndarray], torch.Tensor]
+"""A uint8 slab [n,H,W] (0..intensity_max) -> its probabilities [n,H,W] at the native size (float32,
+on the model's device); thresholded at 0.5 by the caller, so that several can be averaged first."""
+
+
+def slab_predictor(model: torch.nn.Module, preprocess: Preprocess) -> Predictor:
+    """The run's network as a `Predictor`: each slice resized as the cache resizes it, intensity /
+    intensity_max, one forward for the slab, the probability map back to the native size on the
+    device (the run's `prediction_resize`)."""
+    device = next(model.parameters()).device
     size, resize = preprocess.size, preprocess.prediction_resize
-    z, h, w = volume.shape
-    out = np.empty((z, h, w), dtype=bool)
     model.eval()
-    for start in range(0, z, batch_size):
-        chunk = np.stack([resize_image(s, size) for s in volume[start:start + batch_size]])
+
+    @torch.no_grad()
+    def probabilities(slab: np.ndarray) -> torch.Tensor:
+        chunk = np.stack([resize_image(s, size) for s in slab])
         x = scale_intensity(torch.from_numpy(chunk).to(device), preprocess.intensity_max)[:, None]
-        prob = resize_prediction(torch.sigmoid(model(x).logits.float()), (h, w), resize)
-        out[start:start + batch_size] = (prob[:, 0] > 0.5).cpu().numpy()
+        return resize_prediction(torch.sigmoid(model(x).logits.float()), slab.shape[1:], resize)[:, 0]
+
+    return probabilities
+
+
+def binary(predict: Predictor, slab: np.ndarray) -> np.ndarray:
+    """The bool prediction [n,H,W] of a slab: probability > 0.5."""
+    return (predict(slab) > 0.5).cpu().numpy()
+
+
+def predict_volume(model: torch.nn.Module, volume: np.ndarray, device: torch.device, preprocess: Preprocess,
+                   batch_size: int = SLAB) -> np.ndarray:
+    """Binary prediction [Z,H,W] of a uint8 volume [Z,H,W] (0..intensity_max), `batch_size` slices at a time."""
+    predict = slab_predictor(model.to(device), preprocess)
+    out = np.empty(volume.shape, dtype=bool)
+    for start in range(0, len(volume), batch_size):
+        out[start:start + batch_size] = binary(predict, volume[start:start + batch_size])
     return out
 
 
-def _other_annotations(case, image) -> dict[str, np.ndarray]:
-    """Non-expert and extra raters' masks of a case, by rater name (those present), each on the image's grid."""
-    from microseg.data.volumes import read_mask_for
-
-    paths = ({"non_expert": case.non_expert} if case.non_expert else {}) | case.raters
-    return {name: read_mask_for(image, path).array.astype(bool) for name, path in paths.items()}
-
-
 def evaluate(run: Path, data: Path, split: str = "test", protocol: str = "microsegnet", resize: str | None = None,
-             device: str = "auto", batch_size: int = 16) -> Path:
+             device: str = "auto", batch_size: int = SLAB, jobs: int | None = 1) -> Path:
     """Predict and score every case of `split` (train or test); returns the per-patient CSV path.
 
     Besides the model, every other annotation found (non-expert, clinician, master and medical
@@ -77,7 +101,8 @@ def evaluate(run: Path, data: Path, split: str = "test", protocol: str = "micros
     the model is scored inside the hard region where those annotations disagree with the expert
     (`microseg.analysis`; the training's main-output dilation kernel scaled to native pixels).
     `resize` (bilinear, nearest) overrides the run's prediction resize. Prints the checkpoint
-    used first and the mean DSC and HD95 at the end.
+    used first and the mean DSC and HD95 at the end. `jobs` patients are evaluated at once, one
+    per process (`microseg.jobs`; None: one per core), each with the model on `device`.
     """
     from microseg.check import SPLITS
     from microseg.data.layout import find_cases
@@ -85,6 +110,7 @@ def evaluate(run: Path, data: Path, split: str = "test", protocol: str = "micros
     if split not in SPLITS:
         raise OptionError(f"`split` {split!r} is not one of {', '.join(SPLITS)}")
     check_protocol(protocol)
+    jobs = check_jobs(jobs)
     folder = RunFolder(run)
     loaded = load_run_model(folder.path, device, resize)
     model, preprocess, checkpoint, checkpoint_file = loaded.model, loaded.preprocess, loaded.checkpoint, loaded.path
@@ -95,12 +121,12 @@ def evaluate(run: Path, data: Path, split: str = "test", protocol: str = "micros
     print(f"evaluate {folder.path} with {checkpoint_file.name} ({_describe(checkpoint, checkpoint_file, folder)}) on "
           f"{data}/{split}, protocol {protocol}; overwrites {folder.metrics}/ and {folder.predictions}/", flush=True)
     make_folder(folder.metrics)  # a metrics/ that cannot be written fails before any prediction
-    patients, slices = [], []
+    _PREDICTORS[folder.path, device, resize] = slab_predictor(model, preprocess), preprocess
     with atomic_folder(folder.predictions) as predictions:  # replaces predictions/ once the metrics are written
-        for case in tqdm(cases, desc=f"evaluate {split}", leave=False, disable=None):
-            row, rows = _score_case(case, model, preprocess, protocol, predictions, batch_size)
-            patients.append(row)
-            slices += rows
+        jobs_ = [_CaseJob(folder.path, device, resize, case, protocol, predictions, batch_size) for case in cases]
+        scored = run_jobs(_evaluate_case, jobs_, jobs, desc=f"evaluate {split}")
+        patients = [row for row, _ in scored]
+        slices = [row for _, rows in scored for row in rows]
         _write_metrics(folder, patients, slices, title=f"{folder.path.name}: {split}, protocol {protocol}")
         record = {"data": str(Path(data).resolve()), "split": split, "protocol": protocol,
                   "resize": preprocess.prediction_resize, "checkpoint": checkpoint_file.name,
@@ -128,46 +154,92 @@ def mean_line(patients: list[dict], protocol: str) -> str:
             f"HD95 {hd['mean']:.3f} mm{note}")
 
 
-def _score_case(case, model, preprocess: Preprocess, protocol: str, predictions: Path,
-                batch_size: int) -> tuple[dict, list[list]]:
-    """Predict one case, write its mask, score it, its other annotators and its hard region; describe its slices."""
-    from microseg.analysis import hard_region_kernel, hard_region_mask, hard_region_score, patient_descriptors
-    from microseg.data.volumes import read_volume, require_same_geometry, write_mask
+@dataclasses.dataclass(frozen=True)
+class _CaseJob:
+    """One patient of an evaluation, as handed to a worker process."""
 
-    image = read_volume(case.image, "image")
-    expert_volume = read_volume(case.expert, "mask")  # read_mask_for, with a warning that says what follows
-    require_same_geometry(expert_volume.geometry, image.geometry)
-    expert = expert_volume.array.astype(bool)
-    if not expert.any():
-        warn(f"case {case.case_id}: expert mask {case.expert} is empty on every slice"
-             + ("; its DSC and HD95 are NaN under protocol microsegnet" if protocol == "microsegnet" else ""))
-    pred = predict_volume(model, image.array, next(model.parameters()).device, preprocess, batch_size)
-    write_mask(predictions / case.image.name, pred, image)
-    score = score_case(pred, expert, image.spacing, protocol)
+    run: Path
+    device: str
+    resize: str | None
+    case: Case
+    protocol: str
+    predictions: Path
+    slab: int
+
+
+_PREDICTORS: dict[tuple, tuple[Predictor, Preprocess]] = {}
+"""Per process: each run's predictor and preprocessing, (run, device, resize) -> loaded once."""
+
+
+def _evaluate_case(job: _CaseJob) -> tuple[dict, list[list]]:
+    """`_score_case` of one job, with the run's predictor of this process (loaded on first use)."""
+    key = (job.run, job.device, job.resize)
+    if key not in _PREDICTORS:
+        loaded = load_run_model(job.run, job.device, job.resize)
+        _PREDICTORS[key] = slab_predictor(loaded.model, loaded.preprocess), loaded.preprocess
+    predict, preprocess = _PREDICTORS[key]
+    return _score_case(job.case, predict, preprocess, job.protocol, job.predictions, job.slab)
+
+
+def _score_case(case, predict: Predictor, preprocess: Preprocess, protocol: str, predictions: Path,
+                slab: int = SLAB) -> tuple[dict, list[list]]:
+    """Predict one case, write its mask, score it, its other annotators and its hard region, and
+    describe its expert's slices: slab by slab, every file read once, memory independent of Z."""
+    from microseg.analysis import (ExpertDescriptors, hard_region_counts, hard_region_from_counts,
+                                   hard_region_kernel, hard_region_mask)
+    from microseg.data.volumes import SlabReader, require_same_geometry, volume_writer
+
+    paths = {"expert": case.expert} | ({"non_expert": case.non_expert} if case.non_expert else {}) | case.raters
+    with contextlib.ExitStack() as stack:
+        image = stack.enter_context(SlabReader(case.image, "image"))
+        masks = {name: stack.enter_context(SlabReader(path, "mask")) for name, path in paths.items()}
+        for mask in masks.values():
+            require_same_geometry(mask.geometry, image.geometry)
+        (z, h, _), spacing = image.geometry.shape, image.geometry.spacing
+        others = [name for name in masks if name != "expert"]
+        scores = {name: CaseScorer(image.geometry.shape, spacing, protocol) for name in ["model", *others]}
+        described = ExpertDescriptors(spacing, preprocess.size)
+        kernel = hard_region_kernel(preprocess.main_kernel, preprocess.size, h)
+        hard = np.zeros(5, np.int64)
+        target = predictions / case.image.name
+        with volume_writer(target, image.geometry.shape, np.uint8, image.geometry.affine, image.header) as write:
+            for start in range(0, z, slab):
+                slabs = {name: mask.read(start, start + slab) for name, mask in masks.items()}
+                expert = slabs["expert"]
+                pred = binary(predict, image.read(start, start + slab))
+                write(pred)
+                scores["model"].add(pred, expert)
+                for name in others:
+                    scores[name].add(slabs[name], expert)
+                if others:
+                    hard += hard_region_counts(pred, expert, hard_region_mask(expert, [slabs[n] for n in others], kernel))
+                described.add(expert)
+            for reader in (image, *masks.values()):
+                reader.finish()
+    for name, mask in masks.items():
+        if mask.empty:
+            warn(f"case {case.case_id}: expert mask {case.expert} is empty on every slice"
+                 + ("; its DSC and HD95 are NaN under protocol microsegnet" if protocol == "microsegnet" else "")
+                 if name == "expert" else f"{mask.path}: mask is empty on every slice")
+    score = scores["model"].result()
     row = {"case_id": case.case_id, "dsc": score.dsc, "hd95_mm": score.hd95_mm,
            "n_slices": score.n_slices, "n_one_sided": score.n_one_sided}
-    row |= patient_descriptors(expert, image.spacing, preprocess.size)
-    others = _other_annotations(case, image)
-    hard = {"dsc": math.nan, "error_rate": math.nan}
-    if others:
-        kernel = hard_region_kernel(preprocess.main_kernel, preprocess.size, expert.shape[1])
-        hard = hard_region_score(pred, expert, hard_region_mask(expert, list(others.values()), kernel))
-    row |= {"hard_dsc": hard["dsc"], "hard_error_rate": hard["error_rate"]}
-    for name, mask in others.items():
-        rater = score_case(mask, expert, image.spacing, protocol)
+    row |= described.patient()
+    inside = hard_region_from_counts(hard) if others else {"dsc": math.nan, "error_rate": math.nan}
+    row |= {"hard_dsc": inside["dsc"], "hard_error_rate": inside["error_rate"]}
+    for name in others:
+        rater = scores[name].result()
         row |= {f"{name}_dsc": rater.dsc, f"{name}_hd95_mm": rater.hd95_mm}
-    return row, _slice_rows(case.case_id, score, expert, image.spacing)
+    return row, _slice_rows(case.case_id, score, described.slices)
 
 
-def _slice_rows(case_id: str, score, expert: np.ndarray, spacing: tuple[float, float, float]) -> list[list]:
+def _slice_rows(case_id: str, score, described: list[dict]) -> list[list]:
     """per_slice.csv rows of one case: every scored or expert-non-empty slice, with its descriptors."""
-    from microseg.analysis import slice_descriptors
-
     scored = {s.z: s for s in score.per_slice}
-    described = {d["z"]: d for d in slice_descriptors(expert, spacing[1:])}
+    by_z = {d["z"]: d for d in described}
     slices = []
-    for z in sorted(set(scored) | set(described)):
-        s, d = scored.get(z), described.get(z, {})
+    for z in sorted(set(scored) | set(by_z)):
+        s, d = scored.get(z), by_z.get(z, {})
         slices.append([case_id, z, s.dsc if s else math.nan, s.hd95_mm if s else math.nan,
                        d.get("area_mm2", math.nan), d.get("roughness", math.nan), d.get("gamma_msa", math.nan)])
     return slices
@@ -193,25 +265,34 @@ def predict(run: Path, source: Path, out: Path, device: str = "auto", resize: st
     volume that turns out truncated stops the command with nothing half-written.
     """
     from microseg.atomic import atomic_files_into
-    from microseg.data.volumes import read_volume, write_mask
 
     source, out = Path(source), Path(out)
     inputs, targets = _prediction_plan(source, out)
     loaded = load_run_model(run, device, resize)
-    model, preprocess = loaded.model, loaded.preprocess
-    dev = next(model.parameters()).device
+    predictor = slab_predictor(loaded.model, loaded.preprocess)
     created = [p for p in (out, *out.parents) if not p.exists()]
     try:
         with contextlib.nullcontext(out.parent) if not source.is_dir() else atomic_files_into(out) as folder:
             for path, target in tqdm(list(zip(inputs, targets)), desc="predict", leave=False, disable=None):
-                volume = read_volume(path, "image")
-                write_mask(folder / target.name, predict_volume(model, volume.array, dev, preprocess), volume)
+                _predict_file(predictor, path, folder / target.name)
     except BaseException:
         for folder in created:  # folders made on the way to a failed output, deepest first
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
         raise
     return targets
+
+
+def _predict_file(predict: Predictor, source: Path, target: Path, slab: int = SLAB) -> None:
+    """Predict one volume slab by slab into the mask file `target` (its grid, atomically)."""
+    from microseg.data.volumes import SlabReader, volume_writer
+
+    with SlabReader(source, "image") as image:
+        geometry = image.geometry
+        with volume_writer(target, geometry.shape, np.uint8, geometry.affine, image.header) as write:
+            for start in range(0, geometry.shape[0], slab):
+                write(binary(predict, image.read(start, start + slab)))
+            image.finish()
 
 
 def _prediction_plan(source: Path, out: Path) -> tuple[list[Path], list[Path]]:

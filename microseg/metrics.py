@@ -89,17 +89,25 @@ def _border(padded: np.ndarray) -> np.ndarray:
     return padded[core] & ~interior
 
 
-def _directed(src: np.ndarray, dst: np.ndarray, spacing: np.ndarray) -> np.ndarray:
-    """For every voxel of border `src`, the distance (spacing units) to the nearest voxel of border `dst`.
+def _points(mask: np.ndarray) -> np.ndarray:
+    """Voxel indices (rows of np.argwhere, C order) of a mask; np.argwhere, but far faster than N-d nonzero."""
+    return np.stack(np.unravel_index(np.flatnonzero(mask), mask.shape), axis=1)
 
-    Voxels on both borders are 0; the others query a k-d tree of dst's points (a percentile
-    does not depend on the order).
-    """
-    def points(mask: np.ndarray) -> np.ndarray:  # np.argwhere, but far faster than N-d nonzero
-        return np.stack(np.unravel_index(np.flatnonzero(mask), mask.shape), axis=1) * spacing
 
-    far = cKDTree(points(dst), balanced_tree=False, compact_nodes=False).query(points(src & ~dst))[0]
-    return np.concatenate((np.zeros(np.count_nonzero(src & dst)), far))
+def _nearest(dst: np.ndarray, src: np.ndarray) -> np.ndarray:
+    """For every point of `src` (rows), the distance to the nearest point of `dst` (a k-d tree)."""
+    return cKDTree(dst, balanced_tree=False, compact_nodes=False).query(src)[0]
+
+
+def _percentile95(a: np.ndarray, b: np.ndarray, a_only: np.ndarray, b_only: np.ndarray, n_both: int,
+                  combine: str) -> float:
+    """HD95 from the two borders' points (`a`, `b`, in spacing units), those on one border only, and
+    how many lie on both (distance 0; a percentile does not depend on the order)."""
+    d_ab = np.concatenate((np.zeros(n_both), _nearest(b, a_only)))
+    d_ba = np.concatenate((np.zeros(n_both), _nearest(a, b_only)))
+    if combine == "max":
+        return float(max(np.percentile(d_ab, 95), np.percentile(d_ba, 95)))
+    return float(np.percentile(np.concatenate((d_ab, d_ba)), 95))
 
 
 def hd95(pred: np.ndarray, ref: np.ndarray, spacing: float | Sequence[float] = 1.0,
@@ -114,8 +122,7 @@ def hd95(pred: np.ndarray, ref: np.ndarray, spacing: float | Sequence[float] = 1
     An empty `pred` or `ref` raises ValueError (HD95 is undefined; medpy raises RuntimeError):
     the caller decides how to score it.
     """
-    if combine not in ("pooled", "max"):
-        raise MicrosegError(f"unknown HD95 combine {combine!r}; valid: pooled, max")
+    _check_combine(combine)
     a, b = _masks(pred, ref)
     for name, m in (("prediction", a), ("reference", b)):
         if not m.any():
@@ -124,10 +131,13 @@ def hd95(pred: np.ndarray, ref: np.ndarray, spacing: float | Sequence[float] = 1
     (lo_a, hi_a), (lo_b, hi_b) = _bbox(a), _bbox(b)
     box = tuple(slice(lo, hi) for lo, hi in zip(np.minimum(lo_a, lo_b), np.maximum(hi_a, hi_b)))
     border_a, border_b = _border(np.pad(a[box], 1)), _border(np.pad(b[box], 1))
-    d_ab, d_ba = _directed(border_a, border_b, s), _directed(border_b, border_a, s)
-    if combine == "max":
-        return float(max(np.percentile(d_ab, 95), np.percentile(d_ba, 95)))
-    return float(np.percentile(np.concatenate((d_ab, d_ba)), 95))
+    return _percentile95(_points(border_a) * s, _points(border_b) * s, _points(border_a & ~border_b) * s,
+                         _points(border_b & ~border_a) * s, int(np.count_nonzero(border_a & border_b)), combine)
+
+
+def _check_combine(combine: str) -> None:
+    if combine not in ("pooled", "max"):
+        raise MicrosegError(f"unknown HD95 combine {combine!r}; valid: pooled, max")
 
 
 @dataclass(frozen=True)
@@ -176,33 +186,112 @@ def score_case(pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, float, f
     - "volume": 3D DSC and 3D HD95 with the full spacing. One volume empty: DSC 0 and HD95 NaN
       ("skip") or the volume diagonal ("diagonal"); both empty: both NaN.
     """
-    check_protocol(protocol)
-    if one_sided_hd95 not in ONE_SIDED_HD95:
-        raise MicrosegError(f"unknown one_sided_hd95 {one_sided_hd95!r}; valid: {', '.join(ONE_SIDED_HD95)}")
     pred, ref = _masks(pred, ref)
     if pred.ndim != 3:
         raise MicrosegError(f"expected [Z,H,W] volumes, got shape {pred.shape}")
-    s = _spacing(spacing, 3)
-    has_p, has_r = pred.reshape(len(pred), -1).any(1), ref.reshape(len(ref), -1).any(1)
-    n_one_sided, n_both_empty = int(np.sum(has_p ^ has_r)), int(np.sum(~has_p & ~has_r))
+    scorer = CaseScorer(pred.shape, spacing, protocol, one_sided_hd95)
+    scorer.add(pred, ref)
+    return scorer.result()
 
-    if protocol == "volume":
+
+class CaseScorer:
+    """`score_case` fed slab by slab (consecutive slices, z ascending): the same CaseScore.
+
+    Per-slice protocols score each slice as it arrives. The volume protocol counts voxels and
+    keeps the 3D borders of both masks (medpy's cross-shaped erosion, see `_border`) as voxel
+    indices, a slice's border known once the next slice has arrived; `result()` measures their
+    distances in the masks' joint bounding box, as `hd95` does on the whole volume. Memory: a
+    slab plus the border points (a surface, not a volume).
+    """
+
+    def __init__(self, shape_zyx: tuple[int, int, int], spacing: tuple[float, float, float], protocol: str,
+                 one_sided_hd95: str = "skip"):
+        check_protocol(protocol)
+        if one_sided_hd95 not in ONE_SIDED_HD95:
+            raise MicrosegError(f"unknown one_sided_hd95 {one_sided_hd95!r}; valid: {', '.join(ONE_SIDED_HD95)}")
+        self.shape, self.spacing = tuple(int(n) for n in shape_zyx), _spacing(spacing, 3)
+        self.protocol, self.one_sided_hd95 = protocol, one_sided_hd95
+        self.z = 0
+        self.has_p, self.has_r = np.zeros(self.shape[0], bool), np.zeros(self.shape[0], bool)
+        self.per_slice: list[SliceScore] = []
+        self.counts = np.zeros(3, np.int64)  # volume protocol: |P|, |R|, |P n R|
+        self.lo = np.array(self.shape)
+        tail = np.zeros((1, *self.shape[1:]), bool)  # the slice before z = 0 (outside: False, as medpy)
+        self.tails, self.borders = [tail, tail], [[], []]
+
+    def add(self, pred: np.ndarray, ref: np.ndarray) -> None:
+        """Score the next slab of both masks ([n,H,W], non-zero = object)."""
+        pred, ref = _masks(pred, ref)
+        if pred.ndim != 3 or pred.shape[1:] != self.shape[1:] or self.z + len(pred) > self.shape[0]:
+            raise MicrosegError(f"slab of shape {pred.shape} does not continue a volume of shape {self.shape} "
+                                f"at slice {self.z}")
+        z0, self.z = self.z, self.z + len(pred)
+        has_p, has_r = pred.reshape(len(pred), -1).any(1), ref.reshape(len(ref), -1).any(1)
+        self.has_p[z0:self.z], self.has_r[z0:self.z] = has_p, has_r
+        if self.protocol == "volume":
+            self._add_volume(pred, ref, z0)
+            return
+        s = self.spacing
+        diagonal = math.hypot(self.shape[1] * s[1], self.shape[2] * s[2])
+        for k in np.flatnonzero(has_p & has_r if self.protocol == "microsegnet" else has_p | has_r):
+            if has_p[k] and has_r[k]:
+                self.per_slice.append(SliceScore(z0 + int(k), dice(pred[k], ref[k]), hd95(pred[k], ref[k], s[1:])))
+            else:
+                self.per_slice.append(SliceScore(z0 + int(k), 0.0,
+                                                 diagonal if self.one_sided_hd95 == "diagonal" else math.nan))
+
+    def _add_volume(self, pred: np.ndarray, ref: np.ndarray, z0: int) -> None:
+        self.counts += (np.count_nonzero(pred), np.count_nonzero(ref), np.count_nonzero(pred & ref))
+        either = pred | ref
+        if either.any():
+            self.lo = np.minimum(self.lo, [z0 + int(np.flatnonzero(either.any((1, 2)))[0]),
+                                           int(np.flatnonzero(either.any((0, 2)))[0]),
+                                           int(np.flatnonzero(either.any((0, 1)))[0])])
+        for i, mask in enumerate((pred, ref)):
+            self._borders(i, mask, z0)
+
+    def _borders(self, i: int, slab: np.ndarray, z0: int) -> None:
+        """Append the 3D border voxels of mask `i` for every slice whose two neighbours are known
+        (`slab` starts at slice z0)."""
+        block = np.concatenate((self.tails[i], slab))
+        first = z0 - (len(self.tails[i]) - 1)  # z of block[1]
+        if len(block) > 2:
+            inner = np.pad(block[1:-1], ((0, 0), (1, 1), (1, 1)))
+            interior = block[1:-1] & block[:-2] & block[2:]
+            interior &= inner[:, :-2, 1:-1] & inner[:, 2:, 1:-1] & inner[:, 1:-1, :-2] & inner[:, 1:-1, 2:]
+            points = _points(block[1:-1] & ~interior)
+            points[:, 0] += first
+            self.borders[i].append(points)
+        self.tails[i] = block[-2:]
+
+    def result(self) -> CaseScore:
+        """The case's score, once every slice has been added."""
+        if self.z != self.shape[0]:
+            raise ValueError(f"scored {self.z} of {self.shape[0]} slices")
+        has_p, has_r = self.has_p, self.has_r
+        n_one_sided, n_both_empty = int(np.sum(has_p ^ has_r)), int(np.sum(~has_p & ~has_r))
+        if self.protocol != "volume":
+            per_slice = self.per_slice
+            return CaseScore(_mean([p.dsc for p in per_slice]), _mean([p.hd95_mm for p in per_slice]),
+                             len(per_slice), n_one_sided, n_both_empty, list(per_slice))
         n = int(np.sum(has_p | has_r))
         if has_p.any() and has_r.any():
-            return CaseScore(dice(pred, ref), hd95(pred, ref, s), n, n_one_sided, n_both_empty)
-        penalty = float(np.hypot.reduce(np.array(pred.shape) * s)) if one_sided_hd95 == "diagonal" else math.nan
+            n_p, n_r, n_pr = (int(c) for c in self.counts)
+            return CaseScore(2.0 * n_pr / (n_p + n_r), self._hd95(), n, n_one_sided, n_both_empty)
+        diagonal = float(np.hypot.reduce(np.array(self.shape) * self.spacing))
+        penalty = diagonal if self.one_sided_hd95 == "diagonal" else math.nan
         return CaseScore(0.0 if n else math.nan, penalty if n else math.nan, n, n_one_sided, n_both_empty)
 
-    scored = np.flatnonzero(has_p & has_r if protocol == "microsegnet" else has_p | has_r)
-    diagonal = math.hypot(pred.shape[1] * s[1], pred.shape[2] * s[2])
-    per_slice = []
-    for z in scored:
-        if has_p[z] and has_r[z]:
-            per_slice.append(SliceScore(int(z), dice(pred[z], ref[z]), hd95(pred[z], ref[z], s[1:])))
-        else:
-            per_slice.append(SliceScore(int(z), 0.0, diagonal if one_sided_hd95 == "diagonal" else math.nan))
-    return CaseScore(_mean([p.dsc for p in per_slice]), _mean([p.hd95_mm for p in per_slice]),
-                     len(per_slice), n_one_sided, n_both_empty, per_slice)
+    def _hd95(self) -> float:
+        """3D HD95 of the collected borders, coordinates relative to the joint bounding box as in `hd95`."""
+        end = np.zeros((1, *self.shape[1:]), bool)  # the slice after the last (outside: False)
+        for i in range(2):
+            self._borders(i, end, self.shape[0])
+        a, b = (np.concatenate(points) for points in self.borders)
+        keys = [np.ravel_multi_index(p.T, self.shape) for p in (a, b)]
+        a_only, b_only = ~np.isin(keys[0], keys[1]), ~np.isin(keys[1], keys[0])
+        a, b = ((p - self.lo) * self.spacing for p in (a, b))
+        return _percentile95(a, b, a[a_only], b[b_only], int(np.count_nonzero(~a_only)), "pooled")
 
 
 def summarize(values: Sequence[float]) -> dict[str, float]:

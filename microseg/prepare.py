@@ -10,18 +10,23 @@ a mask empty on every slice) get a line each, and the report is written beside t
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from microseg.atomic import remove_stale_temporaries, require_writable
-from microseg.check import checked_train_volumes
-from microseg.data.cache import cached_fingerprint, fingerprint, test_record, write_cache
+from microseg.check import checked_train_cases
+from microseg.data.cache import cache_entry, cached_fingerprint, fingerprint, test_record, write_cache
 from microseg.data.layout import find_cases
 from microseg.errors import OptionError
 from microseg.preprocess import SIZE_MULTIPLE
 
 
-def prepare_cache(data_root: str | Path, out: str | Path, size: int = 224) -> Path:
-    """Build (or reuse, when up to date) the slice cache of ``data_root`` at ``out``; returns ``out``."""
+def prepare_cache(data_root: str | Path, out: str | Path, size: int = 224, jobs: int | None = 1) -> Path:
+    """Build (or reuse, when up to date) the slice cache of ``data_root`` at ``out``; returns ``out``.
+
+    `jobs` patients are read, checked and resized at once, one per process (`microseg.jobs`);
+    this process writes them in order, so the cache is the same whatever `jobs` is.
+    """
     if size < SIZE_MULTIPLE or size % SIZE_MULTIPLE:
         raise OptionError(f"`size` must be a positive multiple of {SIZE_MULTIPLE}, the models' patch stride "
                             f"(got {size})")
@@ -35,7 +40,8 @@ def prepare_cache(data_root: str | Path, out: str | Path, size: int = 224) -> Pa
         print(f"cache up to date: {out}")
         return out
     records = {case.case_id: test_record(case) for case in test}
-    volumes = checked_train_volumes(root, out, digest, train, test)  # + <cache>.check.json
-    n_slices = write_cache(out, size, digest, root, volumes, records)
+    convert = functools.partial(cache_entry, size=size)
+    entries = checked_train_cases(root, out, digest, train, test, convert, jobs)  # + <cache>.check.json
+    n_slices = write_cache(out, size, digest, root, entries, records)
     print(f"wrote cache: {out} ({n_slices} slices from {len(train)} patients, {len(test)} test cases)")
     return out

@@ -1,97 +1,143 @@
-"""Benchmark evaluate on one real-size volume: seconds to predict and score it, against medpy scoring.
+"""Benchmark `microseg evaluate` on one native-size volume against medpy scoring, in one run.
 
-One synthetic volume of `--slices` slices at 962 x 1372 (default 250, the real data's size; uint8
-speckle) goes through `microseg.evaluate.predict_volume` (resize to the model's size, forward in
-batches, probabilities back to native size, threshold) with a model of `--model` (random weights:
-the time does not depend on them), then the prediction is scored against the expert the way
-evaluate does it (`microseg.metrics.score_case`, protocol "microsegnet": DSC and HD95 per slice
-where both masks are non-empty) and the way MicroSegNet's evaluation does it (medpy `dc` and
-`hd95` per slice). The masks scored are prostate-like outlines of bench_metrics (a random model
-predicts nothing useful to score): the prediction a perturbed copy of the expert. Both scorings
-must agree to 1e-6.
+One test patient of a phantom at 962 x 1372 (`--data`, else one of `--slices` slices, default
+250, is simulated first: a few minutes) is evaluated end to end by `microseg.evaluate.evaluate`
+in a child process: the six NIfTI files read, the tiny model's forward (random weights, its output
+bias set so that about 30 % of the pixels are foreground), the probabilities back to native size,
+the prediction written, the model and the four other annotators scored, the hard region and the
+expert's descriptors; everything evaluate computes. The reference, in another child process, is
+MicroSegNet's test-script scoring of one annotation of the same volume: medpy `dc` and `hd95` per
+slice where both masks are non-empty (the non-expert against the expert, arrays already in memory).
+Each child's peak resident memory is its VmHWM (/proc/self/status); evaluate's seconds are timed inside its
+child (imports and model loading excluded; the whole command's wall time is printed beside).
 
-    python scripts/bench_evaluate.py --device cuda                      # the real-size figure
-    python scripts/bench_evaluate.py --slices 4 --model tiny --device cpu  # a quick check
+    python scripts/bench_evaluate.py                          # simulate, then measure
+    python scripts/bench_evaluate.py --data /tmp/native       # reuse a phantom with a test/ patient
+    python scripts/bench_evaluate.py --slices 8 --size 240 343  # a quick check
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
+
+EVALUATE = """
+import json, sys, time
+start = time.perf_counter()
+from microseg.evaluate import evaluate
+imported = time.perf_counter()
+evaluate(sys.argv[1], sys.argv[2], device=sys.argv[3])
+print(json.dumps({"imports": imported - start, "evaluate": time.perf_counter() - imported, "peak_mb": peak_mb()}))
+"""
+
+REFERENCE = """
+import json, sys, time
+import nibabel as nib
 import numpy as np
-import torch
-from medpy.metric import binary as medpy_binary
+from medpy.metric import binary
+start = time.perf_counter()
+pred, ref = (np.asarray(nib.load(p).dataobj).transpose(2, 1, 0) > 0 for p in sys.argv[1:3])
+sx, sy, _ = nib.load(sys.argv[1]).header.get_zooms()
+read = time.perf_counter()
+both = [z for z in range(len(ref)) if pred[z].any() and ref[z].any()]
+dsc = [binary.dc(pred[z], ref[z]) for z in both]
+hd = [binary.hd95(pred[z], ref[z], voxelspacing=(sy, sx)) for z in both]
+print(json.dumps({"read": read - start, "score": time.perf_counter() - read, "slices": len(both),
+                  "dsc": float(np.mean(dsc)), "hd95": float(np.mean(hd)), "peak_mb": peak_mb()}))
+"""
+PEAK = """
+def peak_mb():
+    \"\"\"This process's peak resident memory (VmHWM: since its exec, unlike ru_maxrss).\"\"\"
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+"""
 
-SCRIPTS = Path(__file__).resolve().parent
-sys.path[:0] = [str(SCRIPTS), str(SCRIPTS.parent)]
-from bench_losses import hardware  # noqa: E402
-from bench_metrics import H, PIXEL_MM, W, pair  # noqa: E402
 
-from microseg.evaluate import predict_volume  # noqa: E402
-from microseg.metrics import score_case  # noqa: E402
-from microseg.models import build_model  # noqa: E402
-from microseg.preprocess import Preprocess  # noqa: E402
-from microseg.runtime import autocast_context, resolve_device  # noqa: E402
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def child(code: str, *args: str) -> tuple[dict, float]:
+    """Run `code` in a fresh interpreter: (its JSON line, with its peak resident MB; wall seconds)."""
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", PEAK + code, *args], capture_output=True, text=True,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    if done.returncode:
+        raise SystemExit(done.stderr)
+    return json.loads(done.stdout.strip().splitlines()[-1]), time.perf_counter() - start
 
 
-def medpy_scores(pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, float]) -> tuple[float, float]:
-    """MicroSegNet's way: medpy DSC and HD95 per slice where both masks are non-empty, then the means."""
-    both = [z for z in range(len(ref)) if pred[z].any() and ref[z].any()]
-    dsc = [medpy_binary.dc(pred[z], ref[z]) for z in both]
-    hd = [medpy_binary.hd95(pred[z], ref[z], voxelspacing=spacing) for z in both]
-    return float(np.mean(dsc)), float(np.mean(hd))
+def tiny_run(data: Path, run: Path, size: int) -> None:
+    """A run folder holding the tiny model with random weights, its output bias at the 70th
+    percentile of its logits on the test volume (about 30 % foreground)."""
+    import numpy as np
+    import torch
+
+    from microseg.data.cache import resize_image
+    from microseg.data.volumes import read_volume
+    from microseg.models import build_model
+    from microseg.preprocess import Preprocess
+    from microseg.run import Checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model("tiny", img_size=size).eval()
+    image = read_volume(sorted((data / "test" / "micro_ultrasound_scans").glob("*.nii*"))[0]).array
+    x = torch.from_numpy(np.stack([resize_image(s, size) for s in image[:: max(1, len(image) // 16)]]))
+    with torch.no_grad():
+        logits = model(x.float()[:, None] / 254).logits
+    state = model.state_dict()
+    state["seg_head.bias"] -= torch.quantile(logits.flatten(), 0.7)
+    save_checkpoint(Checkpoint(state, asdict(model.config), Preprocess(size=size)), run / "last.pt")
 
 
 def main() -> None:
+    import nibabel as nib
+    import torch
+
+    from bench_losses import hardware
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--slices", type=int, default=250)
-    parser.add_argument("--model", default="R50-ViT-B_16")
-    parser.add_argument("--size", type=int, default=224, help="model input size")
-    parser.add_argument("--batch", type=int, default=16, help="slices per forward (evaluate's default)")
-    parser.add_argument("--amp", default="none", help="autocast for the forward: none (what evaluate does), bf16, auto")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu or cuda")
+    parser.add_argument("--data", type=Path, help="phantom folder whose test/ holds one patient (default: simulate)")
+    parser.add_argument("--slices", type=int, default=250, help="slices of the simulated patient (default 250)")
+    parser.add_argument("--size", type=int, nargs=2, default=[962, 1372], metavar=("H", "W"))
+    parser.add_argument("--model-size", type=int, default=224, help="the tiny model's input size (default 224)")
+    parser.add_argument("--device", default="cpu", help="evaluate's device (cpu, cuda)")
     args = parser.parse_args()
-    device = resolve_device(args.device)
-    rng = np.random.default_rng(0)
-    volume = rng.integers(0, 255, (args.slices, H, W), dtype=np.uint8)
-    pairs = [pair(z, (z + 0.5) / args.slices) for z in range(args.slices)]
-    pred, ref = np.stack([p for p, _ in pairs]), np.stack([r for _, r in pairs])
-    model = build_model(args.model, img_size=args.size).to(device).eval()
-    preprocess = Preprocess(size=args.size, kernel_sizes=(1,))
+    with tempfile.TemporaryDirectory() as tmp:
+        data = args.data
+        if data is None:
+            from microseg.data.phantom import simulate_dataset
 
-    with torch.no_grad(), autocast_context(device, args.amp):
-        predict_volume(model, volume[:args.batch], device, preprocess, args.batch)  # warm-up
-        sync(device)
-        start = time.perf_counter()
-        predict_volume(model, volume, device, preprocess, args.batch)
-        sync(device)
-    t_predict = time.perf_counter() - start
-    spacing = (1.0, PIXEL_MM, PIXEL_MM)
-    start = time.perf_counter()
-    ours = score_case(pred, ref, spacing, "microsegnet")
-    t_ours = time.perf_counter() - start
-    start = time.perf_counter()
-    dsc, hd = medpy_scores(pred, ref, spacing[1:])
-    t_medpy = time.perf_counter() - start
-    assert abs(ours.dsc - dsc) < 1e-6 and abs(ours.hd95_mm - hd) < 1e-6, (ours, dsc, hd)
-
-    print(f"\n{hardware(device)}; {args.model} at {args.size} px, batch {args.batch}, amp {args.amp}; "
-          f"one volume of {args.slices} x {H} x {W}\n")
-    print("| stage | seconds per volume |")
-    print("| --- | ---: |")
-    print(f"| predict (predict_volume) | {t_predict:.2f} |")
-    print(f"| score, microseg (score_case) | {t_ours:.2f} |")
-    print(f"| score, medpy per slice (MicroSegNet's way) | {t_medpy:.2f} |")
-    print(f"| evaluate: predict + microseg scoring | {t_predict + t_ours:.2f} |")
-    print(f"| reference: predict + medpy scoring | {t_predict + t_medpy:.2f} ({(t_predict + t_medpy) / (t_predict + t_ours):.2f}x) |")
+            data = simulate_dataset(Path(tmp) / "phantom", n_train=1, n_test=1, n_slices=args.slices,
+                                    size=tuple(args.size))
+        cases = sorted((data / "test" / "micro_ultrasound_scans").glob("*.nii*"))
+        if len(cases) != 1:
+            raise SystemExit(f"{data}/test must hold exactly one patient (found {len(cases)})")
+        run = Path(tmp) / "run"
+        tiny_run(data, run, args.model_size)
+        case_id = cases[0].name.split("_")[-1].split(".")[0]
+        masks = [data / "test" / f"{kind}_annotations" / f"{name}_annotation_test_{case_id}.nii.gz"
+                 for kind, name in (("non_expert", "nonexpert"), ("expert", "expert"))]
+        reference, _ = child(REFERENCE, *map(str, masks))
+        ours, ours_wall = child(EVALUATE, str(run), str(data), args.device)
+        shape = nib.load(cases[0]).shape[::-1]
+    ratio = ours["evaluate"] / reference["score"]
+    print(f"\n{hardware(torch.device(args.device))}; one volume of {' x '.join(map(str, shape))}, tiny model at "
+          f"{args.model_size} px, evaluate on {args.device}\n")
+    print("| stage | seconds per volume | peak memory (MB) |")
+    print("| --- | ---: | ---: |")
+    print(f"| evaluate: read 6 files, predict, write, score model + 4 raters, hard region, descriptors "
+          f"| {ours['evaluate']:.2f} | {ours['peak_mb']:.0f} |")
+    print(f"| reference: medpy dc + hd95 per slice, one annotation ({reference['slices']} slices) "
+          f"| {reference['score']:.2f} | {reference['peak_mb']:.0f} |")
+    print(f"| ratio evaluate / reference | {ratio:.2f} | |")
+    print(f"\nevaluate command wall {ours_wall:.1f} s (imports {ours['imports']:.1f} s, model loading included); "
+          f"reference read its two files in {reference['read']:.1f} s (not counted)")
 
 
 if __name__ == "__main__":

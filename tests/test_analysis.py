@@ -167,7 +167,7 @@ def test_gamma_msa_is_the_mean_numpy_gradient_magnitude(where):
         volume[1, 9:13, 16:17] = True
     got = [d["gamma_msa"] for d in slice_descriptors(volume, (1.0, 1.0))]
     want = [np.hypot(*np.gradient(s.astype(np.float64))).mean() for s in volume]
-    np.testing.assert_allclose(got, want, rtol=1e-5)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
 
 
 def test_slice_descriptors_rejects_bad_spacing():

@@ -167,3 +167,13 @@ def test_out_folder_policy_and_cli(tmp_path, capsys):
     assert [c.case_id for c in find_cases(out, "train")] == ["01"]
     assert main(["simulate", "--out", str(tmp_path / "x"), "--slices", "2"]) == 2
     assert "--slices" in capsys.readouterr().err
+
+
+def test_jobs_write_the_files_of_one_job(tmp_path):
+    for jobs in (1, 2):
+        simulate_dataset(tmp_path / str(jobs), n_train=2, n_test=1, n_slices=4, size=(48, 64), seed=2, jobs=jobs)
+    files = sorted(p.relative_to(tmp_path / "1") for p in (tmp_path / "1").rglob("*.nii.gz"))
+    assert len(files) == 2 * 3 + 6
+    for name in files:
+        one, two = (nib.load(tmp_path / str(jobs) / name) for jobs in (1, 2))
+        assert np.array_equal(np.asarray(one.dataobj), np.asarray(two.dataobj)) and np.array_equal(one.affine, two.affine)

@@ -49,8 +49,6 @@ from microseg.preprocess import resize_image, resize_mask
 
 FORMAT_VERSION = 3  # 3: per-patient A-FL statistics
 SLICE_KEYS = ("images", "expert", "non_expert")
-TrainVolume = tuple[Case, Volume, list[Volume]]
-"""A training case, its image and its [expert, non-expert] masks, as ``write_cache`` takes them."""
 
 
 @dataclass
@@ -117,9 +115,32 @@ def _append(dataset: h5py.Dataset, values: np.ndarray) -> None:
     dataset[start:] = values
 
 
-def write_cache(out: Path, size: int, digest: str, root: Path, train_volumes: Iterable[TrainVolume],
+@dataclass
+class CacheEntry:
+    """One training case as the cache stores it: its slices resized (uint8 [Z, S, S] each of
+    SLICE_KEYS), its native shape and spacing, its A-FL statistics and expert foreground fractions."""
+
+    case_id: str
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    stacks: dict[str, np.ndarray]
+    stats: dict[str, float]
+    expert_fraction: np.ndarray
+
+
+def cache_entry(case: Case, image: Volume, masks: list[Volume], size: int) -> CacheEntry:
+    """The cache entry of a case's image and [expert, non-expert] masks at ``size``."""
+    stacks = {"images": np.stack([resize_image(s, size) for s in image.array])}
+    for key, mask in zip(SLICE_KEYS[1:], masks):
+        stacks[key] = np.stack([resize_mask(s, size) for s in mask.array])
+    stats = dict(zip(PATIENT_STAT_KEYS, patient_statistics(stacks["expert"])))
+    fraction = masks[0].array.mean(axis=(1, 2), dtype=np.float64).astype(np.float32)
+    return CacheEntry(case.case_id, image.array.shape, image.spacing, stacks, stats, fraction)
+
+
+def write_cache(out: Path, size: int, digest: str, root: Path, entries: Iterable[CacheEntry],
                 test_records: dict[str, dict]) -> int:
-    """Write the cache of ``train_volumes`` (each case's image and [expert, non-expert] masks) and the
+    """Write the cache of the training cases' ``entries`` (in order, consumed one at a time) and the
     test split's records at ``out``, atomically; returns the number of slices."""
     with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
         f.attrs.update(size=size, format_version=FORMAT_VERSION, fingerprint=digest, data_root=str(root))
@@ -127,19 +148,16 @@ def write_cache(out: Path, size: int, digest: str, root: Path, train_volumes: It
                                         chunks=(1, size, size), compression="lzf") for key in SLICE_KEYS}
         per_slice = {key: f.create_dataset(key, (0,), dtype, maxshape=(None,))
                      for key, dtype in (("case_id", "S16"), ("slice_index", np.int32), ("expert_fraction", np.float32))}
-        for case, image, masks in train_volumes:
-            require_free_space(out, len(image.array) * size * size * len(SLICE_KEYS))  # before HDF5 meets ENOSPC
-            _append(slices["images"], np.stack([resize_image(s, size) for s in image.array]))
-            resized = [np.stack([resize_mask(s, size) for s in mask.array]) for mask in masks]
-            for key, stack in zip(SLICE_KEYS[1:], resized):
-                _append(slices[key], stack)
-            n = len(image.array)
-            f.create_group(f"train/{case.case_id}").attrs.update(
-                shape=image.array.shape, spacing=image.spacing,
-                **dict(zip(PATIENT_STAT_KEYS, patient_statistics(resized[0]))))
-            _append(per_slice["case_id"], np.full(n, case.case_id.encode(), dtype="S16"))
+        for entry in entries:
+            n = entry.shape[0]
+            require_free_space(out, n * size * size * len(SLICE_KEYS))  # before HDF5 meets ENOSPC
+            for key in SLICE_KEYS:
+                _append(slices[key], entry.stacks[key])
+            f.create_group(f"train/{entry.case_id}").attrs.update(shape=entry.shape, spacing=entry.spacing,
+                                                                 **entry.stats)
+            _append(per_slice["case_id"], np.full(n, entry.case_id.encode(), dtype="S16"))
             _append(per_slice["slice_index"], np.arange(n, dtype=np.int32))
-            _append(per_slice["expert_fraction"], masks[0].array.mean(axis=(1, 2), dtype=np.float64).astype(np.float32))
+            _append(per_slice["expert_fraction"], entry.expert_fraction)
         for case_id, record in test_records.items():
             group = f.create_group(f"test/{case_id}")
             group.attrs.update(record)

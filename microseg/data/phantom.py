@@ -71,11 +71,11 @@ import cv2
 import numpy as np
 from scipy import fft
 from scipy.ndimage import gaussian_filter, gaussian_filter1d
-from tqdm import tqdm
 
 from microseg.atomic import make_folder, write_text
 from microseg.data.layout import EXPERT, IMAGES, NON_EXPERT, RATERS, file_name, rater_kind
 from microseg.data.volumes import write_volume
+from microseg.jobs import run_jobs
 from microseg.errors import MicrosegError, OptionError
 from microseg.preprocess import INTENSITY_MAX
 
@@ -435,12 +435,24 @@ def _previous_files(out: Path) -> list[Path]:
     return [p for p in listed if p.name.endswith((".nii", ".nii.gz")) and p.resolve().is_relative_to(inside)]
 
 
+def _simulate_one(job: tuple) -> None:
+    """Simulate one case and write its files: job = (size, n_slices, seed, split, case_id, [(name, path)])."""
+    size, n_slices, seed, split, case_id, files = job
+    geo = ScanGeometry(*size)
+    rng = np.random.default_rng([seed, ("train", "test").index(split), int(case_id)])
+    image, masks = simulate_case(geo, rng, n_slices, tuple(name for name, _ in files[2:]))
+    spacing = (slice_spacing(n_slices), geo.spacing, geo.spacing)
+    for name, path in files:
+        write_volume(path, image if name == "image" else masks[name], spacing)
+
+
 def simulate_dataset(out: str | Path, n_train: int = 10, n_test: int = 4, n_slices: int = 24,
-                     size: tuple[int, int] = NATIVE_SIZE, seed: int = 0) -> Path:
+                     size: tuple[int, int] = NATIVE_SIZE, seed: int = 0, jobs: int | None = 1) -> Path:
     """Write a phantom dataset (real layout, two-digit ids from 01) under ``out``; returns ``out``.
 
     Case ``(split, i)`` draws from ``np.random.default_rng([seed, split_index, i])``, so a case's
-    arrays depend only on the seed, its id and the size/slice settings.
+    arrays depend only on the seed, its id and the size/slice settings, not on the order or the
+    process (`jobs` patients at once, `microseg.jobs`) that simulates it.
     """
     out = Path(out)
     if n_train < 1 or n_test < 0:
@@ -462,14 +474,8 @@ def simulate_dataset(out: str | Path, n_train: int = 10, n_test: int = 4, n_slic
 
     make_folder(out)
     write_marker(previous + written)  # covers both sets until this run completes
-    geo = ScanGeometry(*size)
-    spacing = (slice_spacing(n_slices), geo.spacing, geo.spacing)
-    for (split, case_id), files in tqdm(plan.items(), desc="simulate", unit="case", disable=None):
-        rng = np.random.default_rng([seed, ("train", "test").index(split), int(case_id)])
-        raters = tuple(name for name, _ in files[2:])
-        image, masks = simulate_case(geo, rng, n_slices, raters)
-        for name, path in files:
-            write_volume(path, image if name == "image" else masks[name], spacing)
+    cases = [(tuple(size), n_slices, seed, split, case_id, files) for (split, case_id), files in plan.items()]
+    run_jobs(_simulate_one, cases, jobs, desc="simulate")
     for stale in set(previous) - set(written):
         stale.unlink(missing_ok=True)
     write_marker(written)

@@ -22,13 +22,19 @@ voxel grid: shape, spacing, origin and axis directions (``GEOMETRY_TOLERANCE``).
 
 from __future__ import annotations
 
+import contextlib
+import math
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import nibabel as nib
 import numpy as np
+import numpy.typing as npt
+from isal import igzip, isal_zlib
+from nibabel.arrayproxy import ArrayProxy
 from nibabel.filebasedimages import ImageFileError
 
 from microseg.atomic import atomic_path
@@ -36,7 +42,7 @@ from microseg.data.layout import NIFTI_SUFFIXES
 from microseg.errors import MicrosegError, warn
 from microseg.preprocess import INTENSITY_MAX
 
-READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, ImageFileError)
+READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, isal_zlib.error, ImageFileError)
 GEOMETRY_TOLERANCE = {"spacing": 1e-4, "origin": 1e-2, "direction": 1e-4}
 """How far a mask's grid may differ from its image's: spacing relative, origin in units of the
 smallest voxel size, axis directions as differences of direction cosines (1e-4 ~ 0.006 degrees);
@@ -111,46 +117,105 @@ def _spacing(path: Path, img: nib.Nifti1Image) -> tuple[float, float, float]:
     return (zooms[2], zooms[1], zooms[0])
 
 
+class SlabReader:
+    """One NIfTI volume read in slabs of consecutive slices, z ascending, each voxel decompressed once.
+
+    ``read(start, stop)`` returns slices start..stop-1 as ``[n, H, W]``, validated as
+    ``read_volume`` validates a whole volume (image -> uint8 0..INTENSITY_MAX, mask -> uint8
+    {0, 1}); ``finish()`` after the last slab runs the checks that need every slice (a constant
+    or 0..1 image) and closes the file. Memory is one slab: nibabel's array proxy reads the
+    slab's bytes (on disk slice z is one contiguous block) from a file kept open, ``.nii.gz``
+    through ISA-L's gzip (``isal.igzip``, 2-3x zlib's speed).
+    """
+
+    def __init__(self, path: str | Path, kind: Literal["image", "mask"] = "image"):
+        self.path, self.kind = Path(path), kind
+        img = _load(self.path)
+        x, y, z = img.shape
+        self.geometry = Geometry(self.path, (z, y, x), _spacing(self.path, img), img.affine.copy())
+        self.header = img.header.copy()
+        self._file = (igzip.open if self.path.name.endswith(".gz") else open)(self.path, "rb")
+        stored = img.dataobj  # the file's own layout (an image's header has its data offset reset)
+        spec = (stored.shape, stored.dtype, stored.offset, stored.slope, stored.inter)
+        self._proxy = ArrayProxy(self._file, spec, mmap=False)
+        self._next, self._lo, self._hi, self._label = 0, math.inf, -math.inf, None
+
+    @property
+    def empty(self) -> bool:
+        """True while no non-zero voxel has been read (a mask empty on every slice, once finished)."""
+        return self._label is None
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Slices start..stop-1 (start is where the previous slab ended) as a validated ``[n, H, W]`` array."""
+        if start != self._next:
+            raise ValueError(f"{self.path}: slabs must be read in order (next is {self._next}, asked {start})")
+        stop = min(stop, self.geometry.shape[0])
+        try:
+            data = np.asarray(self._proxy[:, :, start:stop])
+        except READ_ERRORS as err:
+            raise MicrosegError(f"{self.path}: corrupt or truncated NIfTI data ({_one_line(err)})") from None
+        self._next = stop
+        if data.dtype.kind not in "biuf":
+            raise MicrosegError(f"{self.path}: unsupported voxel type {data.dtype}")
+        if data.dtype.kind == "f" and not np.isfinite(data).all():
+            raise MicrosegError(f"{self.path}: contains NaN or infinite values")
+        array = np.ascontiguousarray(data.transpose(2, 1, 0))
+        return self._as_image(array) if self.kind == "image" else self._as_mask(array)
+
+    def finish(self) -> None:
+        """The whole-volume checks, once every slice has been read; closes the file."""
+        self.close()
+        if self._next != self.geometry.shape[0]:
+            raise ValueError(f"{self.path}: finished after {self._next} of {self.geometry.shape[0]} slices")
+        lo, hi = (self._lo, self._hi) if self._lo <= self._hi else (0.0, 0.0)
+        if self.kind == "image" and lo == hi:
+            raise MicrosegError(f"{self.path}: image is constant ({lo:g} in every voxel): nothing to segment")
+        if self.kind == "image" and hi <= 1:
+            raise MicrosegError(f"{self.path}: image intensities span only {lo:g}..{hi:g}, but the dataset is "
+                                f"0..{INTENSITY_MAX} (a 0..1 export? multiply it by {INTENSITY_MAX})")
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "SlabReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _as_image(self, array: np.ndarray) -> np.ndarray:
+        if not array.size:
+            return array.astype(np.uint8)
+        lo, hi = float(array.min()), float(array.max())
+        if lo < -0.5 or hi >= INTENSITY_MAX + 0.5:
+            found = f"up to {hi:g}" if array.dtype == np.uint8 else f"{lo:g}..{hi:g}"
+            raise MicrosegError(f"{self.path}: image intensities must lie in 0..{INTENSITY_MAX} (the dataset's "
+                                f"range), found {found}; rescale the volume to 0..{INTENSITY_MAX}")
+        self._lo, self._hi = min(self._lo, lo), max(self._hi, hi)
+        if array.dtype == np.uint8:
+            return array
+        return np.rint(array).astype(np.uint8) if array.dtype.kind == "f" else array.astype(np.uint8)
+
+    def _as_mask(self, array: np.ndarray) -> np.ndarray:
+        nonzero = array != 0
+        values = array[nonzero]
+        if values.size:
+            label = values[0] if self._label is None else self._label
+            if (values != label).any():
+                found = np.unique(np.append(values, label))[:4].tolist()
+                raise MicrosegError(f"{self.path}: mask is not binary (non-zero values {found}...; expected 0 "
+                                    "and one label)")
+            self._label = label
+        return nonzero.view(np.uint8)
+
+
 def read_volume(path: str | Path, kind: Literal["image", "mask"] = "image") -> Volume:
     """Read and validate a volume; image -> uint8 0..INTENSITY_MAX, mask -> uint8 {0, 1}; ``[Z, H, W]``."""
-    path = Path(path)
-    img = _load(path)
-    try:
-        data = np.asarray(img.dataobj)
-    except READ_ERRORS as err:
-        raise MicrosegError(f"{path}: corrupt or truncated NIfTI data ({_one_line(err)})") from None
-    if data.dtype.kind not in "biuf":
-        raise MicrosegError(f"{path}: unsupported voxel type {data.dtype}")
-    if data.dtype.kind == "f" and not np.isfinite(data).all():
-        raise MicrosegError(f"{path}: contains NaN or infinite values")
-    array = np.ascontiguousarray(data.transpose(2, 1, 0))
-    array = _as_image(path, array) if kind == "image" else _as_mask(path, array)
-    return Volume(array, _spacing(path, img), img.affine.copy(), img.header.copy(), path)
-
-
-def _as_image(path: Path, array: np.ndarray) -> np.ndarray:
-    lo, hi = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
-    if lo < -0.5 or hi >= INTENSITY_MAX + 0.5:
-        found = f"up to {hi:g}" if array.dtype == np.uint8 else f"{lo:g}..{hi:g}"
-        raise MicrosegError(f"{path}: image intensities must lie in 0..{INTENSITY_MAX} (the dataset's range), "
-                            f"found {found}; rescale the volume to 0..{INTENSITY_MAX}")
-    if lo == hi:
-        raise MicrosegError(f"{path}: image is constant ({lo:g} in every voxel): nothing to segment")
-    if hi <= 1:
-        raise MicrosegError(f"{path}: image intensities span only {lo:g}..{hi:g}, but the dataset is "
-                            f"0..{INTENSITY_MAX} (a 0..1 export? multiply it by {INTENSITY_MAX})")
-    if array.dtype == np.uint8:
-        return array
-    return np.rint(array).astype(np.uint8) if array.dtype.kind == "f" else array.astype(np.uint8)
-
-
-def _as_mask(path: Path, array: np.ndarray) -> np.ndarray:
-    nonzero = array != 0
-    values = array[nonzero]
-    if values.size and (values != values[0]).any():
-        found = np.unique(values)[:4].tolist()
-        raise MicrosegError(f"{path}: mask is not binary (non-zero values {found}...; expected 0 and one label)")
-    return nonzero.view(np.uint8)
+    with SlabReader(path, kind) as reader:
+        array = reader.read(0, reader.geometry.shape[0])
+        reader.finish()
+    geometry = reader.geometry
+    return Volume(array, geometry.spacing, geometry.affine, reader.header, geometry.path)
 
 
 def _numbers(values) -> str:
@@ -200,14 +265,45 @@ def read_mask_for(image: Volume, path: str | Path) -> Volume:
     return mask
 
 
-def _save(path: Path, array_zyx: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header | None) -> None:
+@contextlib.contextmanager
+def volume_writer(path: str | Path, shape_zyx: tuple[int, int, int], dtype: npt.DTypeLike, affine: np.ndarray,
+                  header: nib.Nifti1Header | None = None) -> Iterator[Callable[[np.ndarray], None]]:
+    """Write a ``[Z, H, W]`` volume slab by slab, z ascending: yields ``write(slab)``; atomic.
+
+    The file holds what ``nibabel.save`` writes for the whole array (the same header, the voxels
+    in the same order: on disk x varies fastest, then y, then z, i.e. each ``[n, H, W]`` slab's
+    C-order bytes), ``.nii.gz`` compressed at level 1 (nibabel's default) by ISA-L's gzip.
+    """
+    path, data_dtype = Path(path), np.dtype(dtype)
     if not path.name.endswith(NIFTI_SUFFIXES):
         raise MicrosegError(f"{path}: a NIfTI file name must end in .nii or .nii.gz")
-    img = nib.Nifti1Image(np.asarray(array_zyx).transpose(2, 1, 0), affine, header=header)
-    img.set_data_dtype(array_zyx.dtype)
+    z, y, x = shape_zyx
+    img = nib.Nifti1Image(np.broadcast_to(np.zeros((), data_dtype), (x, y, z)), affine, header=header)
+    img.set_data_dtype(data_dtype)
     img.header.set_slope_inter(1.0, 0.0)
+    img.update_header()
+    written = 0
+
+    def write(slab: np.ndarray) -> None:
+        nonlocal written
+        slab = np.ascontiguousarray(slab, dtype=data_dtype)
+        if slab.shape[1:] != (y, x) or written + len(slab) > z:
+            raise ValueError(f"{path}: slab of shape {slab.shape} after {written} of {z} slices")
+        out.write(slab.data)
+        written += len(slab)
+
     with atomic_path(path) as tmp:
-        nib.save(img, tmp)
+        with (igzip.open(tmp, "wb", compresslevel=1) if path.name.endswith(".gz") else open(tmp, "wb")) as out:
+            img.header.write_to(out)
+            out.write(bytes(int(img.header.get_data_offset()) - out.tell()))
+            yield write
+        if written != z:
+            raise ValueError(f"{path}: {written} of {z} slices written")
+
+
+def _save(path: Path, array_zyx: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header | None) -> None:
+    with volume_writer(path, array_zyx.shape, array_zyx.dtype, affine, header) as write:
+        write(array_zyx)
 
 
 def write_mask(path: str | Path, mask_zyx: np.ndarray, like: Volume) -> None:
