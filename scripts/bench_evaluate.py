@@ -82,7 +82,7 @@ def tiny_run(data: Path, run: Path, size: int) -> None:
     from microseg.data.volumes import read_volume
     from microseg.models import build_model
     from microseg.preprocess import Preprocess
-    from microseg.run import Checkpoint, save_checkpoint
+    from microseg.checkpoint import Checkpoint, save_checkpoint
 
     torch.manual_seed(0)
     model = build_model("tiny", img_size=size).eval()

@@ -18,7 +18,7 @@ from medpy.metric.binary import dc, hd95
 
 from microseg.data.volumes import SlabReader, volume_writer
 from microseg.evaluate import evaluate
-from microseg.run import load_checkpoint, save_checkpoint
+from microseg.checkpoint import load_checkpoint, save_checkpoint
 
 RATERS = ("non_expert", "clinician", "master_student", "medical_student")
 FILES = {"expert": "expert_annotations/expert", "non_expert": "non_expert_annotations/nonexpert",
