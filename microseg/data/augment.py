@@ -11,15 +11,24 @@ output scales: `--no-augment`, the `microsegnet` recipe). Exactly those four, wi
   image, nearest neighbour for the masks (they stay binary), zero fill;
 - intensity variations: brightness and contrast +-0.15 (p = 0.5), image only.
 Inputs are uint8 ``[S, S]`` arrays; call as ``aug(image=img, masks=[expert, non_expert])``.
+
+This is the one module that imports albumentations: importing it asks the package index for its
+latest version unless NO_ALBUMENTATIONS_UPDATE is set, so the variable is set first (only the
+`download` commands use the network).
 """
 
 from __future__ import annotations
 
-import albumentations as A
-import cv2
+import os
+
+os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"  # before the import: no version check over the network
+
+import albumentations as A  # noqa: E402
+import cv2  # noqa: E402
+from albumentations import Compose  # noqa: E402
 
 
-def build_augmentation(seed: int | None = None) -> A.Compose:
+def build_augmentation(seed: int | None = None) -> Compose:
     """The training augmentation (any slice size); ``seed`` fixes its random stream."""
     return A.Compose(
         [
