@@ -163,13 +163,16 @@ def _add_evaluate(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="dataset folder holding the split")
     p.add_argument("--split", default="test", help="split to evaluate: train or test (default test)")
     p.add_argument("--protocol", default=PROTOCOLS[0], help=f"scoring protocol: {', '.join(PROTOCOLS)} (default %(default)s)")
+    p.add_argument("--no-source-check", dest="source_check", action="store_false",
+                   help="evaluate even if the run's training cache's source files changed since it was prepared")
     _add_inference_options(p)
     _add_jobs_option(p)
 
     def run(args: argparse.Namespace) -> int:
         from microseg.evaluate import evaluate
 
-        path = evaluate(args.run, args.data, args.split, args.protocol, args.resize, args.device, jobs=args.jobs)
+        path = evaluate(args.run, args.data, args.split, args.protocol, args.resize, args.device, jobs=args.jobs,
+                        source_check=args.source_check)
         print(f"per-patient scores: {path}")
         return 0
 

@@ -42,6 +42,8 @@ def option(default: Any = None, help: str = "", **cli: Any) -> Any:
 @dataclass
 class TrainConfig:
     cache: str = option("", "slice cache from `microseg prepare`")
+    source_check: bool = option(True, "refuse a cache whose source files changed since `microseg prepare` "
+                                      "(--no-source-check: use it as it is)")
     run: str = option("", "run folder to write, e.g. runs/NAME (required, here or as run: in --config)")
     recipe: str = option(DEFAULT_RECIPE, "named set of defaults (the --config file and the options win over it): "
                                          + "; ".join(f"{r.name} ({r.reproduces})" for r in RECIPES.values()))
@@ -114,6 +116,8 @@ def resolve_train_config(yaml_path: str | None, overrides: dict[str, Any]) -> Tr
     values: dict[str, Any] = {}
     if yaml_path:
         path = Path(yaml_path)
+        if path.is_dir():
+            raise MicrosegError(f"--config {path} is a folder, not a YAML file")
         if not path.is_file():
             raise MicrosegError(f"config file not found: {path}")
         try:
@@ -224,11 +228,11 @@ def _validate_deep_supervision(c: TrainConfig) -> None:
 def check_train_inputs(c: TrainConfig, resume: bool) -> list[str]:
     """Refuse, before a run folder is created, a cache or weights file the run could not use; returns warnings.
 
-    The cache must be readable and its slice size one the model takes (a multiple of the encoder
-    stride); the weights (a fresh run's) must resolve to a readable weights file. A batch larger
+    The cache must be readable, its sources unchanged since `prepare` (unless --no-source-check)
+    and its slice size one the model takes (a multiple of the encoder stride); the weights (a fresh run's) must resolve to a readable weights file. A batch larger
     than the training split is legitimate but suspicious: one warning.
     """
-    from microseg.data.cache import read_cache_info
+    from microseg.data.cache import check_sources, read_cache_info
     from microseg.data.dataset import split_by_patient
     from microseg.models.pretrained_files import resolve_weights
     from microseg.models.weights import check_weights_file
@@ -239,6 +243,8 @@ def check_train_inputs(c: TrainConfig, resume: bool) -> list[str]:
         raise OptionError(f"cache {c.cache} holds {info.size} px slices, which no model takes (a multiple of "
                             f"{SIZE_MULTIPLE} is needed): prepare it again with `size` {lower} or "
                             f"{lower + SIZE_MULTIPLE}")
+    if c.source_check:
+        check_sources(c.cache)
     if c.weights and not resume:
         check_weights_file(resolve_weights(c.weights))
     train_idx, _ = split_by_patient(Path(c.cache), c.val_fraction, c.seed)

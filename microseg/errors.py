@@ -10,7 +10,20 @@ import sys
 
 
 class MicrosegError(Exception):
-    """An error caused by the user's input; its message names the culprit."""
+    """An error caused by the user's input; its message names the culprit.
+
+    Raised in a DataLoader worker (a cache slice that does not read), it comes back to the main
+    process through torch's ExceptionWrapper, which rebuilds it from the worker's whole traceback
+    ("Caught MicrosegError in DataLoader worker process 0. Original Traceback ... MicrosegError:
+    <message>"): the message is cut back to its own line, so the CLI still prints one line.
+    """
+
+    def __init__(self, message: object = "") -> None:
+        text = str(message)
+        name = type(self).__name__
+        if text.startswith(f"Caught {name} in DataLoader worker") and f"{name}: " in text:
+            text = text.rstrip().rsplit(f"{name}: ", 1)[1]
+        super().__init__(text)
 
 
 class OptionError(MicrosegError):

@@ -93,7 +93,8 @@ def predict_volume(model: torch.nn.Module, volume: np.ndarray, device: torch.dev
 
 
 def evaluate(run: Path, data: Path, split: str = "test", protocol: str = "microsegnet", resize: str | None = None,
-             device: str = "auto", batch_size: int = SLAB, jobs: int | None = 1) -> Path:
+             device: str = "auto", batch_size: int = SLAB, jobs: int | None = 1,
+             source_check: bool = True) -> Path:
     """Predict and score every case of `split` (train or test); returns the per-patient CSV path.
 
     Besides the model, every other annotation found (non-expert, clinician, master and medical
@@ -102,7 +103,9 @@ def evaluate(run: Path, data: Path, split: str = "test", protocol: str = "micros
     (`microseg.analysis`; the training's main-output dilation kernel scaled to native pixels).
     `resize` (bilinear, nearest) overrides the run's prediction resize. Prints the checkpoint
     used first and the mean DSC and HD95 at the end. `jobs` patients are evaluated at once, one
-    per process (`microseg.jobs`; None: one per core), each with the model on `device`.
+    per process (`microseg.jobs`; None: one per core), each with the model on `device`. With
+    `source_check`, a run whose training cache is on disk is refused when the cache's source
+    files changed since it was prepared.
     """
     from microseg.check import SPLITS
     from microseg.data.layout import find_cases
@@ -114,6 +117,11 @@ def evaluate(run: Path, data: Path, split: str = "test", protocol: str = "micros
     folder = RunFolder(run)
     loaded = load_run_model(folder.path, device, resize)
     model, preprocess, checkpoint, checkpoint_file = loaded.model, loaded.preprocess, loaded.checkpoint, loaded.path
+    cache = Path(str(checkpoint.train_config.get("cache", "")))
+    if source_check and cache.is_file():
+        from microseg.data.cache import check_sources
+
+        check_sources(cache)
     cases = find_cases(Path(data), split, require_non_expert=False)
     missing = [c.case_id for c in cases if c.expert is None]
     if missing:

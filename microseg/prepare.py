@@ -15,7 +15,7 @@ from pathlib import Path
 
 from microseg.atomic import remove_stale_temporaries, require_writable
 from microseg.check import checked_train_cases
-from microseg.data.cache import cache_entry, cached_fingerprint, fingerprint, test_record, write_cache
+from microseg.data.cache import cache_entry, cached_fingerprint, fingerprint, source_records, test_record, write_cache
 from microseg.data.layout import find_cases
 from microseg.errors import OptionError
 from microseg.preprocess import SIZE_MULTIPLE
@@ -42,6 +42,6 @@ def prepare_cache(data_root: str | Path, out: str | Path, size: int = 224, jobs:
     records = {case.case_id: test_record(case) for case in test}
     convert = functools.partial(cache_entry, size=size)
     entries = checked_train_cases(root, out, digest, train, test, convert, jobs)  # + <cache>.check.json
-    n_slices = write_cache(out, size, digest, root, entries, records)
+    n_slices = write_cache(out, size, digest, root, entries, records, source_records(train + test))
     print(f"wrote cache: {out} ({n_slices} slices from {len(train)} patients, {len(test)} test cases)")
     return out

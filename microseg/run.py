@@ -175,7 +175,7 @@ class RunLock:
             self.fd = None
 
 
-RESUME_MAY_CHANGE = ("run", "device", "num_workers", "sync_every", "tensorboard")
+RESUME_MAY_CHANGE = ("run", "device", "num_workers", "sync_every", "tensorboard", "source_check")
 
 
 def resumed_config(run: str, yaml_path: str | None, options: dict[str, Any]) -> TrainConfig:

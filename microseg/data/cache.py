@@ -1,6 +1,7 @@
 """The HDF5 slice cache: every training slice resized once, test volumes recorded by path.
 
-Layout of the file (one slice per chunk, lzf-compressed):
+Layout of the file (one slice per chunk, lzf-compressed; every dataset carries HDF5's fletcher32
+checksum per chunk, so a damaged chunk fails to read instead of yielding other values):
     images       uint8 [N, S, S]  area-averaged resize (cv2.INTER_AREA) of the 0..INTENSITY_MAX slice
     expert       uint8 [N, S, S]  {0, 1}: area-averaged resize of the mask, then >= 0.5
     non_expert   uint8 [N, S, S]  {0, 1}: same
@@ -10,7 +11,8 @@ Layout of the file (one slice per chunk, lzf-compressed):
     train/<id>   group; attrs: shape [Z,H,W], spacing (sz,sy,sx) of the source volume, and the
                  patient's A-FL statistics `afl_fg_fraction`, `afl_gamma_msa` (below)
     test/<id>    group; attrs: image, expert, non_expert, <rater> paths, shape [Z,H,W], spacing (sz,sy,sx)
-    root attrs:  size, format_version, fingerprint, data_root
+    root attrs:  size, format_version, fingerprint, data_root, sources (JSON: [path, bytes, mtime_ns]
+                 of every source file)
 
 A-FL per-patient statistics (`microseg.patient_stats`): the foreground fraction and
 the mean 3D gradient magnitude of the patient's cached expert stack (Z x S x S, the training-size
@@ -24,7 +26,8 @@ eroding), the functions evaluation uses too.
 
 The fingerprint is sha256 over the format version, the size, and each source file's absolute
 path, byte size and mtime; ``microseg.prepare.prepare_cache`` reuses a cache whose fingerprint
-matches and rebuilds it otherwise. Only the train split is cached; the test split is checked
+matches and rebuilds it otherwise. `check_sources` (train and evaluate) compares the recorded
+files with the disk and refuses a cache whose sources changed since, naming the file. Only the train split is cached; the test split is checked
 from headers (``test_record``: files present, 3D, every mask on its image's grid: shape,
 spacing, origin, axis directions) and read at native size by evaluation.
 """
@@ -47,7 +50,7 @@ from microseg.errors import MicrosegError, OptionError
 from microseg.patient_stats import PATIENT_STAT_KEYS, patient_statistics
 from microseg.preprocess import resize_image, resize_mask
 
-FORMAT_VERSION = 3  # 3: per-patient A-FL statistics
+FORMAT_VERSION = 4  # 3: per-patient A-FL statistics; 4: fletcher32 checksums, source records
 SLICE_KEYS = ("images", "expert", "non_expert")
 
 
@@ -78,11 +81,40 @@ def _source_files(cases: list[Case]) -> list[Path]:
     return files
 
 
+def source_records(cases: list[Case]) -> list[tuple[str, int, int]]:
+    """(path, byte size, mtime_ns) of every source file."""
+    return [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in _source_files(cases)]
+
+
 def fingerprint(cases: list[Case], size: int) -> str:
     """sha256 of format version, size and (path, byte size, mtime_ns) of every source file."""
-    stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in _source_files(cases)]
-    blob = json.dumps({"format_version": FORMAT_VERSION, "size": size, "files": stats})
+    blob = json.dumps({"format_version": FORMAT_VERSION, "size": size, "files": source_records(cases)})
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def check_sources(path: str | Path) -> None:
+    """Refuse a cache whose source files differ from the disk's (byte size or mtime), naming the first.
+
+    When the cache's data folder is not on this machine (the cache was copied alone) nothing is
+    compared; when it is, a recorded file that is gone or changed is refused.
+    """
+    path = Path(path)
+    with h5py.File(path, "r") as f:
+        if "sources" not in f.attrs:  # a cache of an earlier format: read_cache_info refuses it for training
+            return
+        data_root, sources = Path(str(f.attrs["data_root"])), json.loads(str(f.attrs["sources"]))
+    if not data_root.is_dir():
+        return
+    for name, size, mtime_ns in sources:
+        try:
+            stat = Path(name).stat()
+        except FileNotFoundError:
+            raise MicrosegError(f"{name} was removed since the cache {path} was prepared from it: prepare the "
+                                "cache again (or pass --no-source-check to use it as it is)") from None
+        if (stat.st_size, stat.st_mtime_ns) != (size, mtime_ns):
+            raise MicrosegError(f"{name} changed since the cache {path} was prepared from it (its size or "
+                                "modification time differ): prepare the cache again (or pass --no-source-check "
+                                "to use it as it is)")
 
 
 def test_record(case: Case) -> dict:
@@ -139,14 +171,16 @@ def cache_entry(case: Case, image: Volume, masks: list[Volume], size: int) -> Ca
 
 
 def write_cache(out: Path, size: int, digest: str, root: Path, entries: Iterable[CacheEntry],
-                test_records: dict[str, dict]) -> int:
-    """Write the cache of the training cases' ``entries`` (in order, consumed one at a time) and the
-    test split's records at ``out``, atomically; returns the number of slices."""
+                test_records: dict[str, dict], sources: list[tuple[str, int, int]]) -> int:
+    """Write the cache of the training cases' ``entries`` (in order, consumed one at a time), the
+    test split's records and the `source_records` at ``out``, atomically; returns the number of slices."""
     with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
-        f.attrs.update(size=size, format_version=FORMAT_VERSION, fingerprint=digest, data_root=str(root))
+        f.attrs.update(size=size, format_version=FORMAT_VERSION, fingerprint=digest, data_root=str(root),
+                       sources=json.dumps(sources))
         slices = {key: f.create_dataset(key, (0, size, size), np.uint8, maxshape=(None, size, size),
-                                        chunks=(1, size, size), compression="lzf") for key in SLICE_KEYS}
-        per_slice = {key: f.create_dataset(key, (0,), dtype, maxshape=(None,))
+                                        chunks=(1, size, size), compression="lzf", fletcher32=True)
+                  for key in SLICE_KEYS}
+        per_slice = {key: f.create_dataset(key, (0,), dtype, maxshape=(None,), fletcher32=True)
                      for key, dtype in (("case_id", "S16"), ("slice_index", np.int32), ("expert_fraction", np.float32))}
         for entry in entries:
             n = entry.shape[0]
@@ -175,7 +209,8 @@ def read_cache_info(path: str | Path) -> CacheInfo:
                 raise MicrosegError(f"{path}: not a microseg cache")
             if int(f.attrs["format_version"]) != FORMAT_VERSION:
                 found = f.attrs["format_version"]
-                raise MicrosegError(f"{path}: cache format {found}, expected {FORMAT_VERSION}; run 'microseg prepare'")
+                raise MicrosegError(f"{path}: cache format {found}, this microseg reads format {FORMAT_VERSION} "
+                                    "(checksummed slices): prepare it again with `microseg prepare`")
             ids = [i.decode() for i in f["case_id"][()]]
             tests = {}
             for case_id, group in f.get("test", {}).items():
@@ -200,5 +235,9 @@ def read_cache_info(path: str | Path) -> CacheInfo:
 def foreground_areas(path: str | Path) -> np.ndarray:
     """Expert foreground fraction of every cached training slice (native resolution), float32 [N]."""
     read_cache_info(path)
-    with h5py.File(path, "r") as f:
-        return f["expert_fraction"][()]
+    try:
+        with h5py.File(path, "r") as f:
+            return f["expert_fraction"][()]
+    except OSError as err:
+        raise MicrosegError(f"cache {path}: its expert_fraction record cannot be read ({' '.join(str(err).split())}): "
+                            "the file is damaged; prepare it again") from None

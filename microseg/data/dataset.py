@@ -27,10 +27,9 @@ from typing import Sequence
 import h5py
 import numpy as np
 import torch
-from albumentations import Compose
 from torch.utils.data import Dataset
 
-from microseg.data.augment import build_augmentation
+from microseg.data.augment import Compose, build_augmentation
 from microseg.data.cache import SLICE_KEYS, read_cache_info
 from microseg.errors import MicrosegError
 from microseg.preprocess import INTENSITY_MAX, scale_intensity
@@ -87,9 +86,23 @@ class SliceDataset(Dataset):
             transform.set_random_seed(int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0]))
         return transform
 
+    def _read(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Slice `index`'s image and masks; a chunk that fails its checksum or decompression, or a
+        mask that is not binary, is one MicrosegError naming the cache and the slice (in a loader
+        worker too: see MicrosegError)."""
+        where = f"cache {self.path}: slice {index} (case {self.case_ids[index]}, z {int(self.slice_index[index])})"
+        try:
+            image, expert, non_expert = (array[index] for array in self._open())
+        except OSError as err:
+            raise MicrosegError(f"{where} cannot be read ({' '.join(str(err).split())}): the file is damaged; "
+                                "prepare it again") from None
+        if expert.max(initial=0) > 1 or non_expert.max(initial=0) > 1:
+            raise MicrosegError(f"{where} holds a mask that is not binary: the file is damaged; prepare it again")
+        return image, expert, non_expert
+
     def __getitem__(self, item: int) -> dict:
         index = int(self.indices[item])
-        image, expert, non_expert = (array[index] for array in self._open())
+        image, expert, non_expert = self._read(index)
         if self.augment:
             out = self._augmentation(index)(image=image, masks=[expert, non_expert])
             image, (expert, non_expert) = out["image"], out["masks"]
