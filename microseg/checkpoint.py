@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from microseg.atomic import atomic_path
+from microseg.config import TrainConfig, config_from_dict, load_config, read_config_file, resolve_train_config
 from microseg.errors import MicrosegError, OptionError
 from microseg.preprocess import PREDICTION_RESIZES, REFERENCE_KERNEL_SIZES, Preprocess
 from microseg.run import RunFolder
@@ -168,3 +169,52 @@ def load_run_model(run: str | Path, device: str = "auto", resize: str | None = N
     preprocess = checkpoint.preprocess if resize is None else dataclasses.replace(checkpoint.preprocess,
                                                                                   prediction_resize=resize)
     return RunModel(checkpoint.build_model(device_), preprocess, checkpoint, path)
+
+
+RESUME_MAY_CHANGE = ("run", "device", "num_workers", "sync_every", "tensorboard", "source_check")
+"""The options a resumed run may set anew: they do not change what it computes."""
+RESUME_NEEDS = ("train_config", "optimizer", "scaler", "accum", "rng")
+"""The checkpoint records a resumed run needs besides the weights."""
+
+
+def resumed_config(run: str, yaml_path: str | None, options: dict[str, Any]) -> TrainConfig:
+    """The config the run's `last.pt` was trained with: the truth a resumed run keeps.
+
+    `config.yaml` must still say the same (a hand-edited one is refused naming the field), and so
+    must every option the --config file or the command line sets (bar RESUME_MAY_CHANGE: device,
+    workers, checks, logging), naming the first that differs.
+    """
+    if not run:
+        raise OptionError("`resume` needs `run` RUN: the run folder to continue")
+    folder = RunFolder(run)
+    saved = load_config(folder.config)
+    truth = _trained_config(folder)
+    for key, value in truth.to_dict().items():
+        if key not in RESUME_MAY_CHANGE and getattr(saved, key) != value:
+            raise MicrosegError(f"{folder.config} says {key}: {getattr(saved, key)}, but {folder.last} was trained "
+                                f"with {key}: {value}; a resumed run keeps its config (restore {folder.config.name} "
+                                "or start a new run)")
+    from_file = read_config_file(yaml_path) if yaml_path else {}
+    explicit = {k: v for k, v in options.items() if v is not None}
+    asked = {**from_file, **explicit}
+    given = resolve_train_config(None, {**truth.to_dict(), **asked}).to_dict()
+    for key in sorted(set(asked) - set(RESUME_MAY_CHANGE)):
+        if given[key] != getattr(truth, key):
+            where = f"`{key}` {given[key]}" if key in explicit else f"{key}: {given[key]} in {yaml_path}"
+            raise OptionError(f"{where} differs from the run's config ({key}: {getattr(truth, key)}, the config "
+                              f"{folder.last} was trained with); a resumed run keeps its config")
+    return dataclasses.replace(truth, **{k: given[k] for k in RESUME_MAY_CHANGE if k in asked})
+
+
+def _trained_config(folder: RunFolder) -> TrainConfig:
+    """The training config recorded in the run's last.pt, once it holds every record resuming needs."""
+    if not folder.last.is_file():
+        raise MicrosegError(f"cannot resume: {folder.last} not found")
+    checkpoint = load_checkpoint(folder.last)
+    missing = [name for name in RESUME_NEEDS if getattr(checkpoint, name) is None]
+    missing += [] if checkpoint.train_config else ["train_config"]
+    if missing:
+        raise MicrosegError(f"cannot resume from {folder.last}: it has no {', '.join(missing)} record (a "
+                            "weights-only or damaged checkpoint); start a new run, e.g. with --weights "
+                            f"{folder.last}")
+    return config_from_dict(checkpoint.train_config, f"{folder.last} (its train_config record)")

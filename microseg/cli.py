@@ -101,7 +101,7 @@ def _add_train(verbs: argparse._SubParsersAction) -> None:
 
     def run(args: argparse.Namespace) -> int:
         from microseg.config import resolve_train_config
-        from microseg.run import resumed_config
+        from microseg.checkpoint import resumed_config
         from microseg.train import train
 
         options = {k: v for k, v in vars(args).items() if k not in ("verb", "func", "config", "resume", "force")}

@@ -113,22 +113,7 @@ RULES: dict[str, Rule] = {  # the numeric fields' ranges (`_typed` has made them
 
 def resolve_train_config(yaml_path: str | None, overrides: dict[str, Any]) -> TrainConfig:
     """Merge a YAML file (if any) and non-None CLI overrides over the defaults; validate."""
-    values: dict[str, Any] = {}
-    if yaml_path:
-        path = Path(yaml_path)
-        if path.is_dir():
-            raise MicrosegError(f"--config {path} is a folder, not a YAML file")
-        if not path.is_file():
-            raise MicrosegError(f"config file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise MicrosegError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
-        except UnicodeDecodeError:
-            raise MicrosegError(f"{path} is not a text (YAML) file") from None
-        if not isinstance(loaded, dict):
-            raise MicrosegError(f"{path} must hold a mapping of option: value")
-        values.update(_upgrade(loaded))
+    values: dict[str, Any] = read_config_file(yaml_path) if yaml_path else {}
     values.update({k: v for k, v in overrides.items() if v is not None})
     values = {**recipe_settings(values.get("recipe", DEFAULT_RECIPE)), **values}
     known = {f.name for f in fields(TrainConfig)}
@@ -138,6 +123,37 @@ def resolve_train_config(yaml_path: str | None, overrides: dict[str, Any]) -> Tr
     config = TrainConfig(**{key: _typed(key, value) for key, value in values.items()})
     _validate(config)
     return config
+
+
+def read_config_file(yaml_path: str) -> dict[str, Any]:
+    """The options a --config YAML file sets (upgraded from an earlier release's names)."""
+    path = Path(yaml_path)
+    if path.is_dir():
+        raise MicrosegError(f"--config {path} is a folder, not a YAML file")
+    if not path.is_file():
+        raise MicrosegError(f"config file not found: {path}")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise MicrosegError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    except UnicodeDecodeError:
+        raise MicrosegError(f"{path} is not a text (YAML) file") from None
+    if not isinstance(loaded, dict):
+        raise MicrosegError(f"{path} must hold a mapping of option: value")
+    return _upgrade(loaded)
+
+
+def config_from_dict(values: dict[str, Any], source: str) -> TrainConfig:
+    """A TrainConfig saved by a run (config.yaml, a checkpoint's record); `source` names it in errors."""
+    values = _upgrade(values)
+    unknown = sorted(set(values) - {f.name for f in fields(TrainConfig)}, key=str)
+    if unknown:
+        raise MicrosegError(f"{source} has option(s) this microseg does not know: {', '.join(map(str, unknown))} "
+                            "(written by another version?)")
+    try:
+        return TrainConfig(**{key: _typed(key, value) for key, value in values.items()})
+    except MicrosegError as err:
+        raise MicrosegError(f"{source}: {err}") from None
 
 
 def _upgrade(values: dict[str, Any]) -> dict[str, Any]:
@@ -269,9 +285,4 @@ def load_config(path: Path) -> TrainConfig:
         raise MicrosegError(f"{path} is not a readable run config (YAML)") from None
     if not isinstance(values, dict):
         raise MicrosegError(f"{path} must hold a mapping of option: value")
-    values = _upgrade(values)
-    unknown = sorted(set(values) - {f.name for f in fields(TrainConfig)}, key=str)
-    if unknown:
-        raise MicrosegError(f"{path} has option(s) this microseg does not know: {', '.join(map(str, unknown))} "
-                            "(written by another version?)")
-    return TrainConfig(**values)
+    return config_from_dict(values, str(path))

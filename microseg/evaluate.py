@@ -46,7 +46,7 @@ from microseg.errors import MicrosegError, OptionError, warn
 from microseg.jobs import check_jobs, run_jobs
 from microseg.metrics import CaseScorer, check_protocol, summarize
 from microseg.preprocess import Preprocess, resize_image, resize_prediction, scale_intensity
-from microseg.run import RunFolder
+from microseg.run import RunFolder, file_sha256
 from microseg.tables import SUMMARY_ROWS, markdown_table, write_csv
 
 SLICE_HEADER = ["case_id", "z", "dsc", "hd95_mm", "area_mm2", "roughness", "gamma_msa"]
@@ -108,13 +108,23 @@ def evaluate(run: Path, data: Path, split: str = "test", protocol: str = "micros
     files changed since it was prepared.
     """
     from microseg.check import SPLITS
-    from microseg.data.layout import find_cases
 
     if split not in SPLITS:
         raise OptionError(f"`split` {split!r} is not one of {', '.join(SPLITS)}")
     check_protocol(protocol)
     jobs = check_jobs(jobs)
     folder = RunFolder(run)
+    folder.checkpoint_path()  # the run folder and a checkpoint exist before its lock is taken
+    with folder.locked():
+        return _evaluate_locked(folder, data, split, protocol, resize, device, batch_size, source_check)
+
+
+def _evaluate_locked(folder: RunFolder, data: Path, split: str, protocol: str, resize: str | None, device: str,
+                     batch_size: int, source_check: bool) -> Path:
+    """`evaluate` while it holds the run's lock: the checkpoint it reads and the metrics it writes
+    belong together (no `train` writes the run meanwhile)."""
+    from microseg.data.layout import find_cases
+
     loaded = load_run_model(folder.path, device, resize)
     model, preprocess, checkpoint, checkpoint_file = loaded.model, loaded.preprocess, loaded.checkpoint, loaded.path
     cache = Path(str(checkpoint.train_config.get("cache", "")))
@@ -138,7 +148,8 @@ def evaluate(run: Path, data: Path, split: str = "test", protocol: str = "micros
         _write_metrics(folder, patients, slices, title=f"{folder.path.name}: {split}, protocol {protocol}")
         record = {"data": str(Path(data).resolve()), "split": split, "protocol": protocol,
                   "resize": preprocess.prediction_resize, "checkpoint": checkpoint_file.name,
-                  "checkpoint_epoch": checkpoint.epoch, "cases": [c.case_id for c in cases]}
+                  "checkpoint_epoch": checkpoint.epoch, "checkpoint_step": checkpoint.step,
+                  "checkpoint_sha256": file_sha256(checkpoint_file), "cases": [c.case_id for c in cases]}
         write_text(folder.evaluation, json.dumps(record, indent=1))
     print(mean_line(patients, protocol))
     return folder.per_patient

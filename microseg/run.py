@@ -20,17 +20,16 @@ A resumed run keeps its config (`resumed_config`). Reading runs for reports: `mi
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import fcntl
+import hashlib
 import os
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
 from microseg.atomic import make_folder
-from microseg.config import TrainConfig, load_config, resolve_train_config
-from microseg.errors import MicrosegError, OptionError
+from microseg.errors import MicrosegError
 from microseg.tables import write_records
 
 
@@ -107,6 +106,17 @@ class RunFolder:
             else:
                 target.unlink(missing_ok=True)
 
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the run's lock while the block reads and writes the run (evaluate): refused, naming
+        the holder's pid, while another process (train, evaluate) holds it."""
+        lock = RunLock(self.path)
+        lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
+
     def write_history(self, rows: list[dict[str, Any]]) -> None:
         write_records(self.history, rows)
 
@@ -175,18 +185,10 @@ class RunLock:
             self.fd = None
 
 
-RESUME_MAY_CHANGE = ("run", "device", "num_workers", "sync_every", "tensorboard", "source_check")
-
-
-def resumed_config(run: str, yaml_path: str | None, options: dict[str, Any]) -> TrainConfig:
-    """The config a run was started with; options given again must agree with it (bar device, workers)."""
-    if not run:
-        raise OptionError("`resume` needs `run` RUN: the run folder to continue")
-    saved = load_config(RunFolder(run).config)
-    explicit = {k: v for k, v in options.items() if v is not None}
-    given = resolve_train_config(yaml_path, {"cache": saved.cache, **explicit}).to_dict()
-    for key in sorted(set(explicit) - set(RESUME_MAY_CHANGE)):
-        if given[key] != getattr(saved, key):
-            raise OptionError(f"`{key}` {given[key]} differs from the run's config "
-                                f"({getattr(saved, key)}); a resumed run keeps its config")
-    return dataclasses.replace(saved, **{k: given[k] for k in RESUME_MAY_CHANGE if k in explicit})
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes (the identity of the checkpoint that metrics scored)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

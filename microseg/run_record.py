@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from microseg.config import load_config
-from microseg.errors import MicrosegError
-from microseg.run import RunFolder
+from microseg.errors import MicrosegError, warn
+from microseg.run import RunFolder, file_sha256
 from microseg.tables import SUMMARY_ROWS, number, read_csv
 
 
@@ -50,4 +50,20 @@ def load_run(run: Path) -> RunRecord:
                          for row in read_csv(folder.per_slice)]
     if folder.evaluation.is_file():
         record.evaluation = json.loads(folder.evaluation.read_text())
+        _require_current_metrics(folder, record.evaluation)
     return record
+
+
+def _require_current_metrics(folder: RunFolder, evaluation: dict) -> None:
+    """Refuse metrics that scored a checkpoint which is no longer the run's (retrained, resumed,
+    replaced since): the checkpoint evaluate would use now must be the one they recorded."""
+    scored, digest = evaluation.get("checkpoint"), evaluation.get("checkpoint_sha256")
+    if digest is None:
+        warn(f"{folder.evaluation} does not record which checkpoint it scored (an earlier release's "
+             f"evaluation): evaluate {folder.path} again to be sure its metrics are its model's")
+        return
+    current = folder.checkpoint_path()
+    if current.name != scored or file_sha256(current) != digest:
+        raise MicrosegError(f"the metrics of {folder.path} scored {scored} of epoch "
+                            f"{evaluation.get('checkpoint_epoch', '?')}, which is no longer the run's model "
+                            f"({current.name} has changed since): evaluate the run again before comparing it")
