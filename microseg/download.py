@@ -4,9 +4,16 @@ The record's metadata (Zenodo's REST API, ``GET {api}/records/10475293``) lists 
 their published md5 checksums, read as pooch's DOI downloader reads them. Each file goes through
 ``pooch.retrieve`` (temporary name, md5 check, rename; a mismatch leaves nothing behind) with
 ``ResumableDownloader``, which keeps an interrupted transfer as ``.<name>.part`` beside the target
-and resumes it with an HTTP ``Range: bytes=<size>-`` request. A zip is unpacked into a temporary
-folder beside the target, its layout is checked with ``microseg.data.layout.find_cases``, and only
-then is it renamed to ``<out>/Micro_Ultrasound_Prostate_Segmentation_Dataset``.
+and resumes it with an HTTP ``Range: bytes=<size>-`` request.
+
+A zip is inspected before anything is extracted (`dataset_entries`): an entry with an absolute
+path, a ``..`` component or a symbolic link refuses the archive; of the rest only the dataset's
+own files (``[<dataset>/]<split>/<known folder>/<name>.nii[.gz]``) are extracted, and their total
+size must fit both a cap (MAX_UNPACKED_BYTES) and the free space of the target's disk. Each is
+copied with its bytes counted, so an entry that inflates beyond its recorded size is refused
+too. They land in a temporary folder beside the target, the layout is checked with
+``microseg.data.layout.find_cases``, and only then is it renamed to
+``<out>/Micro_Ultrasound_Prostate_Segmentation_Dataset``.
 
 The API root is ``https://zenodo.org/api``; ``--api URL`` or ``MICROSEG_ZENODO_API`` overrides it
 (the tests serve a record from 127.0.0.1). Only this module and ``microseg.pretrained`` ever use
@@ -27,7 +34,7 @@ from urllib.parse import quote, urlsplit
 
 from tqdm import tqdm
 
-from microseg.data.layout import DATASET_FOLDER, find_cases
+from microseg.data.layout import DATASET_FOLDER, EXPERT, IMAGES, NON_EXPERT, RATERS, find_cases, rater_kind
 from microseg.errors import MicrosegError
 
 RECORD_ID = "10475293"
@@ -35,6 +42,10 @@ DEFAULT_API = "https://zenodo.org/api"
 API_ENV = "MICROSEG_ZENODO_API"
 TIMEOUT_S = 30
 CHUNK_BYTES = 1 << 14  # an interruption loses at most one chunk of what arrived
+MAX_UNPACKED_BYTES = 64 * 2**30
+"""The most an archive may unpack to (the published dataset is a few GB)."""
+DATASET_FOLDERS = (IMAGES[0], EXPERT[0], NON_EXPERT[0], *(rater_kind(r)[0] for r in RATERS))
+_OWN_ENTRY = re.compile(rf"(?:{DATASET_FOLDER}/)?(?:train|test)/(?:{'|'.join(DATASET_FOLDERS)})/[^/.][^/]*\.nii(?:\.gz)?")
 
 
 @dataclass(frozen=True)
@@ -170,19 +181,72 @@ def fetch_file(file: RecordFile, folder: Path, progress: bool | None = None) -> 
                             f"{file.md5}; the download was discarded") from None
 
 
-def unpack_dataset(archives: list[Path], out: Path) -> Path:
-    """Unzip into a temporary folder beside ``out/<dataset>``, check the layout, rename into place."""
+def dataset_entries(archive: Path) -> list[Any]:
+    """The dataset's own file entries of a zip, after every entry's path and kind and their total
+    size are checked; MicrosegError naming the archive and the entry otherwise. Nothing is extracted."""
+    import stat
     import zipfile
 
-    import pooch
+    try:
+        with zipfile.ZipFile(archive) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, OSError) as err:
+        raise MicrosegError(f"{archive}: cannot unpack ({err})") from None
+    own = []
+    for info in infos:
+        name = info.filename
+        parts = name.replace("\\", "/").split("/")
+        if name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", name):
+            raise MicrosegError(f"{archive}: entry {name!r} has an absolute path; the archive is not unpacked")
+        if ".." in parts:
+            raise MicrosegError(f"{archive}: entry {name!r} points outside the folder ('..'); the archive is not "
+                                "unpacked")
+        if stat.S_ISLNK(info.external_attr >> 16):
+            raise MicrosegError(f"{archive}: entry {name!r} is a symbolic link; the archive is not unpacked")
+        if not info.is_dir() and _OWN_ENTRY.fullmatch(name):
+            own.append(info)
+    return own
 
+
+def _extract(archive: Path, entries: list[Any], staging: Path) -> None:
+    """Copy `entries` of the zip under `staging`, each refused if it inflates beyond its recorded size."""
+    import zipfile
+
+    with zipfile.ZipFile(archive) as z:
+        for info in entries:
+            target = staging / info.filename
+            target.parent.mkdir(parents=True, exist_ok=True)
+            written = 0
+            with z.open(info) as source, open(target, "wb") as sink:
+                while block := source.read(1 << 20):
+                    written += len(block)
+                    if written > info.file_size:
+                        raise MicrosegError(f"{archive}: entry {info.filename!r} unpacks to more than its recorded "
+                                            f"{info.file_size} bytes; the archive is not unpacked")
+                    sink.write(block)
+
+
+def unpack_dataset(archives: list[Path], out: Path) -> Path:
+    """Inspect the archives, extract the dataset's own files into a temporary folder beside
+    ``out/<dataset>``, check the layout, rename into place."""
+    import zipfile
+
+    entries = {archive: dataset_entries(archive) for archive in archives}
+    total = sum(info.file_size for found in entries.values() for info in found)
+    if total > MAX_UNPACKED_BYTES:
+        raise MicrosegError(f"{', '.join(map(str, archives))} would unpack to {total / 2**30:.1f} GiB, more than the "
+                            f"{MAX_UNPACKED_BYTES / 2**30:.0f} GiB any copy of the dataset needs; not unpacked")
+    free = shutil.disk_usage(out).free
+    if total > free:
+        raise MicrosegError(f"cannot unpack into {out}: the dataset needs {total / 2**20:.1f} MiB and its disk has "
+                            f"{free / 2**20:.1f} MiB free")
     target = out / DATASET_FOLDER
     staging = Path(tempfile.mkdtemp(prefix=f".{DATASET_FOLDER}.", suffix=".tmp", dir=out))
     try:
-        for archive in archives:
+        for archive, found in entries.items():
             try:
-                pooch.Unzip(extract_dir=str(staging))(str(archive), "download", None)
-            except (zipfile.BadZipFile, OSError) as err:
+                _extract(archive, found, staging)
+            except (zipfile.BadZipFile, EOFError) as err:
                 raise MicrosegError(f"{archive}: cannot unpack ({err})") from None
         root = staging / DATASET_FOLDER if (staging / DATASET_FOLDER).is_dir() else staging
         for split in ("train", "test"):
