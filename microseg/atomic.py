@@ -159,9 +159,13 @@ def _sibling_folder(target: Path) -> Path:
     make_folder(target.parent)
     remove_stale_temporaries(target)
     try:
-        return Path(tempfile.mkdtemp(prefix=_temporary_prefix(target), suffix=".tmp", dir=target.parent))
+        folder = Path(tempfile.mkdtemp(prefix=_temporary_prefix(target), suffix=".tmp", dir=target.parent))
     except OSError as err:
         raise MicrosegError(f"cannot write {target}: {_reason(err)}") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)  # mkdtemp makes 0700; give the folder the mode a plain mkdir would
+    return folder
 
 
 @contextlib.contextmanager

@@ -401,6 +401,12 @@ def compare(runs: list[Path], out: Path, overlays: bool = False, cases: str | No
     """Write the comparison of `runs` into `out`; returns the path of `report.md`."""
     if not runs:
         raise MicrosegError("compare needs at least one run folder")
+    seen: dict[Path, Path] = {}
+    for run in map(Path, runs):
+        if run.resolve() in seen:
+            raise MicrosegError(f"{run} is compared twice (also given as {seen[run.resolve()]}): a run compared with "
+                                "itself tests nothing")
+        seen[run.resolve()] = run
     records = [load_run(Path(r)) for r in runs]
     require_same_evaluation(records)
     chosen = parse_cases(cases)

@@ -70,8 +70,9 @@ def _scan(folder: Path, prefix: str, split: str) -> dict[str, Path]:
         if match is None or not path.is_file():
             raise MicrosegError(f"{path}: unexpected entry in {folder.name}/ (expected {prefix}_{split}_<id>.nii.gz)")
         case_id = match.group(1)
-        if case_id in found:
-            raise MicrosegError(f"{folder}: case {case_id} appears twice ({found[case_id].name} and {path.name})")
+        same = [other for other in found if int(other) == int(case_id)]  # "01" and "1" are one patient
+        if same:
+            raise MicrosegError(f"{folder}: case {case_id} appears twice ({found[same[0]].name} and {path.name})")
         found[case_id] = path
     return found
 
