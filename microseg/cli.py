@@ -158,7 +158,8 @@ def _add_evaluate(verbs: argparse._SubParsersAction) -> None:
                          description="Predict every volume of a split with the run's best.pt (the best validation "
                                      "DSC; last.pt when training had no validation) and score each patient. "
                                      "Overwrites the run's metrics/ and predictions/ (predictions/ is replaced "
-                                     "whole), and prints the checkpoint used and the mean DSC and HD95.")
+                                     "whole), and prints the checkpoint used and the mean DSC and HD95. Holds "
+                                     "the run's lock: refused, naming the pid, while `train` writes the run.")
     p.add_argument("--run", required=True, help="trained run folder (uses its best.pt, else last.pt)")
     p.add_argument("--data", required=True, help="dataset folder holding the split")
     p.add_argument("--split", default="test", help="split to evaluate: train or test (default test)")
