@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import TINY_TRAIN
+from train_helpers import TINY_TRAIN
 from cli_helpers import one_error, run_cli, tree
 from microseg.data.cache import SLICE_KEYS
 from microseg.data.dataset import SliceDataset

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_TRAIN
+from train_helpers import TINY_TRAIN
 from cli_helpers import one_error, run_cli
 from microseg.cli import main
 
