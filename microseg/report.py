@@ -27,7 +27,7 @@ import json
 import math
 from pathlib import Path
 
-from microseg.atomic import make_folder, write_text
+from microseg.atomic import atomic_folder, write_text
 from microseg.errors import MicrosegError, OptionError, warn
 from microseg.figures import plot_loss_curves, plot_overlays, plot_stratified, run_colours
 from microseg.metrics import summarize
@@ -410,7 +410,19 @@ def compare(runs: list[Path], out: Path, overlays: bool = False, cases: str | No
     records = [load_run(Path(r)) for r in runs]
     require_same_evaluation(records)
     chosen = parse_cases(cases)
-    out = make_folder(out)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise MicrosegError(f"cannot create folder {out}: {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "report.md").is_file():
+        raise MicrosegError(f"--out {out} is a folder that holds no report.md; the report replaces its folder "
+                            "whole, so give a new folder or an earlier report's")
+    with atomic_folder(out) as building:  # a rerun replaces the report whole; a killed one leaves the old
+        _write_report(records, building, overlays, chosen)
+    return out / "report.md"
+
+
+def _write_report(records: list[RunRecord], out: Path, overlays: bool, chosen: dict[str, list[int]] | None) -> None:
+    """Every table, figure and report.md of the comparison into `out`."""
     colours = run_colours([r.label for r in records])
     plot_loss_curves({r.label: r.history for r in records}, out / "loss_curves.png", colours)
     report = _Report(out)
@@ -423,6 +435,4 @@ def compare(runs: list[Path], out: Path, overlays: bool = False, cases: str | No
     if overlays:
         figures = write_overlays(records, out, chosen, colours)
         report.add("## Overlays (expert in green)", "", *[f"![{p.stem}](overlays/{p.name})" for p in figures], "")
-    path = out / "report.md"
-    write_text(path, "\n".join(report.sections))
-    return path
+    write_text(out / "report.md", "\n".join(report.sections))

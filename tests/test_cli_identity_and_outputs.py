@@ -45,3 +45,36 @@ def test_predictions_get_the_mode_of_a_plain_folder(trained_run, phantom, tmp_pa
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE((run / "predictions").stat().st_mode) == 0o777 & ~umask
+
+
+def test_compare_builds_its_report_aside_and_replaces_it_whole(trained_run, phantom, tmp_path, capsys, monkeypatch):
+    import microseg.report as report_module
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    assert run_cli(["evaluate", "--run", run, "--data", phantom, "--device", "cpu"], capsys)[0] == 0
+    out = tmp_path / "report"
+    (out / "overlays").mkdir(parents=True)
+    (out / "report.md").write_text("an earlier report")
+    (out / "overlays" / "stale.png").write_bytes(b"an overlay of an earlier run")
+    assert run_cli(["compare", run, "--out", out], capsys)[0] == 0
+    assert not (out / "overlays").exists() and (out / "report.md").read_text().startswith("# Run comparison")
+    files = lambda: {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}  # noqa: E731
+    before = files()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report_module, "plot_loss_curves", killed)
+    assert run_cli(["compare", run, "--out", out, "--overlays"], capsys)[0] == 130
+    assert files() == before  # the earlier report as it was, no temporary beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report", "run"]
+
+
+def test_compare_refuses_a_folder_that_is_not_a_report(trained_run, tmp_path, capsys):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "keep.txt").write_text("keep")
+    code, _, err = run_cli(["compare", trained_run, "--out", notes], capsys)
+    one_error(code, err, str(notes), "holds no report.md")
+    assert sorted(p.name for p in notes.iterdir()) == ["keep.txt"]
