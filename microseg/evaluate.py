@@ -317,11 +317,15 @@ def _predict_file(predict: Predictor, source: Path, target: Path, slab: int = SL
 def _prediction_plan(source: Path, out: Path) -> tuple[list[Path], list[Path]]:
     """(inputs, outputs) of a predict, after checking every input's header and that the outputs can be written."""
     from microseg.atomic import require_writable
-    from microseg.data.layout import NIFTI_SUFFIXES, nifti_files
+    from microseg.data.layout import NIFTI_SUFFIXES, nifti_files, visible_entries
     from microseg.data.volumes import read_geometry
 
     if source.is_dir():
         inputs = nifti_files(source)
+        strangers = [p for p in visible_entries(source) if p not in inputs]
+        if strangers:  # a sub-folder, a link that leads nowhere, another file: refused, as prepare does
+            raise MicrosegError(f"{strangers[0]}: unexpected entry in {source}/ (expected only .nii or .nii.gz "
+                                "volumes)")
         if not inputs:
             raise MicrosegError(f"{source} holds no .nii or .nii.gz volume")
         if out.exists() and not out.is_dir():

@@ -78,3 +78,23 @@ def test_compare_refuses_a_folder_that_is_not_a_report(trained_run, tmp_path, ca
     code, _, err = run_cli(["compare", trained_run, "--out", notes], capsys)
     one_error(code, err, str(notes), "holds no report.md")
     assert sorted(p.name for p in notes.iterdir()) == ["keep.txt"]
+
+
+@pytest.mark.parametrize("stranger", ["folder", "loop", "dangling", "text"])
+def test_predict_refuses_unexpected_entries_of_its_input_folder(stranger, trained_run, phantom, tmp_path, capsys):
+    scans = tmp_path / "scans"
+    shutil.copytree(phantom / "test" / "micro_ultrasound_scans", scans)
+    entry = scans / "extra.nii.gz"
+    if stranger == "folder":
+        entry.mkdir()
+    elif stranger == "loop":
+        entry.symlink_to(entry)
+    elif stranger == "dangling":
+        entry.symlink_to(tmp_path / "nowhere.nii.gz")
+    else:
+        entry = scans / "notes.txt"
+        entry.write_text("notes")
+    code, _, err = run_cli(["predict", "--run", trained_run, "--input", scans, "--out", tmp_path / "masks",
+                            "--device", "cpu"], capsys)
+    one_error(code, err, str(entry), "unexpected entry")
+    assert not (tmp_path / "masks").exists()
