@@ -138,6 +138,9 @@ def test_bad_train_inputs_give_one_line(case, trained_run, cache, phantom, tmp_p
         config = load_config(run / "config.yaml")
         config.cache = str(other)
         save_config(config, run / "config.yaml")
+        state = torch.load(run / "last.pt", weights_only=True)  # the run was trained on `other`
+        state["train_config"]["cache"] = str(other)
+        torch.save(state, run / "last.pt")
         from microseg.prepare import prepare_cache
 
         prepare_cache(phantom, other, size=48)
