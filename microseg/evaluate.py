@@ -116,11 +116,11 @@ def evaluate(run: Path, data: Path, split: str = "test", protocol: str = "micros
     folder = RunFolder(run)
     folder.checkpoint_path()  # the run folder and a checkpoint exist before its lock is taken
     with folder.locked():
-        return _evaluate_locked(folder, data, split, protocol, resize, device, batch_size, source_check)
+        return _evaluate_locked(folder, data, split, protocol, resize, device, batch_size, jobs, source_check)
 
 
 def _evaluate_locked(folder: RunFolder, data: Path, split: str, protocol: str, resize: str | None, device: str,
-                     batch_size: int, source_check: bool) -> Path:
+                     batch_size: int, jobs: int, source_check: bool) -> Path:
     """`evaluate` while it holds the run's lock: the checkpoint it reads and the metrics it writes
     belong together (no `train` writes the run meanwhile)."""
     from microseg.data.layout import find_cases
