@@ -45,7 +45,7 @@ def run(trained_run, tmp_path) -> Path:
 
 
 def evaluate_argv(run: Path, phantom: Path) -> list:
-    return ["evaluate", "--run", run, "--data", phantom, "--device", "cpu"]
+    return ["evaluate", "--run", run, "--data", phantom, "--device", "cpu", "--jobs", 1]
 
 
 def test_evaluate_and_train_force_are_refused_while_another_process_holds_the_lock(run, cache, phantom, capsys):
@@ -70,14 +70,14 @@ def test_evaluate_and_train_force_are_refused_while_another_process_holds_the_lo
 def test_train_force_during_an_evaluation_is_refused(run, cache, phantom, capsys, monkeypatch):
     import microseg.evaluate as evaluate_module
 
-    real, answers = evaluate_module._score_case, []
+    real, answers = evaluate_module._evaluate_case, []
 
     def score_and_meanwhile_retrain(*args, **kwargs):
         if not answers:
             answers.append(main([str(a) for a in train_argv(cache, run, "--force")]))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(evaluate_module, "_score_case", score_and_meanwhile_retrain)
+    monkeypatch.setattr(evaluate_module, "_evaluate_case", score_and_meanwhile_retrain)
     model = snapshot(run)["best.pt"]
     code, _, err = run_cli(evaluate_argv(run, phantom), capsys)
     assert code == 0 and answers == [2]
