@@ -30,42 +30,42 @@ from microseg.errors import MicrosegError
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
+def small_dataset(tmp_path_factory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("data") / "data")
 
 
 # -- output locations that cannot be written ---------------------------------------------------
 
 
-def test_prepare_into_a_path_through_a_regular_file(dataset, tmp_path, capsys):
+def test_prepare_into_a_path_through_a_regular_file(small_dataset, tmp_path, capsys):
     blocker = tmp_path / "results"
     blocker.write_text("a file, not a folder")
     for out in (blocker / "cache.h5", blocker / "deeper" / "cache.h5"):
-        code, _, err = run_cli(["prepare", "--data", dataset, "--out", out, "--size", 32], capsys)
+        code, _, err = run_cli(["prepare", "--data", small_dataset, "--out", out, "--size", 32], capsys)
         one_error(code, err, str(out), f"{blocker} is a file, not a folder")
     assert tree(tmp_path) == ["results"] and blocker.read_text() == "a file, not a folder"
 
 
-def test_prepare_onto_a_folder(dataset, tmp_path, capsys):
+def test_prepare_onto_a_folder(small_dataset, tmp_path, capsys):
     (tmp_path / "cache.h5").mkdir()
-    code, _, err = run_cli(["prepare", "--data", dataset, "--out", tmp_path / "cache.h5", "--size", 32], capsys)
+    code, _, err = run_cli(["prepare", "--data", small_dataset, "--out", tmp_path / "cache.h5", "--size", 32], capsys)
     one_error(code, err, f"cannot write {tmp_path / 'cache.h5'}: it is a folder")
     assert tree(tmp_path) == ["cache.h5"]
 
 
-def test_prepare_into_a_folder_that_refuses_new_files(dataset, tmp_path, capsys):
+def test_prepare_into_a_folder_that_refuses_new_files(small_dataset, tmp_path, capsys):
     out = PROC_FOLDER / "cache.h5"
-    code, _, err = run_cli(["prepare", "--data", dataset, "--out", out, "--size", 32], capsys)
+    code, _, err = run_cli(["prepare", "--data", small_dataset, "--out", out, "--size", 32], capsys)
     one_error(code, err, f"cannot write {out}", "does not accept new files")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores permission bits")
-def test_prepare_into_a_read_only_folder(dataset, tmp_path, capsys):
+def test_prepare_into_a_read_only_folder(small_dataset, tmp_path, capsys):
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
     try:
-        code, _, err = run_cli(["prepare", "--data", dataset, "--out", locked / "c.h5", "--size", 32], capsys)
+        code, _, err = run_cli(["prepare", "--data", small_dataset, "--out", locked / "c.h5", "--size", 32], capsys)
         one_error(code, err, f"cannot write {locked / 'c.h5'}", "Permission denied")
         assert list(locked.iterdir()) == []
     finally:
@@ -84,7 +84,7 @@ def test_a_write_refused_by_the_system_names_the_target(tmp_path, monkeypatch):
     assert tree(tmp_path) == []
 
 
-def test_prepare_on_a_full_disk_leaves_no_cache_and_no_temporary(dataset, tmp_path, capsys, monkeypatch):
+def test_prepare_on_a_full_disk_leaves_no_cache_and_no_temporary(small_dataset, tmp_path, capsys, monkeypatch):
     import microseg.data.cache as cache_module
 
     def disk_full(dataset, values):  # h5py's own error on ENOSPC: errno 28, no file name, several lines
@@ -93,12 +93,12 @@ def test_prepare_on_a_full_disk_leaves_no_cache_and_no_temporary(dataset, tmp_pa
 
     monkeypatch.setattr(cache_module, "_append", disk_full)
     out = tmp_path / "out" / "cache.h5"
-    code, _, err = run_cli(["prepare", "--data", dataset, "--out", out, "--size", 32], capsys)
+    code, _, err = run_cli(["prepare", "--data", small_dataset, "--out", out, "--size", 32], capsys)
     one_error(code, err, f"cannot write {out}: No space left on device")
     assert not out.exists() and [p for p in tree(tmp_path) if Path(p).name.startswith(".")] == []
 
 
-def test_prepare_refuses_a_disk_too_full_for_the_next_case(dataset, tmp_path, capsys, monkeypatch):
+def test_prepare_refuses_a_disk_too_full_for_the_next_case(small_dataset, tmp_path, capsys, monkeypatch):
     """HDF5 crashes the process when it closes a file after ENOSPC, so the cache checks the room first."""
     import shutil
 
@@ -109,7 +109,7 @@ def test_prepare_refuses_a_disk_too_full_for_the_next_case(dataset, tmp_path, ca
 
     monkeypatch.setattr(shutil, "disk_usage", nearly_full)
     out = tmp_path / "out" / "cache.h5"
-    code, _, err = run_cli(["prepare", "--data", dataset, "--out", out, "--size", 32], capsys)
+    code, _, err = run_cli(["prepare", "--data", small_dataset, "--out", out, "--size", 32], capsys)
     one_error(code, err, f"cannot write {out}: No space left on device (1.0 MiB free")
     assert not out.exists() and [p for p in tree(tmp_path) if Path(p).name.startswith(".")] == []
 
@@ -189,11 +189,11 @@ def _killed_writer(target: Path) -> Path:
     return left
 
 
-def test_a_killed_prepare_leaves_a_temporary_the_next_prepare_removes(dataset, tmp_path, capsys):
+def test_a_killed_prepare_leaves_a_temporary_the_next_prepare_removes(small_dataset, tmp_path, capsys):
     out = tmp_path / "cache.h5"
     left = _killed_writer(out)
     assert left.read_bytes() == b"half a cache" and not out.exists()
-    code, _, _ = run_cli(["prepare", "--data", dataset, "--out", out, "--size", 32], capsys)
+    code, _, _ = run_cli(["prepare", "--data", small_dataset, "--out", out, "--size", 32], capsys)
     assert code == 0 and not left.exists()
     with h5py.File(out, "r") as f:
         assert f["images"].shape == (10, 32, 32)
@@ -248,8 +248,8 @@ def test_help_texts_give_defaults_minimums_and_examples(capsys):
     assert "a multiple of 16" in _help(["prepare", "--help"], capsys)
 
 
-def test_prepare_size_not_a_multiple_of_16(dataset, tmp_path, capsys):
-    code, _, err = run_cli(["prepare", "--data", dataset, "--out", tmp_path / "c.h5", "--size", 100], capsys)
+def test_prepare_size_not_a_multiple_of_16(small_dataset, tmp_path, capsys):
+    code, _, err = run_cli(["prepare", "--data", small_dataset, "--out", tmp_path / "c.h5", "--size", 100], capsys)
     one_error(code, err, "--size must be a positive multiple of 16", "(got 100)")
     assert tree(tmp_path) == []
 
@@ -265,11 +265,11 @@ def test_simulate_options_out_of_range(tmp_path, capsys, argv, needle):
     assert tree(tmp_path) == []
 
 
-def test_data_that_is_a_file_or_a_split_folder(dataset, tmp_path, capsys):
-    scan = next((dataset / "train" / "micro_ultrasound_scans").iterdir())
+def test_data_that_is_a_file_or_a_split_folder(small_dataset, tmp_path, capsys):
+    scan = next((small_dataset / "train" / "micro_ultrasound_scans").iterdir())
     code, _, err = run_cli(["prepare", "--data", scan, "--out", tmp_path / "c.h5", "--size", 32], capsys)
     one_error(code, err, f"data folder {scan} is not a folder")
-    code, _, err = run_cli(["prepare", "--data", dataset / "train", "--out", tmp_path / "c.h5", "--size", 32], capsys)
+    code, _, err = run_cli(["prepare", "--data", small_dataset / "train", "--out", tmp_path / "c.h5", "--size", 32], capsys)
     one_error(code, err, "looks like a split folder itself")
     assert tree(tmp_path) == []
 

@@ -17,7 +17,7 @@ from microseg.prepare import prepare_cache
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
+def cache_64(tmp_path_factory):
     """Five patients; the image is bright exactly where the (asymmetric) mask is."""
     root = tmp_path_factory.mktemp("ds")
     data = root / "data"
@@ -31,8 +31,8 @@ def cache(tmp_path_factory):
     return prepare_cache(data, root / "c.h5", size=64)
 
 
-def test_items_shapes_dtypes_ranges(cache):
-    ds = SliceDataset(cache, indices=[4, 0])
+def test_items_shapes_dtypes_ranges(cache_64):
+    ds = SliceDataset(cache_64, indices=[4, 0])
     assert len(ds) == 2
     item = ds[0]
     assert item["case_id"] == "02" and item["slice_index"] == 1
@@ -41,14 +41,14 @@ def test_items_shapes_dtypes_ranges(cache):
     assert set(item["expert"].unique().tolist()) == {0.0, 1.0}
     assert item["image"].max() == pytest.approx(200 / 254) and item["image"].min() == pytest.approx(20 / 254)
     with pytest.raises(MicrosegError, match="slice indices"):
-        SliceDataset(cache, indices=[15])
-    scaled = SliceDataset(cache, indices=[4], intensity_max=100)[0]["image"]  # a run's own intensity scale
+        SliceDataset(cache_64, indices=[15])
+    scaled = SliceDataset(cache_64, indices=[4], intensity_max=100)[0]["image"]  # a run's own intensity scale
     assert scaled.max() == 1.0 and scaled.min() == pytest.approx(20 / 100)
 
 
-def test_augmentation_keeps_masks_binary_and_aligned(cache):
-    ds = SliceDataset(cache, augment=True, seed=0)
-    plain = SliceDataset(cache)[0]["expert"]
+def test_augmentation_keeps_masks_binary_and_aligned(cache_64):
+    ds = SliceDataset(cache_64, augment=True, seed=0)
+    plain = SliceDataset(cache_64)[0]["expert"]
     moved = 0
     for i in range(len(ds)):
         item = ds[i]
@@ -61,20 +61,20 @@ def test_augmentation_keeps_masks_binary_and_aligned(cache):
     assert moved >= len(ds) // 3
 
 
-def test_lazy_handle_pickles_and_workers_read(cache):
+def test_lazy_handle_pickles_and_workers_read(cache_64):
     for in_memory in (False, True):
-        ds = SliceDataset(cache, in_memory=in_memory)
+        ds = SliceDataset(cache_64, in_memory=in_memory)
         first = ds[0]
         clone = pickle.loads(pickle.dumps(ds))  # an open h5py handle would not pickle
         assert clone._arrays is None and torch.equal(clone[0]["image"], first["image"])
-    loader = DataLoader(SliceDataset(cache, in_memory=False), batch_size=4, num_workers=2)
+    loader = DataLoader(SliceDataset(cache_64, in_memory=False), batch_size=4, num_workers=2)
     seen = [(c, int(z)) for batch in loader for c, z in zip(batch["case_id"], batch["slice_index"])]
     assert seen == [(f"0{p}", z) for p in range(1, 6) for z in range(3)]
 
 
-def test_augmentation_is_seeded_per_epoch_and_item(cache):
+def test_augmentation_is_seeded_per_epoch_and_item(cache_64):
     def draw(seed, epoch, order=range(6)):
-        ds = SliceDataset(cache, augment=True, seed=seed)
+        ds = SliceDataset(cache_64, augment=True, seed=seed)
         ds.set_epoch(epoch)
         return torch.stack([ds[i]["image"] for i in order])
 
@@ -88,15 +88,15 @@ def test_augmentation_is_seeded_per_epoch_and_item(cache):
     assert out["image"].shape == (64, 64) and len(out["masks"]) == 2
 
 
-def test_patient_split(cache):
-    train, val = split_by_patient(cache, 0.4, seed=7)
-    ds = SliceDataset(cache)
+def test_patient_split(cache_64):
+    train, val = split_by_patient(cache_64, 0.4, seed=7)
+    ds = SliceDataset(cache_64)
     patients = lambda idx: {ds.case_ids[i] for i in idx}  # noqa: E731
     assert len(patients(val)) == 2 and len(patients(train)) == 3 and not patients(train) & patients(val)
     assert sorted(train + val) == list(range(15))
-    assert split_by_patient(cache, 0.4, seed=7) == (train, val)
-    assert len({tuple(split_by_patient(cache, 0.4, seed=s)[1]) for s in range(10)}) > 1
-    assert split_by_patient(cache, 0.0, seed=7) == (list(range(15)), [])
-    assert len(patients(split_by_patient(cache, 0.01, seed=7)[1])) == 1
+    assert split_by_patient(cache_64, 0.4, seed=7) == (train, val)
+    assert len({tuple(split_by_patient(cache_64, 0.4, seed=s)[1]) for s in range(10)}) > 1
+    assert split_by_patient(cache_64, 0.0, seed=7) == (list(range(15)), [])
+    assert len(patients(split_by_patient(cache_64, 0.01, seed=7)[1])) == 1
     with pytest.raises(MicrosegError, match="fraction"):
-        split_by_patient(cache, 1.0, seed=0)
+        split_by_patient(cache_64, 1.0, seed=0)

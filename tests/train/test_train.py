@@ -162,6 +162,7 @@ def test_bad_train_inputs_give_one_line(case, trained_run, cache, phantom, tmp_p
     assert expected[case] in err[0]
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes_write_one_run(cache, tmp_path):
     run = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

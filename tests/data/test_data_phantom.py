@@ -25,13 +25,13 @@ def zyx(path) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def phantom(tmp_path_factory):
+def small_phantom(tmp_path_factory):
     out = tmp_path_factory.mktemp("ph") / "set"
     return simulate_dataset(out, n_train=2, n_test=1, n_slices=SLICES, size=SIZE, seed=3)
 
 
-def test_layout_is_exactly_the_real_one(phantom):
-    files = {str(p.relative_to(phantom)) for p in phantom.rglob("*") if p.is_file() and not p.name.startswith(".")}
+def test_layout_is_exactly_the_real_one(small_phantom):
+    files = {str(p.relative_to(small_phantom)) for p in small_phantom.rglob("*") if p.is_file() and not p.name.startswith(".")}
     expected = set()
     for i in ("01", "02"):
         expected |= {f"train/micro_ultrasound_scans/microUS_train_{i}.nii.gz",
@@ -44,31 +44,31 @@ def test_layout_is_exactly_the_real_one(phantom):
                  "test/master_student_annotations/master_student_annotation_test_01.nii.gz",
                  "test/medical_student_annotations/medical_student_annotation_test_01.nii.gz"}
     assert files == expected
-    assert set(find_cases(phantom, "test")[0].raters) == {"clinician", "master_student", "medical_student"}
+    assert set(find_cases(small_phantom, "test")[0].raters) == {"clinician", "master_student", "medical_student"}
 
 
-def test_header_spacing_intensities_and_sweep(phantom):
-    img = nib.load(phantom / "train/micro_ultrasound_scans/microUS_train_01.nii.gz")
+def test_header_spacing_intensities_and_sweep(small_phantom):
+    img = nib.load(small_phantom / "train/micro_ultrasound_scans/microUS_train_01.nii.gz")
     sp = 0.033586 * 962 / SIZE[0]
     assert img.shape == (SIZE[1], SIZE[0], SLICES)  # nibabel (x, y, z)
     assert img.header.get_zooms() == pytest.approx((sp, sp, 48.0 / (SLICES - 1)), rel=1e-5)
-    image = zyx(phantom / "train/micro_ultrasound_scans/microUS_train_01.nii.gz")
+    image = zyx(small_phantom / "train/micro_ultrasound_scans/microUS_train_01.nii.gz")
     assert image.dtype == np.uint8 and image.max() <= 254 and image.mean() > 30
     assert image[:, -1, 0].max() == 0 and image[:, 0, 0].max() == 0  # dark corners outside the fan
     for case in ("01", "02"):
-        area = zyx(phantom / f"train/expert_annotations/expert_annotation_train_{case}.nii.gz").sum(axis=(1, 2))
+        area = zyx(small_phantom / f"train/expert_annotations/expert_annotation_train_{case}.nii.gz").sum(axis=(1, 2))
         assert area[0] == 0 and area[-1] == 0
         assert area[SLICES // 2] > area[1] > 0 and area[SLICES // 2] > area[-2]
 
 
-def test_same_seed_same_arrays(phantom, tmp_path):
+def test_same_seed_same_arrays(small_phantom, tmp_path):
     again = simulate_dataset(tmp_path / "again", n_train=1, n_test=0, n_slices=SLICES, size=SIZE, seed=3)
     other = simulate_dataset(tmp_path / "other", n_train=1, n_test=0, n_slices=SLICES, size=SIZE, seed=4)
     name = "train/micro_ultrasound_scans/microUS_train_01.nii.gz"
-    assert np.array_equal(zyx(again / name), zyx(phantom / name))
-    assert not np.array_equal(zyx(other / name), zyx(phantom / name))
+    assert np.array_equal(zyx(again / name), zyx(small_phantom / name))
+    assert not np.array_equal(zyx(other / name), zyx(small_phantom / name))
     mask = "train/non_expert_annotations/nonexpert_annotation_train_01.nii.gz"
-    assert np.array_equal(zyx(again / mask), zyx(phantom / mask))
+    assert np.array_equal(zyx(again / mask), zyx(small_phantom / mask))
 
 
 RATED_SIZE, RATED_SLICES, RATED_PATIENTS = (120, 172), 16, 8

@@ -21,6 +21,7 @@ def test_prefixed_lines_prefix_each_complete_line_and_are_not_a_terminal():
     assert not stream.isatty()
 
 
+@pytest.mark.slow
 def test_jobs_train_and_evaluate_side_by_side_each_with_its_own_loss(cache, phantom, tmp_path, capfd):
     jobs = {loss: dict(TINY_TRAIN, epochs=1, val_fraction=0.0, cache=str(cache), run=str(tmp_path / loss), loss=loss)
             for loss in ("focal", "ag_bce")}
@@ -34,6 +35,7 @@ def test_jobs_train_and_evaluate_side_by_side_each_with_its_own_loss(cache, phan
     assert "[ag_bce] evaluate " in out
 
 
+@pytest.mark.slow
 def test_a_failing_job_raises_its_own_one_line_error(cache, phantom, tmp_path):
     jobs = {"focal": dict(TINY_TRAIN, cache=str(tmp_path / "missing.h5"), run=str(tmp_path / "focal"), loss="focal")}
     with pytest.raises(MicrosegError, match="missing.h5"):

@@ -31,7 +31,7 @@ def test_amp_auto_is_fp32_on_the_cpu(monkeypatch):
 
 @pytest.fixture
 def bench_train():
-    scripts = str(Path(__file__).resolve().parents[1] / "scripts")
+    scripts = str(Path(__file__).resolve().parents[2] / "scripts")
     sys.path.insert(0, scripts)
     try:
         yield importlib.import_module("bench_train")

@@ -77,7 +77,7 @@ def server():
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> tuple[Path, bytes]:
+def published_dataset(tmp_path_factory) -> tuple[Path, bytes]:
     """A small phantom in the real layout and its zip, with the dataset folder at the top, as published."""
     root = simulate_dataset(tmp_path_factory.mktemp("src") / DATASET_FOLDER, n_train=2, n_test=1, n_slices=4,
                             size=(32, 48), seed=5)
@@ -105,8 +105,8 @@ def same_tree(a: Path, b: Path) -> bool:
     return files(a) == files(b)
 
 
-def test_download_verifies_and_unpacks_the_real_layout(tmp_path, server, dataset, capsys, monkeypatch):
-    root, archive = dataset
+def test_download_verifies_and_unpacks_the_real_layout(tmp_path, server, published_dataset, capsys, monkeypatch):
+    root, archive = published_dataset
     server.files[ARCHIVE] = archive
     monkeypatch.setenv("MICROSEG_ZENODO_API", api(server))  # the env var serves as well as --api
     code = main(["download", "dataset", "--out", str(tmp_path / "data")])
@@ -123,8 +123,8 @@ def test_download_verifies_and_unpacks_the_real_layout(tmp_path, server, dataset
 
 
 @pytest.mark.parametrize("honour_range", [True, False])
-def test_interrupted_transfer_resumes(tmp_path, server, dataset, capsys, honour_range):
-    root, archive = dataset
+def test_interrupted_transfer_resumes(tmp_path, server, published_dataset, capsys, honour_range):
+    root, archive = published_dataset
     server.files[ARCHIVE], server.cut, server.honour_range = archive, [len(archive) // 2], honour_range
     code, _, err = download(tmp_path, server, capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1
@@ -140,8 +140,8 @@ def test_interrupted_transfer_resumes(tmp_path, server, dataset, capsys, honour_
 
 
 @pytest.mark.parametrize("corruption", ["wrong md5", "corrupt resume"])
-def test_bad_checksum_is_refused_and_nothing_is_left(tmp_path, server, dataset, capsys, corruption):
-    _, archive = dataset
+def test_bad_checksum_is_refused_and_nothing_is_left(tmp_path, server, published_dataset, capsys, corruption):
+    _, archive = published_dataset
     server.files[ARCHIVE] = archive
     if corruption == "wrong md5":
         server.md5[ARCHIVE] = hashlib.md5(b"another file").hexdigest()
