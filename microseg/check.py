@@ -165,13 +165,13 @@ def check_dataset(root: str | Path, protocol: str = "microsegnet", jobs: int | N
     """The check of every split present under ``root`` (train/, test/), `jobs` cases at once."""
     if protocol not in PROTOCOLS:
         raise OptionError(f"`protocol` {protocol!r} is not one of {', '.join(PROTOCOLS)}")
+    jobs = check_jobs(jobs)
     root = Path(root)
     if not root.is_dir():
         raise MicrosegError(f"data folder {root} does not exist")
     splits = [split for split in SPLITS if (root / split).exists()]
     if not splits:
         raise MicrosegError(f"{root} holds neither train/ nor test/: not a dataset folder")
-    jobs = check_jobs(jobs)
     return dataset_report(root, protocol, {split: check_split(root, split, protocol, jobs) for split in splits})
 
 

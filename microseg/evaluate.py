@@ -143,8 +143,10 @@ def _evaluate_locked(folder: RunFolder, data: Path, split: str, protocol: str, r
     with atomic_folder(folder.predictions) as predictions:  # replaces predictions/ once the metrics are written
         jobs_ = [_CaseJob(folder.path, device, resize, case, protocol, predictions, batch_size) for case in cases]
         scored = run_jobs(_evaluate_case, jobs_, jobs, desc=f"evaluate {split}")
-        patients = [row for row, _ in scored]
-        slices = [row for _, rows in scored for row in rows]
+        for message in (message for _, _, messages in scored for message in messages):
+            warn(message)  # here, in case order: a worker's stderr is not this process's
+        patients = [row for row, _, _ in scored]
+        slices = [row for _, rows, _ in scored for row in rows]
         _write_metrics(folder, patients, slices, title=f"{folder.path.name}: {split}, protocol {protocol}")
         record = {"data": str(Path(data).resolve()), "split": split, "protocol": protocol,
                   "resize": preprocess.prediction_resize, "checkpoint": checkpoint_file.name,
@@ -190,7 +192,7 @@ _PREDICTORS: dict[tuple, tuple[Predictor, Preprocess]] = {}
 """Per process: each run's predictor and preprocessing, (run, device, resize) -> loaded once."""
 
 
-def _evaluate_case(job: _CaseJob) -> tuple[dict, list[list]]:
+def _evaluate_case(job: _CaseJob) -> tuple[dict, list[list], list[str]]:
     """`_score_case` of one job, with the run's predictor of this process (loaded on first use)."""
     key = (job.run, job.device, job.resize)
     if key not in _PREDICTORS:
@@ -201,9 +203,10 @@ def _evaluate_case(job: _CaseJob) -> tuple[dict, list[list]]:
 
 
 def _score_case(case, predict: Predictor, preprocess: Preprocess, protocol: str, predictions: Path,
-                slab: int = SLAB) -> tuple[dict, list[list]]:
+                slab: int = SLAB) -> tuple[dict, list[list], list[str]]:
     """Predict one case, write its mask, score it, its other annotators and its hard region, and
-    describe its expert's slices: slab by slab, every file read once, memory independent of Z."""
+    describe its expert's slices: slab by slab, every file read once, memory independent of Z.
+    Returns its per_patient row, its per_slice rows and its warnings (masks empty on every slice)."""
     from microseg.analysis import (ExpertDescriptors, hard_region_counts, hard_region_from_counts,
                                    hard_region_kernel, hard_region_mask)
     from microseg.data.volumes import SlabReader, require_same_geometry, volume_writer
@@ -235,11 +238,10 @@ def _score_case(case, predict: Predictor, preprocess: Preprocess, protocol: str,
                 described.add(expert)
             for reader in (image, *masks.values()):
                 reader.finish()
-    for name, mask in masks.items():
-        if mask.empty:
-            warn(f"case {case.case_id}: expert mask {case.expert} is empty on every slice"
-                 + ("; its DSC and HD95 are NaN under protocol microsegnet" if protocol == "microsegnet" else "")
-                 if name == "expert" else f"{mask.path}: mask is empty on every slice")
+    warnings = [f"case {case.case_id}: expert mask {case.expert} is empty on every slice"
+                + ("; its DSC and HD95 are NaN under protocol microsegnet" if protocol == "microsegnet" else "")
+                if name == "expert" else f"{mask.path}: mask is empty on every slice"
+                for name, mask in masks.items() if mask.empty]
     score = scores["model"].result()
     row = {"case_id": case.case_id, "dsc": score.dsc, "hd95_mm": score.hd95_mm,
            "n_slices": score.n_slices, "n_one_sided": score.n_one_sided}
@@ -249,7 +251,7 @@ def _score_case(case, predict: Predictor, preprocess: Preprocess, protocol: str,
     for name in others:
         rater = scores[name].result()
         row |= {f"{name}_dsc": rater.dsc, f"{name}_hd95_mm": rater.hd95_mm}
-    return row, _slice_rows(case.case_id, score, described.slices)
+    return row, _slice_rows(case.case_id, score, described.slices), warnings
 
 
 def _slice_rows(case_id: str, score, described: list[dict]) -> list[list]:

@@ -19,7 +19,7 @@ from typing import TypeVar
 
 from tqdm import tqdm
 
-from microseg.errors import MicrosegError
+from microseg.errors import OptionError
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -31,11 +31,11 @@ def default_jobs() -> int:
 
 
 def check_jobs(jobs: int | None) -> int:
-    """`jobs` (None: `default_jobs()`) as an int >= 1, else MicrosegError naming the option."""
+    """`jobs` (None: `default_jobs()`) as an int >= 1, else OptionError naming the option."""
     if jobs is None:
         return default_jobs()
     if isinstance(jobs, bool) or int(jobs) != jobs or jobs < 1:
-        raise MicrosegError(f"--jobs must be an integer >= 1, got {jobs!r}")
+        raise OptionError(f"`jobs` must be an integer >= 1, got {jobs!r}")
     return int(jobs)
 
 

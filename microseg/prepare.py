@@ -18,6 +18,7 @@ from microseg.check import checked_train_cases
 from microseg.data.cache import cache_entry, cached_fingerprint, fingerprint, source_records, test_record, write_cache
 from microseg.data.layout import find_cases
 from microseg.errors import OptionError
+from microseg.jobs import check_jobs
 from microseg.preprocess import SIZE_MULTIPLE
 
 
@@ -30,6 +31,7 @@ def prepare_cache(data_root: str | Path, out: str | Path, size: int = 224, jobs:
     if size < SIZE_MULTIPLE or size % SIZE_MULTIPLE:
         raise OptionError(f"`size` must be a positive multiple of {SIZE_MULTIPLE}, the models' patch stride "
                             f"(got {size})")
+    jobs = check_jobs(jobs)
     root, out = Path(data_root).resolve(), Path(out)
     require_writable(out)
     train = find_cases(root, "train")

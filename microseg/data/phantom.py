@@ -75,7 +75,7 @@ from scipy.ndimage import gaussian_filter, gaussian_filter1d
 from microseg.atomic import make_folder, write_text
 from microseg.data.layout import EXPERT, IMAGES, NON_EXPERT, RATERS, file_name, rater_kind
 from microseg.data.volumes import write_volume
-from microseg.jobs import run_jobs
+from microseg.jobs import check_jobs, run_jobs
 from microseg.errors import MicrosegError, OptionError
 from microseg.preprocess import INTENSITY_MAX
 
@@ -461,6 +461,7 @@ def simulate_dataset(out: str | Path, n_train: int = 10, n_test: int = 4, n_slic
         raise OptionError(f"`seed` must be >= 0 (got {seed})")
     if n_slices < 3:
         raise OptionError(f"`slices` must be >= 3 (got {n_slices})")
+    check_jobs(jobs)
     if min(size) < 32:
         raise OptionError(f"`size` must be at least 32 x 32 (got {size[0]} x {size[1]})")
     previous = _previous_files(out)

@@ -165,3 +165,14 @@ def test_prepare_jobs_write_the_cache_of_one_job(phantom, tmp_path):
             for name, value in one[f"train/{case}"].attrs.items():
                 assert np.array_equal(value, two[f"train/{case}"].attrs[name]), name
     assert (tmp_path / "1.check.json").read_text().replace("1.h5", "") == (tmp_path / "2.check.json").read_text().replace("2.h5", "")
+
+
+@pytest.mark.parametrize("verb", ["check", "simulate"])
+def test_jobs_below_one_is_one_line_naming_the_flag(verb, tmp_path, capsys):
+    from microseg.cli import main
+
+    args = {"check": ["--data", str(tmp_path)], "simulate": ["--out", str(tmp_path / "x")]}[verb]
+    assert main([verb, *args, "--jobs", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--jobs must be an integer >= 1, got 0" in err
+    assert not (tmp_path / "x").exists()  # nothing written
