@@ -27,7 +27,7 @@ import json
 import math
 from pathlib import Path
 
-from microseg.atomic import atomic_folder, write_text
+from microseg.atomic import atomic_folder, require_writable, write_text
 from microseg.errors import MicrosegError, OptionError, warn
 from microseg.figures import plot_loss_curves, plot_overlays, plot_stratified, run_colours
 from microseg.metrics import summarize
@@ -416,6 +416,7 @@ def compare(runs: list[Path], out: Path, overlays: bool = False, cases: str | No
     if out.is_dir() and any(out.iterdir()) and not (out / "report.md").is_file():
         raise MicrosegError(f"--out {out} is a folder that holds no report.md; the report replaces its folder "
                             "whole, so give a new folder or an earlier report's")
+    require_writable(out / "report.md")  # names --out when its place cannot be written; creates nothing
     with atomic_folder(out) as building:  # a rerun replaces the report whole; a killed one leaves the old
         _write_report(records, building, overlays, chosen)
     return out / "report.md"
