@@ -11,6 +11,7 @@ import argparse
 import os
 import re
 import sys
+from pathlib import Path
 
 from microseg import __version__
 from microseg.errors import MicrosegError, OptionError
@@ -29,8 +30,15 @@ EXAMPLES = """examples:
 'microseg VERB --help' describes each verb's options."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the project's error form: one line `microseg: error: ...`, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"microseg: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="microseg", description=__doc__.splitlines()[0], epilog=EXAMPLES,
+    parser = Parser(prog="microseg", description=__doc__.splitlines()[0], epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"microseg {__version__}")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
@@ -116,25 +124,27 @@ def _add_train(verbs: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _add_config_options(p: argparse.ArgumentParser) -> None:
-    """One option per TrainConfig field: its help and default come from the field (None = not given)."""
+def _add_config_options(p: argparse.ArgumentParser | argparse._ArgumentGroup, skip: tuple[str, ...] = ()) -> None:
+    """One option per TrainConfig field (but `skip`): its help and default come from the field (None = not given)."""
     import dataclasses
 
     from microseg.config import TrainConfig
 
     defaults = TrainConfig()
     for field in dataclasses.fields(TrainConfig):
+        if field.name in skip:
+            continue
         extra = dict(field.metadata)
         flag = extra.pop("flag", "--" + field.name.replace("_", "-"))
         default = getattr(defaults, field.name)
         text = extra.pop("help")
-        if default not in ("", None) and not isinstance(default, bool):
+        if default not in ("", None, []) and not isinstance(default, bool):
             shown = " ".join(map(str, default)) if isinstance(default, list) else default
             text += f" (default {shown})".replace("%", "%%")
         if isinstance(default, bool):
             extra |= {"action": argparse.BooleanOptionalAction}  # --x / --no-x: either can undo a recipe's
         elif isinstance(default, list):
-            extra |= {"nargs": "+", "type": type(default[0])}
+            extra = {"nargs": "+", "type": type(default[0]) if default else str, **extra}
         elif default is not None and "nargs" not in extra:
             extra["type"] = type(default)
         p.add_argument(flag, dest=field.name, help=text, **extra)
@@ -151,6 +161,13 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
 
 
+def _run_or_ensemble(args: argparse.Namespace):
+    """--run RUN or --ensemble RUN...: exactly one of them."""
+    if bool(args.run) == bool(args.ensemble):
+        raise MicrosegError("give either --run RUN or --ensemble RUN RUN...")
+    return args.run or args.ensemble
+
+
 def _add_evaluate(verbs: argparse._SubParsersAction) -> None:
     from microseg.metrics import PROTOCOLS
 
@@ -160,7 +177,11 @@ def _add_evaluate(verbs: argparse._SubParsersAction) -> None:
                                      "Overwrites the run's metrics/ and predictions/ (predictions/ is replaced "
                                      "whole), and prints the checkpoint used and the mean DSC and HD95. Holds "
                                      "the run's lock: refused, naming the pid, while `train` writes the run.")
-    p.add_argument("--run", required=True, help="trained run folder (uses its best.pt, else last.pt)")
+    p.add_argument("--run", help="trained run folder (uses its best.pt, else last.pt)")
+    p.add_argument("--ensemble", nargs="+", metavar="RUN",
+                   help="instead of --run: several runs (folds, seeds) whose probability maps are averaged before "
+                        "the 0.5 threshold; written into --out like a run's metrics/ and predictions/")
+    p.add_argument("--out", help="with --ensemble: the folder its metrics/ and predictions/ go to")
     p.add_argument("--data", required=True, help="dataset folder holding the split")
     p.add_argument("--split", default="test", help="split to evaluate: train or test (default test)")
     p.add_argument("--protocol", default=PROTOCOLS[0], help=f"scoring protocol: {', '.join(PROTOCOLS)} (default %(default)s)")
@@ -172,7 +193,15 @@ def _add_evaluate(verbs: argparse._SubParsersAction) -> None:
     def run(args: argparse.Namespace) -> int:
         from microseg.evaluate import evaluate
 
-        path = evaluate(args.run, args.data, args.split, args.protocol, args.resize, args.device, jobs=args.jobs,
+        target = _run_or_ensemble(args)
+        if args.ensemble and not args.out:
+            raise MicrosegError("--ensemble needs --out DIR: the folder its evaluation is written into")
+        if args.out and not args.ensemble:
+            raise MicrosegError("--out is for --ensemble; a run's evaluation goes into the run (--run)")
+        if args.ensemble and (Path(args.out) / "config.yaml").exists():
+            raise MicrosegError(f"--out {args.out} is a trained run: give the ensemble's evaluation its own folder")
+        path = evaluate(args.out or target, args.data, args.split, args.protocol, args.resize, args.device,
+                        ensemble=args.ensemble, jobs=args.jobs,
                         source_check=args.source_check)
         print(f"per-patient scores: {path}")
         return 0
@@ -182,7 +211,9 @@ def _add_evaluate(verbs: argparse._SubParsersAction) -> None:
 
 def _add_predict(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("predict", help="segment a volume or a folder of volumes with a trained run")
-    p.add_argument("--run", required=True, help="trained run folder")
+    p.add_argument("--run", help="trained run folder")
+    p.add_argument("--ensemble", nargs="+", metavar="RUN",
+                   help="instead of --run: several runs whose probability maps are averaged before the threshold")
     p.add_argument("--input", required=True, help="a .nii/.nii.gz volume or a folder of them")
     p.add_argument("--out", required=True,
                    help="output mask file ending in .nii or .nii.gz (for one volume), or folder (for a folder: "
@@ -192,7 +223,7 @@ def _add_predict(verbs: argparse._SubParsersAction) -> None:
     def run(args: argparse.Namespace) -> int:
         from microseg.evaluate import predict
 
-        written = predict(args.run, args.input, args.out, args.device, args.resize)
+        written = predict(_run_or_ensemble(args), args.input, args.out, args.device, args.resize)
         print(f"wrote {len(written)} mask(s) to {args.out}")
         return 0
 
@@ -295,8 +326,6 @@ def _add_check(verbs: argparse._SubParsersAction) -> None:
     _add_jobs_option(p)
 
     def run(args: argparse.Namespace) -> int:
-        from pathlib import Path
-
         from microseg.check import check_dataset, format_check, require_clean, write_check
 
         report = check_dataset(args.data, args.protocol, args.jobs)
@@ -309,9 +338,96 @@ def _add_check(verbs: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _add_experiment(verbs: argparse._SubParsersAction) -> None:
+    from microseg.experiment import SET_BY_EXPERIMENT
+
+    p = verbs.add_parser("experiment", help="losses x seeds x folds as one resumable plan, locally or on SLURM")
+    what = p.add_subparsers(dest="what", metavar="WHAT", required=True)
+    run = what.add_parser(
+        "run", help="run (or continue) an experiment's plan",
+        description="Run a plan: every (loss, seed, fold) cell is an ordinary run folder under OUT/runs/. The plan "
+                    "file (YAML: losses, seeds, folds, cache, data, protocol, base: {train option: value}) and the "
+                    "options below make the plan (an option wins over the file); a train option is a base option "
+                    "of every cell. OUT/experiment.json and OUT/splits.json are written first. Run again, the same "
+                    "plan skips finished cells, resumes interrupted ones from last.pt and retries failed ones; a "
+                    "different plan is refused naming the field (--add adds seeds or losses).")
+    run.add_argument("plan", nargs="?", help="plan file (YAML); optional when OUT already holds the experiment")
+    run.add_argument("--out", required=True, help="experiment folder (new or empty, or the experiment to continue)")
+    plan = run.add_argument_group("plan fields (override the plan file's)")
+    plan.add_argument("--losses", nargs="+", metavar="SPEC", help="loss specs, one cell row each")
+    plan.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="training seeds (default 1234)")
+    plan.add_argument("--folds", type=int, metavar="K",
+                      help="k-fold cross-validation of the training patients, K >= 2 (default 0: the fixed "
+                           "train/test split)")
+    plan.add_argument("--cache", help="slice cache from `microseg prepare`")
+    plan.add_argument("--data", help="dataset folder (its test split, and the held-out patients with folds)")
+    plan.add_argument("--protocol", help="evaluation protocol (default microsegnet)")
+    run.add_argument("--add", action="store_true", help="add the given --losses / --seeds to the experiment")
+    run.add_argument("--executor", default="local", help="local (default: worker processes here) or slurm "
+                                                         "(submit a job array and return)")
+    run.add_argument("--jobs", type=int, default=1, metavar="N",
+                     help="local workers (default 1): one GPU each when there are GPUs, else the CPU cores divided")
+    run.add_argument("--device", default="auto", help="where the cells train and evaluate: auto (default), cpu, "
+                                                      "cuda (not part of the plan)")
+    slurm = run.add_argument_group("SLURM (--executor slurm)")
+    slurm.add_argument("--partition", help="sbatch --partition")
+    slurm.add_argument("--time", help="sbatch --time per cell, e.g. 4:00:00")
+    slurm.add_argument("--gpus", type=int, metavar="N", help="GPUs per cell (sbatch --gpus-per-task)")
+    slurm.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
+                       help="any other sbatch option, passed through (repeatable), e.g. --sbatch=--mem=32G")
+    base = run.add_argument_group("base train options (every cell; see `microseg train --help`)")
+    _add_config_options(base, skip=SET_BY_EXPERIMENT)
+
+    def run_verb(args: argparse.Namespace) -> int:
+        from microseg.config import TrainConfig
+        from microseg.experiment import read_plan_file
+        from microseg.experiment_run import run_experiment
+
+        values = read_plan_file(args.plan)
+        given = vars(args)
+        for name in ("losses", "seeds", "folds", "cache", "data", "protocol"):
+            if given[name] is not None:
+                values[name] = given[name]
+        options = {f: given[f] for f in TrainConfig.__dataclass_fields__
+                   if f not in SET_BY_EXPERIMENT and given.get(f) is not None}
+        if options:
+            values["base"] = {**values.get("base", {}), **options}
+        slurm_options = {"partition": args.partition, "time": args.time, "gpus": args.gpus, "extra": args.sbatch}
+        run_experiment(args.out, values, args.add, args.executor, args.jobs, args.device, slurm_options)
+        return 0
+
+    status = what.add_parser("status", help="every cell's state, read from its run folder")
+    status.add_argument("experiment", help="experiment folder")
+
+    def status_verb(args: argparse.Namespace) -> int:
+        from microseg.experiment_run import experiment_status
+
+        print(experiment_status(args.experiment))
+        return 0
+
+    cell = what.add_parser("cell", help="run one cell of an experiment (what each worker and SLURM job runs)")
+    cell.add_argument("experiment", help="experiment folder")
+    cell.add_argument("cell", help="cell id (experiment.json's cells)")
+    cell.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
+
+    def cell_verb(args: argparse.Namespace) -> int:
+        from microseg.experiment import load_experiment
+        from microseg.experiment_cell import run_cell, write_oof
+
+        experiment = load_experiment(args.experiment)
+        result = run_cell(experiment, experiment.cell(args.cell), print, args.device)
+        print(f"{args.cell}: finished, {result}")
+        write_oof(experiment)
+        return 0
+
+    run.set_defaults(func=run_verb)
+    status.set_defaults(func=status_verb)
+    cell.set_defaults(func=cell_verb)
+
+
 # Each entry adds one verb: add(subparsers) registers a parser whose `func` runs it.
-VERBS: list = [_add_simulate, _add_prepare, _add_train, _add_evaluate, _add_predict, _add_compare, _add_demo,
-                     _add_download, _add_check]
+VERBS: list = [_add_simulate, _add_prepare, _add_train, _add_evaluate, _add_predict, _add_compare, _add_experiment,
+              _add_demo, _add_download, _add_check]
 
 
 def _os_error_line(err: OSError) -> str:

@@ -62,6 +62,11 @@ class TrainConfig:
     weight_decay: float = option(1e-4, "weight decay, >= 0")
     poly_power: float = option(0.9, "poly decay power, >= 0: lr (1 - iteration / max_iter) ^ power")
     val_fraction: float = option(0.0, "fraction of training patients held out for validation, in [0, 1)")
+    patients: list[str] = option([], "train on these patients of the cache only, by id (default: all of them)",
+                                 metavar="ID", type=str)
+    val_patients: list[str] = option([], "validate on these patients of the cache, by id, never trained on "
+                                         "(instead of --val-fraction; a cross-validation fold's held-out ones)",
+                                     metavar="ID", type=str)
     seed: int = option(1234, "random seed, 0 to 2^32 - 1")
     ds_kernel_sizes: list[int] = option(list(REFERENCE_KERNEL_SIZES),
                                         "hard-region dilation kernel per output, coarsest first (one: no deep supervision)")
@@ -170,9 +175,9 @@ def _typed(name: str, value: Any) -> Any:
     default = getattr(TrainConfig(), name)
     if isinstance(default, list):
         items = value if isinstance(value, (list, tuple)) else [value]
-        if not items:
+        if not items and default:
             raise OptionError(f"`{name}` needs at least one value")
-        return [_scalar(name, item, type(default[0])) for item in items]
+        return [_scalar(name, item, type(default[0]) if default else str) for item in items]
     if default is None and value is None:
         return None
     return _scalar(name, value, str if default is None else type(default))
@@ -220,6 +225,8 @@ def _validate(c: TrainConfig) -> None:
     if c.model not in CONFIGS:
         raise OptionError(f"`model` {c.model!r} is not a model config; choose one of: {', '.join(CONFIGS)}")
     _validate_deep_supervision(c)
+    if c.val_patients and c.val_fraction > 0:
+        raise OptionError("`val_patients` names the validation patients: leave `val_fraction` at 0")
     check_spec(c.loss)
     if resolve_device(c.device).type != "cuda" and c.amp == "fp16":
         raise OptionError("`amp` fp16 needs a CUDA device; use `amp` bf16 on the CPU")
@@ -263,7 +270,7 @@ def check_train_inputs(c: TrainConfig, resume: bool) -> list[str]:
         check_sources(c.cache)
     if c.weights and not resume:
         check_weights_file(resolve_weights(c.weights))
-    train_idx, _ = split_by_patient(Path(c.cache), c.val_fraction, c.seed)
+    train_idx, _ = split_by_patient(Path(c.cache), c.val_fraction, c.seed, c.patients, c.val_patients)
     if c.batch_size > len(train_idx):
         return [f"--batch-size {c.batch_size} is larger than the {len(train_idx)} training slices of {c.cache}: "
                 f"every step sees the whole training split"]

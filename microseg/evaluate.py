@@ -34,6 +34,7 @@ import json
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -42,6 +43,7 @@ from tqdm import tqdm
 from microseg.atomic import atomic_folder, make_folder, write_text
 from microseg.checkpoint import Checkpoint, load_run_model
 from microseg.data.layout import Case
+from microseg.ensemble import load_ensemble
 from microseg.errors import MicrosegError, OptionError, warn
 from microseg.jobs import check_jobs, run_jobs
 from microseg.metrics import CaseScorer, check_protocol, summarize
@@ -93,8 +95,8 @@ def predict_volume(model: torch.nn.Module, volume: np.ndarray, device: torch.dev
 
 
 def evaluate(run: Path, data: Path, split: str = "test", protocol: str = "microsegnet", resize: str | None = None,
-             device: str = "auto", batch_size: int = SLAB, jobs: int | None = 1,
-             source_check: bool = True) -> Path:
+             device: str = "auto", batch_size: int = SLAB, jobs: int | None = 1, source_check: bool = True,
+             cases: Sequence[str] | None = None, into: str = "metrics", ensemble: Sequence[Path] | None = None) -> Path:
     """Predict and score every case of `split` (train or test); returns the per-patient CSV path.
 
     Besides the model, every other annotation found (non-expert, clinician, master and medical
@@ -106,6 +108,10 @@ def evaluate(run: Path, data: Path, split: str = "test", protocol: str = "micros
     per process (`microseg.jobs`; None: one per core), each with the model on `device`. With
     `source_check`, a run whose training cache is on disk is refused when the cache's source
     files changed since it was prepared.
+    `cases` restricts the split to those patient ids (an experiment's held-out fold); `into` names
+    the folder of the run written (`metrics`, or `heldout`). With `ensemble` (run folders), their
+    averaged probability maps are the prediction (`microseg.ensemble`) and `run` is the folder the
+    evaluation is written into (no run, so no lock).
     """
     from microseg.check import SPLITS
 
@@ -113,35 +119,49 @@ def evaluate(run: Path, data: Path, split: str = "test", protocol: str = "micros
         raise OptionError(f"`split` {split!r} is not one of {', '.join(SPLITS)}")
     check_protocol(protocol)
     jobs = check_jobs(jobs)
-    folder = RunFolder(run)
+    folder = RunFolder(run, into)
+    if ensemble:
+        return _evaluate_locked(folder, data, split, protocol, resize, device, batch_size, jobs, False, cases,
+                                ensemble)
     folder.checkpoint_path()  # the run folder and a checkpoint exist before its lock is taken
     with folder.locked():
-        return _evaluate_locked(folder, data, split, protocol, resize, device, batch_size, jobs, source_check)
+        return _evaluate_locked(folder, data, split, protocol, resize, device, batch_size, jobs, source_check, cases)
 
 
 def _evaluate_locked(folder: RunFolder, data: Path, split: str, protocol: str, resize: str | None, device: str,
-                     batch_size: int, jobs: int, source_check: bool) -> Path:
+                     batch_size: int, jobs: int, source_check: bool, cases: Sequence[str] | None = None,
+                     ensemble: Sequence[Path] | None = None) -> Path:
     """`evaluate` while it holds the run's lock: the checkpoint it reads and the metrics it writes
     belong together (no `train` writes the run meanwhile)."""
     from microseg.data.layout import find_cases
 
-    loaded = load_run_model(folder.path, device, resize)
-    model, preprocess, checkpoint, checkpoint_file = loaded.model, loaded.preprocess, loaded.checkpoint, loaded.path
-    cache = Path(str(checkpoint.train_config.get("cache", "")))
-    if source_check and cache.is_file():
-        from microseg.data.cache import check_sources
+    record: dict[str, object] = {}
+    if ensemble:
+        model, preprocess, members = load_ensemble(ensemble, device, resize)
+        used = f"the ensemble of {', '.join(str(member.path) for member in members)}"
+        record |= {"checkpoint": "ensemble", "ensemble": [str(Path(r).resolve()) for r in ensemble]}
+    else:
+        loaded = load_run_model(folder.path, device, resize)
+        model, preprocess, checkpoint, checkpoint_file = loaded.model, loaded.preprocess, loaded.checkpoint, loaded.path
+        used = f"{checkpoint_file.name} ({_describe(checkpoint, checkpoint_file, folder)})"
+        record |= {"checkpoint": checkpoint_file.name, "checkpoint_epoch": checkpoint.epoch,
+                   "checkpoint_step": checkpoint.step, "checkpoint_sha256": file_sha256(checkpoint_file)}
+        cache = Path(str(checkpoint.train_config.get("cache", "")))
+        if source_check and cache.is_file():
+            from microseg.data.cache import check_sources
 
-        check_sources(cache)
-    cases = find_cases(Path(data), split, require_non_expert=False)
+            check_sources(cache)
+    cases = _select(find_cases(Path(data), split, require_non_expert=False), cases, f"{data}/{split}")
+    source: Path | tuple[Path, ...] = tuple(Path(r) for r in ensemble) if ensemble else folder.path
     missing = [c.case_id for c in cases if c.expert is None]
     if missing:
         raise MicrosegError(f"{data}/{split} has no expert mask for case(s) {', '.join(missing)}: cannot score")
-    print(f"evaluate {folder.path} with {checkpoint_file.name} ({_describe(checkpoint, checkpoint_file, folder)}) on "
-          f"{data}/{split}, protocol {protocol}; overwrites {folder.metrics}/ and {folder.predictions}/", flush=True)
+    print(f"evaluate {folder.path} with {used} on {data}/{split}, protocol {protocol}; overwrites "
+          f"{folder.metrics}/ and {folder.predictions}/", flush=True)
     make_folder(folder.metrics)  # a metrics/ that cannot be written fails before any prediction
-    _PREDICTORS[folder.path, device, resize] = slab_predictor(model, preprocess), preprocess
+    _PREDICTORS[source, device, resize] = slab_predictor(model, preprocess), preprocess
     with atomic_folder(folder.predictions) as predictions:  # replaces predictions/ once the metrics are written
-        jobs_ = [_CaseJob(folder.path, device, resize, case, protocol, predictions, batch_size) for case in cases]
+        jobs_ = [_CaseJob(source, device, resize, case, protocol, predictions, batch_size) for case in cases]
         scored = run_jobs(_evaluate_case, jobs_, jobs, desc=f"evaluate {split}")
         for message in (message for _, _, messages in scored for message in messages):
             warn(message)  # here, in case order: a worker's stderr is not this process's
@@ -149,12 +169,20 @@ def _evaluate_locked(folder: RunFolder, data: Path, split: str, protocol: str, r
         slices = [row for _, rows, _ in scored for row in rows]
         _write_metrics(folder, patients, slices, title=f"{folder.path.name}: {split}, protocol {protocol}")
         record = {"data": str(Path(data).resolve()), "split": split, "protocol": protocol,
-                  "resize": preprocess.prediction_resize, "checkpoint": checkpoint_file.name,
-                  "checkpoint_epoch": checkpoint.epoch, "checkpoint_step": checkpoint.step,
-                  "checkpoint_sha256": file_sha256(checkpoint_file), "cases": [c.case_id for c in cases]}
+                  "resize": preprocess.prediction_resize, **record, "cases": [c.case_id for c in cases]}
         write_text(folder.evaluation, json.dumps(record, indent=1))
     print(mean_line(patients, protocol))
     return folder.per_patient
+
+
+def _select(cases: list, wanted: Sequence[str] | None, where: str) -> list:
+    """The cases whose ids are `wanted` (all when None); MicrosegError naming an id not found."""
+    if wanted is None:
+        return cases
+    missing = sorted(set(wanted) - {c.case_id for c in cases})
+    if missing:
+        raise MicrosegError(f"{where} has no case {', '.join(missing)}")
+    return [c for c in cases if c.case_id in set(wanted)]
 
 
 def _describe(checkpoint: Checkpoint, path: Path, folder: RunFolder) -> str:
@@ -179,7 +207,7 @@ def mean_line(patients: list[dict], protocol: str) -> str:
 class _CaseJob:
     """One patient of an evaluation, as handed to a worker process."""
 
-    run: Path
+    run: Path | tuple[Path, ...]  # a run folder, or an ensemble's members
     device: str
     resize: str | None
     case: Case
@@ -196,8 +224,12 @@ def _evaluate_case(job: _CaseJob) -> tuple[dict, list[list], list[str]]:
     """`_score_case` of one job, with the run's predictor of this process (loaded on first use)."""
     key = (job.run, job.device, job.resize)
     if key not in _PREDICTORS:
-        loaded = load_run_model(job.run, job.device, job.resize)
-        _PREDICTORS[key] = slab_predictor(loaded.model, loaded.preprocess), loaded.preprocess
+        if isinstance(job.run, tuple):
+            model, preprocess, _ = load_ensemble(job.run, job.device, job.resize)
+        else:
+            loaded = load_run_model(job.run, job.device, job.resize)
+            model, preprocess = loaded.model, loaded.preprocess
+        _PREDICTORS[key] = slab_predictor(model, preprocess), preprocess
     predict, preprocess = _PREDICTORS[key]
     return _score_case(job.case, predict, preprocess, job.protocol, job.predictions, job.slab)
 
@@ -277,20 +309,26 @@ def _write_metrics(folder: RunFolder, patients: list[dict], slices: list[list], 
     write_text(folder.per_patient_md, f"# {title}\n\n{markdown_table(header, rows)}\n")
 
 
-def predict(run: Path, source: Path, out: Path, device: str = "auto", resize: str | None = None) -> list[Path]:
+def predict(run: Path | Sequence[Path], source: Path, out: Path, device: str = "auto",
+            resize: str | None = None) -> list[Path]:
     """Predict one volume (out = a .nii/.nii.gz file) or every visible .nii/.nii.gz in a folder (out = a folder).
 
     Before the model is loaded, every input's NIfTI header is read and the output place checked.
     A folder is all or nothing: its masks are written into a temporary folder beside `out` and
     move into `out` (other files there stay) only once every volume has been predicted, so a
-    volume that turns out truncated stops the command with nothing half-written.
+    volume that turns out truncated stops the command with nothing half-written. `run` may be a list
+    of runs: their ensemble (`microseg.ensemble`).
     """
     from microseg.atomic import atomic_files_into
 
     source, out = Path(source), Path(out)
     inputs, targets = _prediction_plan(source, out)
-    loaded = load_run_model(run, device, resize)
-    predictor = slab_predictor(loaded.model, loaded.preprocess)
+    if isinstance(run, Path | str):
+        loaded = load_run_model(run, device, resize)
+        predictor = slab_predictor(loaded.model, loaded.preprocess)
+    else:
+        model, preprocess, _ = load_ensemble(run, device, resize)
+        predictor = slab_predictor(model, preprocess)
     created = [p for p in (out, *out.parents) if not p.exists()]
     try:
         with contextlib.nullcontext(out.parent) if not source.is_dir() else atomic_files_into(out) as folder:

@@ -8,6 +8,8 @@
   validation split);
 - `metrics/`         `per_patient.csv` / `.md`, `per_slice.csv`, `evaluation.json` (from evaluate);
 - `predictions/`     the predicted masks (from evaluate).
+- `heldout/`         an experiment's fold cell: the evaluation of its held-out patients, as metrics/
+                     (its masks in `heldout/predictions/`).
 - `tensorboard/`     TensorBoard event files (with `train --tensorboard`).
 
 While `train` writes a run it holds the run's lock (`RunLock`: an exclusive flock on
@@ -36,18 +38,20 @@ from microseg.tables import write_records
 class RunFolder:
     """The paths of one run folder, and the policy for writing into it."""
 
-    OUTPUTS = ("config.yaml", "calf_stats.json", "history.csv", "last.pt", "best.pt", "metrics", "predictions",
-               "tensorboard")
+    OUTPUTS = ("config.yaml", "calf_stats.json", "history.csv", "last.pt", "best.pt", "metrics", "heldout",
+               "predictions", "tensorboard")
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, metrics: str = "metrics"):
+        """`metrics`: the evaluation's folder (`metrics`, the test split's; an experiment's fold cell also
+        has `heldout`, whose predictions go to `heldout/predictions`)."""
         self.path = Path(path)
         self.config = self.path / "config.yaml"
         self.calf_stats = self.path / "calf_stats.json"
         self.history = self.path / "history.csv"
         self.last = self.path / "last.pt"
         self.best = self.path / "best.pt"
-        self.metrics = self.path / "metrics"
-        self.predictions = self.path / "predictions"
+        self.metrics = self.path / metrics
+        self.predictions = self.path / "predictions" if metrics == "metrics" else self.metrics / "predictions"
         self.tensorboard = self.path / "tensorboard"
         self.per_patient = self.metrics / "per_patient.csv"
         self.per_patient_md = self.metrics / "per_patient.md"

@@ -33,7 +33,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -122,9 +122,10 @@ class LossMonitor:
         return check
 
 
-def train(config: TrainConfig, resume: bool = False, force: bool = False, trainer: type[Trainer] | None = None) -> Path:
+def train(config: TrainConfig, resume: bool = False, force: bool = False, trainer: type[Trainer] | None = None,
+          on_epoch: Callable[[dict[str, Any]], None] | None = None) -> Path:
     """Train one run as `config` says (with `trainer`, a `Trainer` subclass whose hooks build something else);
-    returns the run folder."""
+    returns the run folder. `on_epoch` gets each epoch's history row once it is saved (rank 0)."""
     warnings = check_train_inputs(config, resume)  # before anything is created
     env = Distributed(config.device)
     for line in warnings if env.main else ():
@@ -136,7 +137,9 @@ def train(config: TrainConfig, resume: bool = False, force: bool = False, traine
             trainer = (trainer or Trainer)(config, env, resume)
             try:
                 for epoch in range(trainer.epoch, config.epochs):
-                    trainer.run_epoch(epoch)
+                    row = trainer.run_epoch(epoch)
+                    if on_epoch is not None and env.main:
+                        on_epoch(row)
             except KeyboardInterrupt:
                 trainer.save_interrupted()
                 raise
@@ -204,7 +207,8 @@ class Trainer:
             raise MicrosegError(f"cache {config.cache} holds {self.info.size} px slices but run {config.run} was "
                                 f"trained at {size} px; prepare a cache with --size {size}")
         self.preprocess = loaded.preprocess if loaded is not None else config.preprocess(self.info.size)
-        train_idx, val_idx = split_by_patient(Path(config.cache), config.val_fraction, config.seed)
+        train_idx, val_idx = split_by_patient(Path(config.cache), config.val_fraction, config.seed, config.patients,
+                                              config.val_patients)
         self._build(train_idx, fresh=loaded is None)
         self.build_loaders(train_idx, val_idx)
         self.board = self._open_board(loaded)

@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 
 from microseg.data.augment import Compose, build_augmentation
 from microseg.data.cache import SLICE_KEYS, read_cache_info
-from microseg.errors import MicrosegError
+from microseg.errors import MicrosegError, OptionError
 from microseg.preprocess import INTENSITY_MAX, scale_intensity
 
 
@@ -126,20 +126,37 @@ def slice_tensors(image: np.ndarray, expert: np.ndarray, non_expert: np.ndarray,
     }
 
 
-def split_by_patient(cache_path: str | Path, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Seeded patient-level split of the cache's slice indices into (train, validation).
+def split_by_patient(cache_path: str | Path, val_fraction: float, seed: int, patients: Sequence[str] = (),
+                     val_patients: Sequence[str] = ()) -> tuple[list[int], list[int]]:
+    """Patient-level split of the cache's slice indices into (train, validation).
 
-    ``round(val_fraction * n_patients)`` patients go to validation, at least one when the fraction
-    is positive and there are two or more patients, and never all of them.
+    `patients` restricts training to those patient ids (default: every patient of the cache);
+    `val_patients` names the validation patients (a cross-validation fold's held-out ones), which
+    are then never trained on. Without them, a seeded ``round(val_fraction * n_patients)`` of the
+    training patients go to validation, at least one when the fraction is positive and there are
+    two or more patients, and never all of them.
     """
     if not 0 <= val_fraction < 1:
         raise MicrosegError(f"validation fraction must be in [0, 1), got {val_fraction}")
     with h5py.File(read_cache_info(cache_path).path, "r") as f:
         ids = np.array([i.decode() for i in f["case_id"][()]])
-    patients = sorted(set(ids.tolist()))
+    cached = sorted(set(ids.tolist()))
+    for name, named in (("patients", patients), ("val_patients", val_patients)):
+        unknown = sorted(set(named) - set(cached))
+        if unknown:
+            raise OptionError(f"`{name}`: patient(s) {', '.join(unknown)} not in cache {cache_path} "
+                              f"(it holds {', '.join(cached)})")
+    both = sorted(set(patients) & set(val_patients))
+    if both:
+        raise OptionError(f"patient(s) {', '.join(both)} are in both `patients` and `val_patients`")
+    if val_patients:
+        chosen = sorted(set(patients)) if patients else sorted(set(cached) - set(val_patients))
+        return np.flatnonzero(np.isin(ids, chosen)).tolist(), np.flatnonzero(np.isin(ids, list(val_patients))).tolist()
+    chosen = sorted(set(patients)) if patients else cached
     n_val = 0
-    if val_fraction > 0 and len(patients) >= 2:
-        n_val = min(len(patients) - 1, max(1, round(val_fraction * len(patients))))
-    order = np.random.default_rng(seed).permutation(len(patients))
-    val = np.isin(ids, [patients[i] for i in order[:n_val]])
-    return np.flatnonzero(~val).tolist(), np.flatnonzero(val).tolist()
+    if val_fraction > 0 and len(chosen) >= 2:
+        n_val = min(len(chosen) - 1, max(1, round(val_fraction * len(chosen))))
+    order = np.random.default_rng(seed).permutation(len(chosen))
+    val = np.isin(ids, [chosen[i] for i in order[:n_val]])
+    train = np.isin(ids, chosen) & ~val
+    return np.flatnonzero(train).tolist(), np.flatnonzero(val).tolist()

@@ -1,43 +1,71 @@
-"""The demo's side-by-side training: one process per job, lines prefixed, errors passed back as one line."""
+"""The experiment's local executor (what the demo trains with): worker processes side by side, one
+GPU or a share of the cores each, progress lines, a failed cell reported as one line and retried."""
 
 from __future__ import annotations
 
-import io
+import queue
 
-import pytest
-import yaml
-
-from train_helpers import TINY_TRAIN
-from microseg.demo import PrefixedLines, train_side_by_side
+from cli_helpers import one_error, run_cli
+from microseg.demo import DEMO_JOBS, DEMO_LOSSES, DEMO_SEEDS
 from microseg.errors import MicrosegError
+from microseg.experiment import load_experiment
+from test_experiment import experiment_args, patients_of
 
 
-def test_prefixed_lines_prefix_each_complete_line_and_are_not_a_terminal():
-    sink = io.StringIO()
-    stream = PrefixedLines(sink, "[focal] ")
-    stream.write("epoch 1\nepoch")
-    stream.write(" 2\n")
-    assert sink.getvalue() == "[focal] epoch 1\n[focal] epoch 2\n"
-    assert not stream.isatty()
+def test_the_demo_is_three_losses_of_at_least_two_seeds():
+    assert len(DEMO_LOSSES) == 3 and len(set(DEMO_SEEDS)) >= 2 and DEMO_JOBS >= 1
 
 
-@pytest.mark.slow
-def test_jobs_train_and_evaluate_side_by_side_each_with_its_own_loss(cache, phantom, tmp_path, capfd):
-    jobs = {loss: dict(TINY_TRAIN, epochs=1, val_fraction=0.0, cache=str(cache), run=str(tmp_path / loss), loss=loss)
-            for loss in ("focal", "ag_bce")}
-    runs = train_side_by_side(jobs, phantom)
-    assert runs == [tmp_path / "focal", tmp_path / "ag_bce"]
-    for loss, run in zip(jobs, runs):
-        assert yaml.safe_load((run / "config.yaml").read_text())["loss"] == loss
-        assert (run / "metrics" / "per_patient.csv").is_file()
-    out = capfd.readouterr().out
-    assert "[focal] epoch 1" in out and "[ag_bce] epoch 1" in out
-    assert "[ag_bce] evaluate " in out
+def test_workers_run_the_cells_side_by_side(cache, phantom, tmp_path, capfd):
+    from microseg.cli import main
+
+    out = tmp_path / "exp"
+    assert main([str(a) for a in experiment_args(cache, phantom, out, seeds=(1,)) + ["--jobs", "2"]]) == 0
+    printed = capfd.readouterr().out
+    assert "in 2 worker(s) on the CPU, 1 thread(s) each" in printed  # 2 cores (the CI machine's) / 2 workers
+    for cell in load_experiment(out).cells:
+        assert f"{cell.id}: started" in printed and f"{cell.id}: epoch 1 of 1" in printed
+        assert patients_of(cell.run / "metrics" / "per_patient.csv") == ["01", "02"]
+    assert "[2 of 2 done]" in printed
 
 
-@pytest.mark.slow
-def test_a_failing_job_raises_its_own_one_line_error(cache, phantom, tmp_path):
-    jobs = {"focal": dict(TINY_TRAIN, cache=str(tmp_path / "missing.h5"), run=str(tmp_path / "focal"), loss="focal")}
-    with pytest.raises(MicrosegError, match="missing.h5"):
-        train_side_by_side(jobs, phantom)
-    assert not (tmp_path / "focal").exists()
+def test_a_failed_cell_is_one_line_the_others_finish_and_a_rerun_retries_it(cache, phantom, tmp_path, capsys,
+                                                                             monkeypatch):
+    from microseg.train import Trainer
+
+    real_step = Trainer.train_step
+
+    def failing_for_focal(self, batch):
+        if self.config.loss == "focal":
+            raise MicrosegError("simulated failure of the focal cell")
+        return real_step(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", failing_for_focal)
+    out = tmp_path / "exp"
+    args = experiment_args(cache, phantom, out, seeds=(1,))
+    code, printed, err = run_cli(args, capsys)
+    one_error(code, err, "1 of 2 cells failed", "focal__s1: simulated failure")
+    assert "focal__s1: failed: simulated failure of the focal cell" in printed
+    focal, ag_bce = load_experiment(out).cells
+    assert (ag_bce.run / "metrics" / "per_patient.csv").is_file() and not focal.run.exists()
+    assert (out / "logs" / "focal__s1.log").read_text().splitlines()[-1] == (
+        "microseg: error: simulated failure of the focal cell")
+    code, status, _ = run_cli(["experiment", "status", out], capsys)
+    assert "failed: simulated failure" in status and "1 done, 1 failed" in status
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    code, printed, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert "1 done, 1 to run" in printed and "focal__s1: finished" in printed
+
+
+def test_each_worker_takes_its_own_gpu(monkeypatch):
+    from microseg.experiment_local import _start_worker, visible_gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert visible_gpus("auto") == ["3", "5"] and visible_gpus("cpu") == []
+    slots = queue.Queue()
+    slots.put(1)
+    _start_worker(slots, ["3", "5"], threads=0)
+    import os
+
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "5"
