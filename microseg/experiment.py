@@ -27,7 +27,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import yaml
@@ -246,7 +246,7 @@ def kfold(patients: list[str], k: int, seed: int = SPLIT_SEED) -> list[list[str]
     return [sorted(ordered[i] for i in order[f::k]) for f in range(k)]
 
 
-def make_cells(root: Path, plan: Plan, existing: list[Cell] = ()) -> list[Cell]:
+def make_cells(root: Path, plan: Plan, existing: Sequence[Cell] = ()) -> list[Cell]:
     """The plan's cells, seed by seed then loss by loss then fold by fold; `existing` ones first, kept as they are."""
     cells = list(existing)
     known = {(c.loss, c.seed, c.fold) for c in cells}

@@ -33,7 +33,7 @@ from microseg.tables import SUMMARY_ROWS, read_csv, write_csv
 
 HELDOUT = "heldout"
 FAILED, INTERRUPTED, SAVED = "microseg: error: ", "microseg: interrupted", "== saved epoch"
-RESUME_MAY_CHANGE = ("amp", "device", "num_workers", "sync_every", "tensorboard")
+RESUME_MAY_CHANGE = ("run", "amp", "device", "num_workers", "sync_every", "tensorboard")  # a copied or moved EXP keeps its cells
 
 
 @dataclass(frozen=True)

@@ -59,8 +59,8 @@ def run_experiment(out: str, plan_values: dict[str, Any], add: bool = False, exe
     from microseg.experiment_local import run_local
 
     failed = run_local(experiment, todo, jobs, device) if todo else []
-    oof = write_oof(experiment)
-    if oof is not None:
+    oof = write_oof(experiment) if todo or not experiment.oof_file.is_file() else experiment.oof_file
+    if oof is not None and oof.is_file():
         print(f"out-of-fold per-patient scores: {oof}")
     if failed:
         raise MicrosegError(f"{len(failed)} of {len(experiment.cells)} cells failed (first: {failed[0]}); their "
@@ -76,7 +76,8 @@ def experiment_status(path: str) -> str:
         from microseg.experiment_slurm import active_jobs
 
         active = active_jobs(experiment, required=False)
-    rows, counts = [], Counter()
+    rows: list[str] = []
+    counts: Counter[str] = Counter()
     for cell in experiment.cells:
         state = cell_state(experiment, cell)
         described = state.describe()

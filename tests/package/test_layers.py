@@ -23,7 +23,7 @@ LAYERS: list[tuple[bool, tuple[str, ...]]] = [
     (True, ("cli",)),
     (False, ("demo", "experiment*")),
     (True, ("train", "evaluate", "report", "prepare", "pretrained")),
-    (True, ("significance",)),
+    (True, ("significance", "ensemble")),
     (True, ("checkpoint", "run_record")),
     (True, ("run",)),
     (True, ("config", "figures", "check", "download")),
