@@ -193,8 +193,8 @@ def resolve_plan(values: dict[str, Any]) -> Plan:
     _no_duplicates("seed", seeds)
     folds = _integer("folds", values.get("folds", 0))
     if folds < 0 or folds == 1:
-        raise MicrosegError(f"folds must be 0 (the fixed train/test split) or at least 2, got {folds}: "
-                            "one fold would train on no patient")
+        raise MicrosegError(f"folds must be 0 (the fixed train/test split) or at least 2, got {folds}"
+                            + (": one fold would leave no patient to train on" if folds == 1 else ""))
     for name in ("cache", "data"):
         if not values.get(name):
             raise MicrosegError(f"the plan needs {name}: give --{name} (or {name}: in the plan file)")
@@ -205,11 +205,11 @@ def resolve_plan(values: dict[str, Any]) -> Plan:
         if name in base:
             raise MicrosegError(f"base option {name} is set by the experiment for each cell "
                                 f"({'give losses / seeds' if name in ('loss', 'seed') else 'leave it out'})")
-    if folds and float(base.get("val_fraction", 0) or 0) > 0:
-        raise MicrosegError("base val_fraction must be 0 with folds: each cell validates on its held-out fold")
     cache, data = str(Path(values["cache"]).resolve()), str(Path(values["data"]).resolve())
     for loss in losses:  # every option of base, once per loss (its spec and the options together)
         config = resolve_train_config(None, {**base, "cache": cache, "run": "cell", "loss": loss, "seed": seeds[0]})
+    if folds and config.val_fraction > 0:
+        raise MicrosegError("base val_fraction must be 0 with folds: each cell validates on its held-out fold")
     plan = Plan(losses, seeds, folds, cache, data, protocol, {key: getattr(config, key) for key in base})
     _check_sources(plan, config)
     return plan

@@ -87,16 +87,20 @@ def _in_workers(experiment: Experiment, cells: list[Cell], jobs: int, gpus: list
                              initargs=(slots, gpus, threads)) as pool:
         pending = {pool.submit(_work, str(experiment.path), cell.id, device): cell for cell in cells}
         done = 0
-        while pending:
-            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in finished:
-                cell = pending.pop(future)
-                ok, line = future.result()
-                done += ok
-                if not ok:
-                    failed.append(f"{cell.id}: {line}")
-                event(f"{cell.id}: {'finished, ' if ok else 'failed: '}{line} "
-                       f"{_finished(done, len(failed), len(cells))}")
+        try:
+            while pending:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    cell = pending.pop(future)
+                    ok, line = future.result()  # a worker's Ctrl-C (its cell saved last.pt) comes back here
+                    done += ok
+                    if not ok:
+                        failed.append(f"{cell.id}: {line}")
+                    event(f"{cell.id}: {'finished, ' if ok else 'failed: '}{line} "
+                          f"{_finished(done, len(failed), len(cells))}")
+        except KeyboardInterrupt:  # start no other cell; the running ones got Ctrl-C too
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
     return failed
 
 
