@@ -35,7 +35,7 @@ class Ensemble(torch.nn.Module):
 
 
 def load_ensemble(runs: Sequence[str | Path], device: str = "auto",
-                  resize: str | None = None) -> tuple[Ensemble, Preprocess, list[RunModel]]:
+                  resize: str | None = None) -> tuple[torch.nn.Module, Preprocess, list[RunModel]]:
     """The runs' networks (best.pt, else last.pt, each) as one Ensemble on `device`, their common
     Preprocess (`resize` replacing the prediction resize), and each member; refuses members trained
     on other grids."""
