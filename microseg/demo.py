@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 DEMO_LOSSES = ("adaptive_focal", "ag_bce", "focal")
-DEMO_SEEDS = (1234, 1235)
+DEMO_SEEDS = (1234, 42)  # two seeds: on the phantom the spread between seeds exceeds that between losses
 DEMO_JOBS = 3  # three single-threaded trainings side by side on 2 cores: 1.4x the steps/s of one at a time
 DEMO_DATA = dict(n_train=16, n_test=8, n_slices=36, size=(240, 343), seed=0)
 # Short CPU schedule, tuned on 2 cores for the whole demo to fit in 5 minutes: optimiser steps are
