@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from cli_helpers import one_error, run_cli
-from conftest import train_tiny
+from train_helpers import train_tiny
 from microseg.data.layout import find_cases
 from microseg.data.volumes import read_volume
 from microseg.checkpoint import load_run_model
