@@ -5,6 +5,7 @@ and statsmodels; refusals through the CLI."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import re
@@ -46,7 +47,8 @@ def chosen_scores(losses=LOSSES, seeds=SEEDS, folds=(None,)) -> dict[tuple, dict
 def write_cell(exp: Path, loss: str, seed: int, fold, scores: dict[str, np.ndarray] | None, epochs: int = 4,
                evaluation: dict | None = None, patients=PATIENTS) -> dict:
     """One cell's run folder: config.yaml, history.csv (numbers from loss, seed, fold) and, when
-    `scores` is given, metrics/per_patient.csv (with a rater column and summary rows) + evaluation.json."""
+    `scores` is given, metrics/per_patient.csv (with a rater column and summary rows), evaluation.json and
+    the last.pt it records (its sha256)."""
     cell_id = f"{loss}__s{seed}" + ("" if fold is None else f"__f{fold}")
     run = exp / "runs" / cell_id
     run.mkdir(parents=True)
@@ -67,8 +69,11 @@ def write_cell(exp: Path, loss: str, seed: int, fold, scores: dict[str, np.ndarr
                 writer.writerow([case, scores["dsc"][i], scores["hd95_mm"][i], 0.85 - 0.001 * i, 3.1 + 0.01 * i])
             for name in ("mean", "std", "median"):
                 writer.writerow([name, 0.5, 9.0, 0.5, 9.0])  # summary rows: never patients
-        ev = {"data": "/data/phantom", "split": "test", "protocol": "microsegnet", "checkpoint": "last.pt"}
-        (run / "metrics" / "evaluation.json").write_text(json.dumps(evaluation or ev))
+        checkpoint = f"a stand-in for {cell_id}'s last.pt".encode()  # hashed, never loaded
+        (run / "last.pt").write_bytes(checkpoint)
+        ev = {"data": "/data/phantom", "split": "test", "protocol": "microsegnet", "checkpoint": "last.pt",
+              "checkpoint_sha256": hashlib.sha256(checkpoint).hexdigest()}
+        (run / "metrics" / "evaluation.json").write_text(json.dumps(dict(ev, **(evaluation or {}))))
     return {"id": cell_id, "loss": loss, "seed": seed, "fold": fold, "run": f"runs/{cell_id}"}
 
 
@@ -321,7 +326,7 @@ def test_refusals_leave_nothing(tmp_path, capsys, experiment):
 
     protocol = write_experiment(tmp_path / "protocol", scores)
     ev = protocol / "runs" / "low__s2" / "metrics" / "evaluation.json"
-    ev.write_text(json.dumps({"data": "/data/phantom", "split": "test", "protocol": "volume"}))
+    ev.write_text(json.dumps(dict(json.loads(ev.read_text()), protocol="volume")))
     assert "different protocols" in refused(["compare", protocol, "--out", out], capsys, out)
 
     patients = write_experiment(tmp_path / "patients", scores)
@@ -393,3 +398,10 @@ def test_with_one_run_per_loss_the_paragraph_says_the_seed_noise_is_unknown(tmp_
     assert "2 survive the correction, with the seed noise unknown (one run per loss): good - low on DSC" in text
     assert "beyond seed noise" not in text and "train more seeds before trusting any difference" in text
     assert "The loss explains" not in text  # no run to compare within a loss: no variance share
+
+
+def test_a_cell_retrained_since_its_evaluation_is_refused(tmp_path, capsys):
+    exp = write_experiment(tmp_path / "exp", chosen_scores(("good", "low"), (1, 2)))
+    (exp / "runs" / "low__s2" / "last.pt").write_bytes(b"another model")
+    line = refused(["compare", exp, "--out", tmp_path / "r"], capsys, tmp_path / "r")
+    assert "low__s2" in line and "no longer the run's model" in line
