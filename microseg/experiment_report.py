@@ -35,7 +35,6 @@ evaluated on different splits, protocols or patients, an experiment with no eval
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -45,6 +44,7 @@ import numpy as np
 
 from microseg.atomic import atomic_folder, write_text
 from microseg.errors import MicrosegError, warn
+from microseg.experiment import Cell, Experiment, Plan, load_experiment
 from microseg.experiment_statistics import (
     LossDifference,
     Scores,
@@ -62,9 +62,7 @@ from microseg.run_record import RunRecord, load_run
 from microseg.significance import ALPHA, BOOTSTRAP_RESAMPLES, min_wilcoxon_p
 from microseg.tables import SUMMARY_ROWS, markdown_table, write_csv
 
-EXPERIMENT_FILE = "experiment.json"
 SPLITS_FILE = "splits.json"
-OOF_FILE = Path("oof") / "per_patient.csv"
 METRICS = (("dsc", "DSC", True, 4), ("hd95_mm", "HD95 (mm)", False, 3))
 """(per-patient key, title, higher is better, decimals) of the metrics ranked and tested."""
 CURVES = (("loss", "own loss"), ("bce", "BCE"), ("val_dsc", "val DSC"))
@@ -73,77 +71,26 @@ BAND = "min-max over seeds and folds"
 
 def is_experiment(path: str | Path) -> bool:
     """True when `path` is a folder holding experiment.json."""
-    return (Path(path) / EXPERIMENT_FILE).is_file()
+    return (Path(path) / "experiment.json").is_file()
 
 
-@dataclass
-class Cell:
-    """One (loss, seed, fold) of an experiment and its run folder."""
-
-    id: str
-    loss: str
-    seed: int
-    fold: int | None
-    run: Path
-
-    @property
-    def replicate(self) -> str:
-        """The replicate slot the cell fills for its loss: "seed S" or "seed S fold F"."""
-        return f"seed {self.seed}" + ("" if self.fold is None else f" fold {self.fold}")
+def replicate(cell: Cell) -> str:
+    """The replicate slot a cell fills for its loss: "seed S" or "seed S fold F"."""
+    return f"seed {cell.seed}" + ("" if cell.fold is None else f" fold {cell.fold}")
 
 
-def _read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise MicrosegError(f"{path.parent} is not a microseg experiment: {path.name} is missing")
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
-        raise MicrosegError(f"{path} is not readable JSON ({what})") from None
-    if not isinstance(value, dict):
-        raise MicrosegError(f"{path} must hold a JSON object ({what})")
-    return value
+def read_splits(experiment: Experiment) -> dict:
+    """The experiment's splits.json as {"folds": [sorted ids, ...], "test": sorted ids}, to compare."""
+    splits = experiment.splits()
+    return {"folds": [sorted(fold) for fold in splits.folds], "test": sorted(splits.test)}
 
 
-def read_cells(path: Path) -> tuple[dict, list[Cell]]:
-    """The plan and the cells of experiment folder `path` (experiment.json, version 1)."""
-    source = path / EXPERIMENT_FILE
-    data = _read_json(source, "the experiment's plan and cells")
-    if data.get("version") != 1:
-        raise MicrosegError(f"{source} has version {data.get('version')!r}; this microseg reads version 1")
-    plan, cells = data.get("plan"), data.get("cells")
-    if not isinstance(plan, dict) or not isinstance(cells, list):
-        raise MicrosegError(f"{source} needs a 'plan' object and a 'cells' list")
-    found = []
-    for i, cell in enumerate(cells):
-        ok = (isinstance(cell, dict) and isinstance(cell.get("id"), str) and isinstance(cell.get("loss"), str)
-              and isinstance(cell.get("seed"), int) and isinstance(cell.get("run"), str)
-              and (cell.get("fold") is None or isinstance(cell.get("fold"), int)))
-        if not ok:
-            raise MicrosegError(f"{source}: cell {i} needs id, loss, run (strings), seed (integer) and fold "
-                                "(integer or null)")
-        run = path / cell["run"]
-        if Path(cell["run"]).is_absolute() or ".." in Path(cell["run"]).parts:
-            raise MicrosegError(f"{source}: cell {cell['id']}'s run {cell['run']!r} is not a folder inside {path}")
-        found.append(Cell(cell["id"], cell["loss"], cell["seed"], cell["fold"], run))
-    return plan, found
-
-
-def read_splits(path: Path) -> dict:
-    """splits.json of experiment folder `path`: {"folds": [[ids], ...], "test": [ids]}."""
-    source = path / SPLITS_FILE
-    splits = _read_json(source, "the experiment's patient splits")
-    folds, test = splits.get("folds"), splits.get("test")
-    if not (isinstance(folds, list) and all(isinstance(f, list) for f in folds) and isinstance(test, list)):
-        raise MicrosegError(f"{source} needs 'folds' (a list of lists of patient ids) and 'test' (a list)")
-    return {"folds": [sorted(map(str, f)) for f in folds], "test": sorted(map(str, test))}
-
-
-def read_oof(path: Path) -> dict[tuple[str, str], dict[str, dict[str, float]]]:
+def read_oof(experiment: Experiment) -> dict[tuple[str, str], dict[str, dict[str, float]]]:
     """EXP/oof/per_patient.csv (written with folds): (loss, "seed S") -> patient -> metric; nothing
     when absent. A patient twice for one loss and seed is refused (each is out of fold once)."""
     from microseg.tables import number, read_csv
 
-    source = path / OOF_FILE
+    source = experiment.oof_file
     if not source.is_file():
         return {}
     try:
@@ -169,7 +116,7 @@ class Experiments:
     """The cells of one or more experiments read for a report, and what was found in their run folders."""
 
     paths: list[Path]
-    plans: list[dict]
+    plans: list[Plan]
     splits: dict
     cells: list[Cell]
     records: dict[str, RunRecord] = field(default_factory=dict)  # cell id -> its run (trained cells)
@@ -197,26 +144,30 @@ def read_experiments(paths: list[Path]) -> Experiments:
     for path in paths:
         if not path.is_dir():
             raise MicrosegError(f"experiment folder not found: {path}")
-    plans, cells, splits = [], [], None
+    plans: list[Plan] = []
+    cells: list[Cell] = []
+    found: list[Experiment] = []
+    splits = None
     seen: dict[tuple, Path] = {}
     for path in paths:
-        plan, found = read_cells(path)
-        these = read_splits(path)
+        experiment = load_experiment(path)
+        these = read_splits(experiment)
         if splits is not None and these != splits:
             raise MicrosegError(f"{paths[0]} and {path} split the patients differently ({SPLITS_FILE} differ): "
                                 "their cells cannot be compared on the same patients")
         splits = these
-        for cell in found:
+        for cell in experiment.cells:
             key = (cell.loss, cell.seed, cell.fold)
             if key in seen:
-                raise MicrosegError(f"loss {cell.loss}, {cell.replicate} is a cell of both {seen[key]} and {path}: "
+                raise MicrosegError(f"loss {cell.loss}, {replicate(cell)} is a cell of both {seen[key]} and {path}: "
                                     "compare each cell once")
             seen[key] = path
-        plans.append(plan)
-        cells += found
+        plans.append(experiment.plan)
+        cells += experiment.cells
+        found.append(experiment)
     experiments = Experiments(paths, plans, splits or {"folds": [], "test": []}, cells)
-    for path in paths:
-        for (loss, seed), patients in read_oof(path).items():
+    for experiment in found:
+        for (loss, seed), patients in read_oof(experiment).items():
             if (loss, seed) in experiments.oof:
                 raise MicrosegError(f"loss {loss}, {seed} has out-of-fold scores in two experiments: compare "
                                     "each cell once")
@@ -278,9 +229,9 @@ def analyse(paths: list[Path]) -> Analysis:
     require_comparable(experiments)
     evaluated = experiments.evaluated
     losses = list(dict.fromkeys(c.loss for c in evaluated))
-    replicates = list(dict.fromkeys(c.replicate for c in sorted(evaluated, key=lambda c: (c.seed, c.fold or 0))))
+    replicates = list(dict.fromkeys(replicate(c) for c in sorted(evaluated, key=lambda c: (c.seed, c.fold or 0))))
     patients = sorted(experiments.records[evaluated[0].id].patients, key=lambda c: (len(c), c))
-    per_run = {(c.loss, c.replicate): experiments.records[c.id].patients for c in evaluated}
+    per_run = {(c.loss, replicate(c)): experiments.records[c.id].patients for c in evaluated}
     scores = {key: build_scores(per_run, key, higher, losses, replicates, patients) for key, _, higher, _ in METRICS}
     boot = {key: bootstrap_means(s) for key, s in scores.items()}
     return Analysis(experiments, losses, replicates, patients, scores, boot, loss_differences(scores, boot),
@@ -535,12 +486,9 @@ def _compared(analysis: Analysis) -> list[str]:
     ev = first.evaluation
     lines: list[str] = ["## What was compared", ""]
     for path, plan in zip(experiments.paths, experiments.plans):
-        base = plan.get("base") or {}
-        options = ", ".join(f"{k} {v}" for k, v in base.items()) if isinstance(base, dict) else str(base)
-        folds = plan.get("folds", "?")
-        lines.append(f"- {path}: losses {', '.join(map(str, plan.get('losses', [])))}; seeds "
-                     f"{', '.join(map(str, plan.get('seeds', [])))}; "
-                     + ("no folds (the fixed train/test split)" if folds == 0 else f"{folds} folds")
+        options = ", ".join(f"{k} {v}" for k, v in plan.base.items())
+        lines.append(f"- {path}: losses {', '.join(plan.losses)}; seeds {', '.join(map(str, plan.seeds))}; "
+                     + ("no folds (the fixed train/test split)" if plan.folds == 0 else f"{plan.folds} folds")
                      + (f"; base options: {options}" if options else ""))
     folds = len(experiments.splits["folds"])
     lines += ["", f"Replicates of each loss: {'; '.join(analysis.replicates)}"

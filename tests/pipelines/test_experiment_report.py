@@ -345,12 +345,13 @@ def test_refusals_leave_nothing(tmp_path, capsys, experiment):
 
     broken = write_experiment(tmp_path / "broken", scores)
     (broken / "experiment.json").write_text("{not json")
-    assert "experiment.json is not readable JSON" in refused(["compare", broken, "--out", out], capsys, out)
+    assert "experiment.json is not a readable experiment file" in refused(["compare", broken, "--out", out],
+                                                                         capsys, out)
     (broken / "experiment.json").write_text(json.dumps({"version": 1, "plan": {}, "cells": [{"id": "x"}]}))
-    assert "cell 0 needs id, loss, run" in refused(["compare", broken, "--out", out], capsys, out)
-    (broken / "experiment.json").write_text(json.dumps({"version": 1, "plan": {}, "cells": [
-        {"id": "x", "loss": "bce", "seed": 1, "fold": None, "run": "../elsewhere"}]}))
-    assert "is not a folder inside" in refused(["compare", broken, "--out", out], capsys, out)
+    assert "is not a readable experiment file" in refused(["compare", broken, "--out", out], capsys, out)
+    (broken / "splits.json").write_text("[]")
+    (broken / "experiment.json").write_text((protocol / "experiment.json").read_text())
+    assert "splits.json is not an experiment's splits file" in refused(["compare", broken, "--out", out], capsys, out)
 
 
 def test_the_report_folder_is_replaced_whole_and_never_one_holding_other_files(experiment, tmp_path, capsys):
