@@ -211,3 +211,15 @@ def write_text(target: str | os.PathLike, text: str) -> None:
     """Write a text file atomically."""
     with atomic_path(target) as tmp:
         tmp.write_text(text)
+
+
+def copy_file(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """`target` becomes a file holding `source`'s bytes, atomically: a hard link where the file
+    system allows one (no second write), else a copy. A later atomic write of `source` renames a
+    new file over it, so `target` keeps what it has."""
+    with atomic_path(target) as tmp:
+        tmp.unlink()
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)

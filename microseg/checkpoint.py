@@ -24,7 +24,7 @@ from microseg.config import TrainConfig, config_from_dict, load_config, read_con
 from microseg.errors import MicrosegError, OptionError
 from microseg.preprocess import PREDICTION_RESIZES, REFERENCE_KERNEL_SIZES, Preprocess
 from microseg.run import RunFolder
-from microseg.runtime import resolve_device
+from microseg.runtime import configure_speed, resolve_device
 from microseg.torch_files import plain, read_torch_file, require_finite
 
 
@@ -41,11 +41,13 @@ class Checkpoint:
     scheduler: dict | None = None
     epoch: int = 0
     step: int = 0
-    accum: torch.Tensor | None = None
+    accum: torch.Tensor | None = None  # the epoch's loss sums so far (every process's up to the last check)
+    accum_count: float | None = None  # the weight they carry: steps x processes (None: written by 1 process)
     history: list[dict[str, float]] = field(default_factory=list)
     best_dsc: float = -1.0
     calf_stats: dict | None = None
-    rng: torch.Tensor | None = None
+    world_size: int = 1  # processes that trained it; the position (epoch, step) is in global batches
+    global_batch: int = 0  # the global batch (0: an earlier release's, whose --batch-size was per process)
 
     def to_dict(self) -> dict[str, Any]:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -164,6 +166,7 @@ def load_run_model(run: str | Path, device: str = "auto", resize: str | None = N
     if resize is not None and resize not in PREDICTION_RESIZES:
         raise OptionError(f"`resize` {resize!r} is not one of {', '.join(PREDICTION_RESIZES)}")
     device_ = resolve_device(device)
+    configure_speed(device_, deterministic=False)
     path = RunFolder(run).checkpoint_path()
     checkpoint = load_checkpoint(path)
     preprocess = checkpoint.preprocess if resize is None else dataclasses.replace(checkpoint.preprocess,
@@ -171,7 +174,7 @@ def load_run_model(run: str | Path, device: str = "auto", resize: str | None = N
     return RunModel(checkpoint.build_model(device_), preprocess, checkpoint, path)
 
 
-RESUME_MAY_CHANGE = ("run", "device", "num_workers", "sync_every", "tensorboard", "source_check")
+RESUME_MAY_CHANGE = ("run", "device", "num_workers", "sync_every", "tensorboard", "source_check", "deterministic")
 """The options a resumed run may set anew: they do not change what it computes."""
 RESUME_NEEDS = ("train_config", "optimizer", "scaler", "accum", "rng")
 """The checkpoint records a resumed run needs besides the weights."""

@@ -55,7 +55,8 @@ class TrainConfig:
                                        "microseg checkpoint) or a name found in weights/: R50-ViT-B_16 "
                                        "(fetch it with `microseg download weights R50-ViT-B_16`)")
     epochs: int = option(10, "epochs, at least 1")
-    batch_size: int = option(8, "batch size, at least 1")
+    batch_size: int = option(8, "global batch size, at least 1: under torchrun the processes split it (a multiple "
+                                "of their number)")
     lr: float = option(0.01, "base learning rate, > 0, poly decay")
     optimizer: str = option("sgd", "sgd or adam")
     momentum: float = option(0.9, "SGD momentum, in [0, 1)")
@@ -80,7 +81,10 @@ class TrainConfig:
                                      "none on the CPU), bf16 (a bare --amp), "
                                      "fp16 (CUDA, with a grad scaler) or none (fp32)", nargs="?", const="bf16")
     channels_last: bool = option(False, "channels_last memory format")
-    compile: bool = option(False, "torch.compile the model")
+    compile: bool = option(False, "torch.compile the model and its loss together (one graph)")
+    sync_bn: bool = option(False, "synchronise BatchNorm statistics across torchrun's processes (CUDA; for small "
+                                  "per-GPU batches)")
+    deterministic: bool = option(False, "deterministic kernels where torch has them; cudnn.benchmark and TF32 off")
     device: str = option("auto", "auto, cpu, cuda, cuda:N")
     num_workers: int = option(2, "DataLoader workers, >= 0 (0: load in the main process); they persist across epochs")
     sync_every: int = option(50, "read the losses back from the device every N steps (and at each epoch's end): "
@@ -277,10 +281,13 @@ def check_train_inputs(c: TrainConfig, resume: bool) -> list[str]:
     return []
 
 
+CONFIG_HEADER = "# microseg train config; batch_size is the global batch (torchrun's processes split it)\n"
+
+
 def save_config(config: TrainConfig, path: Path) -> None:
     from microseg.atomic import write_text
 
-    write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    write_text(path, CONFIG_HEADER + yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 def load_config(path: Path) -> TrainConfig:

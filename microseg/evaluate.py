@@ -49,6 +49,7 @@ from microseg.jobs import check_jobs, run_jobs
 from microseg.metrics import CaseScorer, check_protocol, summarize
 from microseg.preprocess import Preprocess, resize_image, resize_prediction, scale_intensity
 from microseg.run import RunFolder, file_sha256
+from microseg.runtime import autocast_context
 from microseg.tables import SUMMARY_ROWS, markdown_table, write_csv
 
 SLICE_HEADER = ["case_id", "z", "dsc", "hd95_mm", "area_mm2", "roughness", "gamma_msa"]
@@ -62,19 +63,21 @@ Predictor = Callable[[np.ndarray], torch.Tensor]
 on the model's device); thresholded at 0.5 by the caller, so that several can be averaged first."""
 
 
-def slab_predictor(model: torch.nn.Module, preprocess: Preprocess) -> Predictor:
+def slab_predictor(model: torch.nn.Module, preprocess: Preprocess, amp: str | None = None) -> Predictor:
     """The run's network as a `Predictor`: each slice resized as the cache resizes it, intensity /
-    intensity_max, one forward for the slab, the probability map back to the native size on the
-    device (the run's `prediction_resize`)."""
+    intensity_max, one forward for the slab (under inference_mode, `amp` autocast: `inference_amp`),
+    the probability map back to the native size on the device (the run's `prediction_resize`)."""
     device = next(model.parameters()).device
     size, resize = preprocess.size, preprocess.prediction_resize
     model.eval()
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def probabilities(slab: np.ndarray) -> torch.Tensor:
         chunk = np.stack([resize_image(s, size) for s in slab])
         x = scale_intensity(torch.from_numpy(chunk).to(device), preprocess.intensity_max)[:, None]
-        return resize_prediction(torch.sigmoid(model(x).logits.float()), slab.shape[1:], resize)[:, 0]
+        with autocast_context(device, amp):
+            logits = model(x).logits
+        return resize_prediction(torch.sigmoid(logits.float()), slab.shape[1:], resize)[:, 0]
 
     return probabilities
 
@@ -85,9 +88,9 @@ def binary(predict: Predictor, slab: np.ndarray) -> np.ndarray:
 
 
 def predict_volume(model: torch.nn.Module, volume: np.ndarray, device: torch.device, preprocess: Preprocess,
-                   batch_size: int = SLAB) -> np.ndarray:
+                   batch_size: int = SLAB, amp: str | None = None) -> np.ndarray:
     """Binary prediction [Z,H,W] of a uint8 volume [Z,H,W] (0..intensity_max), `batch_size` slices at a time."""
-    predict = slab_predictor(model.to(device), preprocess)
+    predict = slab_predictor(model.to(device), preprocess, amp)
     out = np.empty(volume.shape, dtype=bool)
     for start in range(0, len(volume), batch_size):
         out[start:start + batch_size] = binary(predict, volume[start:start + batch_size])

@@ -1,14 +1,18 @@
-"""Where a run computes: the torch device, mixed-precision autocast, and torchrun's processes."""
+"""Where a run computes: the torch device, its speed settings, mixed-precision autocast, torchrun's
+processes, and Ctrl-C held to a step's end."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import threading
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 
-from microseg.errors import OptionError
+from microseg.errors import MicrosegError, OptionError
 
 
 def resolve_device(name: str) -> torch.device:
@@ -46,6 +50,23 @@ def resolve_amp(amp: str | None, device: torch.device) -> str | None:
     return None if amp in (None, "none") else amp
 
 
+def configure_speed(device: torch.device, deterministic: bool) -> None:
+    """cuDNN's autotuner (`cudnn.benchmark`: the fastest convolution algorithm per input shape) and
+    TF32 tensor cores for fp32 matrix products and convolutions (fp32 training, evaluation, the
+    fp32 parts of autocast) on CUDA; all off under `deterministic`, which also makes torch pick
+    deterministic kernels (`use_deterministic_algorithms(True, warn_only=True)`: an op that has
+    none, such as the backward of bilinear upsampling on CUDA, warns once and runs anyway) and
+    cuBLAS a fixed workspace."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cudnn.deterministic = deterministic
+        torch.backends.cuda.matmul.allow_tf32 = not deterministic
+        torch.backends.cudnn.allow_tf32 = not deterministic
+
+
 def autocast_context(device: torch.device, amp: str | None):
     """bf16 autocast on CPU or GPU; fp16 on GPU only (with a grad scaler); none when amp is None or "none"."""
     amp = resolve_amp(amp, device)
@@ -56,16 +77,35 @@ def autocast_context(device: torch.device, amp: str | None):
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
+class ProcessStopped(MicrosegError):
+    """Another process of a multi-process run stopped (its own message says why); this one stops too."""
+
+
 class Distributed:
-    """torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) or a single process."""
+    """torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) or a single process.
+
+    A failure must end every rank within seconds, not leave the others in a collective until a
+    timeout (the NCCL watchdog's 10 minutes): a block where the ranks' work differs (rank 0
+    claims the run, validates, writes) runs under `together`, whose end shares any rank's failure
+    with all; a rank that fails elsewhere (inside a step) aborts the process group on its way
+    out, and a rank whose collective then breaks stops with `ProcessStopped`. Under torchrun the
+    agent also stops the remaining workers once one exits with an error.
+    """
 
     def __init__(self, device_name: str):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if self.world > 1 and device_name not in ("auto", "cpu", "cuda"):
+            raise OptionError(f"`device` {device_name} with {self.world} processes would put every process on one "
+                              "device: use `device` cuda (each process takes the GPU of its LOCAL_RANK) and "
+                              "CUDA_VISIBLE_DEVICES to choose the GPUs")
         self.device = resolve_device(device_name)
-        if self.device.type == "cuda" and self.device.index is None and self.world > 1:
+        if self.device.type == "cuda" and self.world > 1:
             self.device = torch.device("cuda", local_rank)
+
+    def start(self) -> None:
+        """Join the process group (several processes) and select this rank's GPU."""
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         if self.device.type == "cuda":
@@ -76,22 +116,92 @@ class Distributed:
         return self.rank == 0
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            dist.all_reduce(values)
-        return values
-
-    def broadcast_flag(self, flag: bool) -> bool:
-        """True on every rank when `flag` is true on any."""
+        """`values` summed over the ranks (all_reduce on this rank's device); as given with one process."""
         if self.world == 1:
-            return flag
-        t = torch.tensor([float(flag)], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+            return values
+        shared = values.to(self.device)
+        dist.all_reduce(shared)
+        return shared.to(values.device)
 
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
+    @contextlib.contextmanager
+    def together(self) -> Iterator[None]:
+        """A block every rank enters and leaves, where the ranks' work may differ (no collective inside).
 
-    def close(self) -> None:
+        At its end the ranks tell each other whether they failed: a failed rank raises its own
+        error, the others `ProcessStopped` naming it. Ctrl-C is not shared (the other ranks have it too).
+        """
+        if self.world == 1:
+            yield
+            return
+        try:
+            yield
+        except KeyboardInterrupt:
+            raise
+        except BaseException:
+            with contextlib.suppress(Exception):  # the group may be what broke
+                self._failed_ranks(True)
+            raise
+        failed = self._failed_ranks(False)
+        if failed:
+            raise ProcessStopped(f"process {', '.join(map(str, failed))} of {self.world} failed (its message says why); "
+                                 f"process {self.rank} stops too")
+
+    def _failed_ranks(self, failed: bool) -> list[int]:
+        flags = torch.zeros(self.world, dtype=torch.float32)
+        flags[self.rank] = float(failed)
+        return [int(r) for r in torch.nonzero(self.sum(flags)).flatten()]
+
+    def lost_peer(self, err: BaseException) -> bool:
+        """Whether `err` is a collective that broke because another process of the run stopped."""
+        text = str(err)
+        return self.world > 1 and (isinstance(err, dist.DistError) or "by peer" in text or "NCCL" in text)
+
+    def close(self, failed: bool = False) -> None:
+        """Leave the process group; after a failure, abort it, so that no collective of this process waits on."""
         if self.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+            if failed and self.device.type == "cuda":
+                dist.distributed_c10d._abort_process_group()
+            else:
+                dist.destroy_process_group()
+
+
+class StepInterrupts:
+    """Ctrl-C held to the end of a step: inside a `deferred` block SIGINT only marks itself
+    `pending` and the block's end raises KeyboardInterrupt; elsewhere it raises at once.
+
+    `with StepInterrupts() as interrupts:` installs the handler in the main thread when SIGINT has
+    Python's default one (an ignored SIGINT stays ignored) and restores it afterwards. A second
+    SIGINT (torchrun forwards the terminal's to its workers) is held in the same way.
+    """
+
+    def __init__(self) -> None:
+        self.pending = self.deferring = False
+        self.previous: Any = None  # the handler replaced
+
+    def __enter__(self) -> StepInterrupts:
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.deferring:
+            self.pending = True
+        else:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def deferred(self, reraise: bool = True) -> Iterator[None]:
+        """SIGINT waits for the block's end (then KeyboardInterrupt, unless `reraise` is False)."""
+        outer, self.deferring = self.deferring, True
+        try:
+            yield
+        finally:
+            self.deferring = outer
+        if reraise and self.pending and not outer:
+            raise KeyboardInterrupt

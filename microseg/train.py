@@ -18,10 +18,19 @@ leaves `last.pt` at the last completed epoch. It also updates the progress bar a
 across epochs (the epoch travels with each index: `microseg.data.order`), pinned on CUDA, where
 the optimizer step is fused.
 
-Reproducible and resumable: the data order of epoch e is a permutation seeded by (seed, e) and
-each item's augmentation is seeded by (seed, e, index), so a run resumed from `last.pt`, even
-one saved mid-epoch by Ctrl-C, ends with the same weights as an uninterrupted one (on the CPU).
-Multi-GPU through `torchrun` (DistributedDataParallel; only rank 0 writes).
+Reproducible and resumable: the data order of epoch e is a permutation seeded by (seed, e), each
+item's augmentation is seeded by (seed, e, index) and dropout's random stream at each step by
+(seed, process, e, step), so a run resumed from `last.pt`, even one saved mid-epoch by Ctrl-C,
+ends with the same weights as an uninterrupted one (on the CPU). A Ctrl-C that arrives inside a
+step takes effect at its end, so the position saved is always a step boundary.
+
+Multi-GPU through `torchrun` (DistributedDataParallel; only rank 0 writes). `--batch-size` is the
+global batch, split over the processes (`microseg.data.order`): the schedule, the position and
+the slices each step sees do not depend on the number of processes, and a run resumes on
+another one. The epoch's losses are summed over processes, each step weighted by its process's
+share of the batch. On Ctrl-C rank 0 saves its position without any collective (the other
+processes may be stopped anywhere); its loss sums then hold every process's up to the last check
+and its own after it.
 """
 
 from __future__ import annotations
@@ -33,21 +42,23 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.optim.lr_scheduler import PolynomialLR
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from microseg.atomic import write_text
+from microseg.atomic import copy_file, write_text
 from microseg.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from microseg.config import TrainConfig, check_train_inputs, save_config
-from microseg.errors import MicrosegError, warn
+from microseg.errors import MicrosegError, OptionError, warn
 from microseg.run import RunFolder
-from microseg.runtime import Distributed, autocast_context, resolve_amp
+from microseg.runtime import (Distributed, ProcessStopped, StepInterrupts, autocast_context, configure_speed,
+                              resolve_amp)
 
 
 class NonFiniteLoss(MicrosegError):
@@ -76,50 +87,64 @@ class StepLosses:
 @dataclass(frozen=True)
 class LossCheck:
     """What one read of the monitor found: the first non-finite total in the window, the window's
-    mean total and the epoch's running mean."""
+    mean total, the epoch's running mean and the running sums (on the host)."""
 
     first_bad_step: int | None
     bad_value: float
     window_mean: float
     epoch_mean: float
+    sums: torch.Tensor
 
 
 class LossMonitor:
     """The epoch's running loss sums and each step's total since the last check, on the device.
 
-    `add` costs no host read; `read` is the one read, every `sync_every` steps and at the epoch's end.
+    `add` costs no host read; `read` is the one read, every `sync_every` steps and at the epoch's
+    end. Each step's values are weighted by this process's share of the batch (1 but in a last,
+    smaller batch); `counted` sums the weights, so sums / counted summed over processes is the
+    epoch's mean. `offset` / `counted_offset` are what the other processes had added by the last
+    check (set by the trainer's check), so a position saved without a collective still holds them.
     """
 
     def __init__(self, n_values: int, window: int, device: torch.device):
         self.sums = torch.zeros(n_values, dtype=torch.float64, device=device)  # per scale, total, BCE
         self.totals = torch.zeros(window, dtype=torch.float64, device=device)
         self.start, self.count = 0, 0  # epoch step before the window's first step; steps in the window
+        self.counted, self.offset, self.counted_offset = 0.0, torch.zeros(n_values, dtype=torch.float64), 0.0
 
-    def restart(self, sums: torch.Tensor | None, step: int) -> None:
-        """A new epoch (sums None: zero), or a resumed one at `step` with its saved sums."""
+    def restart(self, sums: torch.Tensor | None, step: int, counted: float = 0.0) -> None:
+        """A new epoch (sums None: zero), or a resumed one at `step` with its saved sums and weight."""
         self.sums.copy_(sums if sums is not None else torch.zeros_like(self.sums))
-        self.start, self.count = step, 0
+        self.start, self.count, self.counted = step, 0, counted
+        self.offset.zero_()
+        self.counted_offset = 0.0
 
     @property
     def full(self) -> bool:
         return self.count == len(self.totals)
 
-    def add(self, values: torch.Tensor) -> None:
-        self.sums += values
+    def add(self, values: torch.Tensor, weight: float = 1.0) -> None:
+        self.sums += values if weight == 1.0 else values * weight
         self.totals[self.count] = values[-2]
         self.count += 1
+        self.counted += weight
 
     def read(self) -> LossCheck:
         """One device -> host copy of the window and the sums; then the window restarts after it."""
-        host = torch.cat([self.totals[:self.count], self.sums[-2:-1]]).cpu().numpy()
-        window, steps = host[:-1], self.start + self.count
+        host = torch.cat([self.totals[:self.count], self.sums]).cpu()
+        window, steps = host[:self.count].numpy(), self.start + self.count
         bad = np.flatnonzero(~np.isfinite(window))
         first = int(bad[0]) if bad.size else None
         check = LossCheck(None if first is None else self.start + first + 1,
                           math.nan if first is None else float(window[first]),
-                          float(window.mean()) if window.size else math.nan, float(host[-1]) / max(steps, 1))
+                          float(window.mean()) if window.size else math.nan,
+                          float(host[-2]) / self.counted if self.counted > 0 else math.nan, host[self.count:])
         self.start, self.count = steps, 0
         return check
+
+    def position_sums(self) -> tuple[torch.Tensor, float]:
+        """(sums, counted) for a checkpoint: this process's, plus the others' up to the last check."""
+        return self.sums.cpu() + self.offset, self.counted + self.counted_offset
 
 
 def train(config: TrainConfig, resume: bool = False, force: bool = False, trainer: type[Trainer] | None = None,
@@ -128,13 +153,19 @@ def train(config: TrainConfig, resume: bool = False, force: bool = False, traine
     returns the run folder. `on_epoch` gets each epoch's history row once it is saved (rank 0)."""
     warnings = check_train_inputs(config, resume)  # before anything is created
     env = Distributed(config.device)
+    check_processes(config, env)
     for line in warnings if env.main else ():
         warn(line)
     folder = RunFolder(config.run)
-    with folder.claim(resume, force) if env.main else contextlib.nullcontext():  # the run's lock
-        env.barrier()
+    configure_speed(env.device, config.deterministic)
+    with contextlib.ExitStack() as claimed, StepInterrupts() as interrupts:
+        env.start()
+        failed = True
         try:
-            trainer = (trainer or Trainer)(config, env, resume)
+            with env.together():  # rank 0 takes the run's lock: a refusal reaches every rank
+                if env.main:
+                    claimed.enter_context(folder.claim(resume, force))
+            trainer = (trainer or Trainer)(config, env, resume, interrupts)
             try:
                 for epoch in range(trainer.epoch, config.epochs):
                     row = trainer.run_epoch(epoch)
@@ -143,33 +174,84 @@ def train(config: TrainConfig, resume: bool = False, force: bool = False, traine
             except KeyboardInterrupt:
                 trainer.save_interrupted()
                 raise
+            except RuntimeError as err:  # a collective broke: Ctrl-C reached another process first?
+                if env.lost_peer(err) and interrupts.pending:
+                    trainer.save_interrupted()
+                raise
             finally:
                 trainer.close()
+            failed = False
+        except RuntimeError as err:
+            if not env.lost_peer(err):
+                raise
+            if interrupts.pending:
+                raise KeyboardInterrupt from None
+            raise ProcessStopped(f"another process of this {env.world}-process run stopped (the connection to it "
+                                 f"was lost; its own message says why); process {env.rank} stops too") from None
         finally:
-            env.close()
+            env.close(failed)
     return folder.path
 
 
-def train_step(forward, criterion, optimizer, scaler, batch, device, config: TrainConfig) -> StepLosses:
-    """One optimisation step on `batch` (forward, deep-supervised loss, backward, optimizer step);
-    the losses it returns stay on the device."""
+def check_processes(config: TrainConfig, env: Distributed) -> None:
+    """Options that depend on the number of processes, refused before any process waits on another."""
+    if config.batch_size % env.world:
+        raise OptionError(f"`batch_size` {config.batch_size} is the global batch (all processes together): it "
+                          f"must be a multiple of the {env.world} processes")
+    if config.sync_bn and env.world > 1 and env.device.type != "cuda":
+        raise OptionError("`sync_bn` needs CUDA devices (torch's SyncBatchNorm runs on GPUs only)")
+
+
+class ModelWithLoss(nn.Module):
+    """The network and its deep-supervised loss as one module: `forward(image, expert, non_expert,
+    sample_stats) -> (total, per_scale, bce)`, bce the main output's binary cross-entropy (the
+    common ruler, no gradient). What DDP wraps and `--compile` compiles, as one graph."""
+
+    def __init__(self, net: nn.Module, criterion: nn.Module):
+        super().__init__()
+        self.net, self.criterion = net, criterion
+
+    def forward(self, image: torch.Tensor, expert: torch.Tensor, non_expert: torch.Tensor,
+                sample_stats: dict[str, torch.Tensor] | None = None):
+        out = self.net(image)
+        result = self.criterion(out.logits, out.aux, expert, non_expert, sample_stats=sample_stats)
+        bce = F.binary_cross_entropy_with_logits(out.logits.detach().float(), expert)
+        return result.total, result.per_scale, bce
+
+
+def compile_step(step: nn.Module):
+    """torch.compile of the model and its loss together, the batch dimension dynamic, so that an
+    epoch's smaller last batch runs the same graph (torch specialises sizes 0 and 1: a last batch
+    of one slice per process compiles once more)."""
+    compiled = torch.compile(step)
+
+    def run(image, expert, non_expert, sample_stats=None):
+        for tensor in (image, expert, non_expert, *(sample_stats or {}).values()):
+            torch._dynamo.mark_dynamic(tensor, 0)
+        return compiled(image, expert, non_expert, sample_stats)
+
+    return run
+
+
+def train_step(step, optimizer, scaler, batch, device, config: TrainConfig, stat_keys: Sequence[str] = (),
+               weight: float = 1.0) -> StepLosses:
+    """One optimisation step on `batch` (`step`: a `ModelWithLoss`, maybe wrapped or compiled, given the
+    batch's `stat_keys` statistics its loss reads; backward of the total times `weight`, the
+    process's share of the batch; optimizer step); the losses it returns stay on the device."""
     image = batch["image"].to(device, non_blocking=True)
     expert = batch["expert"].to(device, non_blocking=True)
     non_expert = batch["non_expert"].to(device, non_blocking=True)
-    stats = {key: batch[key].to(device, non_blocking=True) for key in criterion.sample_stat_keys}
+    stats = {key: batch[key].to(device, non_blocking=True) for key in stat_keys}
     if config.channels_last:
         image = image.contiguous(memory_format=torch.channels_last)
     lr = optimizer.param_groups[0]["lr"]
     with autocast_context(device, config.amp):
-        out = forward(image)
-        result = criterion(out.logits, out.aux, expert, non_expert, sample_stats=stats or None)
+        total, per_scale, bce = step(image, expert, non_expert, stats or None)
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(result.total).backward()
+    scaler.scale(total if weight == 1.0 else total * weight).backward()
     scaler.step(optimizer)
     scaler.update()
-    with torch.no_grad():
-        bce = F.binary_cross_entropy_with_logits(out.logits.float(), expert)
-    return StepLosses(result.per_scale.detach().float(), result.total.detach().float(), bce, lr)
+    return StepLosses(per_scale.detach().float(), total.detach().float(), bce, lr)
 
 
 def build_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -183,9 +265,11 @@ def build_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> to
 
 
 def build_loader(dataset: Dataset, config: TrainConfig, device: torch.device, sampler: Sampler | None = None,
-                 seed_offset: int = 0) -> DataLoader:
-    """A DataLoader whose workers persist across epochs, pinned on CUDA, with its own seeded generator."""
-    return DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, num_workers=config.num_workers,
+                 seed_offset: int = 0, batch_size: int | None = None) -> DataLoader:
+    """A DataLoader (batches of `batch_size`, default the config's) whose workers persist across
+    epochs, pinned on CUDA, with its own seeded generator."""
+    return DataLoader(dataset, batch_size=batch_size or config.batch_size, sampler=sampler,
+                      num_workers=config.num_workers,
                       persistent_workers=config.num_workers > 0, pin_memory=device.type == "cuda",
                       generator=_loader_generator(config.seed, seed_offset))
 
@@ -193,13 +277,27 @@ def build_loader(dataset: Dataset, config: TrainConfig, device: torch.device, sa
 class Trainer:
     """One run's model, loss, optimizer, schedule, data and position (epoch, step, history)."""
 
-    def __init__(self, config: TrainConfig, env: Distributed, resume: bool):
+    def __init__(self, config: TrainConfig, env: Distributed, resume: bool, interrupts: StepInterrupts | None = None):
+        config = dataclasses.replace(config, amp=resolve_amp(config.amp, env.device) or "none")  # saved resolved
+        self.config, self.env, self.folder = config, env, RunFolder(config.run)
+        self.device, self.interrupts = env.device, interrupts or StepInterrupts()
+        with env.together():  # a failure on any rank (a checkpoint it cannot read, rank 0's writes) reaches all
+            self._setup(resume)
+        step = ModelWithLoss(self.model, self.criterion)
+        if env.world > 1:
+            if config.sync_bn:
+                self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)  # the same parameters
+                step = ModelWithLoss(self.model, self.criterion)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            step = nn.parallel.DistributedDataParallel(step, device_ids=ids)
+        self.step_fn = compile_step(step) if config.compile else step
+
+    def _setup(self, resume: bool) -> None:
+        """Everything but the processes' common model: data, model, loss, optimizer, schedule, position."""
         from microseg.data.cache import read_cache_info
         from microseg.data.dataset import split_by_patient
 
-        config = dataclasses.replace(config, amp=resolve_amp(config.amp, env.device) or "none")  # saved resolved
-        self.config, self.env, self.folder = config, env, RunFolder(config.run)
-        self.device = env.device
+        config, env = self.config, self.env
         loaded = load_checkpoint(self.folder.last) if resume else None
         self.info = read_cache_info(Path(config.cache))
         if loaded is not None and loaded.preprocess.size != self.info.size:
@@ -220,11 +318,10 @@ class Trainer:
             self._restore(loaded)
         elif env.main:
             save_config(config, self.folder.config)
-        net = self.model
-        if env.world > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        self.forward = torch.compile(net) if config.compile else net
+        if env.main:
+            per = f", {config.batch_size // env.world} per process" if env.world > 1 else ""
+            print(f"{env.world} process(es) on {self.device.type}: global batch {config.batch_size}{per}, "
+                  f"{self.steps_per_epoch} steps per epoch, amp {config.amp}", flush=True)
 
     def _open_board(self, loaded: Checkpoint | None):
         """The TensorBoard writer (rank 0, with --tensorboard), continuing at the checkpoint's position."""
@@ -245,8 +342,9 @@ class Trainer:
         self.dataset = SliceDataset(cache, train_idx, augment=config.augment, seed=config.seed,
                                     intensity_max=self.preprocess.intensity_max)
         self.sampler = EpochSampler(self.dataset, self.env.world, self.env.rank, config.seed, config.batch_size)
-        self.steps_per_epoch = math.ceil(self.sampler.epoch_items / config.batch_size)
-        self.loader = build_loader(EpochItems(self.dataset), config, self.device, self.sampler)
+        self.steps_per_epoch = self.sampler.steps_per_epoch
+        self.loader = build_loader(EpochItems(self.dataset), config, self.device, self.sampler,
+                                   batch_size=self.sampler.per_process)
         self.val_loader, self.overlay_index, self.overlay = None, 0, None
         if val_idx and self.env.main:
             from microseg.data.cache import foreground_areas
@@ -298,13 +396,18 @@ class Trainer:
         return build_optimizer(self.config, params)
 
     def _restore(self, loaded: Checkpoint) -> None:
-        """Continue from a checkpoint: weights, optimizer, scaler, schedule, position and the RNG stream."""
+        """Continue from a checkpoint: weights, optimizer, scaler, schedule, position and the epoch's loss
+        sums (rank 0 holds them; the others start at zero), on any number of processes."""
         self.model.load_state_dict(loaded.model)
         self.optimizer.load_state_dict(loaded.optimizer)
         self.scaler.load_state_dict(loaded.scaler)
         self.epoch, self.step = loaded.epoch, loaded.step
         self.history, self.best_dsc = loaded.history, loaded.best_dsc
-        self.monitor.restart(loaded.accum.to(self.device), self.step)
+        counted = loaded.accum_count if loaded.accum_count is not None else float(loaded.step)  # earlier: 1 process
+        if self.env.main:
+            self.monitor.restart(loaded.accum.to(self.device), self.step, counted)
+        else:
+            self.monitor.restart(None, self.step)
         if loaded.scheduler is not None:
             self.scheduler.load_state_dict(loaded.scheduler)
         else:  # a first-release checkpoint: the closed form at its iteration
@@ -312,9 +415,9 @@ class Trainer:
             self.scheduler.last_epoch = iteration
             for group in self.optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * (1 - iteration / self.scheduler.total_iters) ** self.scheduler.power
-        torch.set_rng_state(loaded.rng)  # dropout continues where it stopped
         if self.env.main:
-            print(f"resuming {self.folder.path} at epoch {self.epoch + 1}, step {self.step}")
+            world = f" (written by {loaded.world_size} process(es))" if loaded.world_size != self.env.world else ""
+            print(f"resuming {self.folder.path} at epoch {self.epoch + 1}, step {self.step}{world}")
 
     def run_epoch(self, epoch: int) -> dict[str, Any]:
         """Train one epoch (from `self.step` when resumed mid-epoch), log it and save the checkpoints."""
@@ -327,46 +430,66 @@ class Trainer:
         bar = tqdm(self.loader, total=self.steps_per_epoch, initial=self.step, desc=f"epoch {epoch + 1}/{config.epochs}",
                    disable=None if self.env.main else True, leave=False, dynamic_ncols=True)
         for batch in bar:
-            self.advance(batch)
-            if self.monitor.full:
-                self.check(bar)
+            with self.interrupts.deferred():  # Ctrl-C waits for the step (and its check) to end
+                self.advance(batch)
+                if self.monitor.full:
+                    self.check(bar)
         if self.monitor.count:
             self.check(bar)
         bar.close()
-        row = self._epoch_row(epoch, self.lr, started)
-        self.history.append(row)
-        self.monitor.restart(None, 0)
-        self.epoch, self.step = epoch + 1, 0
-        if self.env.main:
-            improved = "val_dsc" in row and row["val_dsc"] > self.best_dsc
-            self.best_dsc = max(self.best_dsc, row.get("val_dsc", -1.0))
-            self.save(improved)
-            self.folder.write_history(self.history)
-            if self.board is not None:
-                self.board.epoch(row, self.overlay)
-            print(_format_row(row), flush=True)
-        self.env.barrier()
+        losses = self._epoch_losses()
+        with self.env.together():  # rank 0 validates and writes; its failure reaches every rank
+            row = self._epoch_row(epoch, losses, self.lr, started)
+            self.history.append(row)
+            self.monitor.restart(None, 0)
+            self.epoch, self.step = epoch + 1, 0
+            if self.env.main:
+                improved = "val_dsc" in row and row["val_dsc"] > self.best_dsc
+                self.best_dsc = max(self.best_dsc, row.get("val_dsc", -1.0))
+                self.save(improved)
+                self.folder.write_history(self.history)
+                if self.board is not None:
+                    self.board.epoch(row, self.overlay)
+                print(_format_row(row), flush=True)
         return row
 
     def advance(self, batch: dict) -> None:
         """One step, its losses added to the monitor on the device (no host read)."""
+        self._seed_step()
+        weight = self.sampler.weight(self.step)
         losses = self.train_step(batch)
-        self.monitor.add(losses.as_tensor(self.device))
+        self.monitor.add(losses.as_tensor(self.device), weight)
         self.step += 1
         self.lr = losses.lr
 
+    def _seed_step(self) -> None:
+        """Dropout's random stream for this process at (epoch, step), seeded by (seed, rank, epoch, step):
+        each process draws its own masks, and a resumed run the same masks as an uninterrupted one,
+        with no generator state to save (CPU and this process's GPU)."""
+        seed = int(np.random.SeedSequence([self.config.seed, self.env.rank, self.epoch, self.step]).generate_state(1)[0])
+        torch.random.default_generator.manual_seed(seed)
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed(seed)
+
     def train_step(self, batch: dict) -> StepLosses:
         """One optimisation step, then the schedule's next learning rate."""
-        losses = train_step(self.forward, self.criterion, self.optimizer, self.scaler, batch, self.device, self.config)
+        losses = train_step(self.step_fn, self.optimizer, self.scaler, batch, self.device, self.config,
+                            self.criterion.sample_stat_keys, self.sampler.weight(self.step))
         self.scheduler.step()
         return losses
 
     def check(self, bar: tqdm | None = None) -> None:
         """The host read of the losses since the last check: stop on a non-finite one (any rank), else
-        show the running loss (progress bar, TensorBoard)."""
+        show the running loss (progress bar, TensorBoard). The ranks share their sums here (one
+        all_reduce with the NaN flag), so that rank 0 alone can save a position with all of them."""
         first_step, steps = self.monitor.start + 1, self.monitor.start + self.monitor.count
         found = self.monitor.read()
-        if self.env.broadcast_flag(found.first_bad_step is not None):
+        local = torch.cat([torch.tensor([float(found.first_bad_step is not None), self.monitor.counted],
+                                        dtype=torch.float64), found.sums])
+        shared = self.env.sum(local.clone())
+        self.monitor.offset = shared[2:] - found.sums
+        self.monitor.counted_offset = float(shared[1]) - self.monitor.counted
+        if shared[0] > 0:
             where = (f"became {found.bad_value} at epoch {self.epoch + 1}, step {found.first_bad_step}"
                      if found.first_bad_step is not None else f"became non-finite on another rank in epoch {self.epoch + 1}")
             kept = f"{self.folder.last} keeps epoch {self.epoch}" if self.epoch else "no epoch had finished"
@@ -377,9 +500,14 @@ class Trainer:
         if self.board is not None:
             self.board.running(found.window_mean, self.lr, self.epoch * self.steps_per_epoch + steps)
 
-    def _epoch_row(self, epoch: int, lr: float, started: float) -> dict[str, Any]:
-        """The epoch's history row: mean losses over its steps and ranks, validation, lr, seconds."""
-        totals = self.env.sum(self.monitor.sums.clone()).cpu() / (self.step * self.env.world)
+    def _epoch_losses(self) -> torch.Tensor:
+        """The epoch's mean losses [per scale..., total, bce] over its steps and processes (a collective)."""
+        counted = torch.tensor([self.monitor.counted], dtype=torch.float64)
+        shared = self.env.sum(torch.cat([self.monitor.sums.cpu(), counted]))
+        return shared[:-1] / shared[-1]
+
+    def _epoch_row(self, epoch: int, totals: torch.Tensor, lr: float, started: float) -> dict[str, Any]:
+        """The epoch's history row: mean losses, validation (rank 0), lr, seconds."""
         n = self.preprocess.n_scales
         row = {"epoch": epoch + 1, "loss": float(totals[-2])}
         row.update({f"loss_{s}": float(v) for s, v in zip(self.preprocess.scale_sizes, totals[:n])})
@@ -390,9 +518,10 @@ class Trainer:
         row["seconds"] = round(time.perf_counter() - started, 2)
         return row
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def validate(self) -> tuple[float, float]:
-        """Mean over validation patients of per-slice DSC / HD95 at the cache's size.
+        """Mean over validation patients of per-slice DSC / HD95 at the cache's size, in the training's
+        precision (autocast as `--amp`).
 
         Protocol "all-slices": every slice where the expert or the prediction is non-empty counts, a
         one-sided slice with DSC 0 (so an untrained model that predicts nothing scores 0, not NaN).
@@ -425,34 +554,38 @@ class Trainer:
         return (float(np.mean(dsc)) if dsc else math.nan, float(np.mean(hd)) if hd else math.nan)
 
     def checkpoint(self) -> Checkpoint:
-        """The run at its current position (epoch, step inside it)."""
+        """The run at its current position (epoch, step inside it), with the processes and global batch."""
+        accum, counted = self.monitor.position_sums()
         return Checkpoint(
             model=self.model.state_dict(), model_config=asdict(self.model.config), preprocess=self.preprocess,
             train_config=self.config.to_dict(), optimizer=self.optimizer.state_dict(),
             scaler=self.scaler.state_dict(), scheduler=self.scheduler.state_dict(), epoch=self.epoch,
-            step=self.step, accum=self.monitor.sums.cpu().clone(), history=self.history, best_dsc=self.best_dsc,
-            calf_stats=asdict(self.loss_stats) if self.loss_stats is not None else None, rng=torch.get_rng_state(),
+            step=self.step, accum=accum, accum_count=counted, history=self.history, best_dsc=self.best_dsc,
+            calf_stats=asdict(self.loss_stats) if self.loss_stats is not None else None,
+            world_size=self.env.world, global_batch=self.config.batch_size,
         )
 
     def save(self, improved: bool) -> None:
-        checkpoint = self.checkpoint()
-        save_checkpoint(checkpoint, self.folder.last)
+        """`last.pt`, and `best.pt` when validation improved: the same bytes, serialised once."""
+        save_checkpoint(self.checkpoint(), self.folder.last)
         if improved:
-            save_checkpoint(checkpoint, self.folder.best)
+            copy_file(self.folder.last, self.folder.best)
 
     def save_interrupted(self) -> None:
-        """Ctrl-C: keep the position inside the epoch in `last.pt` (rank 0), unless the steps since
-        the last check hold a non-finite loss (then `last.pt` stays as it was)."""
-        try:
-            if self.monitor.count:
-                self.check()
-        except NonFiniteLoss as err:
-            print(f"interrupted: {err}; {self.folder.last} not updated")
+        """Ctrl-C: rank 0 keeps its position inside the epoch in `last.pt`, with no collective (the other
+        processes may have stopped anywhere), unless its losses since the last check hold a
+        non-finite one (then `last.pt` stays as it was). A second Ctrl-C waits for the write."""
+        if not self.env.main:
             return
-        if self.env.main:
+        with self.interrupts.deferred(reraise=False):
+            found = self.monitor.read() if self.monitor.count else None
+            if found is not None and found.first_bad_step is not None:
+                print(f"interrupted: loss became {found.bad_value} at epoch {self.epoch + 1}, step "
+                      f"{found.first_bad_step}; {self.folder.last} not updated")
+                return
             save_checkpoint(self.checkpoint(), self.folder.last)
             print(f"interrupted at epoch {self.epoch + 1}, step {self.step}: saved {self.folder.last}; "
-                  "continue with --resume")
+                  "continue with --resume", flush=True)
 
     def close(self) -> None:
         """Stop the loaders' persistent workers and flush TensorBoard."""

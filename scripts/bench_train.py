@@ -61,7 +61,7 @@ from microseg.losses import DeepSupervision  # noqa: E402
 from microseg.models import build_model  # noqa: E402
 from microseg.prepare import prepare_cache  # noqa: E402
 from microseg.runtime import resolve_device  # noqa: E402
-from microseg.train import LossMonitor, build_loader, build_optimizer, train_step  # noqa: E402
+from microseg.train import LossMonitor, ModelWithLoss, build_loader, build_optimizer, compile_step, train_step  # noqa: E402
 
 SIZES = {"small": 128, "tiny": 128}  # input size per config; the others at the paper's 224
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity, FP32 accumulate) from the vendors' data sheets,
@@ -120,8 +120,9 @@ class Loop:
         self.model = copy.deepcopy(model).to(device).train()
         if config.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.forward = torch.compile(self.model) if config.compile else self.model
-        self.criterion = DeepSupervision(config.loss, config.ds_kernel_sizes, config.ds_weights).to(device)
+        criterion = DeepSupervision(config.loss, config.ds_kernel_sizes, config.ds_weights).to(device)
+        step, self.stat_keys = ModelWithLoss(self.model, criterion), criterion.sample_stat_keys
+        self.step = compile_step(step) if config.compile else step
         params = list(self.model.parameters())
         self.optimizer = (torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
                           if reference else build_optimizer(config, params))
@@ -151,8 +152,8 @@ class Loop:
             self.sampler.round, self.sampler.n, loader = epoch, steps * self.config.batch_size, self.loader
         with reference_hard_region() if self.reference else contextlib.nullcontext():
             for batch in loader:
-                losses = train_step(self.forward, self.criterion, self.optimizer, self.scaler, batch, self.device,
-                                    self.config)
+                losses = train_step(self.step, self.optimizer, self.scaler, batch, self.device, self.config,
+                                    self.stat_keys)
                 self.scheduler.step()
                 if self.reference:
                     float(losses.total.item())  # the reference's per-step host read

@@ -1,44 +1,74 @@
-"""The training order: epoch e's seeded permutation, resumed from a step, carried to persistent workers.
+"""The training order: epoch e's seeded permutation in global batches, split over the processes,
+resumed from a step, carried to persistent workers.
 
-Epoch e visits this rank's share of the training slices in `DistributedSampler`'s order
-(`torch.randperm` seeded by seed + e; one rank: a permutation of all of them). A run resumed at
-step s of epoch e starts at item s x batch of that order. `EpochSampler` yields (epoch, index)
-pairs: a DataLoader's persistent workers each keep the copy of the dataset made when they
-started, so an epoch set on the main process's dataset never reaches them; the pair carries it
-with each item and `EpochItems` sets it on the worker's copy before reading the item, so each
-item's augmentation stays seeded by (seed, epoch, index) whichever worker loads it.
+`--batch-size` is the global batch B: step s of epoch e trains on items s*B .. s*B + B - 1 of the
+permutation of all training slices seeded by seed + e (`torch.randperm`, as torch's
+`DistributedSampler` draws it), whatever the number of processes W; process r takes every W-th
+item of that batch from the r-th (B / W of them; W must divide B). So an epoch has ceil(N / B)
+steps on any W, a position is (epoch, step), and a run resumed on another number of processes
+continues at the same slice and the same point of the schedule. In the last batch (L < B items)
+the processes' shares may differ by one: each process's loss is weighted by its share,
+n_r * W / L, so that DDP's mean over processes is the mean over the batch's slices; a process
+left without a slice (L < W) takes a repeat of the epoch's first slice with weight 0.
+
+`EpochSampler` yields (epoch, index) pairs: a DataLoader's persistent workers each keep the copy
+of the dataset made when they started, so an epoch set on the main process's dataset never
+reaches them; the pair carries it with each item and `EpochItems` sets it on the worker's copy
+before reading the item, so each item's augmentation stays seeded by (seed, epoch, index)
+whichever worker loads it.
 """
 
 from __future__ import annotations
 
-import itertools
+import math
 from typing import Iterator
 
+import torch
 from torch.utils.data import Dataset, Sampler
-from torch.utils.data.distributed import DistributedSampler
 
 
 class EpochSampler(Sampler):
-    """(epoch, index) pairs of the current epoch from the current step on (`set_position` before each epoch)."""
+    """This process's (epoch, index) pairs of the current epoch from the current step on
+    (`set_position` before each epoch); the DataLoader batches them by `per_process`."""
 
     def __init__(self, dataset: Dataset, world: int, rank: int, seed: int, batch_size: int):
-        self.order = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
-        self.batch_size, self.epoch, self.start = batch_size, 0, 0
-
-    def set_position(self, epoch: int, step: int) -> None:
-        self.epoch, self.start = epoch, step * self.batch_size
-        self.order.set_epoch(epoch)
+        if batch_size % world:
+            raise ValueError(f"global batch {batch_size} is not a multiple of {world} processes")
+        self.size, self.world, self.rank, self.seed = len(dataset), world, rank, seed
+        self.batch_size, self.per_process = batch_size, batch_size // world
+        self.epoch, self.step = 0, 0
 
     @property
-    def epoch_items(self) -> int:
-        """Items this rank visits in a whole epoch."""
-        return len(self.order)
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.size / self.batch_size)
+
+    def set_position(self, epoch: int, step: int) -> None:
+        self.epoch, self.step = epoch, step
+
+    def order(self, epoch: int) -> list[int]:
+        """Epoch `epoch`'s permutation of all the slices (DistributedSampler's draw)."""
+        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+
+    def share(self, order: list[int], step: int) -> list[int]:
+        """This process's items of global batch `step`."""
+        batch = order[step * self.batch_size:(step + 1) * self.batch_size]
+        batch += order[:max(0, self.world - len(batch))]  # L < W: a repeat for a process left without a slice
+        return batch[self.rank::self.world]
+
+    def weight(self, step: int) -> float:
+        """This process's loss weight at `step`: n_r * W / L (1 in every full batch)."""
+        last = min(self.batch_size, self.size - step * self.batch_size)
+        real = len(range(self.rank, last, self.world))
+        return 1.0 if last == self.batch_size else real * self.world / last
 
     def __len__(self) -> int:
-        return max(0, len(self.order) - self.start)
+        order = list(range(self.size))  # the shares' sizes do not depend on the permutation
+        return sum(len(self.share(order, s)) for s in range(self.step, self.steps_per_epoch))
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        return ((self.epoch, index) for index in itertools.islice(iter(self.order), self.start, None))
+        order = self.order(self.epoch)
+        for step in range(self.step, self.steps_per_epoch):
+            yield from ((self.epoch, index) for index in self.share(order, step))
 
 
 class EpochItems(Dataset):
