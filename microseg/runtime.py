@@ -59,7 +59,7 @@ def configure_speed(device: torch.device, deterministic: bool) -> None:
     cuBLAS a fixed workspace."""
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not deterministic
         torch.backends.cudnn.deterministic = deterministic
@@ -153,8 +153,7 @@ class Distributed:
 
     def lost_peer(self, err: BaseException) -> bool:
         """Whether `err` is a collective that broke because another process of the run stopped."""
-        text = str(err)
-        return self.world > 1 and (isinstance(err, dist.DistError) or "by peer" in text or "NCCL" in text)
+        return self.world > 1 and (isinstance(err, dist.DistError) or "by peer" in str(err))
 
     def close(self, failed: bool = False) -> None:
         """Leave the process group; after a failure, abort it, so that no collective of this process waits on."""

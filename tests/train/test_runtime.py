@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from microseg.runtime import resolve_amp
+from microseg.runtime import configure_speed, resolve_amp
 
 
 @pytest.mark.parametrize("capability, expected", [((7, 5), "fp16"), ((7, 0), "fp16"), ((8, 0), "bf16"),
@@ -47,3 +47,19 @@ def test_peak_table_matches_whole_gpu_names(bench_train, monkeypatch, name, peak
     # a substring match gave the H100 PCIe and NVL the SXM peak, and the L40 the L4's
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     assert bench_train.detected_peak(torch.device("cuda", 0)) == peak
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_speed_settings_on_cuda_and_their_deterministic_opposite(deterministic):
+    flags = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.backends.cuda.matmul.allow_tf32,
+             torch.backends.cudnn.allow_tf32, torch.are_deterministic_algorithms_enabled())
+    try:
+        configure_speed(torch.device("cuda", 0), deterministic)  # flags only: no GPU needed
+        assert torch.backends.cudnn.benchmark is not deterministic
+        assert torch.backends.cuda.matmul.allow_tf32 is not deterministic and torch.backends.cudnn.allow_tf32 is not deterministic
+        assert torch.backends.cudnn.deterministic is deterministic
+        assert torch.are_deterministic_algorithms_enabled() is deterministic
+    finally:
+        (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.backends.cuda.matmul.allow_tf32,
+         torch.backends.cudnn.allow_tf32) = flags[:4]
+        torch.use_deterministic_algorithms(flags[4])

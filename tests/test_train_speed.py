@@ -1,8 +1,10 @@
-"""--compile: the model and its loss traced as one graph, with no graph break and no recompile at
-an epoch's smaller last batch (counted with the aot_eager backend, on the CPU)."""
+"""Training speed settings: --compile traces the model and its loss as one graph, with no graph break
+and no recompile at an epoch's smaller last batch (counted with the aot_eager backend, on the CPU);
+an epoch serialises its checkpoint once."""
 
 from __future__ import annotations
 
+import torch
 from conftest import train_tiny
 
 
@@ -29,3 +31,27 @@ def test_compile_traces_model_and_loss_once_with_no_recompile_at_the_last_batch(
     assert any("conv2d" in op for op in ops)  # the model ...
     assert any("binary_cross_entropy_with_logits" in op for op in ops)  # ... and the losses, in one graph
     torch._dynamo.reset()
+
+
+def test_an_epoch_serialises_its_checkpoint_once(cache, tmp_path, monkeypatch):
+    import filecmp
+
+    import microseg.run
+    import microseg.train
+
+    real_save, real_copy, saved, copies = torch.save, microseg.train.copy_file, [], []
+
+    def save(obj, path, **options):
+        saved.append(path)
+        real_save(obj, path, **options)
+
+    def copy(source, target):
+        real_copy(source, target)
+        copies.append(filecmp.cmp(source, target, shallow=False))
+
+    monkeypatch.setattr(microseg.run.torch, "save", save)
+    monkeypatch.setattr(microseg.train, "copy_file", copy)
+    run = train_tiny(cache, tmp_path / "run", epochs=2)  # a validation split: best.pt when val_dsc improves
+    assert len(saved) == 2  # last.pt of each epoch, and nothing else serialised
+    assert copies and all(copies)  # best.pt: the bytes of that epoch's last.pt
+    assert torch.load(run / "best.pt", weights_only=True)["epoch"] >= 1
