@@ -55,8 +55,8 @@ class TrainConfig:
                                        "microseg checkpoint) or a name found in weights/: R50-ViT-B_16 "
                                        "(fetch it with `microseg download weights R50-ViT-B_16`)")
     epochs: int = option(10, "epochs, at least 1")
-    batch_size: int = option(8, "global batch size, at least 1: under torchrun the processes split it (a multiple "
-                                "of their number)")
+    batch_size: int = option(8, "global batch size, at least 1: under torchrun the processes split it (at least "
+                                "one slice each)")
     lr: float = option(0.01, "base learning rate, > 0, poly decay")
     optimizer: str = option("sgd", "sgd or adam")
     momentum: float = option(0.9, "SGD momentum, in [0, 1)")

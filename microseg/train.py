@@ -195,9 +195,9 @@ def train(config: TrainConfig, resume: bool = False, force: bool = False, traine
 
 def check_processes(config: TrainConfig, env: Distributed) -> None:
     """Options that depend on the number of processes, refused before any process waits on another."""
-    if config.batch_size % env.world:
+    if config.batch_size < env.world:
         raise OptionError(f"`batch_size` {config.batch_size} is the global batch (all processes together): it "
-                          f"must be a multiple of the {env.world} processes")
+                          f"must be at least the {env.world} processes")
     if config.sync_bn and env.world > 1 and env.device.type != "cuda":
         raise OptionError("`sync_bn` needs CUDA devices (torch's SyncBatchNorm runs on GPUs only)")
 
@@ -265,11 +265,12 @@ def build_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> to
 
 
 def build_loader(dataset: Dataset, config: TrainConfig, device: torch.device, sampler: Sampler | None = None,
-                 seed_offset: int = 0, batch_size: int | None = None) -> DataLoader:
-    """A DataLoader (batches of `batch_size`, default the config's) whose workers persist across
+                 seed_offset: int = 0, batch_sampler: Sampler | None = None) -> DataLoader:
+    """A DataLoader (batches of the config's size, or `batch_sampler`'s) whose workers persist across
     epochs, pinned on CUDA, with its own seeded generator."""
-    return DataLoader(dataset, batch_size=batch_size or config.batch_size, sampler=sampler,
-                      num_workers=config.num_workers,
+    batches = {"batch_sampler": batch_sampler} if batch_sampler is not None else {"batch_size": config.batch_size,
+                                                                                 "sampler": sampler}
+    return DataLoader(dataset, **batches, num_workers=config.num_workers,
                       persistent_workers=config.num_workers > 0, pin_memory=device.type == "cuda",
                       generator=_loader_generator(config.seed, seed_offset))
 
@@ -319,7 +320,8 @@ class Trainer:
         elif env.main:
             save_config(config, self.folder.config)
         if env.main:
-            per = f", {config.batch_size // env.world} per process" if env.world > 1 else ""
+            shares = sorted({len(range(r, config.batch_size, env.world)) for r in range(env.world)}, reverse=True)
+            per = f", {' or '.join(map(str, shares))} per process" if env.world > 1 else ""
             print(f"{env.world} process(es) on {self.device.type}: global batch {config.batch_size}{per}, "
                   f"{self.steps_per_epoch} steps per epoch, amp {config.amp}", flush=True)
 
@@ -343,8 +345,7 @@ class Trainer:
                                     intensity_max=self.preprocess.intensity_max)
         self.sampler = EpochSampler(self.dataset, self.env.world, self.env.rank, config.seed, config.batch_size)
         self.steps_per_epoch = self.sampler.steps_per_epoch
-        self.loader = build_loader(EpochItems(self.dataset), config, self.device, self.sampler,
-                                   batch_size=self.sampler.per_process)
+        self.loader = build_loader(EpochItems(self.dataset), config, self.device, batch_sampler=self.sampler)
         self.val_loader, self.overlay_index, self.overlay = None, 0, None
         if val_idx and self.env.main:
             from microseg.data.cache import foreground_areas

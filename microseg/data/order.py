@@ -4,14 +4,14 @@ resumed from a step, carried to persistent workers.
 `--batch-size` is the global batch B: step s of epoch e trains on items s*B .. s*B + B - 1 of the
 permutation of all training slices seeded by seed + e (`torch.randperm`, as torch's
 `DistributedSampler` draws it), whatever the number of processes W; process r takes every W-th
-item of that batch from the r-th (B / W of them; W must divide B). So an epoch has ceil(N / B)
-steps on any W, a position is (epoch, step), and a run resumed on another number of processes
-continues at the same slice and the same point of the schedule. In the last batch (L < B items)
-the processes' shares may differ by one: each process's loss is weighted by its share,
+item of that batch from the r-th. So an epoch has ceil(N / B) steps on any W, a position is
+(epoch, step), and a run resumed on another number of processes continues at the same slice and
+the same point of the schedule. When W does not divide a batch of L items (B, or the smaller
+last one) the processes' shares differ by one: each process's loss is weighted by its share,
 n_r * W / L, so that DDP's mean over processes is the mean over the batch's slices; a process
 left without a slice (L < W) takes a repeat of the epoch's first slice with weight 0.
 
-`EpochSampler` yields (epoch, index) pairs: a DataLoader's persistent workers each keep the copy
+`EpochSampler` yields each step's (epoch, index) pairs as one batch: a DataLoader's persistent workers each keep the copy
 of the dataset made when they started, so an epoch set on the main process's dataset never
 reaches them; the pair carries it with each item and `EpochItems` sets it on the worker's copy
 before reading the item, so each item's augmentation stays seeded by (seed, epoch, index)
@@ -28,14 +28,12 @@ from torch.utils.data import Dataset, Sampler
 
 
 class EpochSampler(Sampler):
-    """This process's (epoch, index) pairs of the current epoch from the current step on
-    (`set_position` before each epoch); the DataLoader batches them by `per_process`."""
+    """A batch sampler: this process's (epoch, index) pairs of each step of the current epoch, from
+    the current step on (`set_position` before each epoch)."""
 
     def __init__(self, dataset: Dataset, world: int, rank: int, seed: int, batch_size: int):
-        if batch_size % world:
-            raise ValueError(f"global batch {batch_size} is not a multiple of {world} processes")
         self.size, self.world, self.rank, self.seed = len(dataset), world, rank, seed
-        self.batch_size, self.per_process = batch_size, batch_size // world
+        self.batch_size = batch_size
         self.epoch, self.step = 0, 0
 
     @property
@@ -56,19 +54,18 @@ class EpochSampler(Sampler):
         return batch[self.rank::self.world]
 
     def weight(self, step: int) -> float:
-        """This process's loss weight at `step`: n_r * W / L (1 in every full batch)."""
-        last = min(self.batch_size, self.size - step * self.batch_size)
-        real = len(range(self.rank, last, self.world))
-        return 1.0 if last == self.batch_size else real * self.world / last
+        """This process's loss weight at `step`: n_r * W / L, 1 when its share is L / W."""
+        items = min(self.batch_size, self.size - step * self.batch_size)
+        share = len(range(self.rank, items, self.world))
+        return 1.0 if share * self.world == items else share * self.world / items
 
     def __len__(self) -> int:
-        order = list(range(self.size))  # the shares' sizes do not depend on the permutation
-        return sum(len(self.share(order, s)) for s in range(self.step, self.steps_per_epoch))
+        return self.steps_per_epoch - self.step
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         order = self.order(self.epoch)
         for step in range(self.step, self.steps_per_epoch):
-            yield from ((self.epoch, index) for index in self.share(order, step))
+            yield [(self.epoch, index) for index in self.share(order, step)]
 
 
 class EpochItems(Dataset):
