@@ -134,7 +134,7 @@ def test_one_process_run_resumes_on_two(cache, tmp_path, one_process):
 
 @pytest.mark.parametrize("actions, codes, last", [
     ({0: {2: "sigint"}}, [130, 2], (0, 2)),  # Ctrl-C on rank 0 alone: it saves, rank 1 stops
-    ({1: {2: "raise"}}, ["raised", 2], None),  # a failure on rank 1 in a step: nothing was kept yet
+    ({1: {2: "raise"}}, [2, "raised"], None),  # a failure on rank 1 in a step: nothing was kept yet
     ({0: {"validate": "raise"}}, [2, 2], None),  # rank 0 fails alone (validation) while rank 1 waits
     ({0: {5: "raise"}}, ["raised", 2], (1, 0)),  # a failure on rank 0 in epoch 2: last.pt keeps epoch 1
 ], ids=["ctrl_c_rank0", "fail_rank1_step", "fail_rank0_validation", "fail_rank0_step"])
