@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import TINY_TRAIN, train_tiny
+from train_helpers import TINY_TRAIN, train_tiny
 from process_helpers import install_recorder, launch, steps_by_position
 
 from microseg.cli import main

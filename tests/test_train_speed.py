@@ -5,7 +5,7 @@ an epoch serialises its checkpoint once."""
 from __future__ import annotations
 
 import torch
-from conftest import train_tiny
+from train_helpers import train_tiny
 
 
 def test_compile_traces_model_and_loss_once_with_no_recompile_at_the_last_batch(cache, tmp_path, monkeypatch):
@@ -36,7 +36,7 @@ def test_compile_traces_model_and_loss_once_with_no_recompile_at_the_last_batch(
 def test_an_epoch_serialises_its_checkpoint_once(cache, tmp_path, monkeypatch):
     import filecmp
 
-    import microseg.run
+    import microseg.checkpoint
     import microseg.train
 
     real_save, real_copy, saved, copies = torch.save, microseg.train.copy_file, [], []
@@ -49,7 +49,7 @@ def test_an_epoch_serialises_its_checkpoint_once(cache, tmp_path, monkeypatch):
         real_copy(source, target)
         copies.append(filecmp.cmp(source, target, shallow=False))
 
-    monkeypatch.setattr(microseg.run.torch, "save", save)
+    monkeypatch.setattr(microseg.checkpoint.torch, "save", save)
     monkeypatch.setattr(microseg.train, "copy_file", copy)
     run = train_tiny(cache, tmp_path / "run", epochs=2)  # a validation split: best.pt when val_dsc improves
     assert len(saved) == 2  # last.pt of each epoch, and nothing else serialised
