@@ -15,6 +15,8 @@ from process_helpers import install_recorder, launch, steps_by_position
 from microseg.cli import main
 from microseg.tables import read_csv
 
+pytestmark = pytest.mark.slow  # each test starts processes
+
 ENDED_WITHIN_S = 60  # every process ends this soon after the Ctrl-C or failure (a hang: gloo's 30 minutes)
 
 
