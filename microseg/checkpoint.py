@@ -176,7 +176,7 @@ def load_run_model(run: str | Path, device: str = "auto", resize: str | None = N
 
 RESUME_MAY_CHANGE = ("run", "device", "num_workers", "sync_every", "tensorboard", "source_check", "deterministic")
 """The options a resumed run may set anew: they do not change what it computes."""
-RESUME_NEEDS = ("train_config", "optimizer", "scaler", "accum", "rng")
+RESUME_NEEDS = ("train_config", "optimizer", "scaler", "accum")  # no "rng": dropout follows the position
 """The checkpoint records a resumed run needs besides the weights."""
 
 
