@@ -65,7 +65,7 @@ on the model's device); thresholded at 0.5 by the caller, so that several can be
 
 def slab_predictor(model: torch.nn.Module, preprocess: Preprocess, amp: str | None = None) -> Predictor:
     """The run's network as a `Predictor`: each slice resized as the cache resizes it, intensity /
-    intensity_max, one forward for the slab (under inference_mode, `amp` autocast: `inference_amp`),
+    intensity_max, one forward for the slab (under inference_mode and `amp` autocast),
     the probability map back to the native size on the device (the run's `prediction_resize`)."""
     device = next(model.parameters()).device
     size, resize = preprocess.size, preprocess.prediction_resize
