@@ -2,11 +2,11 @@
 
 simulate (16 train + 8 test patients) -> prepare (slice cache) -> an experiment (`microseg
 experiment run`): the `small` model trained with adaptive_focal, ag_bce and focal, two seeds each,
-in three single-threaded worker processes, each cell evaluated on the test split -> compare,
-with overlays.
+in three single-threaded worker processes, each cell evaluated on the test split -> the
+experiment report (`microseg compare EXP`).
 Everything goes under one folder (default ./demo): the experiment is `<out>/experiment`, the
 report `<out>/report/report.md`, and the demo ends by printing its results paragraph
-(`microseg.report.results_paragraph`).
+(`microseg.experiment_report.experiment_paragraph`).
 """
 
 from __future__ import annotations
@@ -38,8 +38,7 @@ def run_demo(out: str | Path = "demo", epochs: int | None = None) -> Path:
     from microseg.experiment_run import run_experiment
     from microseg.figures import plot_case_preview
     from microseg.prepare import prepare_cache
-    from microseg.report import compare, results_paragraph
-    from microseg.run_record import load_run
+    from microseg.experiment_report import analyse, experiment_paragraph, write_report
 
     out = Path(out)
     started = time.perf_counter()
@@ -54,8 +53,8 @@ def run_demo(out: str | Path = "demo", epochs: int | None = None) -> Path:
     print(f"\n== experiment: {len(DEMO_LOSSES)} losses x {len(DEMO_SEEDS)} seeds, {DEMO_JOBS} cells at a time ==",
           flush=True)
     experiment = run_experiment(str(out / "experiment"), plan, jobs=DEMO_JOBS, device="cpu")
-    runs = [cell.run for cell in experiment.cells]
-    report = compare(runs, out / "report", overlays=True)
+    analysis = analyse([experiment.path])
+    report = write_report(analysis, out / "report")
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; report: {report}")
-    print("\n" + results_paragraph([load_run(run) for run in runs]))
+    print("\n" + experiment_paragraph(analysis))
     return report

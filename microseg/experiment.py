@@ -150,6 +150,10 @@ def load_experiment(path: str | Path) -> Experiment:
                       path / c["run"]) for c in record["cells"]]
     except (ValueError, KeyError, TypeError, AttributeError):
         raise MicrosegError(f"{file} is not a readable experiment file") from None
+    inside = path.resolve()
+    for cell in cells:  # a hand-edited or foreign file must not point the commands outside the experiment
+        if not cell.run.resolve().is_relative_to(inside):
+            raise MicrosegError(f"{file}: cell {cell.id}'s run {cell.run} is outside the experiment folder")
     return Experiment(path, plan, cells)
 
 

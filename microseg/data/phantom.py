@@ -55,9 +55,10 @@ The sweep spans ``SWEEP_MM`` = 48 mm at gland depth, so the slice spacing writte
 position ``s = 2 z / (S - 1) - 1``; the gland spans ``|s| < 0.72..0.86``, so the first and last
 slices are always empty.
 
-An existing output folder is reused only if it is empty or was written by this simulator
-(``.microseg_phantom.json`` lists its files): files of the same names are overwritten and the
-previous run's files that the new set does not contain are removed; anything else is refused.
+The set is written into a temporary folder beside the output and renamed into place when it is
+complete, so a killed run leaves no partial dataset. An existing output folder is replaced whole
+only if it is empty or was written by this simulator (it holds ``.microseg_phantom.json``, with
+the settings); anything else is refused.
 A progress bar is shown when stderr is a terminal.
 """
 
@@ -72,11 +73,11 @@ import numpy as np
 from scipy import fft
 from scipy.ndimage import gaussian_filter, gaussian_filter1d
 
-from microseg.atomic import make_folder, write_text
+from microseg.atomic import atomic_folder, write_text
 from microseg.data.layout import EXPERT, IMAGES, NON_EXPERT, RATERS, file_name, rater_kind
 from microseg.data.volumes import write_volume
 from microseg.jobs import check_jobs, run_jobs
-from microseg.errors import MicrosegError, OptionError
+from microseg.errors import OptionError
 from microseg.preprocess import INTENSITY_MAX
 
 NATIVE_SIZE = (962, 1372)
@@ -418,21 +419,12 @@ def _planned_files(out: Path, n_train: int, n_test: int) -> dict[tuple[str, str]
     return plan
 
 
-def _previous_files(out: Path) -> list[Path]:
-    """Files of an earlier phantom run in ``out``; refuse a non-empty folder that is not one."""
+def _check_out(out: Path) -> None:
+    """Refuse an `out` that is a file, or a non-empty folder that an earlier `simulate` did not write."""
     if out.exists() and not out.is_dir():
         raise OptionError(f"`out` {out} exists and is not a folder")
-    if not out.exists() or not any(out.iterdir()):
-        return []
-    marker = out / MARKER
-    if not marker.is_file():
+    if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
         raise OptionError(f"`out` {out} is not empty and was not written by 'microseg simulate'; choose a new folder")
-    try:
-        listed = [out / f for f in json.loads(marker.read_text())["files"]]
-    except (ValueError, KeyError, TypeError):
-        raise MicrosegError(f"{marker}: unreadable phantom marker; remove it or choose a new folder") from None
-    inside = out.resolve()
-    return [p for p in listed if p.name.endswith((".nii", ".nii.gz")) and p.resolve().is_relative_to(inside)]
 
 
 def _simulate_one(job: tuple) -> None:
@@ -464,20 +456,11 @@ def simulate_dataset(out: str | Path, n_train: int = 10, n_test: int = 4, n_slic
     check_jobs(jobs)
     if min(size) < 32:
         raise OptionError(f"`size` must be at least 32 x 32 (got {size[0]} x {size[1]})")
-    previous = _previous_files(out)
-    plan = _planned_files(out, n_train, n_test)
-    written = [p for files in plan.values() for _, p in files]
+    _check_out(out)
     settings = dict(n_train=n_train, n_test=n_test, n_slices=n_slices, size=list(size), seed=seed)
-
-    def write_marker(files: list[Path]) -> None:
-        listed = sorted({str(p.relative_to(out)) for p in files})
-        write_text(out / MARKER, json.dumps({"settings": settings, "files": listed}, indent=1))
-
-    make_folder(out)
-    write_marker(previous + written)  # covers both sets until this run completes
-    cases = [(tuple(size), n_slices, seed, split, case_id, files) for (split, case_id), files in plan.items()]
-    run_jobs(_simulate_one, cases, jobs, desc="simulate")
-    for stale in set(previous) - set(written):
-        stale.unlink(missing_ok=True)
-    write_marker(written)
+    with atomic_folder(out) as folder:  # a killed run leaves no dataset; a rerun replaces the earlier one whole
+        plan = _planned_files(folder, n_train, n_test)
+        cases = [(tuple(size), n_slices, seed, split, case_id, files) for (split, case_id), files in plan.items()]
+        run_jobs(_simulate_one, cases, jobs, desc="simulate")
+        write_text(folder / MARKER, json.dumps({"settings": settings}, indent=1))
     return out

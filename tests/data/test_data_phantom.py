@@ -12,6 +12,7 @@ from medpy.metric import binary as mb
 from scipy.ndimage import distance_transform_edt
 
 from microseg.cli import main
+from microseg.data import phantom
 from microseg.data.layout import find_cases
 from microseg.data.phantom import BLADDER_ANGLE_DEG, ScanGeometry, simulate_case, simulate_dataset
 from microseg.errors import MicrosegError
@@ -167,6 +168,29 @@ def test_out_folder_policy_and_cli(tmp_path, capsys):
     assert [c.case_id for c in find_cases(out, "train")] == ["01"]
     assert main(["simulate", "--out", str(tmp_path / "x"), "--slices", "2"]) == 2
     assert "--slices" in capsys.readouterr().err
+
+
+def test_interrupted_simulate_leaves_no_dataset(tmp_path, monkeypatch):
+    out = tmp_path / "set"
+    simulate_dataset(out, n_train=2, n_test=1, n_slices=3, size=(32, 48))
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    written = []
+
+    def write_then_die(path, *args, **kwargs):  # the third volume's write is interrupted
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        written.append(path)
+        return real_write(path, *args, **kwargs)
+
+    real_write = phantom.write_volume
+    monkeypatch.setattr(phantom, "write_volume", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        simulate_dataset(out, n_train=3, n_test=2, n_slices=3, size=(32, 48), seed=5)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # the earlier set, untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["set"]  # no temporary left beside it
+    with pytest.raises(KeyboardInterrupt):
+        simulate_dataset(tmp_path / "new", n_train=3, n_test=2, n_slices=3, size=(32, 48))
+    assert not (tmp_path / "new").exists()
 
 
 def test_jobs_write_the_files_of_one_job(tmp_path):

@@ -353,6 +353,12 @@ def test_refusals_leave_nothing(tmp_path, capsys, experiment):
     (broken / "experiment.json").write_text((protocol / "experiment.json").read_text())
     assert "splits.json is not an experiment's splits file" in refused(["compare", broken, "--out", out], capsys, out)
 
+    escaping = write_experiment(tmp_path / "escaping", scores)
+    record = json.loads((escaping / "experiment.json").read_text())
+    record["cells"][0]["run"] = "../protocol/runs/low__s2"  # a cell that points outside its experiment
+    (escaping / "experiment.json").write_text(json.dumps(record))
+    assert "is outside the experiment folder" in refused(["compare", escaping, "--out", out], capsys, out)
+
 
 def test_the_report_folder_is_replaced_whole_and_never_one_holding_other_files(experiment, tmp_path, capsys):
     out = tmp_path / "r"
