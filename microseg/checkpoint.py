@@ -159,6 +159,13 @@ class RunModel:
     checkpoint: Checkpoint
     path: Path
 
+    @property
+    def amp(self) -> str | None:
+        """The training's autocast precision, kept for inference on a CUDA device; fp32 elsewhere (fp16
+        autocast is CUDA-only, and bf16 autocast is slower than fp32 on most CPUs)."""
+        on_cuda = next(self.model.parameters()).device.type == "cuda"
+        return self.checkpoint.train_config.get("amp") if on_cuda else None
+
 
 def load_run_model(run: str | Path, device: str = "auto", resize: str | None = None) -> RunModel:
     """The run's best (else last) network on `device` (a name, `microseg.runtime.resolve_device`) with its

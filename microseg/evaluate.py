@@ -141,11 +141,13 @@ def _evaluate_locked(folder: RunFolder, data: Path, split: str, protocol: str, r
     record: dict[str, object] = {}
     if ensemble:
         model, preprocess, members = load_ensemble(ensemble, device, resize)
+        amp = members[0].amp
         used = f"the ensemble of {', '.join(str(member.path) for member in members)}"
         record |= {"checkpoint": "ensemble", "ensemble": [str(Path(r).resolve()) for r in ensemble]}
     else:
         loaded = load_run_model(folder.path, device, resize)
         model, preprocess, checkpoint, checkpoint_file = loaded.model, loaded.preprocess, loaded.checkpoint, loaded.path
+        amp = loaded.amp
         used = f"{checkpoint_file.name} ({_describe(checkpoint, checkpoint_file, folder)})"
         record |= {"checkpoint": checkpoint_file.name, "checkpoint_epoch": checkpoint.epoch,
                    "checkpoint_step": checkpoint.step, "checkpoint_sha256": file_sha256(checkpoint_file)}
@@ -162,7 +164,7 @@ def _evaluate_locked(folder: RunFolder, data: Path, split: str, protocol: str, r
     print(f"evaluate {folder.path} with {used} on {data}/{split}, protocol {protocol}; overwrites "
           f"{folder.metrics}/ and {folder.predictions}/", flush=True)
     make_folder(folder.metrics)  # a metrics/ that cannot be written fails before any prediction
-    _PREDICTORS[source, device, resize] = slab_predictor(model, preprocess), preprocess
+    _PREDICTORS[source, device, resize] = slab_predictor(model, preprocess, amp), preprocess
     with atomic_folder(folder.predictions) as predictions:  # replaces predictions/ once the metrics are written
         jobs_ = [_CaseJob(source, device, resize, case, protocol, predictions, batch_size) for case in cases]
         scored = run_jobs(_evaluate_case, jobs_, jobs, desc=f"evaluate {split}")
@@ -228,11 +230,12 @@ def _evaluate_case(job: _CaseJob) -> tuple[dict, list[list], list[str]]:
     key = (job.run, job.device, job.resize)
     if key not in _PREDICTORS:
         if isinstance(job.run, tuple):
-            model, preprocess, _ = load_ensemble(job.run, job.device, job.resize)
+            model, preprocess, members = load_ensemble(job.run, job.device, job.resize)
+            amp = members[0].amp
         else:
             loaded = load_run_model(job.run, job.device, job.resize)
-            model, preprocess = loaded.model, loaded.preprocess
-        _PREDICTORS[key] = slab_predictor(model, preprocess), preprocess
+            model, preprocess, amp = loaded.model, loaded.preprocess, loaded.amp
+        _PREDICTORS[key] = slab_predictor(model, preprocess, amp), preprocess
     predict, preprocess = _PREDICTORS[key]
     return _score_case(job.case, predict, preprocess, job.protocol, job.predictions, job.slab)
 
@@ -328,10 +331,10 @@ def predict(run: Path | Sequence[Path], source: Path, out: Path, device: str = "
     inputs, targets = _prediction_plan(source, out)
     if isinstance(run, Path | str):
         loaded = load_run_model(run, device, resize)
-        predictor = slab_predictor(loaded.model, loaded.preprocess)
+        predictor = slab_predictor(loaded.model, loaded.preprocess, loaded.amp)
     else:
-        model, preprocess, _ = load_ensemble(run, device, resize)
-        predictor = slab_predictor(model, preprocess)
+        model, preprocess, members = load_ensemble(run, device, resize)
+        predictor = slab_predictor(model, preprocess, members[0].amp)
     created = [p for p in (out, *out.parents) if not p.exists()]
     try:
         with contextlib.nullcontext(out.parent) if not source.is_dir() else atomic_files_into(out) as folder:

@@ -192,3 +192,17 @@ def test_prediction_follows_the_checkpoints_preprocessing(evaluated, phantom, tm
                  "--resize", "nearest"]) == 0
     own = zyx(tmp_path / "own.nii.gz")
     assert own.any() and np.array_equal(own, zyx(tmp_path / "asked.nii.gz"))
+
+
+def test_inference_keeps_the_trainings_precision_on_cuda_only():
+    from types import SimpleNamespace
+
+    from microseg.checkpoint import Checkpoint, RunModel
+
+    def on(device: str) -> SimpleNamespace:
+        return SimpleNamespace(parameters=lambda: iter([SimpleNamespace(device=torch.device(device))]))
+
+    for amp in ("bf16", "fp16", None):
+        checkpoint = Checkpoint({}, {}, None, train_config={"amp": amp})  # type: ignore[arg-type]
+        assert RunModel(on("cuda"), None, checkpoint, None).amp == amp  # type: ignore[arg-type]
+        assert RunModel(on("cpu"), None, checkpoint, None).amp is None  # type: ignore[arg-type]
