@@ -120,7 +120,7 @@ def test_simulate_into_a_path_through_a_regular_file(tmp_path, capsys):
     out = blocker / "phantom"
     code, _, err = run_cli(["simulate", "--out", out, "--train", 1, "--test", 0, "--slices", 3, "--size", 32, 32],
                            capsys)
-    one_error(code, err, f"cannot create folder {out}", f"{blocker} is a file, not a folder")
+    one_error(code, err, f"cannot create folder {blocker}", f"{blocker} is a file, not a folder")
     assert tree(tmp_path) == ["data"]
 
 
@@ -128,7 +128,7 @@ def test_simulate_into_a_folder_that_refuses_new_files(capsys):
     out = PROC_FOLDER / "phantom"
     code, _, err = run_cli(["simulate", "--out", out, "--train", 1, "--test", 0, "--slices", 3, "--size", 32, 32],
                            capsys)
-    one_error(code, err, f"cannot create folder {out}: /proc does not accept new entries")
+    one_error(code, err, f"cannot create folder {out.parent}: /proc does not accept new entries")
 
 
 def test_simulate_on_a_full_disk_names_the_file(tmp_path, capsys, monkeypatch):

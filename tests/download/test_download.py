@@ -220,8 +220,8 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_unsafe_entries_refuse_the_archive_before_anything_is_extracted(case, tmp_path, server, dataset, capsys):
-    root, _ = dataset
+def test_unsafe_entries_refuse_the_archive_before_anything_is_extracted(case, tmp_path, server, published_dataset, capsys):
+    root, _ = published_dataset
     make, needle = BAD[case]
     archive = tmp_path / "archive.zip"
     server.files[ARCHIVE] = build(archive, valid_entries(root), [make(tmp_path)])
@@ -232,8 +232,8 @@ def test_unsafe_entries_refuse_the_archive_before_anything_is_extracted(case, tm
     assert left_in(out) == [ARCHIVE]  # the verified zip only: no dataset, no temporary
 
 
-def test_a_total_beyond_the_cap_is_refused_before_extracting(tmp_path, server, dataset, capsys, monkeypatch):
-    root, _ = dataset
+def test_a_total_beyond_the_cap_is_refused_before_extracting(tmp_path, server, published_dataset, capsys, monkeypatch):
+    root, _ = published_dataset
     entries = valid_entries(root)
     monkeypatch.setattr(download_module, "MAX_UNPACKED_BYTES", sum(len(d) for _, d in entries) - 1)
     server.files[ARCHIVE] = build(tmp_path / "a.zip", entries)
@@ -243,9 +243,9 @@ def test_a_total_beyond_the_cap_is_refused_before_extracting(tmp_path, server, d
     assert left_in(out) == [ARCHIVE]
 
 
-def test_a_zip_bomb_entry_of_the_dataset_is_refused_by_the_cap(tmp_path, server, dataset, capsys, monkeypatch):
+def test_a_zip_bomb_entry_of_the_dataset_is_refused_by_the_cap(tmp_path, server, published_dataset, capsys, monkeypatch):
     """64 MiB of zeros deflate to about 64 KiB: refused from its recorded size, never written."""
-    root, _ = dataset
+    root, _ = published_dataset
     monkeypatch.setattr(download_module, "MAX_UNPACKED_BYTES", 32 * 2**20)
     bomb = (f"{DATASET_FOLDER}/train/micro_ultrasound_scans/microUS_train_03.nii.gz", bytes(64 * 2**20))
     server.files[ARCHIVE] = build(tmp_path / "a.zip", valid_entries(root) + [bomb])
@@ -256,8 +256,8 @@ def test_a_zip_bomb_entry_of_the_dataset_is_refused_by_the_cap(tmp_path, server,
     assert left_in(out) == [ARCHIVE]
 
 
-def test_a_total_beyond_the_free_space_is_refused(tmp_path, server, dataset, capsys, monkeypatch):
-    root, _ = dataset
+def test_a_total_beyond_the_free_space_is_refused(tmp_path, server, published_dataset, capsys, monkeypatch):
+    root, _ = published_dataset
     entries = valid_entries(root)
     server.files[ARCHIVE] = build(tmp_path / "a.zip", entries)
     out = tmp_path / "data"
@@ -274,8 +274,8 @@ def test_a_total_beyond_the_free_space_is_refused(tmp_path, server, dataset, cap
     assert left_in(out) == [ARCHIVE]
 
 
-def test_an_entry_inflating_beyond_its_recorded_size_is_refused(tmp_path, server, dataset, capsys):
-    root, _ = dataset
+def test_an_entry_inflating_beyond_its_recorded_size_is_refused(tmp_path, server, published_dataset, capsys):
+    root, _ = published_dataset
     entries = valid_entries(root)
     path = tmp_path / "a.zip"
     build(path, entries)
@@ -299,8 +299,8 @@ def test_an_entry_inflating_beyond_its_recorded_size_is_refused(tmp_path, server
     assert left_in(out) == [ARCHIVE]
 
 
-def test_only_the_datasets_own_files_are_extracted(tmp_path, server, dataset, capsys):
-    root, _ = dataset
+def test_only_the_datasets_own_files_are_extracted(tmp_path, server, published_dataset, capsys):
+    root, _ = published_dataset
     entries = valid_entries(root)
     extra = [(f"{DATASET_FOLDER}/train/big.bin", bytes(4 * 2**20)), ("__MACOSX/._x.nii.gz", b"apple"),
              (f"{DATASET_FOLDER}/README.txt", b"read me"), (f"{DATASET_FOLDER}/train/scripts/run.sh", b"rm -rf /")]
