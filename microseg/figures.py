@@ -9,6 +9,7 @@ EXPERT_COLOUR, which no run gets.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -32,10 +33,12 @@ def run_colours(runs: Sequence[str]) -> dict[str, str]:
 
 
 def pyplot():
-    """matplotlib.pyplot on the Agg backend (no display needed)."""
+    """matplotlib.pyplot on the Agg backend (no display needed). A run name in a script the font lacks
+    (CJK, say) is drawn as boxes, without matplotlib's warning for every glyph."""
     import matplotlib
 
     matplotlib.use("Agg")
+    warnings.filterwarnings("ignore", message="Glyph .* missing from font")
     import matplotlib.pyplot as plt
 
     return plt

@@ -332,3 +332,16 @@ def test_one_colour_per_run_and_the_expert_reserved(tmp_path):
     for hex_colour in (RUN_COLOURS[0], RUN_COLOURS[1]):
         rgb = tuple(int(hex_colour[i:i + 2], 16) / 255 for i in (1, 3, 5))
         assert _colour_pixels(png, rgb, 0.05) > 20
+
+
+def test_run_names_in_scripts_the_font_lacks_print_no_glyph_warnings(tmp_path):
+    import warnings
+
+    from microseg.figures import plot_loss_curves
+
+    history = [{"epoch": 1, "loss": 0.5, "bce": 0.6}, {"epoch": 2, "loss": 0.4, "bce": 0.5}]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plot_loss_curves({"損失関数 実験": history, "ag_bce": history}, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    assert not [w for w in caught if "Glyph" in str(w.message)], [str(w.message) for w in caught]
