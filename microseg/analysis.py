@@ -145,7 +145,7 @@ def _gamma_msa(mask: np.ndarray) -> float:
     keep the crop's one-sided edge differences at zero.
     """
     rows, cols = (np.flatnonzero(mask.any(axis)) for axis in (1, 0))
-    crop = mask[max(0, rows[0] - 2):rows[-1] + 3, max(0, cols[0] - 2):cols[-1] + 3].astype(np.float64)
+    crop = mask[max(0, rows[0] - 2) : rows[-1] + 3, max(0, cols[0] - 2) : cols[-1] + 3].astype(np.float64)
     axes = [a for a in (0, 1) if crop.shape[a] > 1]
     if not axes:
         return 0.0
@@ -176,8 +176,14 @@ class ExpertDescriptors:
         (expert,) = bool_volumes(expert=expert)
         sy, sx = self.spacing[1:]
         for k in np.flatnonzero(expert.reshape(len(expert), -1).any(1)):
-            self.slices.append({"z": self.z + int(k), "area_mm2": float(np.count_nonzero(expert[k])) * sy * sx,
-                                "roughness": _outline_ratio(expert[k], (sy, sx)), "gamma_msa": _gamma_msa(expert[k])})
+            self.slices.append(
+                {
+                    "z": self.z + int(k),
+                    "area_mm2": float(np.count_nonzero(expert[k])) * sy * sx,
+                    "roughness": _outline_ratio(expert[k], (sy, sx)),
+                    "gamma_msa": _gamma_msa(expert[k]),
+                }
+            )
         self.voxels += int(np.count_nonzero(expert))
         if self.size is not None:
             self.resized += [resize_mask(plane, self.size) for plane in expert.view(np.uint8)]
@@ -185,8 +191,10 @@ class ExpertDescriptors:
 
     def patient(self) -> dict[str, float]:
         voxel_mm3 = float(np.prod(np.asarray(self.spacing, dtype=np.float64)))
-        return {"volume_ml": float(self.voxels) * voxel_mm3 / 1000.0,
-                "gamma_msa": patient_statistics(np.stack(self.resized))[1]}
+        return {
+            "volume_ml": float(self.voxels) * voxel_mm3 / 1000.0,
+            "gamma_msa": patient_statistics(np.stack(self.resized))[1],
+        }
 
 
 def slice_descriptors(expert: np.ndarray, spacing_yx: tuple[float, float]) -> list[dict[str, float]]:
@@ -244,8 +252,9 @@ def patient_descriptors(expert: np.ndarray, spacing_zyx: Sequence[float], size: 
     return described.patient()
 
 
-def _strata_rows(groups_of: Mapping[str, Sequence[Mapping]], factors: Sequence[tuple],
-                 edges: Mapping[str, tuple[float, float]]) -> list[list]:
+def _strata_rows(
+    groups_of: Mapping[str, Sequence[Mapping]], factors: Sequence[tuple], edges: Mapping[str, tuple[float, float]]
+) -> list[list]:
     """[run, factor, stratum, mean_dsc, std_dsc, n] of each run's items (dicts with dsc and the factors' keys)."""
     rows = []
     for run, items in groups_of.items():
@@ -318,8 +327,10 @@ def disagreement_slices(preds: Mapping[str, np.ndarray], expert: np.ndarray, n: 
         raise MicrosegError("disagreement_slices needs at least one run's prediction")
     if isinstance(n, bool) or int(n) != n or n < 0:
         raise MicrosegError(f"number of slices must be an integer >= 0, got {n!r}")
-    e, *masks = (m.reshape(len(m), -1) for m in
-                 bool_volumes(expert=expert, **{f"prediction of {run}": p for run, p in preds.items()}))
+    e, *masks = (
+        m.reshape(len(m), -1)
+        for m in bool_volumes(expert=expert, **{f"prediction of {run}": p for run, p in preds.items()})
+    )
     n_e = e.sum(1)
     scores = []
     for p in masks:

@@ -24,8 +24,20 @@ from typing import Iterator
 
 from microseg.errors import MicrosegError
 
-WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO, errno.EACCES,
-                          errno.EPERM, errno.ENAMETOOLONG, errno.EISDIR, errno.ENOTDIR})
+WRITE_ERRNOS = frozenset(
+    {
+        errno.ENOSPC,
+        errno.EDQUOT,
+        errno.EFBIG,
+        errno.EROFS,
+        errno.EIO,
+        errno.EACCES,
+        errno.EPERM,
+        errno.ENAMETOOLONG,
+        errno.EISDIR,
+        errno.ENOTDIR,
+    }
+)
 """errnos of a write that failed because of where or how much was written, not because of a bug."""
 
 
@@ -75,8 +87,9 @@ def make_folder(folder: str | os.PathLike) -> Path:
         existing = next(p for p in (folder, *folder.parents) if p.exists())
         if not existing.is_dir():
             raise MicrosegError(f"cannot create folder {folder}: {existing} is a file, not a folder") from None
-        raise MicrosegError(f"cannot create folder {folder}: {existing} does not accept new entries "
-                            f"({_reason(err)})") from None
+        raise MicrosegError(
+            f"cannot create folder {folder}: {existing} does not accept new entries ({_reason(err)})"
+        ) from None
     return folder
 
 
@@ -114,8 +127,10 @@ def require_free_space(target: str | os.PathLike, n_bytes: int) -> None:
     folder = next(p for p in (target.parent, *target.parents) if p.is_dir())
     free = shutil.disk_usage(folder).free
     if free < n_bytes + WRITE_MARGIN_BYTES:
-        raise MicrosegError(f"cannot write {target}: No space left on device ({free / 2**20:.1f} MiB free, "
-                            f"{(n_bytes + WRITE_MARGIN_BYTES) / 2**20:.1f} MiB needed for the next part)")
+        raise MicrosegError(
+            f"cannot write {target}: No space left on device ({free / 2**20:.1f} MiB free, "
+            f"{(n_bytes + WRITE_MARGIN_BYTES) / 2**20:.1f} MiB needed for the next part)"
+        )
 
 
 @contextlib.contextmanager

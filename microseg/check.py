@@ -66,15 +66,20 @@ def check_case(case: Case, protocol: str, problems: list[dict], read: Reader = r
     if image is None:
         return record
     z, h, w = image.array.shape
-    record |= {"slices": z, "size": [h, w], "spacing": list(image.spacing),
-               "intensity": [int(image.array.min(initial=0)), int(image.array.max(initial=0))]}
+    record |= {
+        "slices": z,
+        "size": [h, w],
+        "spacing": list(image.spacing),
+        "intensity": [int(image.array.min(initial=0)), int(image.array.max(initial=0))],
+    }
     if expert is None or not _same_grid(expert, image, problems, case.case_id):
         return record
     has_expert = expert.array.reshape(z, -1).any(1)
     record["foreground_slices"] = int(has_expert.sum())
     if not has_expert.any():
-        problems.append({"level": "warning", "case": case.case_id,
-                         "message": f"{case.expert}: mask is empty on every slice"})
+        problems.append(
+            {"level": "warning", "case": case.case_id, "message": f"{case.expert}: mask is empty on every slice"}
+        )
         return record
     for name, path in _annotations(case).items():
         mask = _read(path, "mask", problems, case.case_id, read)
@@ -102,8 +107,9 @@ def _outliers(records: list[dict], key: str, label: str, problems: list[dict]) -
     usual = Counter(values.values()).most_common(1)[0][0]
     outliers = {case_id: list(v) for case_id, v in values.items() if v != usual}
     for case_id, value in outliers.items():
-        problems.append({"level": "warning", "case": case_id,
-                         "message": f"{label} {value} differs from the usual {list(usual)}"})
+        problems.append(
+            {"level": "warning", "case": case_id, "message": f"{label} {value} differs from the usual {list(usual)}"}
+        )
     return {"usual": list(usual), "outliers": outliers}
 
 
@@ -114,8 +120,11 @@ def _raters(records: list[dict]) -> dict:
     for name in names:
         scored = [r for r in records if name in r["raters"]]
         per_patient = {r["case_id"]: r["raters"][name] for r in scored}
-        out[name] = {"dsc": summarize([s["dsc"] for s in per_patient.values()]),
-                     "hd95_mm": summarize([s["hd95_mm"] for s in per_patient.values()]), "per_patient": per_patient}
+        out[name] = {
+            "dsc": summarize([s["dsc"] for s in per_patient.values()]),
+            "hd95_mm": summarize([s["hd95_mm"] for s in per_patient.values()]),
+            "per_patient": per_patient,
+        }
     return out
 
 
@@ -153,8 +162,11 @@ def split_report(records: list[dict], problems: list[dict]) -> dict:
         "slices": {"total": int(sum(slices.values())), "per_patient": slices},
         "size": _outliers(records, "size", "image size", problems),
         "spacing_mm": _outliers(records, "spacing", "spacing (sz, sy, sx) mm", problems),
-        "intensity": {"min": min((i[0] for i in intensity.values()), default=None),
-                      "max": max((i[1] for i in intensity.values()), default=None), "per_patient": intensity},
+        "intensity": {
+            "min": min((i[0] for i in intensity.values()), default=None),
+            "max": max((i[1] for i in intensity.values()), default=None),
+            "per_patient": intensity,
+        },
         "foreground_slices": {r["case_id"]: r["foreground_slices"] for r in records if "foreground_slices" in r},
         "raters": _raters(records),
         "problems": problems,
@@ -178,8 +190,13 @@ def check_dataset(root: str | Path, protocol: str = "microsegnet", jobs: int | N
 def dataset_report(root: Path, protocol: str, splits: dict[str, dict]) -> dict:
     """The report of a dataset from its splits' reports, with the error and warning counts."""
     levels = Counter(p["level"] for s in splits.values() for p in s["problems"])
-    return {"data": str(Path(root).resolve()), "protocol": protocol, "splits": splits,
-            "errors": levels["error"], "warnings": levels["warning"]}
+    return {
+        "data": str(Path(root).resolve()),
+        "protocol": protocol,
+        "splits": splits,
+        "errors": levels["error"],
+        "warnings": levels["warning"],
+    }
 
 
 def _json_ready(value):
@@ -203,8 +220,9 @@ def require_clean(report: dict, hint: str) -> None:
     """MicrosegError (one line: the count, the first error, ``hint``) when the check found errors."""
     if report["errors"]:
         first = next(p for s in report["splits"].values() for p in s["problems"] if p["level"] == "error")
-        raise MicrosegError(f"dataset check found {report['errors']} error(s) in {report['data']} (first: "
-                            f"{first['message']}); {hint}")
+        raise MicrosegError(
+            f"dataset check found {report['errors']} error(s) in {report['data']} (first: {first['message']}); {hint}"
+        )
 
 
 def _spread(values: dict[str, int]) -> str:
@@ -230,18 +248,21 @@ def format_split(split: str, s: dict, protocol: str) -> str:
     if not s["patients"]:
         return f"== {split}: not checked ==\n" + "\n".join(f"  {p['level']}: {p['message']}" for p in s["problems"])
     per = s["slices"]["per_patient"]
-    lines = [f"== {split}: {s['patients']} patients, {s['slices']['total']} slices "
-             f"(per patient {_spread(per)}) ==",
-             _geometry_line("image size", s["size"], " px (H x W)"),
-             _geometry_line("spacing", s["spacing_mm"], " mm (z x y x x)"),
-             f"{'intensity':<12} {s['intensity']['min']}..{s['intensity']['max']}",
-             f"{'foreground':<12} expert slices per patient: {_spread(s['foreground_slices'])}",
-             "             " + " ".join(f"{c}:{n}" for c, n in s["foreground_slices"].items())]
+    lines = [
+        f"== {split}: {s['patients']} patients, {s['slices']['total']} slices (per patient {_spread(per)}) ==",
+        _geometry_line("image size", s["size"], " px (H x W)"),
+        _geometry_line("spacing", s["spacing_mm"], " mm (z x y x x)"),
+        f"{'intensity':<12} {s['intensity']['min']}..{s['intensity']['max']}",
+        f"{'foreground':<12} expert slices per patient: {_spread(s['foreground_slices'])}",
+        "             " + " ".join(f"{c}:{n}" for c, n in s["foreground_slices"].items()),
+    ]
     if s["raters"]:
         lines.append(f"raters against the expert (protocol {protocol}, mean +- std over patients):")
     for name, r in s["raters"].items():
-        lines.append(f"  {name:<16} DSC {r['dsc']['mean']:.4f} +- {r['dsc']['std']:.4f}   "
-                     f"HD95 {r['hd95_mm']['mean']:.3f} +- {r['hd95_mm']['std']:.3f} mm   ({r['dsc']['n']} patients)")
+        lines.append(
+            f"  {name:<16} DSC {r['dsc']['mean']:.4f} +- {r['dsc']['std']:.4f}   "
+            f"HD95 {r['hd95_mm']['mean']:.3f} +- {r['hd95_mm']['std']:.3f} mm   ({r['dsc']['n']} patients)"
+        )
     lines.append(f"problems: {len(s['problems'])}" if s["problems"] else "problems: none")
     lines += [f"  {p['level']}: " + (f"case {p['case']}: " if p["case"] else "") + p["message"] for p in s["problems"]]
     return "\n".join(lines)
@@ -267,8 +288,15 @@ def _reusable(path: Path, fingerprint: str) -> dict | None:
     return report if isinstance(report, dict) and report.get("fingerprint") == fingerprint else None
 
 
-def checked_train_cases(root: Path, cache: Path, fingerprint: str, train: list[Case], test: list[Case],
-                        convert: Callable[[Case, Volume, list[Volume]], T], jobs: int | None = 1) -> Iterator[T]:
+def checked_train_cases(
+    root: Path,
+    cache: Path,
+    fingerprint: str,
+    train: list[Case],
+    test: list[Case],
+    convert: Callable[[Case, Volume, list[Volume]], T],
+    jobs: int | None = 1,
+) -> Iterator[T]:
     """prepare's reader: ``convert(case, image, [expert, non-expert])`` of each training case, in
     order, the volumes checked on the way; `jobs` cases at once, one per process (`microseg.jobs`),
     each holding one case's volumes (`convert` must be picklable: a module-level function or a

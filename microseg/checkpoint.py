@@ -67,8 +67,9 @@ class Checkpoint:
         preprocess = state.get("preprocess")
         if preprocess is not None:
             _require_types(preprocess, Preprocess, "preprocess")
-        values["preprocess"] = (Preprocess.from_dict(preprocess) if preprocess is not None
-                                else _first_release_preprocess(state))
+        values["preprocess"] = (
+            Preprocess.from_dict(preprocess) if preprocess is not None else _first_release_preprocess(state)
+        )
         return cls(**values)
 
     def build_model(self, device: torch.device | str = "cpu") -> torch.nn.Module:
@@ -176,8 +177,11 @@ def load_run_model(run: str | Path, device: str = "auto", resize: str | None = N
     configure_speed(device_, deterministic=False)
     path = RunFolder(run).checkpoint_path()
     checkpoint = load_checkpoint(path)
-    preprocess = checkpoint.preprocess if resize is None else dataclasses.replace(checkpoint.preprocess,
-                                                                                  prediction_resize=resize)
+    preprocess = (
+        checkpoint.preprocess
+        if resize is None
+        else dataclasses.replace(checkpoint.preprocess, prediction_resize=resize)
+    )
     return RunModel(checkpoint.build_model(device_), preprocess, checkpoint, path)
 
 
@@ -201,9 +205,11 @@ def resumed_config(run: str, yaml_path: str | None, options: dict[str, Any]) -> 
     truth = _trained_config(folder)
     for key, value in truth.to_dict().items():
         if key not in RESUME_MAY_CHANGE and getattr(saved, key) != value:
-            raise MicrosegError(f"{folder.config} says {key}: {getattr(saved, key)}, but {folder.last} was trained "
-                                f"with {key}: {value}; a resumed run keeps its config (restore {folder.config.name} "
-                                "or start a new run)")
+            raise MicrosegError(
+                f"{folder.config} says {key}: {getattr(saved, key)}, but {folder.last} was trained "
+                f"with {key}: {value}; a resumed run keeps its config (restore {folder.config.name} "
+                "or start a new run)"
+            )
     from_file = read_config_file(yaml_path) if yaml_path else {}
     explicit = {k: v for k, v in options.items() if v is not None}
     asked = {**from_file, **explicit}
@@ -211,8 +217,10 @@ def resumed_config(run: str, yaml_path: str | None, options: dict[str, Any]) -> 
     for key in sorted(set(asked) - set(RESUME_MAY_CHANGE)):
         if given[key] != getattr(truth, key):
             where = f"`{key}` {given[key]}" if key in explicit else f"{key}: {given[key]} in {yaml_path}"
-            raise OptionError(f"{where} differs from the run's config ({key}: {getattr(truth, key)}, the config "
-                              f"{folder.last} was trained with); a resumed run keeps its config")
+            raise OptionError(
+                f"{where} differs from the run's config ({key}: {getattr(truth, key)}, the config "
+                f"{folder.last} was trained with); a resumed run keeps its config"
+            )
     return dataclasses.replace(truth, **{k: given[k] for k in RESUME_MAY_CHANGE if k in asked})
 
 
@@ -224,7 +232,9 @@ def _trained_config(folder: RunFolder) -> TrainConfig:
     missing = [name for name in RESUME_NEEDS if getattr(checkpoint, name) is None]
     missing += [] if checkpoint.train_config else ["train_config"]
     if missing:
-        raise MicrosegError(f"cannot resume from {folder.last}: it has no {', '.join(missing)} record (a "
-                            "weights-only or damaged checkpoint); start a new run, e.g. with --weights "
-                            f"{folder.last}")
+        raise MicrosegError(
+            f"cannot resume from {folder.last}: it has no {', '.join(missing)} record (a "
+            "weights-only or damaged checkpoint); start a new run, e.g. with --weights "
+            f"{folder.last}"
+        )
     return config_from_dict(checkpoint.train_config, f"{folder.last} (its train_config record)")

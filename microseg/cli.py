@@ -38,8 +38,12 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="microseg", description=__doc__.splitlines()[0], epilog=EXAMPLES,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(
+        prog="microseg",
+        description=__doc__.splitlines()[0],
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"microseg {__version__}")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     for add in VERBS:
@@ -53,8 +57,14 @@ def _add_simulate(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--train", type=int, default=10, metavar="N", help="training patients (default 10, at least 1)")
     p.add_argument("--test", type=int, default=4, metavar="M", help="test patients (default 4; 0 for none)")
     p.add_argument("--slices", type=int, default=24, metavar="S", help="slices per sweep (default 24, at least 3)")
-    p.add_argument("--size", type=int, nargs=2, default=[962, 1372], metavar=("H", "W"),
-                   help="slice size in pixels, at least 32 32 (default 962 1372, the real size; the demo uses 240 343)")
+    p.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        default=[962, 1372],
+        metavar=("H", "W"),
+        help="slice size in pixels, at least 32 32 (default 962 1372, the real size; the demo uses 240 343)",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--preview", action="store_true", help="also write preview.png: slices with both contours")
     _add_jobs_option(p)
@@ -78,9 +88,12 @@ def _add_prepare(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("prepare", help="build the HDF5 slice cache of a dataset folder")
     p.add_argument("--data", required=True, help="dataset folder holding train/ (and test/)")
     p.add_argument("--out", required=True, help="cache file to write, e.g. cache.h5")
-    p.add_argument("--size", type=int, default=224,
-                   help=f"slice size in the cache, a multiple of {SIZE_MULTIPLE} "
-                        "(the models' patch stride; default 224)")
+    p.add_argument(
+        "--size",
+        type=int,
+        default=224,
+        help=f"slice size in the cache, a multiple of {SIZE_MULTIPLE} (the models' patch stride; default 224)",
+    )
     _add_jobs_option(p)
 
     def run(args: argparse.Namespace) -> int:
@@ -93,15 +106,18 @@ def _add_prepare(verbs: argparse._SubParsersAction) -> None:
 
 
 def _add_train(verbs: argparse._SubParsersAction) -> None:
-    p = verbs.add_parser("train", help="train a model on a slice cache (--recipe: a paper's settings)",
-                         description="Train a model on a slice cache. Defaults are the `default` recipe "
-                                     "(MicroSegNet's optimisation, the adaptive focal loss, augmentation); --recipe "
-                                     "microsegnet or adaptive-focal sets a paper's settings (the --config file and "
-                                     "the options win over it). Without a paper recipe, the default model "
-                                     "R50-ViT-B_16 trains from scratch unless --weights R50-ViT-B_16 gives it the "
-                                     "paper's ImageNet-21k encoder (fetch it once with "
-                                     "`microseg download weights R50-ViT-B_16`). --cache and --run are required, "
-                                     "on the command line or in the --config file.")
+    p = verbs.add_parser(
+        "train",
+        help="train a model on a slice cache (--recipe: a paper's settings)",
+        description="Train a model on a slice cache. Defaults are the `default` recipe "
+        "(MicroSegNet's optimisation, the adaptive focal loss, augmentation); --recipe "
+        "microsegnet or adaptive-focal sets a paper's settings (the --config file and "
+        "the options win over it). Without a paper recipe, the default model "
+        "R50-ViT-B_16 trains from scratch unless --weights R50-ViT-B_16 gives it the "
+        "paper's ImageNet-21k encoder (fetch it once with "
+        "`microseg download weights R50-ViT-B_16`). --cache and --run are required, "
+        "on the command line or in the --config file.",
+    )
     p.add_argument("--config", help="YAML file holding any of the options below (the command line wins)")
     _add_config_options(p)
     p.add_argument("--resume", action="store_true", help="continue the run from its last.pt")
@@ -151,13 +167,21 @@ def _add_config_options(p: argparse.ArgumentParser | argparse._ArgumentGroup, sk
 
 
 def _add_jobs_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--jobs", type=int, default=None, metavar="N",
-                   help="patients processed at once, one per process (default: the number of cores; 1: in this process)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="patients processed at once, one per process (default: the number of cores; 1: in this process)",
+    )
 
 
 def _add_inference_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--resize", help="how probabilities return to native size: bilinear or nearest (the reference's) "
-                   "(default: the run's, bilinear)")
+    p.add_argument(
+        "--resize",
+        help="how probabilities return to native size: bilinear or nearest (the reference's) "
+        "(default: the run's, bilinear)",
+    )
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
 
 
@@ -171,22 +195,35 @@ def _run_or_ensemble(args: argparse.Namespace):
 def _add_evaluate(verbs: argparse._SubParsersAction) -> None:
     from microseg.metrics import PROTOCOLS
 
-    p = verbs.add_parser("evaluate", help="predict a split volume by volume and score each patient (DSC, HD95 mm)",
-                         description="Predict every volume of a split with the run's best.pt (the best validation "
-                                     "DSC; last.pt when training had no validation) and score each patient. "
-                                     "Overwrites the run's metrics/ and predictions/ (predictions/ is replaced "
-                                     "whole), and prints the checkpoint used and the mean DSC and HD95. Holds "
-                                     "the run's lock: refused, naming the pid, while `train` writes the run.")
+    p = verbs.add_parser(
+        "evaluate",
+        help="predict a split volume by volume and score each patient (DSC, HD95 mm)",
+        description="Predict every volume of a split with the run's best.pt (the best validation "
+        "DSC; last.pt when training had no validation) and score each patient. "
+        "Overwrites the run's metrics/ and predictions/ (predictions/ is replaced "
+        "whole), and prints the checkpoint used and the mean DSC and HD95. Holds "
+        "the run's lock: refused, naming the pid, while `train` writes the run.",
+    )
     p.add_argument("--run", help="trained run folder (uses its best.pt, else last.pt)")
-    p.add_argument("--ensemble", nargs="+", metavar="RUN",
-                   help="instead of --run: several runs (folds, seeds) whose probability maps are averaged before "
-                        "the 0.5 threshold; written into --out like a run's metrics/ and predictions/")
+    p.add_argument(
+        "--ensemble",
+        nargs="+",
+        metavar="RUN",
+        help="instead of --run: several runs (folds, seeds) whose probability maps are averaged before "
+        "the 0.5 threshold; written into --out like a run's metrics/ and predictions/",
+    )
     p.add_argument("--out", help="with --ensemble: the folder its metrics/ and predictions/ go to")
     p.add_argument("--data", required=True, help="dataset folder holding the split")
     p.add_argument("--split", default="test", help="split to evaluate: train or test (default test)")
-    p.add_argument("--protocol", default=PROTOCOLS[0], help=f"scoring protocol: {', '.join(PROTOCOLS)} (default %(default)s)")
-    p.add_argument("--no-source-check", dest="source_check", action="store_false",
-                   help="evaluate even if the run's training cache's source files changed since it was prepared")
+    p.add_argument(
+        "--protocol", default=PROTOCOLS[0], help=f"scoring protocol: {', '.join(PROTOCOLS)} (default %(default)s)"
+    )
+    p.add_argument(
+        "--no-source-check",
+        dest="source_check",
+        action="store_false",
+        help="evaluate even if the run's training cache's source files changed since it was prepared",
+    )
     _add_inference_options(p)
     _add_jobs_option(p)
 
@@ -200,9 +237,17 @@ def _add_evaluate(verbs: argparse._SubParsersAction) -> None:
             raise MicrosegError("--out is for --ensemble; a run's evaluation goes into the run (--run)")
         if args.ensemble and (Path(args.out) / "config.yaml").exists():
             raise MicrosegError(f"--out {args.out} is a trained run: give the ensemble's evaluation its own folder")
-        path = evaluate(args.out or target, args.data, args.split, args.protocol, args.resize, args.device,
-                        ensemble=args.ensemble, jobs=args.jobs,
-                        source_check=args.source_check)
+        path = evaluate(
+            args.out or target,
+            args.data,
+            args.split,
+            args.protocol,
+            args.resize,
+            args.device,
+            ensemble=args.ensemble,
+            jobs=args.jobs,
+            source_check=args.source_check,
+        )
         print(f"per-patient scores: {path}")
         return 0
 
@@ -212,12 +257,19 @@ def _add_evaluate(verbs: argparse._SubParsersAction) -> None:
 def _add_predict(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("predict", help="segment a volume or a folder of volumes with a trained run")
     p.add_argument("--run", help="trained run folder")
-    p.add_argument("--ensemble", nargs="+", metavar="RUN",
-                   help="instead of --run: several runs whose probability maps are averaged before the threshold")
+    p.add_argument(
+        "--ensemble",
+        nargs="+",
+        metavar="RUN",
+        help="instead of --run: several runs whose probability maps are averaged before the threshold",
+    )
     p.add_argument("--input", required=True, help="a .nii/.nii.gz volume or a folder of them")
-    p.add_argument("--out", required=True,
-                   help="output mask file ending in .nii or .nii.gz (for one volume), or folder (for a folder: "
-                        "its masks keep the input names and appear only once every volume is predicted)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output mask file ending in .nii or .nii.gz (for one volume), or folder (for a folder: "
+        "its masks keep the input names and appear only once every volume is predicted)",
+    )
     _add_inference_options(p)
 
     def run(args: argparse.Namespace) -> int:
@@ -231,21 +283,30 @@ def _add_predict(verbs: argparse._SubParsersAction) -> None:
 
 
 def _add_compare(verbs: argparse._SubParsersAction) -> None:
-    p = verbs.add_parser("compare", help="compare runs, or the losses of an experiment: curves, tables, tests",
-                         description="Compare runs: what was compared, a results paragraph (paired differences, "
-                                     "bootstrap CIs, Wilcoxon tests Holm-adjusted over every pair and metric), loss "
-                                     "curves, per-epoch and per-patient tables, raters, hard region, strata. "
-                                     "Evaluated runs must share the split and protocol of their `microseg evaluate` "
-                                     "(patients are paired by case). Given an experiment folder (one holding "
-                                     "experiment.json; several when they split the patients alike), compare its "
-                                     "losses over their seeds and folds: curves with bands, per-loss means with the "
-                                     "seed sd, ranks and their bootstrap stability, a significance map, the "
-                                     "variance share of the loss.")
-    p.add_argument("runs", nargs="+", metavar="RUN_OR_EXPERIMENT",
-                   help="run folders (evaluated ones on the same split and protocol), or experiment folders")
+    p = verbs.add_parser(
+        "compare",
+        help="compare runs, or the losses of an experiment: curves, tables, tests",
+        description="Compare runs: what was compared, a results paragraph (paired differences, "
+        "bootstrap CIs, Wilcoxon tests Holm-adjusted over every pair and metric), loss "
+        "curves, per-epoch and per-patient tables, raters, hard region, strata. "
+        "Evaluated runs must share the split and protocol of their `microseg evaluate` "
+        "(patients are paired by case). Given an experiment folder (one holding "
+        "experiment.json; several when they split the patients alike), compare its "
+        "losses over their seeds and folds: curves with bands, per-loss means with the "
+        "seed sd, ranks and their bootstrap stability, a significance map, the "
+        "variance share of the loss.",
+    )
+    p.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUN_OR_EXPERIMENT",
+        help="run folders (evaluated ones on the same split and protocol), or experiment folders",
+    )
     p.add_argument("--out", required=True, help="report folder to write")
     p.add_argument("--overlays", action="store_true", help="also draw contour overlays of image, expert and each run")
-    p.add_argument("--cases", help="overlay these cases (and slices): e.g. 01,03:12,03:40 (default: where runs differ most)")
+    p.add_argument(
+        "--cases", help="overlay these cases (and slices): e.g. 01,03:12,03:40 (default: where runs differ most)"
+    )
 
     def run(args: argparse.Namespace) -> int:
         from microseg.experiment_report import compare_experiments, is_experiment
@@ -255,11 +316,15 @@ def _add_compare(verbs: argparse._SubParsersAction) -> None:
         if experiments:
             if len(experiments) < len(args.runs):
                 other = next(path for path in args.runs if not is_experiment(path))
-                raise MicrosegError(f"{other} is not an experiment folder (no experiment.json) but {experiments[0]} "
-                                    "is: compare run folders or experiment folders, not both")
+                raise MicrosegError(
+                    f"{other} is not an experiment folder (no experiment.json) but {experiments[0]} "
+                    "is: compare run folders or experiment folders, not both"
+                )
             if args.overlays or args.cases:
-                raise MicrosegError("--overlays and --cases draw run folders: compare an experiment's cells "
-                                    "(its runs/ folders) for overlays")
+                raise MicrosegError(
+                    "--overlays and --cases draw run folders: compare an experiment's cells "
+                    "(its runs/ folders) for overlays"
+                )
             print(f"report: {compare_experiments(args.runs, args.out)}")
             return 0
         print(f"report: {compare(args.runs, args.out, args.overlays or bool(args.cases), args.cases)}")
@@ -273,8 +338,9 @@ def _add_demo(verbs: argparse._SubParsersAction) -> None:
 
     p = verbs.add_parser("demo", help="simulate, prepare, train three losses, evaluate and compare, on a CPU")
     p.add_argument("--out", default="demo", help="folder for everything the demo writes (default ./demo)")
-    p.add_argument("--epochs", type=int, default=None,
-                   help=f"epochs per run (default {DEMO_TRAIN['epochs']}, at least 1)")
+    p.add_argument(
+        "--epochs", type=int, default=None, help=f"epochs per run (default {DEMO_TRAIN['epochs']}, at least 1)"
+    )
 
     def run(args: argparse.Namespace) -> int:
         from microseg.demo import run_demo
@@ -297,8 +363,12 @@ def _add_download(verbs: argparse._SubParsersAction) -> None:
     weights = what.add_parser("weights", help="pretrained encoder weights by name, verified, into weights/")
     weights.add_argument("name", help="R50-ViT-B_16 (ImageNet-21k)")
     weights.add_argument("--out", help="weights folder (default $MICROSEG_WEIGHTS or weights/)")
-    weights.add_argument("--source", default="hub", choices=("hub", "npz"),
-                         help="hub: timm's vit_base_r50_s16_224.orig_in21k (default); npz: Google's R50+ViT-B_16.npz")
+    weights.add_argument(
+        "--source",
+        default="hub",
+        choices=("hub", "npz"),
+        help="hub: timm's vit_base_r50_s16_224.orig_in21k (default); npz: Google's R50+ViT-B_16.npz",
+    )
 
     def run_dataset(args: argparse.Namespace) -> int:
         from microseg.download import download_dataset
@@ -322,7 +392,9 @@ def _add_check(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("check", help="dataset check: sizes, spacings, intensities, raters' DSC/HD95, problems")
     p.add_argument("--data", required=True, help="dataset folder holding train/ and/or test/")
     p.add_argument("--json", help="report file to write (default <data>.check.json beside the folder)")
-    p.add_argument("--protocol", default="microsegnet", choices=PROTOCOLS, help="rater scoring protocol (default microsegnet)")
+    p.add_argument(
+        "--protocol", default="microsegnet", choices=PROTOCOLS, help="rater scoring protocol (default microsegnet)"
+    )
     _add_jobs_option(p)
 
     def run(args: argparse.Namespace) -> int:
@@ -344,37 +416,58 @@ def _add_experiment(verbs: argparse._SubParsersAction) -> None:
     p = verbs.add_parser("experiment", help="losses x seeds x folds as one resumable plan, locally or on SLURM")
     what = p.add_subparsers(dest="what", metavar="WHAT", required=True)
     run = what.add_parser(
-        "run", help="run (or continue) an experiment's plan",
+        "run",
+        help="run (or continue) an experiment's plan",
         description="Run a plan: every (loss, seed, fold) cell is an ordinary run folder under OUT/runs/. The plan "
-                    "file (YAML: losses, seeds, folds, cache, data, protocol, base: {train option: value}) and the "
-                    "options below make the plan (an option wins over the file); a train option is a base option "
-                    "of every cell. OUT/experiment.json and OUT/splits.json are written first. Run again, the same "
-                    "plan skips finished cells, resumes interrupted ones from last.pt and retries failed ones; a "
-                    "different plan is refused naming the field (--add adds seeds or losses).")
+        "file (YAML: losses, seeds, folds, cache, data, protocol, base: {train option: value}) and the "
+        "options below make the plan (an option wins over the file); a train option is a base option "
+        "of every cell. OUT/experiment.json and OUT/splits.json are written first. Run again, the same "
+        "plan skips finished cells, resumes interrupted ones from last.pt and retries failed ones; a "
+        "different plan is refused naming the field (--add adds seeds or losses).",
+    )
     run.add_argument("plan", nargs="?", help="plan file (YAML); optional when OUT already holds the experiment")
     run.add_argument("--out", required=True, help="experiment folder (new or empty, or the experiment to continue)")
     plan = run.add_argument_group("plan fields (override the plan file's)")
     plan.add_argument("--losses", nargs="+", metavar="SPEC", help="loss specs, one cell row each")
     plan.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="training seeds (default 1234)")
-    plan.add_argument("--folds", type=int, metavar="K",
-                      help="k-fold cross-validation of the training patients, K >= 2 (default 0: the fixed "
-                           "train/test split)")
+    plan.add_argument(
+        "--folds",
+        type=int,
+        metavar="K",
+        help="k-fold cross-validation of the training patients, K >= 2 (default 0: the fixed train/test split)",
+    )
     plan.add_argument("--cache", help="slice cache from `microseg prepare`")
     plan.add_argument("--data", help="dataset folder (its test split, and the held-out patients with folds)")
     plan.add_argument("--protocol", help="evaluation protocol (default microsegnet)")
     run.add_argument("--add", action="store_true", help="add the given --losses / --seeds to the experiment")
-    run.add_argument("--executor", default="local", help="local (default: worker processes here) or slurm "
-                                                         "(submit a job array and return)")
-    run.add_argument("--jobs", type=int, default=1, metavar="N",
-                     help="local workers (default 1): one GPU each when there are GPUs, else the CPU cores divided")
-    run.add_argument("--device", default="auto", help="where the cells train and evaluate: auto (default), cpu, "
-                                                      "cuda (not part of the plan)")
+    run.add_argument(
+        "--executor",
+        default="local",
+        help="local (default: worker processes here) or slurm (submit a job array and return)",
+    )
+    run.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="local workers (default 1): one GPU each when there are GPUs, else the CPU cores divided",
+    )
+    run.add_argument(
+        "--device",
+        default="auto",
+        help="where the cells train and evaluate: auto (default), cpu, cuda (not part of the plan)",
+    )
     slurm = run.add_argument_group("SLURM (--executor slurm)")
     slurm.add_argument("--partition", help="sbatch --partition")
     slurm.add_argument("--time", help="sbatch --time per cell, e.g. 4:00:00")
     slurm.add_argument("--gpus", type=int, metavar="N", help="GPUs per cell (sbatch --gpus-per-task)")
-    slurm.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
-                       help="any other sbatch option, passed through (repeatable), e.g. --sbatch=--mem=32G")
+    slurm.add_argument(
+        "--sbatch",
+        action="append",
+        default=[],
+        metavar="OPTION",
+        help="any other sbatch option, passed through (repeatable), e.g. --sbatch=--mem=32G",
+    )
     base = run.add_argument_group("base train options (every cell; see `microseg train --help`)")
     _add_config_options(base, skip=SET_BY_EXPERIMENT)
 
@@ -388,8 +481,11 @@ def _add_experiment(verbs: argparse._SubParsersAction) -> None:
         for name in ("losses", "seeds", "folds", "cache", "data", "protocol"):
             if given[name] is not None:
                 values[name] = given[name]
-        options = {f: given[f] for f in TrainConfig.__dataclass_fields__
-                   if f not in SET_BY_EXPERIMENT and given.get(f) is not None}
+        options = {
+            f: given[f]
+            for f in TrainConfig.__dataclass_fields__
+            if f not in SET_BY_EXPERIMENT and given.get(f) is not None
+        }
         if options:
             values["base"] = {**values.get("base", {}), **options}
         slurm_options = {"partition": args.partition, "time": args.time, "gpus": args.gpus, "extra": args.sbatch}
@@ -426,8 +522,18 @@ def _add_experiment(verbs: argparse._SubParsersAction) -> None:
 
 
 # Each entry adds one verb: add(subparsers) registers a parser whose `func` runs it.
-VERBS: list = [_add_simulate, _add_prepare, _add_train, _add_evaluate, _add_predict, _add_compare, _add_experiment,
-              _add_demo, _add_download, _add_check]
+VERBS: list = [
+    _add_simulate,
+    _add_prepare,
+    _add_train,
+    _add_evaluate,
+    _add_predict,
+    _add_compare,
+    _add_experiment,
+    _add_demo,
+    _add_download,
+    _add_check,
+]
 
 
 def _os_error_line(err: OSError) -> str:

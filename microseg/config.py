@@ -42,64 +42,104 @@ def option(default: Any = None, help: str = "", **cli: Any) -> Any:
 @dataclass
 class TrainConfig:
     cache: str = option("", "slice cache from `microseg prepare`")
-    source_check: bool = option(True, "refuse a cache whose source files changed since `microseg prepare` "
-                                      "(--no-source-check: use it as it is)")
+    source_check: bool = option(
+        True, "refuse a cache whose source files changed since `microseg prepare` (--no-source-check: use it as it is)"
+    )
     run: str = option("", "run folder to write, e.g. runs/NAME (required, here or as run: in --config)")
-    recipe: str = option(DEFAULT_RECIPE, "named set of defaults (the --config file and the options win over it): "
-                                         + "; ".join(f"{r.name} ({r.reproduces})" for r in RECIPES.values()))
+    recipe: str = option(
+        DEFAULT_RECIPE,
+        "named set of defaults (the --config file and the options win over it): "
+        + "; ".join(f"{r.name} ({r.reproduces})" for r in RECIPES.values()),
+    )
     loss: str = option("adaptive_focal", "loss spec, e.g. adaptive_focal, ag_bce:w=4, 0.5*dice+focal")
-    model: str = option("R50-ViT-B_16", "named model config: R50-ViT-B_16 (the paper's; without --weights it "
-                                        "trains from scratch, not from the paper's ImageNet-21k encoder), "
-                                        "R50-ViT-B_16-port, R50-ViT-L_16, small, tiny: see the README")
-    weights: str | None = option(None, "pretrained weights file (Google .npz, timm/safetensors state dict, "
-                                       "microseg checkpoint) or a name found in weights/: R50-ViT-B_16 "
-                                       "(fetch it with `microseg download weights R50-ViT-B_16`)")
+    model: str = option(
+        "R50-ViT-B_16",
+        "named model config: R50-ViT-B_16 (the paper's; without --weights it "
+        "trains from scratch, not from the paper's ImageNet-21k encoder), "
+        "R50-ViT-B_16-port, R50-ViT-L_16, small, tiny: see the README",
+    )
+    weights: str | None = option(
+        None,
+        "pretrained weights file (Google .npz, timm/safetensors state dict, "
+        "microseg checkpoint) or a name found in weights/: R50-ViT-B_16 "
+        "(fetch it with `microseg download weights R50-ViT-B_16`)",
+    )
     epochs: int = option(10, "epochs, at least 1")
-    batch_size: int = option(8, "global batch size, at least 1: under torchrun the processes split it (at least "
-                                "one slice each)")
+    batch_size: int = option(
+        8, "global batch size, at least 1: under torchrun the processes split it (at least one slice each)"
+    )
     lr: float = option(0.01, "base learning rate, > 0, poly decay")
     optimizer: str = option("sgd", "sgd or adam")
     momentum: float = option(0.9, "SGD momentum, in [0, 1)")
     weight_decay: float = option(1e-4, "weight decay, >= 0")
     poly_power: float = option(0.9, "poly decay power, >= 0: lr (1 - iteration / max_iter) ^ power")
     val_fraction: float = option(0.0, "fraction of training patients held out for validation, in [0, 1)")
-    patients: list[str] = option([], "train on these patients of the cache only, by id (default: all of them)",
-                                 metavar="ID", type=str)
-    val_patients: list[str] = option([], "validate on these patients of the cache, by id, never trained on "
-                                         "(instead of --val-fraction; a cross-validation fold's held-out ones)",
-                                     metavar="ID", type=str)
+    patients: list[str] = option(
+        [], "train on these patients of the cache only, by id (default: all of them)", metavar="ID", type=str
+    )
+    val_patients: list[str] = option(
+        [],
+        "validate on these patients of the cache, by id, never trained on "
+        "(instead of --val-fraction; a cross-validation fold's held-out ones)",
+        metavar="ID",
+        type=str,
+    )
     seed: int = option(1234, "random seed, 0 to 2^32 - 1")
-    ds_kernel_sizes: list[int] = option(list(REFERENCE_KERNEL_SIZES),
-                                        "hard-region dilation kernel per output, coarsest first (one: no deep supervision)")
-    ds_weights: list[float] = option([1.0] * len(REFERENCE_KERNEL_SIZES),
-                                     "loss weight per output, coarsest first, each >= 0, not all 0")
-    augment: bool = option(True, "augment the training slices: flips, rotations, scaling, brightness/contrast "
-                                 "(--no-augment: none, as MicroSegNet)")
-    prediction_resize: str = option("bilinear", "how evaluation brings probabilities back to native size: "
-                                                "bilinear, or nearest (MicroSegNet's test script)")
-    amp: str | None = option("auto", "mixed precision: auto (bf16 on a GPU that has it natively, fp16 on an older GPU, "
-                                     "none on the CPU), bf16 (a bare --amp), "
-                                     "fp16 (CUDA, with a grad scaler) or none (fp32)", nargs="?", const="bf16")
+    ds_kernel_sizes: list[int] = option(
+        list(REFERENCE_KERNEL_SIZES),
+        "hard-region dilation kernel per output, coarsest first (one: no deep supervision)",
+    )
+    ds_weights: list[float] = option(
+        [1.0] * len(REFERENCE_KERNEL_SIZES), "loss weight per output, coarsest first, each >= 0, not all 0"
+    )
+    augment: bool = option(
+        True,
+        "augment the training slices: flips, rotations, scaling, brightness/contrast "
+        "(--no-augment: none, as MicroSegNet)",
+    )
+    prediction_resize: str = option(
+        "bilinear",
+        "how evaluation brings probabilities back to native size: bilinear, or nearest (MicroSegNet's test script)",
+    )
+    amp: str | None = option(
+        "auto",
+        "mixed precision: auto (bf16 on a GPU that has it natively, fp16 on an older GPU, "
+        "none on the CPU), bf16 (a bare --amp), "
+        "fp16 (CUDA, with a grad scaler) or none (fp32)",
+        nargs="?",
+        const="bf16",
+    )
     channels_last: bool = option(False, "channels_last memory format")
     compile: bool = option(False, "torch.compile the model and its loss together (one graph)")
-    sync_bn: bool = option(False, "synchronise BatchNorm statistics across torchrun's processes (CUDA; for small "
-                                  "per-GPU batches)")
+    sync_bn: bool = option(
+        False, "synchronise BatchNorm statistics across torchrun's processes (CUDA; for small per-GPU batches)"
+    )
     deterministic: bool = option(False, "deterministic kernels where torch has them; cudnn.benchmark and TF32 off")
     device: str = option("auto", "auto, cpu, cuda, cuda:N")
     num_workers: int = option(2, "DataLoader workers, >= 0 (0: load in the main process); they persist across epochs")
-    sync_every: int = option(50, "read the losses back from the device every N steps (and at each epoch's end): "
-                                 "the NaN/Inf check, progress bar and TensorBoard running loss, >= 1")
-    tensorboard: str | None = option(None, "write TensorBoard logs to DIR (a bare --tensorboard: RUN/tensorboard; "
-                                           "needs pip install -e '.[tensorboard]')", nargs="?", const="",
-                                     metavar="DIR")
+    sync_every: int = option(
+        50,
+        "read the losses back from the device every N steps (and at each epoch's end): "
+        "the NaN/Inf check, progress bar and TensorBoard running loss, >= 1",
+    )
+    tensorboard: str | None = option(
+        None,
+        "write TensorBoard logs to DIR (a bare --tensorboard: RUN/tensorboard; needs pip install -e '.[tensorboard]')",
+        nargs="?",
+        const="",
+        metavar="DIR",
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def preprocess(self, size: int) -> Preprocess:
         """The preprocessing of a run trained on a `size` px cache with this config."""
-        return Preprocess(size=size, kernel_sizes=tuple(int(k) for k in self.ds_kernel_sizes),
-                          prediction_resize=self.prediction_resize)
+        return Preprocess(
+            size=size,
+            kernel_sizes=tuple(int(k) for k in self.ds_kernel_sizes),
+            prediction_resize=self.prediction_resize,
+        )
 
 
 OPTIMIZERS = ("sgd", "adam")
@@ -128,7 +168,9 @@ def resolve_train_config(yaml_path: str | None, overrides: dict[str, Any]) -> Tr
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(values) - known, key=str)
     if unknown:
-        raise MicrosegError(f"unknown config option(s) {', '.join(map(str, unknown))}; valid: {', '.join(sorted(known))}")
+        raise MicrosegError(
+            f"unknown config option(s) {', '.join(map(str, unknown))}; valid: {', '.join(sorted(known))}"
+        )
     config = TrainConfig(**{key: _typed(key, value) for key, value in values.items()})
     _validate(config)
     return config
@@ -157,8 +199,10 @@ def config_from_dict(values: dict[str, Any], source: str) -> TrainConfig:
     values = _upgrade(values)
     unknown = sorted(set(values) - {f.name for f in fields(TrainConfig)}, key=str)
     if unknown:
-        raise MicrosegError(f"{source} has option(s) this microseg does not know: {', '.join(map(str, unknown))} "
-                            "(written by another version?)")
+        raise MicrosegError(
+            f"{source} has option(s) this microseg does not know: {', '.join(map(str, unknown))} "
+            "(written by another version?)"
+        )
     try:
         return TrainConfig(**{key: _typed(key, value) for key, value in values.items()})
     except MicrosegError as err:
@@ -224,8 +268,7 @@ def _validate(c: TrainConfig) -> None:
     if c.amp not in AMP_DTYPES:
         raise OptionError(f"`amp` {c.amp!r} is not one of auto, bf16, fp16, none")
     if c.prediction_resize not in PREDICTION_RESIZES:
-        raise OptionError(f"`prediction_resize` {c.prediction_resize!r} is not one of "
-                            f"{', '.join(PREDICTION_RESIZES)}")
+        raise OptionError(f"`prediction_resize` {c.prediction_resize!r} is not one of {', '.join(PREDICTION_RESIZES)}")
     if c.model not in CONFIGS:
         raise OptionError(f"`model` {c.model!r} is not a model config; choose one of: {', '.join(CONFIGS)}")
     _validate_deep_supervision(c)
@@ -239,11 +282,15 @@ def _validate(c: TrainConfig) -> None:
 def _validate_deep_supervision(c: TrainConfig) -> None:
     n = len(REFERENCE_KERNEL_SIZES)
     if len(c.ds_kernel_sizes) not in (1, n):
-        raise OptionError(f"`ds_kernel_sizes` needs {n} entries (one per output, coarsest first) "
-                            f"or 1 (the main output alone), got {len(c.ds_kernel_sizes)}")
+        raise OptionError(
+            f"`ds_kernel_sizes` needs {n} entries (one per output, coarsest first) "
+            f"or 1 (the main output alone), got {len(c.ds_kernel_sizes)}"
+        )
     if len(c.ds_kernel_sizes) != len(c.ds_weights):
-        raise OptionError(f"`ds_weights` needs one entry per `ds_kernel_sizes` entry ({len(c.ds_kernel_sizes)}), "
-                            f"got {len(c.ds_weights)}")
+        raise OptionError(
+            f"`ds_weights` needs one entry per `ds_kernel_sizes` entry ({len(c.ds_kernel_sizes)}), "
+            f"got {len(c.ds_weights)}"
+        )
     for k in c.ds_kernel_sizes:
         check_value("ds_kernel_sizes", k, KERNEL)
     for w in c.ds_weights:
@@ -267,17 +314,21 @@ def check_train_inputs(c: TrainConfig, resume: bool) -> list[str]:
     info = read_cache_info(Path(c.cache))
     if info.size % SIZE_MULTIPLE:
         lower = max(SIZE_MULTIPLE, info.size // SIZE_MULTIPLE * SIZE_MULTIPLE)
-        raise OptionError(f"cache {c.cache} holds {info.size} px slices, which no model takes (a multiple of "
-                            f"{SIZE_MULTIPLE} is needed): prepare it again with `size` {lower} or "
-                            f"{lower + SIZE_MULTIPLE}")
+        raise OptionError(
+            f"cache {c.cache} holds {info.size} px slices, which no model takes (a multiple of "
+            f"{SIZE_MULTIPLE} is needed): prepare it again with `size` {lower} or "
+            f"{lower + SIZE_MULTIPLE}"
+        )
     if c.source_check:
         check_sources(c.cache)
     if c.weights and not resume:
         check_weights_file(resolve_weights(c.weights))
     train_idx, _ = split_by_patient(Path(c.cache), c.val_fraction, c.seed, c.patients, c.val_patients)
     if c.batch_size > len(train_idx):
-        return [f"--batch-size {c.batch_size} is larger than the {len(train_idx)} training slices of {c.cache}: "
-                f"every step sees the whole training split"]
+        return [
+            f"--batch-size {c.batch_size} is larger than the {len(train_idx)} training slices of {c.cache}: "
+            f"every step sees the whole training split"
+        ]
     return []
 
 

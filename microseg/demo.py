@@ -27,8 +27,9 @@ DEMO_DATA = dict(n_train=16, n_test=8, n_slices=36, size=(240, 343), seed=0)
 # 6 epochs rather than 18 and 12 (the same steps): the microsegnet protocol averages per slice, and
 # with 18 the few small end slices a 2D model misses swung a patient's score. Measured results:
 # the README's Benchmarks.
-DEMO_TRAIN = dict(model="small", epochs=6, batch_size=4, optimizer="adam", lr=3e-3, val_fraction=0.0,
-                  augment=False, num_workers=0)
+DEMO_TRAIN = dict(
+    model="small", epochs=6, batch_size=4, optimizer="adam", lr=3e-3, val_fraction=0.0, augment=False, num_workers=0
+)
 DEMO_SIZE = 80
 
 
@@ -46,12 +47,20 @@ def run_demo(out: str | Path = "demo", epochs: int | None = None) -> Path:
     plot_case_preview(data)
     cache = prepare_cache(data, out / "cache.h5", size=DEMO_SIZE)
     base = dict(DEMO_TRAIN, **({} if epochs is None else {"epochs": epochs}))
-    plan = {"losses": list(DEMO_LOSSES), "seeds": list(DEMO_SEEDS), "folds": 0, "cache": str(cache),
-            "data": str(data), "base": base}
+    plan = {
+        "losses": list(DEMO_LOSSES),
+        "seeds": list(DEMO_SEEDS),
+        "folds": 0,
+        "cache": str(cache),
+        "data": str(data),
+        "base": base,
+    }
     if (out / "experiment" / "experiment.json").is_file():
         shutil.rmtree(out / "experiment")
-    print(f"\n== experiment: {len(DEMO_LOSSES)} losses x {len(DEMO_SEEDS)} seeds, {DEMO_JOBS} cells at a time ==",
-          flush=True)
+    print(
+        f"\n== experiment: {len(DEMO_LOSSES)} losses x {len(DEMO_SEEDS)} seeds, {DEMO_JOBS} cells at a time ==",
+        flush=True,
+    )
     experiment = run_experiment(str(out / "experiment"), plan, jobs=DEMO_JOBS, device="cpu")
     analysis = analyse([experiment.path])
     report = write_report(analysis, out / "report")

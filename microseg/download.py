@@ -45,7 +45,9 @@ CHUNK_BYTES = 1 << 14  # an interruption loses at most one chunk of what arrived
 MAX_UNPACKED_BYTES = 64 * 2**30
 """The most an archive may unpack to (the published dataset is a few GB)."""
 DATASET_FOLDERS = (IMAGES[0], EXPERT[0], NON_EXPERT[0], *(rater_kind(r)[0] for r in RATERS))
-_OWN_ENTRY = re.compile(rf"(?:{DATASET_FOLDER}/)?(?:train|test)/(?:{'|'.join(DATASET_FOLDERS)})/[^/.][^/]*\.nii(?:\.gz)?")
+_OWN_ENTRY = re.compile(
+    rf"(?:{DATASET_FOLDER}/)?(?:train|test)/(?:{'|'.join(DATASET_FOLDERS)})/[^/.][^/]*\.nii(?:\.gz)?"
+)
 
 
 @dataclass(frozen=True)
@@ -142,9 +144,15 @@ class ResumableDownloader:
             offset = offset if resumed else 0
             length = response.headers.get("Content-Length")
             total = offset + int(length) if length is not None else self.size
-            bar = tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-                       desc=Path(urlsplit(url).path).name[:40],
-                       disable=None if self.progress is None else not self.progress)
+            bar = tqdm(
+                total=total,
+                initial=offset,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=Path(urlsplit(url).path).name[:40],
+                disable=None if self.progress is None else not self.progress,
+            )
             with open(self.partial, "ab" if resumed else "wb") as out, bar:
                 try:
                     for chunk in response.iter_content(CHUNK_BYTES):
@@ -154,8 +162,10 @@ class ResumableDownloader:
                     pass  # judged by the size below
         received = self.partial.stat().st_size
         if total is not None and received < total:
-            raise MicrosegError(f"transfer of {url} interrupted at {received} of {total} bytes; "
-                                f"run the same command again to resume it (kept as {self.partial})")
+            raise MicrosegError(
+                f"transfer of {url} interrupted at {received} of {total} bytes; "
+                f"run the same command again to resume it (kept as {self.partial})"
+            )
         os.replace(self.partial, output_file)
 
 
@@ -173,12 +183,15 @@ def fetch_file(file: RecordFile, folder: Path, progress: bool | None = None) -> 
     downloader = ResumableDownloader(partial_path(target), file.size, progress)
     pooch.get_logger().setLevel(logging.WARNING)  # its INFO lines repeat ours
     try:
-        return Path(pooch.retrieve(file.url, known_hash=f"md5:{file.md5}", fname=file.name, path=folder,
-                                   downloader=downloader))
+        return Path(
+            pooch.retrieve(file.url, known_hash=f"md5:{file.md5}", fname=file.name, path=folder, downloader=downloader)
+        )
     except ValueError as err:  # pooch's hash mismatch; it has deleted the download
         got = re.search(r"but got (\w+)", str(err))
-        raise MicrosegError(f"{file.name}: md5 {got.group(1) if got else '?'} does not match the record's "
-                            f"{file.md5}; the download was discarded") from None
+        raise MicrosegError(
+            f"{file.name}: md5 {got.group(1) if got else '?'} does not match the record's "
+            f"{file.md5}; the download was discarded"
+        ) from None
 
 
 def dataset_entries(archive: Path) -> list[Any]:
@@ -199,8 +212,9 @@ def dataset_entries(archive: Path) -> list[Any]:
         if name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", name):
             raise MicrosegError(f"{archive}: entry {name!r} has an absolute path; the archive is not unpacked")
         if ".." in parts:
-            raise MicrosegError(f"{archive}: entry {name!r} points outside the folder ('..'); the archive is not "
-                                "unpacked")
+            raise MicrosegError(
+                f"{archive}: entry {name!r} points outside the folder ('..'); the archive is not unpacked"
+            )
         if stat.S_ISLNK(info.external_attr >> 16):
             raise MicrosegError(f"{archive}: entry {name!r} is a symbolic link; the archive is not unpacked")
         if not info.is_dir() and _OWN_ENTRY.fullmatch(name):
@@ -221,8 +235,10 @@ def _extract(archive: Path, entries: list[Any], staging: Path) -> None:
                 while block := source.read(1 << 20):
                     written += len(block)
                     if written > info.file_size:
-                        raise MicrosegError(f"{archive}: entry {info.filename!r} unpacks to more than its recorded "
-                                            f"{info.file_size} bytes; the archive is not unpacked")
+                        raise MicrosegError(
+                            f"{archive}: entry {info.filename!r} unpacks to more than its recorded "
+                            f"{info.file_size} bytes; the archive is not unpacked"
+                        )
                     sink.write(block)
 
 
@@ -234,12 +250,16 @@ def unpack_dataset(archives: list[Path], out: Path) -> Path:
     entries = {archive: dataset_entries(archive) for archive in archives}
     total = sum(info.file_size for found in entries.values() for info in found)
     if total > MAX_UNPACKED_BYTES:
-        raise MicrosegError(f"{', '.join(map(str, archives))} would unpack to {total / 2**30:.1f} GiB, more than the "
-                            f"{MAX_UNPACKED_BYTES / 2**30:.0f} GiB any copy of the dataset needs; not unpacked")
+        raise MicrosegError(
+            f"{', '.join(map(str, archives))} would unpack to {total / 2**30:.1f} GiB, more than the "
+            f"{MAX_UNPACKED_BYTES / 2**30:.0f} GiB any copy of the dataset needs; not unpacked"
+        )
     free = shutil.disk_usage(out).free
     if total > free:
-        raise MicrosegError(f"cannot unpack into {out}: the dataset needs {total / 2**20:.1f} MiB and its disk has "
-                            f"{free / 2**20:.1f} MiB free")
+        raise MicrosegError(
+            f"cannot unpack into {out}: the dataset needs {total / 2**20:.1f} MiB and its disk has "
+            f"{free / 2**20:.1f} MiB free"
+        )
     target = out / DATASET_FOLDER
     staging = Path(tempfile.mkdtemp(prefix=f".{DATASET_FOLDER}.", suffix=".tmp", dir=out))
     try:
@@ -272,8 +292,9 @@ def _present(target: Path) -> bool:
     return True
 
 
-def download_dataset(out: str | Path = "data", api: str | None = None, keep_archive: bool = False,
-                     progress: bool | None = None) -> Path:
+def download_dataset(
+    out: str | Path = "data", api: str | None = None, keep_archive: bool = False, progress: bool | None = None
+) -> Path:
     """Fetch, verify and unpack the dataset under ``out``; returns the dataset folder."""
     out = Path(out)
     target = out / DATASET_FOLDER

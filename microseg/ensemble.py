@@ -34,8 +34,9 @@ class Ensemble(torch.nn.Module):
         return SegOutput(torch.logit(p))
 
 
-def load_ensemble(runs: Sequence[str | Path], device: str = "auto",
-                  resize: str | None = None) -> tuple[torch.nn.Module, Preprocess, list[RunModel]]:
+def load_ensemble(
+    runs: Sequence[str | Path], device: str = "auto", resize: str | None = None
+) -> tuple[torch.nn.Module, Preprocess, list[RunModel]]:
     """The runs' networks (best.pt, else last.pt, each) as one Ensemble on `device`, their common
     Preprocess (`resize` replacing the prediction resize), and each member; refuses members trained
     on other grids."""
@@ -49,7 +50,9 @@ def load_ensemble(runs: Sequence[str | Path], device: str = "auto",
         if members and member.preprocess != members[0].preprocess:
             first, this = dataclasses.asdict(members[0].preprocess), dataclasses.asdict(member.preprocess)
             key = next(k for k in first if first[k] != this[k])
-            raise MicrosegError(f"--ensemble: {run} was trained with {key} {this[key]}, {runs[0]} with "
-                                f"{first[key]}: ensemble members must share their preprocessing")
+            raise MicrosegError(
+                f"--ensemble: {run} was trained with {key} {this[key]}, {runs[0]} with "
+                f"{first[key]}: ensemble members must share their preprocessing"
+            )
         members.append(member)
     return Ensemble([m.model for m in members]).eval(), members[0].preprocess, members

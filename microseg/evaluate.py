@@ -87,19 +87,36 @@ def binary(predict: Predictor, slab: np.ndarray) -> np.ndarray:
     return (predict(slab) > 0.5).cpu().numpy()
 
 
-def predict_volume(model: torch.nn.Module, volume: np.ndarray, device: torch.device, preprocess: Preprocess,
-                   batch_size: int = SLAB, amp: str | None = None) -> np.ndarray:
+def predict_volume(
+    model: torch.nn.Module,
+    volume: np.ndarray,
+    device: torch.device,
+    preprocess: Preprocess,
+    batch_size: int = SLAB,
+    amp: str | None = None,
+) -> np.ndarray:
     """Binary prediction [Z,H,W] of a uint8 volume [Z,H,W] (0..intensity_max), `batch_size` slices at a time."""
     predict = slab_predictor(model.to(device), preprocess, amp)
     out = np.empty(volume.shape, dtype=bool)
     for start in range(0, len(volume), batch_size):
-        out[start:start + batch_size] = binary(predict, volume[start:start + batch_size])
+        out[start : start + batch_size] = binary(predict, volume[start : start + batch_size])
     return out
 
 
-def evaluate(run: Path, data: Path, split: str = "test", protocol: str = "microsegnet", resize: str | None = None,
-             device: str = "auto", batch_size: int = SLAB, jobs: int | None = 1, source_check: bool = True,
-             cases: Sequence[str] | None = None, into: str = "metrics", ensemble: Sequence[Path] | None = None) -> Path:
+def evaluate(
+    run: Path,
+    data: Path,
+    split: str = "test",
+    protocol: str = "microsegnet",
+    resize: str | None = None,
+    device: str = "auto",
+    batch_size: int = SLAB,
+    jobs: int | None = 1,
+    source_check: bool = True,
+    cases: Sequence[str] | None = None,
+    into: str = "metrics",
+    ensemble: Sequence[Path] | None = None,
+) -> Path:
     """Predict and score every case of `split` (train or test); returns the per-patient CSV path.
 
     Besides the model, every other annotation found (non-expert, clinician, master and medical
@@ -124,16 +141,25 @@ def evaluate(run: Path, data: Path, split: str = "test", protocol: str = "micros
     jobs = check_jobs(jobs)
     folder = RunFolder(run, into)
     if ensemble:
-        return _evaluate_locked(folder, data, split, protocol, resize, device, batch_size, jobs, False, cases,
-                                ensemble)
+        return _evaluate_locked(folder, data, split, protocol, resize, device, batch_size, jobs, False, cases, ensemble)
     folder.checkpoint_path()  # the run folder and a checkpoint exist before its lock is taken
     with folder.locked():
         return _evaluate_locked(folder, data, split, protocol, resize, device, batch_size, jobs, source_check, cases)
 
 
-def _evaluate_locked(folder: RunFolder, data: Path, split: str, protocol: str, resize: str | None, device: str,
-                     batch_size: int, jobs: int, source_check: bool, cases: Sequence[str] | None = None,
-                     ensemble: Sequence[Path] | None = None) -> Path:
+def _evaluate_locked(
+    folder: RunFolder,
+    data: Path,
+    split: str,
+    protocol: str,
+    resize: str | None,
+    device: str,
+    batch_size: int,
+    jobs: int,
+    source_check: bool,
+    cases: Sequence[str] | None = None,
+    ensemble: Sequence[Path] | None = None,
+) -> Path:
     """`evaluate` while it holds the run's lock: the checkpoint it reads and the metrics it writes
     belong together (no `train` writes the run meanwhile)."""
     from microseg.data.layout import find_cases
@@ -149,8 +175,12 @@ def _evaluate_locked(folder: RunFolder, data: Path, split: str, protocol: str, r
         model, preprocess, checkpoint, checkpoint_file = loaded.model, loaded.preprocess, loaded.checkpoint, loaded.path
         amp = loaded.amp
         used = f"{checkpoint_file.name} ({_describe(checkpoint, checkpoint_file, folder)})"
-        record |= {"checkpoint": checkpoint_file.name, "checkpoint_epoch": checkpoint.epoch,
-                   "checkpoint_step": checkpoint.step, "checkpoint_sha256": file_sha256(checkpoint_file)}
+        record |= {
+            "checkpoint": checkpoint_file.name,
+            "checkpoint_epoch": checkpoint.epoch,
+            "checkpoint_step": checkpoint.step,
+            "checkpoint_sha256": file_sha256(checkpoint_file),
+        }
         cache = Path(str(checkpoint.train_config.get("cache", "")))
         if source_check and cache.is_file():
             from microseg.data.cache import check_sources
@@ -161,8 +191,11 @@ def _evaluate_locked(folder: RunFolder, data: Path, split: str, protocol: str, r
     missing = [c.case_id for c in cases if c.expert is None]
     if missing:
         raise MicrosegError(f"{data}/{split} has no expert mask for case(s) {', '.join(missing)}: cannot score")
-    print(f"evaluate {folder.path} with {used} on {data}/{split}, protocol {protocol}; overwrites "
-          f"{folder.metrics}/ and {folder.predictions}/", flush=True)
+    print(
+        f"evaluate {folder.path} with {used} on {data}/{split}, protocol {protocol}; overwrites "
+        f"{folder.metrics}/ and {folder.predictions}/",
+        flush=True,
+    )
     make_folder(folder.metrics)  # a metrics/ that cannot be written fails before any prediction
     _PREDICTORS[source, device, resize] = slab_predictor(model, preprocess, amp), preprocess
     with atomic_folder(folder.predictions) as predictions:  # replaces predictions/ once the metrics are written
@@ -173,8 +206,14 @@ def _evaluate_locked(folder: RunFolder, data: Path, split: str, protocol: str, r
         patients = [row for row, _, _ in scored]
         slices = [row for _, rows, _ in scored for row in rows]
         _write_metrics(folder, patients, slices, title=f"{folder.path.name}: {split}, protocol {protocol}")
-        record = {"data": str(Path(data).resolve()), "split": split, "protocol": protocol,
-                  "resize": preprocess.prediction_resize, **record, "cases": [c.case_id for c in cases]}
+        record = {
+            "data": str(Path(data).resolve()),
+            "split": split,
+            "protocol": protocol,
+            "resize": preprocess.prediction_resize,
+            **record,
+            "cases": [c.case_id for c in cases],
+        }
         write_text(folder.evaluation, json.dumps(record, indent=1))
     print(mean_line(patients, protocol))
     return folder.per_patient
@@ -204,8 +243,7 @@ def mean_line(patients: list[dict], protocol: str) -> str:
     note = f" (NaN under protocol {protocol}, left out: {', '.join(nan)})" if nan else ""
     if not dsc["n"]:
         return f"no patient could be scored{note}"
-    return (f"mean over {dsc['n']} of {len(patients)} patients: DSC {dsc['mean']:.4f}, "
-            f"HD95 {hd['mean']:.3f} mm{note}")
+    return f"mean over {dsc['n']} of {len(patients)} patients: DSC {dsc['mean']:.4f}, HD95 {hd['mean']:.3f} mm{note}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,13 +278,19 @@ def _evaluate_case(job: _CaseJob) -> tuple[dict, list[list], list[str]]:
     return _score_case(job.case, predict, preprocess, job.protocol, job.predictions, job.slab)
 
 
-def _score_case(case, predict: Predictor, preprocess: Preprocess, protocol: str, predictions: Path,
-                slab: int = SLAB) -> tuple[dict, list[list], list[str]]:
+def _score_case(
+    case, predict: Predictor, preprocess: Preprocess, protocol: str, predictions: Path, slab: int = SLAB
+) -> tuple[dict, list[list], list[str]]:
     """Predict one case, write its mask, score it, its other annotators and its hard region, and
     describe its expert's slices: slab by slab, every file read once, memory independent of Z.
     Returns its per_patient row, its per_slice rows and its warnings (masks empty on every slice)."""
-    from microseg.analysis import (ExpertDescriptors, hard_region_counts, hard_region_from_counts,
-                                   hard_region_kernel, hard_region_mask)
+    from microseg.analysis import (
+        ExpertDescriptors,
+        hard_region_counts,
+        hard_region_from_counts,
+        hard_region_kernel,
+        hard_region_mask,
+    )
     from microseg.data.volumes import SlabReader, require_same_geometry, volume_writer
 
     paths = {"expert": case.expert} | ({"non_expert": case.non_expert} if case.non_expert else {}) | case.raters
@@ -272,17 +316,28 @@ def _score_case(case, predict: Predictor, preprocess: Preprocess, protocol: str,
                 for name in others:
                     scores[name].add(slabs[name], expert)
                 if others:
-                    hard += hard_region_counts(pred, expert, hard_region_mask(expert, [slabs[n] for n in others], kernel))
+                    hard += hard_region_counts(
+                        pred, expert, hard_region_mask(expert, [slabs[n] for n in others], kernel)
+                    )
                 described.add(expert)
             for reader in (image, *masks.values()):
                 reader.finish()
-    warnings = [f"case {case.case_id}: expert mask {case.expert} is empty on every slice"
-                + ("; its DSC and HD95 are NaN under protocol microsegnet" if protocol == "microsegnet" else "")
-                if name == "expert" else f"{mask.path}: mask is empty on every slice"
-                for name, mask in masks.items() if mask.empty]
+    warnings = [
+        f"case {case.case_id}: expert mask {case.expert} is empty on every slice"
+        + ("; its DSC and HD95 are NaN under protocol microsegnet" if protocol == "microsegnet" else "")
+        if name == "expert"
+        else f"{mask.path}: mask is empty on every slice"
+        for name, mask in masks.items()
+        if mask.empty
+    ]
     score = scores["model"].result()
-    row = {"case_id": case.case_id, "dsc": score.dsc, "hd95_mm": score.hd95_mm,
-           "n_slices": score.n_slices, "n_one_sided": score.n_one_sided}
+    row = {
+        "case_id": case.case_id,
+        "dsc": score.dsc,
+        "hd95_mm": score.hd95_mm,
+        "n_slices": score.n_slices,
+        "n_one_sided": score.n_one_sided,
+    }
     row |= described.patient()
     inside = hard_region_from_counts(hard) if others else {"dsc": math.nan, "error_rate": math.nan}
     row |= {"hard_dsc": inside["dsc"], "hard_error_rate": inside["error_rate"]}
@@ -299,8 +354,17 @@ def _slice_rows(case_id: str, score, described: list[dict]) -> list[list]:
     slices = []
     for z in sorted(set(scored) | set(by_z)):
         s, d = scored.get(z), by_z.get(z, {})
-        slices.append([case_id, z, s.dsc if s else math.nan, s.hd95_mm if s else math.nan,
-                       d.get("area_mm2", math.nan), d.get("roughness", math.nan), d.get("gamma_msa", math.nan)])
+        slices.append(
+            [
+                case_id,
+                z,
+                s.dsc if s else math.nan,
+                s.hd95_mm if s else math.nan,
+                d.get("area_mm2", math.nan),
+                d.get("roughness", math.nan),
+                d.get("gamma_msa", math.nan),
+            ]
+        )
     return slices
 
 
@@ -315,8 +379,9 @@ def _write_metrics(folder: RunFolder, patients: list[dict], slices: list[list], 
     write_text(folder.per_patient_md, f"# {title}\n\n{markdown_table(header, rows)}\n")
 
 
-def predict(run: Path | Sequence[Path], source: Path, out: Path, device: str = "auto",
-            resize: str | None = None) -> list[Path]:
+def predict(
+    run: Path | Sequence[Path], source: Path, out: Path, device: str = "auto", resize: str | None = None
+) -> list[Path]:
     """Predict one volume (out = a .nii/.nii.gz file) or every visible .nii/.nii.gz in a folder (out = a folder).
 
     Before the model is loaded, every input's NIfTI header is read and the output place checked.
@@ -370,8 +435,9 @@ def _prediction_plan(source: Path, out: Path) -> tuple[list[Path], list[Path]]:
         inputs = nifti_files(source)
         strangers = [p for p in visible_entries(source) if p not in inputs]
         if strangers:  # a sub-folder, a link that leads nowhere, another file: refused, as prepare does
-            raise MicrosegError(f"{strangers[0]}: unexpected entry in {source}/ (expected only .nii or .nii.gz "
-                                "volumes)")
+            raise MicrosegError(
+                f"{strangers[0]}: unexpected entry in {source}/ (expected only .nii or .nii.gz volumes)"
+            )
         if not inputs:
             raise MicrosegError(f"{source} holds no .nii or .nii.gz volume")
         if out.exists() and not out.is_dir():

@@ -69,8 +69,13 @@ class Cell:
     run: Path
 
     def to_dict(self, root: Path) -> dict[str, Any]:
-        return {"id": self.id, "loss": self.loss, "seed": self.seed, "fold": self.fold,
-                "run": self.run.relative_to(root).as_posix()}
+        return {
+            "id": self.id,
+            "loss": self.loss,
+            "seed": self.seed,
+            "fold": self.fold,
+            "run": self.run.relative_to(root).as_posix(),
+        }
 
 
 @dataclass(frozen=True)
@@ -125,13 +130,25 @@ class Experiment:
     def cell_config(self, cell: Cell) -> TrainConfig:
         """The train config of a cell: the plan's base, its loss and seed, its fold's patients."""
         train, held_out = self.splits().training(cell.fold)
-        return resolve_train_config(None, {**self.plan.base, "cache": self.plan.cache, "run": str(cell.run),
-                                           "loss": cell.loss, "seed": cell.seed, "patients": train,
-                                           "val_patients": held_out})
+        return resolve_train_config(
+            None,
+            {
+                **self.plan.base,
+                "cache": self.plan.cache,
+                "run": str(cell.run),
+                "loss": cell.loss,
+                "seed": cell.seed,
+                "patients": train,
+                "val_patients": held_out,
+            },
+        )
 
     def write(self) -> None:
-        record = {"version": VERSION, "plan": self.plan.to_dict(),
-                  "cells": [cell.to_dict(self.path) for cell in self.cells]}
+        record = {
+            "version": VERSION,
+            "plan": self.plan.to_dict(),
+            "cells": [cell.to_dict(self.path) for cell in self.cells],
+        }
         write_text(self.plan_file, json.dumps(record, indent=1) + "\n")
 
 
@@ -146,8 +163,10 @@ def load_experiment(path: str | Path) -> Experiment:
         if record.get("version") != VERSION:
             raise MicrosegError(f"{file}: experiment format {record.get('version')!r}, expected {VERSION}")
         plan = Plan(**{name: record["plan"][name] for name in PLAN_FIELDS})
-        cells = [Cell(c["id"], c["loss"], int(c["seed"]), None if c["fold"] is None else int(c["fold"]),
-                      path / c["run"]) for c in record["cells"]]
+        cells = [
+            Cell(c["id"], c["loss"], int(c["seed"]), None if c["fold"] is None else int(c["fold"]), path / c["run"])
+            for c in record["cells"]
+        ]
     except (ValueError, KeyError, TypeError, AttributeError):
         raise MicrosegError(f"{file} is not a readable experiment file") from None
     inside = path.resolve()
@@ -172,8 +191,10 @@ def read_plan_file(path: str | Path | None) -> dict[str, Any]:
         raise MicrosegError(f"{path} must hold a mapping of plan field: value")
     unknown = sorted(set(values) - set(PLAN_FIELDS), key=str)
     if unknown:
-        raise MicrosegError(f"{path}: unknown plan field(s) {', '.join(map(str, unknown))}; valid: "
-                            f"{', '.join(PLAN_FIELDS)} (train options go under base:)")
+        raise MicrosegError(
+            f"{path}: unknown plan field(s) {', '.join(map(str, unknown))}; valid: "
+            f"{', '.join(PLAN_FIELDS)} (train options go under base:)"
+        )
     if not isinstance(values.get("base", {}), dict):
         raise MicrosegError(f"{path}: base must be a mapping of train option: value")
     return values
@@ -197,8 +218,10 @@ def resolve_plan(values: dict[str, Any]) -> Plan:
     _no_duplicates("seed", seeds)
     folds = _integer("folds", values.get("folds", 0))
     if folds < 0 or folds == 1:
-        raise MicrosegError(f"folds must be 0 (the fixed train/test split) or at least 2, got {folds}"
-                            + (": one fold would leave no patient to train on" if folds == 1 else ""))
+        raise MicrosegError(
+            f"folds must be 0 (the fixed train/test split) or at least 2, got {folds}"
+            + (": one fold would leave no patient to train on" if folds == 1 else "")
+        )
     for name in ("cache", "data"):
         if not values.get(name):
             raise MicrosegError(f"the plan needs {name}: give --{name} (or {name}: in the plan file)")
@@ -207,8 +230,10 @@ def resolve_plan(values: dict[str, Any]) -> Plan:
     base = dict(values.get("base") or {})
     for name in SET_BY_EXPERIMENT:
         if name in base:
-            raise MicrosegError(f"base option {name} is set by the experiment for each cell "
-                                f"({'give losses / seeds' if name in ('loss', 'seed') else 'leave it out'})")
+            raise MicrosegError(
+                f"base option {name} is set by the experiment for each cell "
+                f"({'give losses / seeds' if name in ('loss', 'seed') else 'leave it out'})"
+            )
     cache, data = str(Path(values["cache"]).resolve()), str(Path(values["data"]).resolve())
     for loss in losses:  # every option of base, once per loss (its spec and the options together)
         config = resolve_train_config(None, {**base, "cache": cache, "run": "cell", "loss": loss, "seed": seeds[0]})
@@ -228,8 +253,10 @@ def _check_sources(plan: Plan, config: TrainConfig) -> None:
     check_train_inputs(config, resume=False)
     patients = read_cache_info(plan.cache).case_ids
     if plan.folds > len(patients):
-        raise MicrosegError(f"folds {plan.folds} is more than the {len(patients)} training patients of "
-                            f"{plan.cache}: every fold needs a patient")
+        raise MicrosegError(
+            f"folds {plan.folds} is more than the {len(patients)} training patients of "
+            f"{plan.cache}: every fold needs a patient"
+        )
     find_cases(Path(plan.data), "test", require_non_expert=False)
 
 
@@ -257,7 +284,7 @@ def make_cells(root: Path, plan: Plan, existing: Sequence[Cell] = ()) -> list[Ce
     ids = {c.id for c in cells}
     for seed in plan.seeds:
         for loss in plan.losses:
-            for fold in (range(plan.folds) if plan.folds else [None]):
+            for fold in range(plan.folds) if plan.folds else [None]:
                 if (loss, seed, fold) in known:
                     continue
                 cell_id = _cell_id(loss, seed, fold, ids)
@@ -302,8 +329,10 @@ def open_experiment(out: str | Path, plan_values: dict[str, Any], add: bool = Fa
         _no_duplicates(what, _as_list(plan_values.get(name), name))
     if not (out / "experiment.json").is_file():
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise MicrosegError(f"--out {out} is not empty and holds no experiment.json (another plan's runs or "
-                                "other files): choose a new folder")
+            raise MicrosegError(
+                f"--out {out} is not empty and holds no experiment.json (another plan's runs or "
+                "other files): choose a new folder"
+            )
         plan = resolve_plan(plan_values)
         experiment = Experiment(out, plan, make_cells(out, plan))
         splits = make_splits(plan)
@@ -322,8 +351,9 @@ def open_experiment(out: str | Path, plan_values: dict[str, Any], add: bool = Fa
     difference = plan_difference(stored, given)
     if difference is not None and not (add and difference.split(":")[0] in ("losses", "seeds")):
         hint = "; --add adds seeds or losses" if difference.split(":")[0] in ("losses", "seeds") else ""
-        raise MicrosegError(f"{out} holds an experiment of another plan ({difference}){hint}; "
-                            "choose another --out for a new plan")
+        raise MicrosegError(
+            f"{out} holds an experiment of another plan ({difference}){hint}; choose another --out for a new plan"
+        )
     if add and plan_difference(stored, given) is not None:
         experiment.plan, experiment.cells = given, make_cells(out, given, experiment.cells)
         experiment.write()

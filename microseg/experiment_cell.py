@@ -33,7 +33,14 @@ from microseg.tables import SUMMARY_ROWS, read_csv, write_csv
 
 HELDOUT = "heldout"
 FAILED, INTERRUPTED, SAVED = "microseg: error: ", "microseg: interrupted", "== saved epoch"
-RESUME_MAY_CHANGE = ("run", "amp", "device", "num_workers", "sync_every", "tensorboard")  # a copied or moved EXP keeps its cells
+RESUME_MAY_CHANGE = (
+    "run",
+    "amp",
+    "device",
+    "num_workers",
+    "sync_every",
+    "tensorboard",
+)  # a copied or moved EXP keeps its cells
 
 
 @dataclass(frozen=True)
@@ -89,7 +96,7 @@ def cell_state(experiment: Experiment, cell: Cell) -> CellState:
     if epochs and done >= epochs and all(p.is_file() for p in evaluations):
         return CellState("done", done, epochs)
     if last_line.startswith(FAILED):
-        return CellState("failed", done, epochs, last_line[len(FAILED):])
+        return CellState("failed", done, epochs, last_line[len(FAILED) :])
     if epochs and done >= epochs:
         return CellState("trained", done, epochs)
     return CellState("interrupted" if last_line == INTERRUPTED else "partial", done, epochs)
@@ -114,18 +121,23 @@ def check_cell_folder(experiment: Experiment, cell: Cell) -> None:
     """Refuse a cell whose run folder was deleted, is locked by a live process, or holds another config."""
     state = cell_state(experiment, cell)
     if state.name == "deleted":
-        raise MicrosegError(f"cell {cell.id}: its run folder {cell.run} was deleted ({state.detail}); remove "
-                            f"{experiment.log(cell)} to train it again")
+        raise MicrosegError(
+            f"cell {cell.id}: its run folder {cell.run} was deleted ({state.detail}); remove "
+            f"{experiment.log(cell)} to train it again"
+        )
     if state.name == "running":
-        raise MicrosegError(f"cell {cell.id}: run {cell.run} is locked by a live process ({state.detail}); "
-                            "wait for it to end")
+        raise MicrosegError(
+            f"cell {cell.id}: run {cell.run} is locked by a live process ({state.detail}); wait for it to end"
+        )
     folder = RunFolder(cell.run)
     if folder.config.is_file():
         saved, wanted = load_config(folder.config).to_dict(), experiment.cell_config(cell).to_dict()
         for key in wanted:
             if key not in RESUME_MAY_CHANGE and saved.get(key) != wanted[key]:
-                raise MicrosegError(f"cell {cell.id}: {folder.config} has {key} {saved.get(key)!r}, the plan "
-                                    f"{wanted[key]!r}: the folder holds another run")
+                raise MicrosegError(
+                    f"cell {cell.id}: {folder.config} has {key} {saved.get(key)!r}, the plan "
+                    f"{wanted[key]!r}: the folder holds another run"
+                )
 
 
 def run_cell(experiment: Experiment, cell: Cell, event: Callable[[str], None], device: str = "auto") -> str:
@@ -177,8 +189,10 @@ def _run(experiment: Experiment, cell: Cell, event: Callable[[str], None], devic
         evaluate(cell.run, Path(plan.data), "train", plan.protocol, device=device, cases=held_out, into=HELDOUT)
     evaluate(cell.run, Path(plan.data), "test", plan.protocol, device=device)
     mean = {row["case_id"]: row for row in read_csv(folder.per_patient)}["mean"]
-    return (f"test DSC {float(mean['dsc']):.4f}, HD95 {float(mean['hd95_mm']):.2f} mm "
-            f"({time.perf_counter() - started:.0f} s)")
+    return (
+        f"test DSC {float(mean['dsc']):.4f}, HD95 {float(mean['hd95_mm']):.2f} mm "
+        f"({time.perf_counter() - started:.0f} s)"
+    )
 
 
 def write_oof(experiment: Experiment) -> Path | None:
@@ -209,4 +223,3 @@ def write_oof(experiment: Experiment) -> Path | None:
         if rows:
             write_csv(out, header, rows)
     return out if rows else None
-

@@ -49,7 +49,7 @@ def run_local(experiment: Experiment, cells: list[Cell], jobs: int, device: str 
     try:
         gpus = visible_gpus(device)
         threads = max(1, available_cpus() // jobs) if not gpus else 0
-        where = (f"{len(gpus)} GPU(s)" if gpus else f"the CPU, {threads} thread(s) each")
+        where = f"{len(gpus)} GPU(s)" if gpus else f"the CPU, {threads} thread(s) each"
         print(f"running {len(cells)} cell(s) of {experiment.path} in {jobs} worker(s) on {where}", flush=True)
         if jobs == 1:
             return _in_process(experiment, cells, device)
@@ -75,16 +75,18 @@ def _in_process(experiment: Experiment, cells: list[Cell], device: str) -> list[
     return failed
 
 
-def _in_workers(experiment: Experiment, cells: list[Cell], jobs: int, gpus: list[str], threads: int,
-                device: str) -> list[str]:
+def _in_workers(
+    experiment: Experiment, cells: list[Cell], jobs: int, gpus: list[str], threads: int, device: str
+) -> list[str]:
     context = multiprocessing.get_context("spawn")
     slots = context.Queue()
     for slot in range(jobs):
         slots.put(slot)
     failed: list[str] = []
     event = _printer(sys.stdout)
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker,
-                             initargs=(slots, gpus, threads)) as pool:
+    with ProcessPoolExecutor(
+        jobs, mp_context=context, initializer=_start_worker, initargs=(slots, gpus, threads)
+    ) as pool:
         pending = {pool.submit(_work, str(experiment.path), cell.id, device): cell for cell in cells}
         done = 0
         try:
@@ -96,8 +98,10 @@ def _in_workers(experiment: Experiment, cells: list[Cell], jobs: int, gpus: list
                     done += ok
                     if not ok:
                         failed.append(f"{cell.id}: {line}")
-                    event(f"{cell.id}: {'finished, ' if ok else 'failed: '}{line} "
-                          f"{_finished(done, len(failed), len(cells))}")
+                    event(
+                        f"{cell.id}: {'finished, ' if ok else 'failed: '}{line} "
+                        f"{_finished(done, len(failed), len(cells))}"
+                    )
         except KeyboardInterrupt:  # start no other cell; the running ones got Ctrl-C too
             pool.shutdown(wait=True, cancel_futures=True)
             raise
@@ -126,6 +130,7 @@ def _work(path: str, cell_id: str, device: str) -> tuple[bool, str]:
 
 def _printer(stream):
     """Progress lines go to `stream` (the command's stdout), whatever a cell redirects meanwhile."""
+
     def event(line: str) -> None:
         print(line, file=stream, flush=True)
 

@@ -105,8 +105,10 @@ def read_oof(experiment: Experiment) -> dict[tuple[str, str], dict[str, dict[str
             continue
         patients = found.setdefault((row["loss"], f"seed {int(row['seed'])}"), {})
         if row["case_id"] in patients:
-            raise MicrosegError(f"{source}: patient {row['case_id']} appears twice for loss {row['loss']}, "
-                                f"seed {row['seed']}; each training patient is out of fold once")
+            raise MicrosegError(
+                f"{source}: patient {row['case_id']} appears twice for loss {row['loss']}, "
+                f"seed {row['seed']}; each training patient is out of fold once"
+            )
         patients[row["case_id"]] = {k: number(v) for k, v in row.items() if k not in ("loss", "seed", "case_id")}
     return found
 
@@ -153,14 +155,18 @@ def read_experiments(paths: list[Path]) -> Experiments:
         experiment = load_experiment(path)
         these = read_splits(experiment)
         if splits is not None and these != splits:
-            raise MicrosegError(f"{paths[0]} and {path} split the patients differently ({SPLITS_FILE} differ): "
-                                "their cells cannot be compared on the same patients")
+            raise MicrosegError(
+                f"{paths[0]} and {path} split the patients differently ({SPLITS_FILE} differ): "
+                "their cells cannot be compared on the same patients"
+            )
         splits = these
         for cell in experiment.cells:
             key = (cell.loss, cell.seed, cell.fold)
             if key in seen:
-                raise MicrosegError(f"loss {cell.loss}, {replicate(cell)} is a cell of both {seen[key]} and {path}: "
-                                    "compare each cell once")
+                raise MicrosegError(
+                    f"loss {cell.loss}, {replicate(cell)} is a cell of both {seen[key]} and {path}: "
+                    "compare each cell once"
+                )
             seen[key] = path
         plans.append(experiment.plan)
         cells += experiment.cells
@@ -169,8 +175,9 @@ def read_experiments(paths: list[Path]) -> Experiments:
     for experiment in found:
         for (loss, seed), patients in read_oof(experiment).items():
             if (loss, seed) in experiments.oof:
-                raise MicrosegError(f"loss {loss}, {seed} has out-of-fold scores in two experiments: compare "
-                                    "each cell once")
+                raise MicrosegError(
+                    f"loss {loss}, {seed} has out-of-fold scores in two experiments: compare each cell once"
+                )
             experiments.oof[loss, seed] = patients
     for cell in cells:
         if (cell.run / "history.csv").is_file():
@@ -184,8 +191,10 @@ def require_comparable(experiments: Experiments) -> None:
     evaluated = experiments.evaluated
     if not evaluated:
         where = ", ".join(map(str, experiments.paths))
-        raise MicrosegError(f"no cell of {where} has been evaluated ({len(experiments.cells)} cells, "
-                            f"{len(experiments.records)} trained): run the experiment to the end first")
+        raise MicrosegError(
+            f"no cell of {where} has been evaluated ({len(experiments.cells)} cells, "
+            f"{len(experiments.records)} trained): run the experiment to the end first"
+        )
     records = [experiments.records[c.id] for c in evaluated]
     require_same_evaluation(records)
     first = evaluated[0]
@@ -194,16 +203,23 @@ def require_comparable(experiments: Experiments) -> None:
         other = set(experiments.records[cell.id].patients)
         if other != patients:
             extra = sorted(other ^ patients)[:5]
-            raise MicrosegError(f"cell {cell.run} scored other patients than {first.run} (differing: "
-                                f"{', '.join(extra)}): evaluate every cell on the same split")
+            raise MicrosegError(
+                f"cell {cell.run} scored other patients than {first.run} (differing: "
+                f"{', '.join(extra)}): evaluate every cell on the same split"
+            )
     test = set(experiments.splits["test"])
     if records[0].evaluation.get("split") == "test" and test and patients != test:
-        raise MicrosegError(f"cell {first.run} was evaluated on {len(patients)} patients that are not the "
-                            f"{len(test)} test patients of {experiments.paths[0] / SPLITS_FILE}")
+        raise MicrosegError(
+            f"cell {first.run} was evaluated on {len(patients)} patients that are not the "
+            f"{len(test)} test patients of {experiments.paths[0] / SPLITS_FILE}"
+        )
     missing = [c for c in experiments.cells if c not in evaluated]
     if missing:
-        warn(f"{len(missing)} of {len(experiments.cells)} cells are left out, not evaluated yet: "
-             + ", ".join(c.id for c in missing[:6]) + (" ..." if len(missing) > 6 else ""))
+        warn(
+            f"{len(missing)} of {len(experiments.cells)} cells are left out, not evaluated yet: "
+            + ", ".join(c.id for c in missing[:6])
+            + (" ..." if len(missing) > 6 else "")
+        )
 
 
 @dataclass
@@ -234,8 +250,16 @@ def analyse(paths: list[Path]) -> Analysis:
     per_run = {(c.loss, replicate(c)): experiments.records[c.id].patients for c in evaluated}
     scores = {key: build_scores(per_run, key, higher, losses, replicates, patients) for key, _, higher, _ in METRICS}
     boot = {key: bootstrap_means(s) for key, s in scores.items()}
-    return Analysis(experiments, losses, replicates, patients, scores, boot, loss_differences(scores, boot),
-                    {key: variance_share(s.run_means()) for key, s in scores.items()})
+    return Analysis(
+        experiments,
+        losses,
+        replicates,
+        patients,
+        scores,
+        boot,
+        loss_differences(scores, boot),
+        {key: variance_share(s.run_means()) for key, s in scores.items()},
+    )
 
 
 def _fmt(value: float, digits: int) -> str:
@@ -246,8 +270,10 @@ def _difference_text(d: LossDifference, analysis: Analysis) -> str:
     digits = next(n for k, _, _, n in METRICS if k == d.metric)
     unit = " mm" if d.metric == "hd95_mm" else ""
     lo, hi = d.ci95
-    return (f"{d.a} - {d.b} on {analysis.title(d.metric).split(' ')[0]} {d.mean:+.{digits}f}{unit} (95% CI "
-            f"{lo:+.{digits}f} to {hi:+.{digits}f}, adjusted p = {d.p_holm:.3g}, seed sd {_fmt(d.seed_noise, digits)})")
+    return (
+        f"{d.a} - {d.b} on {analysis.title(d.metric).split(' ')[0]} {d.mean:+.{digits}f}{unit} (95% CI "
+        f"{lo:+.{digits}f} to {hi:+.{digits}f}, adjusted p = {d.p_holm:.3g}, seed sd {_fmt(d.seed_noise, digits)})"
+    )
 
 
 def experiment_paragraph(analysis: Analysis) -> str:
@@ -257,8 +283,11 @@ def experiment_paragraph(analysis: Analysis) -> str:
     loss), the variance share of the loss, and the smallest p the patients allow."""
     n_losses, n_patients = len(analysis.losses), len(analysis.patients)
     runs = analysis.scores["dsc"].runs()
-    sentences = [f"{n_losses} loss(es), {int(runs.min())}-{int(runs.max())} evaluated run(s) each"
-                 if runs.min() != runs.max() else f"{n_losses} loss(es), {int(runs.min())} evaluated run(s) each"]
+    sentences = [
+        f"{n_losses} loss(es), {int(runs.min())}-{int(runs.max())} evaluated run(s) each"
+        if runs.min() != runs.max()
+        else f"{n_losses} loss(es), {int(runs.min())} evaluated run(s) each"
+    ]
     sentences[0] += f", {n_patients} patients (per-patient means over a loss's runs)."
     for key, title, higher, digits in METRICS:
         s = analysis.scores[key]
@@ -267,14 +296,22 @@ def experiment_paragraph(analysis: Analysis) -> str:
         first = rank_frequencies(analysis.boot[key], higher)[:, 0]
         listed = ", ".join(f"{s.losses[i]} {_fmt(means[i], digits)} (seed sd {_fmt(sd[i], digits)})" for i in order)
         best = order[0]
-        sentences.append(f"By mean {title}: {listed}" + (
-            f"; {s.losses[best]} ranks first in {100 * first[best]:.0f}% of {BOOTSTRAP_RESAMPLES:,} bootstrap "
-            "resamples of patients and seeds." if n_losses > 1 else "."))
+        sentences.append(
+            f"By mean {title}: {listed}"
+            + (
+                f"; {s.losses[best]} ranks first in {100 * first[best]:.0f}% of {BOOTSTRAP_RESAMPLES:,} bootstrap "
+                "resamples of patients and seeds."
+                if n_losses > 1
+                else "."
+            )
+        )
     if n_losses > 1:
         diffs = analysis.differences
         tested = [d for d in diffs if not math.isnan(d.p_value)]
-        family = (f"The family: {n_losses * (n_losses - 1) // 2} pair(s) of losses x DSC and HD95, {len(tested)} "
-                  "paired Wilcoxon tests on the per-patient means, Holm-adjusted")
+        family = (
+            f"The family: {n_losses * (n_losses - 1) // 2} pair(s) of losses x DSC and HD95, {len(tested)} "
+            "paired Wilcoxon tests on the per-patient means, Holm-adjusted"
+        )
         surviving = [d for d in tested if d.significant]
         if surviving:
             real = [d for d in surviving if d.seed_noise <= abs(d.mean)]
@@ -284,38 +321,57 @@ def experiment_paragraph(analysis: Analysis) -> str:
             if real:
                 text += ", beyond seed noise: " + "; ".join(_difference_text(d, analysis) for d in real)
             if unknown:
-                text += (", with the seed noise unknown (one run per loss): "
-                         + "; ".join(_difference_text(d, analysis) for d in unknown))
+                text += ", with the seed noise unknown (one run per loss): " + "; ".join(
+                    _difference_text(d, analysis) for d in unknown
+                )
             if noisy:
-                text += (", but within seed noise (smaller than one seed sd of either loss, so another seed could "
-                         "reverse them): " + "; ".join(_difference_text(d, analysis) for d in noisy))
+                text += (
+                    ", but within seed noise (smaller than one seed sd of either loss, so another seed could "
+                    "reverse them): " + "; ".join(_difference_text(d, analysis) for d in noisy)
+                )
             sentences.append(text + ".")
         else:
-            sentences.append(f"{family}; none survives the correction (smallest adjusted p "
-                             f"{min((d.p_holm for d in tested), default=math.nan):.3g}).")
+            sentences.append(
+                f"{family}; none survives the correction (smallest adjusted p "
+                f"{min((d.p_holm for d in tested), default=math.nan):.3g})."
+            )
         rest = [d for d in tested if not d.significant]
         if rest and surviving:
-            sentences.append("Not surviving it: " + "; ".join(
-                _difference_text(d, analysis) + (", within seed noise" if d.within_seed_noise else "")
-                for d in rest) + ".")
+            sentences.append(
+                "Not surviving it: "
+                + "; ".join(
+                    _difference_text(d, analysis) + (", within seed noise" if d.within_seed_noise else "") for d in rest
+                )
+                + "."
+            )
         noise = [d for d in rest if d.within_seed_noise]
         if noise and not surviving:
-            sentences.append("Within seed noise (smaller than one seed sd of either loss): "
-                             + "; ".join(_difference_text(d, analysis) for d in noise) + ".")
+            sentences.append(
+                "Within seed noise (smaller than one seed sd of either loss): "
+                + "; ".join(_difference_text(d, analysis) for d in noise)
+                + "."
+            )
         if np.all(np.isnan([d.seed_noise for d in diffs])):
-            sentences.append("With one run per loss the seed noise is unknown: train more seeds before trusting "
-                             "any difference.")
+            sentences.append(
+                "With one run per loss the seed noise is unknown: train more seeds before trusting any difference."
+            )
         floor = min_wilcoxon_p(n_patients)
-        sentences.append(f"With {n_patients} patients no Wilcoxon p can be below 2 / 2^{n_patients} = {floor:.3g}, "
-                         f"and after Holm over {len(tested)} tests no adjusted p below {len(tested) * floor:.3g}"
-                         + (": no difference can reach significance, however large." if len(tested) * floor >= ALPHA
-                            else "."))
-    shares = [f"{100 * v.loss_share:.0f}% on {analysis.title(k).split(' ')[0]} (chance level "
-              f"{100 * v.chance_share:.0f}%)" for k, v in analysis.variance.items() if not math.isnan(v.loss_share)]
+        sentences.append(
+            f"With {n_patients} patients no Wilcoxon p can be below 2 / 2^{n_patients} = {floor:.3g}, "
+            f"and after Holm over {len(tested)} tests no adjusted p below {len(tested) * floor:.3g}"
+            + (": no difference can reach significance, however large." if len(tested) * floor >= ALPHA else ".")
+        )
+    shares = [
+        f"{100 * v.loss_share:.0f}% on {analysis.title(k).split(' ')[0]} (chance level {100 * v.chance_share:.0f}%)"
+        for k, v in analysis.variance.items()
+        if not math.isnan(v.loss_share)
+    ]
     replicated = all(v.n_runs > v.n_losses for v in analysis.variance.values())
     if shares and n_losses > 1 and replicated:
-        sentences.append("The loss explains " + " and ".join(shares) + " of the variance of the run means; the "
-                         "rest is between seeds (and folds).")
+        sentences.append(
+            "The loss explains " + " and ".join(shares) + " of the variance of the run means; the "
+            "rest is between seeds (and folds)."
+        )
     return " ".join(sentences)
 
 
@@ -354,8 +410,11 @@ def curve_rows(analysis: Analysis) -> tuple[dict[str, dict[str, list[list[float]
     rows = []
     experiments = analysis.experiments
     for loss in analysis.losses:
-        histories = [experiments.records[c.id].history for c in experiments.cells
-                     if c.loss == loss and c.id in experiments.records]
+        histories = [
+            experiments.records[c.id].history
+            for c in experiments.cells
+            if c.loss == loss and c.id in experiments.records
+        ]
         for column, _ in CURVES:
             per_epoch: dict[float, list[float]] = {}
             for history in histories:
@@ -393,8 +452,10 @@ def patient_table(analysis: Analysis) -> tuple[list[str], list[list]]:
 
     header = ["case_id"] + [f"{loss} {title}" for loss in analysis.losses for _, title, _, _ in METRICS]
     means = {key: s.patient_means() for key, s in analysis.scores.items()}
-    rows: list[list] = [[case] + [float(means[key][i, p]) for i in range(len(analysis.losses))
-                                  for key, _, _, _ in METRICS] for p, case in enumerate(analysis.patients)]
+    rows: list[list] = [
+        [case] + [float(means[key][i, p]) for i in range(len(analysis.losses)) for key, _, _, _ in METRICS]
+        for p, case in enumerate(analysis.patients)
+    ]
     stats = [summarize([row[j] for row in rows]) for j in range(1, len(header))]
     return header, rows + [[name] + [st[name] for st in stats] for name in SUMMARY_ROWS]
 
@@ -411,11 +472,38 @@ def ranking_table(analysis: Analysis) -> tuple[list[str], list[list]]:
 
 
 def significance_table(analysis: Analysis) -> tuple[list[str], list[list]]:
-    header = ["metric", "loss_a", "loss_b", "n", "mean_diff", "ci95_low", "ci95_high", "statistic", "p_value",
-              "p_holm", "significant", "seed_noise", "within_seed_noise"]
-    rows = [[analysis.title(d.metric), d.a, d.b, d.n, d.mean, *d.ci95, d.statistic, d.p_value, d.p_holm,
-             "yes" if d.significant else "no", d.seed_noise, "yes" if d.within_seed_noise else "no"]
-            for d in analysis.differences]
+    header = [
+        "metric",
+        "loss_a",
+        "loss_b",
+        "n",
+        "mean_diff",
+        "ci95_low",
+        "ci95_high",
+        "statistic",
+        "p_value",
+        "p_holm",
+        "significant",
+        "seed_noise",
+        "within_seed_noise",
+    ]
+    rows = [
+        [
+            analysis.title(d.metric),
+            d.a,
+            d.b,
+            d.n,
+            d.mean,
+            *d.ci95,
+            d.statistic,
+            d.p_value,
+            d.p_holm,
+            "yes" if d.significant else "no",
+            d.seed_noise,
+            "yes" if d.within_seed_noise else "no",
+        ]
+        for d in analysis.differences
+    ]
     return header, rows
 
 
@@ -447,8 +535,10 @@ def oof_table(experiments: Experiments) -> tuple[list[str], list[list]] | None:
 
 def variance_table(analysis: Analysis) -> tuple[list[str], list[list]]:
     header = ["metric", "losses", "runs", "SS_loss", "SS_seed", "SS_total", "loss share", "chance share"]
-    rows = [[analysis.title(key), v.n_losses, v.n_runs, v.ss_loss, v.ss_seed, v.ss_total, v.loss_share,
-             v.chance_share] for key, v in analysis.variance.items()]
+    rows = [
+        [analysis.title(key), v.n_losses, v.n_runs, v.ss_loss, v.ss_seed, v.ss_total, v.loss_share, v.chance_share]
+        for key, v in analysis.variance.items()
+    ]
     return header, rows
 
 
@@ -462,8 +552,19 @@ def cells_table(experiments: Experiments) -> tuple[list[str], list[list]]:
         for key in ("dsc", "hd95_mm"):
             values = [v for v in (p.get(key, math.nan) for p in patients.values()) if not math.isnan(v)]
             means.append(float(np.mean(values)) if values else math.nan)
-        rows.append([c.id, c.loss, c.seed, "-" if c.fold is None else c.fold, str(c.run), experiments.state(c),
-                     len(record.history) if record else 0, len(patients), *means])
+        rows.append(
+            [
+                c.id,
+                c.loss,
+                c.seed,
+                "-" if c.fold is None else c.fold,
+                str(c.run),
+                experiments.state(c),
+                len(record.history) if record else 0,
+                len(patients),
+                *means,
+            ]
+        )
     return header, rows
 
 
@@ -487,17 +588,23 @@ def _compared(analysis: Analysis) -> list[str]:
     lines: list[str] = ["## What was compared", ""]
     for path, plan in zip(experiments.paths, experiments.plans):
         options = ", ".join(f"{k} {v}" for k, v in plan.base.items())
-        lines.append(f"- {path}: losses {', '.join(plan.losses)}; seeds {', '.join(map(str, plan.seeds))}; "
-                     + ("no folds (the fixed train/test split)" if plan.folds == 0 else f"{plan.folds} folds")
-                     + (f"; base options: {options}" if options else ""))
+        lines.append(
+            f"- {path}: losses {', '.join(plan.losses)}; seeds {', '.join(map(str, plan.seeds))}; "
+            + ("no folds (the fixed train/test split)" if plan.folds == 0 else f"{plan.folds} folds")
+            + (f"; base options: {options}" if options else "")
+        )
     folds = len(experiments.splits["folds"])
-    lines += ["", f"Replicates of each loss: {'; '.join(analysis.replicates)}"
-              + (f" ({folds}-fold cross-validation of the training patients; every fold's model is one run)"
-                 if folds else "") + ".",
-              f"Data: {ev.get('data', '?')}; split {ev.get('split', '?')}, protocol {ev.get('protocol', '?')}; "
-              f"{len(analysis.patients)} patients ({', '.join(analysis.patients)}); "
-              f"{len(experiments.evaluated)} of {len(experiments.cells)} cells evaluated "
-              f"(every cell in [cells.csv](cells.csv)).", ""]
+    lines += [
+        "",
+        f"Replicates of each loss: {'; '.join(analysis.replicates)}"
+        + (f" ({folds}-fold cross-validation of the training patients; every fold's model is one run)" if folds else "")
+        + ".",
+        f"Data: {ev.get('data', '?')}; split {ev.get('split', '?')}, protocol {ev.get('protocol', '?')}; "
+        f"{len(analysis.patients)} patients ({', '.join(analysis.patients)}); "
+        f"{len(experiments.evaluated)} of {len(experiments.cells)} cells evaluated "
+        f"(every cell in [cells.csv](cells.csv)).",
+        "",
+    ]
     return lines
 
 
@@ -511,13 +618,28 @@ class _Writer:
     def add(self, *lines: str) -> None:
         self.lines.extend(lines)
 
-    def table(self, stem: str, title: str, header: list[str], rows: list[list], notes: Sequence[str] = (),
-              shown: tuple[list[str], list[list]] | None = None) -> None:
+    def table(
+        self,
+        stem: str,
+        title: str,
+        header: list[str],
+        rows: list[list],
+        notes: Sequence[str] = (),
+        shown: tuple[list[str], list[list]] | None = None,
+    ) -> None:
         """`rows` into `<stem>.csv`; in report.md the title, the notes, then `shown` (default: the same table)."""
         write_csv(self.out / f"{stem}.csv", header, rows)
         md_header, md_rows = shown or (header, rows)
-        self.add(f"## {title}", "", *notes, *([""] if notes else []), markdown_table(md_header, md_rows), "",
-                 f"([{stem}.csv]({stem}.csv))", "")
+        self.add(
+            f"## {title}",
+            "",
+            *notes,
+            *([""] if notes else []),
+            markdown_table(md_header, md_rows),
+            "",
+            f"([{stem}.csv]({stem}.csv))",
+            "",
+        )
 
 
 def require_report_target(out: Path) -> None:
@@ -542,54 +664,106 @@ def write_report(analysis: Analysis, out: Path) -> Path:
 def _write_report(analysis: Analysis, out: Path) -> None:
     colours = run_colours(analysis.losses)
     report = _Writer(out)
-    report.add("# Experiment comparison", "", *_compared(analysis), "## Results", "", experiment_paragraph(analysis),
-               "")
-    report.table("losses", "Losses: mean over patients of the per-patient means over runs, seed-to-seed sd of the "
-                 "run means, rank", *summary_table(analysis),
-                 ["Ranks: aggregate-then-rank (1 = best, ties share the smallest). P(rank 1): the share of "
-                  f"{BOOTSTRAP_RESAMPLES:,} bootstrap resamples of patients and seeds in which the loss ranks first. "
-                  "Seed sd: the sd of the loss's run means (with folds every fold's model is a run, so it spans seeds "
-                  "and folds). Raters: the other annotators against the expert, on the same patients."])
+    report.add(
+        "# Experiment comparison", "", *_compared(analysis), "## Results", "", experiment_paragraph(analysis), ""
+    )
+    report.table(
+        "losses",
+        "Losses: mean over patients of the per-patient means over runs, seed-to-seed sd of the run means, rank",
+        *summary_table(analysis),
+        [
+            "Ranks: aggregate-then-rank (1 = best, ties share the smallest). P(rank 1): the share of "
+            f"{BOOTSTRAP_RESAMPLES:,} bootstrap resamples of patients and seeds in which the loss ranks first. "
+            "Seed sd: the sd of the loss's run means (with folds every fold's model is a run, so it spans seeds "
+            "and folds). Raters: the other annotators against the expert, on the same patients."
+        ],
+    )
     bands, rows = curve_rows(analysis)
     plot_curve_bands(bands, out / "curves.png", BAND, colours)
-    report.table("curves", f"Loss curves per epoch (mean ± sd over runs; band in the figure: {BAND})",
-                 ["loss", "curve", "epoch", "n", "mean", "sd", "min", "max"], rows,
-                 ["![loss curves](curves.png)", "", "The own loss is each loss's own scale; the BCE of the main "
-                  "output is a common ruler across losses."], shown=epoch_table(rows))
-    plot_dot_box(analysis.losses, {title: analysis.scores[key].patient_means() for key, title, _, _ in METRICS},
-                 out / "dot_box.png", colours)
-    report.table("per_patient", "Per-patient DSC and HD95 per loss (mean over its runs)", *patient_table(analysis),
-                 ["![dot-and-box plot](dot_box.png)", "", "Each point is a patient; a patient's points are joined."])
+    report.table(
+        "curves",
+        f"Loss curves per epoch (mean ± sd over runs; band in the figure: {BAND})",
+        ["loss", "curve", "epoch", "n", "mean", "sd", "min", "max"],
+        rows,
+        [
+            "![loss curves](curves.png)",
+            "",
+            "The own loss is each loss's own scale; the BCE of the main output is a common ruler across losses.",
+        ],
+        shown=epoch_table(rows),
+    )
+    plot_dot_box(
+        analysis.losses,
+        {title: analysis.scores[key].patient_means() for key, title, _, _ in METRICS},
+        out / "dot_box.png",
+        colours,
+    )
+    report.table(
+        "per_patient",
+        "Per-patient DSC and HD95 per loss (mean over its runs)",
+        *patient_table(analysis),
+        ["![dot-and-box plot](dot_box.png)", "", "Each point is a patient; a patient's points are joined."],
+    )
     titles = {key: title for key, title, _, _ in METRICS}
-    plot_rank_blobs(analysis.losses,
-                    {titles[k]: rank_frequencies(analysis.boot[k], h) for k, _, h, _ in METRICS},
-                    {titles[k]: ranks(analysis.scores[k].loss_means(), h) for k, _, h, _ in METRICS},
-                    out / "ranking.png", colours)
-    report.table("ranking", "Ranking stability", *ranking_table(analysis),
-                 ["![ranking stability](ranking.png)", "", f"{BOOTSTRAP_RESAMPLES:,} resamples; each draws the "
-                  "patients and the seed (and fold) slots with replacement, the same draws for every loss, and "
-                  "ranks the losses by their recomputed means."])
+    plot_rank_blobs(
+        analysis.losses,
+        {titles[k]: rank_frequencies(analysis.boot[k], h) for k, _, h, _ in METRICS},
+        {titles[k]: ranks(analysis.scores[k].loss_means(), h) for k, _, h, _ in METRICS},
+        out / "ranking.png",
+        colours,
+    )
+    report.table(
+        "ranking",
+        "Ranking stability",
+        *ranking_table(analysis),
+        [
+            "![ranking stability](ranking.png)",
+            "",
+            f"{BOOTSTRAP_RESAMPLES:,} resamples; each draws the "
+            "patients and the seed (and fold) slots with replacement, the same draws for every loss, and "
+            "ranks the losses by their recomputed means.",
+        ],
+    )
     if len(analysis.losses) > 1:
         plot_significance_map(analysis.losses, _significance_cells(analysis), out / "significance.png", ALPHA)
-        report.table("significance", "Significance map: every pair of losses", *significance_table(analysis),
-                     ["![significance map](significance.png)", "",
-                      "Paired Wilcoxon signed-rank test (scipy) of the per-patient means over runs, loss_a - loss_b; "
-                      "p_holm: Holm-adjusted over the family of every pair of losses x DSC and HD95. CI: percentile "
-                      "bootstrap of the difference of the means over patients and seeds. seed_noise: the larger "
-                      "seed-to-seed sd of the two losses' run means; within it, another seed could reverse the "
-                      "difference."])
-    report.table("variance", "How much of the spread is the loss, how much the seed", *variance_table(analysis),
-                 ["Run means u_lr (run r of loss l, mean over patients), ubar_l their mean per loss, ubar the grand "
-                  "mean of all N runs: SS_loss = sum_l n_l (ubar_l - ubar)^2, SS_seed = sum_lr (u_lr - ubar_l)^2, "
-                  "SS_total = SS_loss + SS_seed; loss share = SS_loss / SS_total (eta squared, one-way). With k "
-                  "losses and no loss effect at all it is still (k - 1) / (N - 1) on average (chance share)."])
+        report.table(
+            "significance",
+            "Significance map: every pair of losses",
+            *significance_table(analysis),
+            [
+                "![significance map](significance.png)",
+                "",
+                "Paired Wilcoxon signed-rank test (scipy) of the per-patient means over runs, loss_a - loss_b; "
+                "p_holm: Holm-adjusted over the family of every pair of losses x DSC and HD95. CI: percentile "
+                "bootstrap of the difference of the means over patients and seeds. seed_noise: the larger "
+                "seed-to-seed sd of the two losses' run means; within it, another seed could reverse the "
+                "difference.",
+            ],
+        )
+    report.table(
+        "variance",
+        "How much of the spread is the loss, how much the seed",
+        *variance_table(analysis),
+        [
+            "Run means u_lr (run r of loss l, mean over patients), ubar_l their mean per loss, ubar the grand "
+            "mean of all N runs: SS_loss = sum_l n_l (ubar_l - ubar)^2, SS_seed = sum_lr (u_lr - ubar_l)^2, "
+            "SS_total = SS_loss + SS_seed; loss share = SS_loss / SS_total (eta squared, one-way). With k "
+            "losses and no loss effect at all it is still (k - 1) / (N - 1) on average (chance share)."
+        ],
+    )
     oof = oof_table(analysis.experiments)
     if oof:
-        report.table("oof", "Cross-validation: out-of-fold scores of the training patients", *oof,
-                     ["Each training patient scored once per loss and seed, by the fold model that did not train on "
-                      "it (EXP/oof/per_patient.csv); per-patient means over seeds, then the mean over patients, as "
-                      "on the test split. A fold model's best.pt was chosen on those same patients, so these scores "
-                      "lean optimistic; the tests and the ranking stability above are on the test split."])
+        report.table(
+            "oof",
+            "Cross-validation: out-of-fold scores of the training patients",
+            *oof,
+            [
+                "Each training patient scored once per loss and seed, by the fold model that did not train on "
+                "it (EXP/oof/per_patient.csv); per-patient means over seeds, then the mean over patients, as "
+                "on the test split. A fold model's best.pt was chosen on those same patients, so these scores "
+                "lean optimistic; the tests and the ranking stability above are on the test split."
+            ],
+        )
     report.table("cells", "Cells", *cells_table(analysis.experiments))
     write_text(out / "report.md", "\n".join(report.lines))
 

@@ -18,8 +18,15 @@ from microseg.experiment_cell import cell_state, check_cell_folder, write_oof
 EXECUTORS = ("local", "slurm")
 
 
-def run_experiment(out: str, plan_values: dict[str, Any], add: bool = False, executor: str = "local", jobs: int = 1,
-                   device: str = "auto", slurm: dict[str, Any] | None = None) -> Experiment:
+def run_experiment(
+    out: str,
+    plan_values: dict[str, Any],
+    add: bool = False,
+    executor: str = "local",
+    jobs: int = 1,
+    device: str = "auto",
+    slurm: dict[str, Any] | None = None,
+) -> Experiment:
     """Open (or create) the experiment at `out` and run its unfinished cells; returns it.
 
     Local: the cells run here, in `jobs` workers, and the command ends when they have; a failed
@@ -47,9 +54,12 @@ def run_experiment(out: str, plan_values: dict[str, Any], add: bool = False, exe
             states[cell.id] = cell_state(experiment, cell).name
     todo = [cell for cell in experiment.cells if cell.id not in active and states[cell.id] != "done"]
     finished = sum(1 for state in states.values() if state == "done")
-    print(f"experiment {experiment.path}: {len(experiment.cells)} cell(s), {finished} done"
-          + (f", {len(active)} queued or running in SLURM" if active else "")
-          + f", {len(todo)} to run", flush=True)
+    print(
+        f"experiment {experiment.path}: {len(experiment.cells)} cell(s), {finished} done"
+        + (f", {len(active)} queued or running in SLURM" if active else "")
+        + f", {len(todo)} to run",
+        flush=True,
+    )
     if executor == "slurm":
         from microseg.experiment_slurm import submit
 
@@ -63,8 +73,10 @@ def run_experiment(out: str, plan_values: dict[str, Any], add: bool = False, exe
     if oof is not None and oof.is_file():
         print(f"out-of-fold per-patient scores: {oof}")
     if failed:
-        raise MicrosegError(f"{len(failed)} of {len(experiment.cells)} cells failed (first: {failed[0]}); their "
-                            f"logs are in {experiment.path / 'logs'}; run the plan again to retry them")
+        raise MicrosegError(
+            f"{len(failed)} of {len(experiment.cells)} cells failed (first: {failed[0]}); their "
+            f"logs are in {experiment.path / 'logs'}; run the plan again to retry them"
+        )
     return experiment
 
 
@@ -87,9 +99,11 @@ def experiment_status(path: str) -> str:
         fold = "-" if cell.fold is None else str(cell.fold)
         rows.append(f"  {cell.id:<40} {cell.loss:<24} {cell.seed:>6} {fold:>4}  {described}")
     plan = experiment.plan
-    head = (f"experiment {experiment.path}: {len(plan.losses)} loss(es) x {len(plan.seeds)} seed(s) x "
-            f"{plan.folds or 'no'} fold(s) = {len(experiment.cells)} cell(s): "
-            + ", ".join(f"{n} {name}" for name, n in sorted(counts.items())))
+    head = (
+        f"experiment {experiment.path}: {len(plan.losses)} loss(es) x {len(plan.seeds)} seed(s) x "
+        f"{plan.folds or 'no'} fold(s) = {len(experiment.cells)} cell(s): "
+        + ", ".join(f"{n} {name}" for name, n in sorted(counts.items()))
+    )
     title = f"  {'cell':<40} {'loss':<24} {'seed':>6} {'fold':>4}  state"
     oof = experiment.oof_file
     tail = [f"out-of-fold scores: {oof}"] if plan.folds and oof.is_file() else []

@@ -72,8 +72,10 @@ def active_jobs(experiment: Experiment, required: bool = True) -> dict[str, str]
     active = {}
     for cell_id, task in tasks.items():
         job, index = task.split("_")
-        state = queue.get(task) or next((s for j, s in pending.items() if j.split("_")[0] == job
-                                         and _in_range(int(index), j.split("_", 1)[1])), None)
+        state = queue.get(task) or next(
+            (s for j, s in pending.items() if j.split("_")[0] == job and _in_range(int(index), j.split("_", 1)[1])),
+            None,
+        )
         if state in ACTIVE_STATES:
             active[cell_id] = state.lower()
     return active
@@ -88,15 +90,24 @@ def _in_range(index: int, spec: str) -> bool:
     return False
 
 
-def submit(experiment: Experiment, cells: list[Cell], partition: str | None = None, time: str | None = None,
-           gpus: int | None = None, extra: list[str] | tuple[str, ...] = ()) -> str:
+def submit(
+    experiment: Experiment,
+    cells: list[Cell],
+    partition: str | None = None,
+    time: str | None = None,
+    gpus: int | None = None,
+    extra: list[str] | tuple[str, ...] = (),
+) -> str:
     """Submit `cells` as one job array; returns the job id."""
     check_slurm()
     folder = experiment.path / "slurm"
     number = len(list(folder.glob("array-*.sh"))) + 1 if folder.is_dir() else 1
     script = folder / f"array-{number}.sh"
-    options = [f"--job-name=microseg-{experiment.path.resolve().name}", f"--array=0-{len(cells) - 1}",
-               f"--output={(experiment.path / 'logs').resolve()}/slurm-%A_%a.out"]
+    options = [
+        f"--job-name=microseg-{experiment.path.resolve().name}",
+        f"--array=0-{len(cells) - 1}",
+        f"--output={(experiment.path / 'logs').resolve()}/slurm-%A_%a.out",
+    ]
     options += [f"--partition={partition}"] if partition else []
     options += [f"--time={time}"] if time else []
     options += [f"--gpus-per-task={gpus}"] if gpus else []
@@ -111,24 +122,31 @@ def submit(experiment: Experiment, cells: list[Cell], partition: str | None = No
     job = result.stdout.strip().split(";")[0]
     tasks = submitted(experiment) | {cell.id: f"{job}_{i}" for i, cell in enumerate(cells)}
     write_text(_jobs_file(experiment), json.dumps(tasks, indent=1) + "\n")
-    print(f"submitted {len(cells)} cell(s) as SLURM job array {job} ({script}); follow them with "
-          f"`microseg experiment status {experiment.path}`; run the plan again to resubmit failed or "
-          "timed-out cells", flush=True)
+    print(
+        f"submitted {len(cells)} cell(s) as SLURM job array {job} ({script}); follow them with "
+        f"`microseg experiment status {experiment.path}`; run the plan again to resubmit failed or "
+        "timed-out cells",
+        flush=True,
+    )
     return job
 
 
 def _script(experiment: Experiment, cells: list[Cell], options: list[str]) -> str:
     """The array's batch script: task i runs cell i with this Python and PYTHONPATH, from this folder."""
     package_root = str(Path(__file__).resolve().parents[1])
-    path = os.pathsep.join(dict.fromkeys([package_root, *filter(None, os.environ.get("PYTHONPATH", "").split(
-        os.pathsep))]))
+    path = os.pathsep.join(
+        dict.fromkeys([package_root, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
+    )
     ids = " ".join(shlex.quote(cell.id) for cell in cells)
-    lines = ["#!/bin/bash", *(f"#SBATCH {option}" for option in options),
-             f"cd {shlex.quote(os.getcwd())}",
-             f"export PYTHONPATH={shlex.quote(path)}",
-             f"cells=({ids})",
-             'cell="${cells[$SLURM_ARRAY_TASK_ID]}"',
-             f'exec {shlex.quote(sys.executable)} -m microseg experiment cell '
-             f'{shlex.quote(str(experiment.path.resolve()))} "$cell" >> '
-             f'{shlex.quote(str((experiment.path / "logs").resolve()))}/"$cell".log 2>&1']
+    lines = [
+        "#!/bin/bash",
+        *(f"#SBATCH {option}" for option in options),
+        f"cd {shlex.quote(os.getcwd())}",
+        f"export PYTHONPATH={shlex.quote(path)}",
+        f"cells=({ids})",
+        'cell="${cells[$SLURM_ARRAY_TASK_ID]}"',
+        f"exec {shlex.quote(sys.executable)} -m microseg experiment cell "
+        f'{shlex.quote(str(experiment.path.resolve()))} "$cell" >> '
+        f'{shlex.quote(str((experiment.path / "logs").resolve()))}/"$cell".log 2>&1',
+    ]
     return "\n".join(lines) + "\n"

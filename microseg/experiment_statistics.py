@@ -58,8 +58,9 @@ class Scores:
 
     def seed_sd(self) -> np.ndarray:
         """The sd (ddof 1) of each loss's run means over its replicates; NaN with fewer than 2."""
-        return np.array([np.std(u[~np.isnan(u)], ddof=1) if np.sum(~np.isnan(u)) > 1 else math.nan
-                         for u in self.run_means()])
+        return np.array(
+            [np.std(u[~np.isnan(u)], ddof=1) if np.sum(~np.isnan(u)) > 1 else math.nan for u in self.run_means()]
+        )
 
     def runs(self) -> np.ndarray:
         """How many replicates each loss has (runs with at least one scored patient)."""
@@ -75,9 +76,14 @@ def _nanmean(x: np.ndarray, axis: int) -> np.ndarray:
         return np.where(count > 0, total / np.maximum(count, 1), math.nan)
 
 
-def build_scores(per_run: Mapping[tuple[str, str], Mapping[str, Mapping[str, float]]], key: str,
-                 higher_is_better: bool, losses: Sequence[str], replicates: Sequence[str],
-                 patients: Sequence[str]) -> Scores:
+def build_scores(
+    per_run: Mapping[tuple[str, str], Mapping[str, Mapping[str, float]]],
+    key: str,
+    higher_is_better: bool,
+    losses: Sequence[str],
+    replicates: Sequence[str],
+    patients: Sequence[str],
+) -> Scores:
     """`Scores` of metric `key` from {(loss, replicate): {patient: {metric: value}}}, in the given orders."""
     values = np.full((len(losses), len(replicates), len(patients)), math.nan)
     for (loss, replicate), rows in per_run.items():
@@ -112,8 +118,9 @@ def bootstrap_means(scores: Scores, n_resamples: int = BOOTSTRAP_RESAMPLES, seed
     with np.errstate(invalid="ignore", divide="ignore"):
         m = np.einsum("br,lrp->blp", rep_count, x) / np.einsum("br,lrp->blp", rep_count, valid.astype(np.float64))
         m_valid = ~np.isnan(m)
-        return (np.einsum("bp,blp->bl", patient_count, np.where(m_valid, m, 0.0))
-                / np.einsum("bp,blp->bl", patient_count, m_valid.astype(np.float64)))
+        return np.einsum("bp,blp->bl", patient_count, np.where(m_valid, m, 0.0)) / np.einsum(
+            "bp,blp->bl", patient_count, m_valid.astype(np.float64)
+        )
 
 
 def rank_frequencies(boot_means: np.ndarray, higher_is_better: bool) -> np.ndarray:
@@ -164,8 +171,20 @@ def loss_differences(all_scores: Mapping[str, Scores], boot: Mapping[str, np.nda
             diffs = diffs[~np.isnan(diffs)]
             lo, hi = np.percentile(diffs, [lo_q, hi_q]) if diffs.size else (math.nan, math.nan)
             noise = float(np.nanmax(sd[[a, b]])) if not np.isnan(sd[[a, b]]).all() else math.nan
-            found.append(LossDifference(metric, scores.losses[a], scores.losses[b], int(both.sum()),
-                                        float(means[a] - means[b]), (float(lo), float(hi)), stat, p, math.nan, noise))
+            found.append(
+                LossDifference(
+                    metric,
+                    scores.losses[a],
+                    scores.losses[b],
+                    int(both.sum()),
+                    float(means[a] - means[b]),
+                    (float(lo), float(hi)),
+                    stat,
+                    p,
+                    math.nan,
+                    noise,
+                )
+            )
     for difference, adjusted in zip(found, holm([d.p_value for d in found])):
         difference.p_holm = float(adjusted)
     return found

@@ -51,8 +51,9 @@ def save_png(fig, path: str | Path, dpi: int = 120) -> None:
     pyplot().close(fig)
 
 
-def plot_loss_curves(histories: Mapping[str, Sequence[Mapping[str, float]]], path: Path,
-                     colours: Mapping[str, str] | None = None) -> None:
+def plot_loss_curves(
+    histories: Mapping[str, Sequence[Mapping[str, float]]], path: Path, colours: Mapping[str, str] | None = None
+) -> None:
     """Three panels across epochs: own loss, common-ruler BCE, validation DSC (if any run has it).
 
     `histories`: run label -> its history rows (epoch, loss, bce, val_dsc ...).
@@ -85,8 +86,13 @@ PANEL_TITLES = {
 }
 
 
-def plot_stratified(header: Sequence[str], rows: Sequence[Sequence], out_png: str | Path,
-                    colours: Mapping[str, str] | None = None, factors: Sequence[tuple] = FACTORS) -> None:
+def plot_stratified(
+    header: Sequence[str],
+    rows: Sequence[Sequence],
+    out_png: str | Path,
+    colours: Mapping[str, str] | None = None,
+    factors: Sequence[tuple] = FACTORS,
+) -> None:
     """A-FL Fig. 3 layout: one panel per factor (per slice: size, roughness; per patient: volume,
     smoothness), one group of bars per stratum, one bar per run, error bars = std, mean DSC
     written above each bar. `header` is [run, factor, stratum, mean_dsc, std_dsc, n_slices |
@@ -108,8 +114,9 @@ def plot_stratified(header: Sequence[str], rows: Sequence[Sequence], out_png: st
             got = [cell.get((run, factor, label)) for label in labels]
             mean = [r[col["mean_dsc"]] if r else math.nan for r in got]
             std = [r[col["std_dsc"]] if r else math.nan for r in got]
-            bars = ax.bar(x + (i - (len(runs) - 1) / 2) * width, mean, width, yerr=std, capsize=3,
-                          label=run, color=colours[run])
+            bars = ax.bar(
+                x + (i - (len(runs) - 1) / 2) * width, mean, width, yerr=std, capsize=3, label=run, color=colours[run]
+            )
             ax.bar_label(bars, labels=["" if math.isnan(m) else f"{m:.3f}" for m in mean], fontsize=7, padding=2)
         ax.set_xticks(x, labels)
         ax.set_ylim(bottom, 1.0)
@@ -117,8 +124,9 @@ def plot_stratified(header: Sequence[str], rows: Sequence[Sequence], out_png: st
         ax.set_title(PANEL_TITLES.get(factor, factor))
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(f"{unit.capitalize()} DSC stratified by " + " and ".join(f[0] for f in factors))
-    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside lower center", ncol=len(runs), fontsize=8,
-               frameon=False)
+    fig.legend(
+        *axes[0][0].get_legend_handles_labels(), loc="outside lower center", ncol=len(runs), fontsize=8, frameon=False
+    )
     save_png(fig, out_png)
 
 
@@ -135,9 +143,16 @@ def _crop(masks: Sequence[np.ndarray], shape: tuple[int, int], margin: float = 0
     return box[0], box[1]
 
 
-def plot_overlays(image: np.ndarray, expert: np.ndarray, preds: Mapping[str, np.ndarray], slices: Sequence[int],
-                  out_png: str | Path, title: str, crop: bool = True,
-                  colours: Mapping[str, str] | None = None) -> None:
+def plot_overlays(
+    image: np.ndarray,
+    expert: np.ndarray,
+    preds: Mapping[str, np.ndarray],
+    slices: Sequence[int],
+    out_png: str | Path,
+    title: str,
+    crop: bool = True,
+    colours: Mapping[str, str] | None = None,
+) -> None:
     """Micro-US adaptive focal Figs. 4-6: one row per run, one column per slice; each panel shows the image in
     grey, the expert contour in EXPERT_COLOUR and that run's contour in the run's colour (legend below),
     with the slice's DSC. Contours: matplotlib `contour` at level 0.5 on the native-resolution
@@ -165,8 +180,13 @@ def plot_overlays(image: np.ndarray, expert: np.ndarray, preds: Mapping[str, np.
     boxes = [_crop([expert[z]] + [m[z] for m in masks], image.shape[1:]) if crop else full for z in slices]
     aspect = np.mean([(b[0].stop - b[0].start) / (b[1].stop - b[1].start) for b in boxes])
     panel = 3.2  # inches per column
-    fig, axes = plt.subplots(max(1, len(runs)), len(slices), squeeze=False, layout="constrained",
-                             figsize=(panel * len(slices), (panel * aspect + 0.3) * max(1, len(runs)) + 0.7))
+    fig, axes = plt.subplots(
+        max(1, len(runs)),
+        len(slices),
+        squeeze=False,
+        layout="constrained",
+        figsize=(panel * len(slices), (panel * aspect + 0.3) * max(1, len(runs)) + 0.7),
+    )
     for col, (z, box) in enumerate(zip(slices, boxes)):
         for row, (run, mask, colour) in enumerate(runs or [("expert only", None, None)]):
             ax = axes[row][col]
@@ -217,12 +237,15 @@ def plot_case_preview(data_root: str | Path, split: str = "train", case_id: str 
     return target
 
 
-CURVE_PANELS = (("loss", "own training loss"), ("bce", "common-ruler BCE (main output)"),
-                ("val_dsc", "validation DSC"))
+CURVE_PANELS = (("loss", "own training loss"), ("bce", "common-ruler BCE (main output)"), ("val_dsc", "validation DSC"))
 
 
-def plot_curve_bands(bands: Mapping[str, Mapping[str, Sequence[Sequence[float]]]], path: Path, band: str,
-                     colours: Mapping[str, str] | None = None) -> None:
+def plot_curve_bands(
+    bands: Mapping[str, Mapping[str, Sequence[Sequence[float]]]],
+    path: Path,
+    band: str,
+    colours: Mapping[str, str] | None = None,
+) -> None:
     """Loss curves of repeated runs: per panel (CURVE_PANELS that any loss has) a line per loss
     (the mean over its runs per epoch) and a shaded band (`band` says which, e.g. "min-max over
     seeds and folds").
@@ -249,8 +272,13 @@ def plot_curve_bands(bands: Mapping[str, Mapping[str, Sequence[Sequence[float]]]
     save_png(fig, path)
 
 
-def plot_rank_blobs(losses: Sequence[str], frequencies: Mapping[str, np.ndarray], observed: Mapping[str, np.ndarray],
-                    path: Path, colours: Mapping[str, str] | None = None) -> None:
+def plot_rank_blobs(
+    losses: Sequence[str],
+    frequencies: Mapping[str, np.ndarray],
+    observed: Mapping[str, np.ndarray],
+    path: Path,
+    colours: Mapping[str, str] | None = None,
+) -> None:
     """challengeR's blob plot (Wiesenfarth et al. 2021), one panel per metric: for each loss (x, in
     the order of its observed rank) a disc at every rank it took in the bootstrap, its area the
     share of resamples; the observed rank as a black cross, the median and the 2.5-97.5 percentile
@@ -261,8 +289,13 @@ def plot_rank_blobs(losses: Sequence[str], frequencies: Mapping[str, np.ndarray]
     plt = pyplot()
     colours = colours or run_colours(list(losses))
     n = len(losses)
-    fig, axes = plt.subplots(1, len(frequencies), figsize=(max(4.0, 1.2 * n + 2) * len(frequencies), 3.8),
-                             squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        1,
+        len(frequencies),
+        figsize=(max(4.0, 1.2 * n + 2) * len(frequencies), 3.8),
+        squeeze=False,
+        layout="constrained",
+    )
     for ax, (title, freq) in zip(axes[0], frequencies.items()):
         order = sorted(range(n), key=lambda i: (observed[title][i], i))
         for x, i in enumerate(order):
@@ -280,13 +313,19 @@ def plot_rank_blobs(losses: Sequence[str], frequencies: Mapping[str, np.ndarray]
         ax.set_ylabel("rank (1 = best)")
         ax.set_title(f"rank by mean {title}", fontsize=10)
         ax.grid(alpha=0.3)
-    fig.suptitle("Ranking stability: bootstrap over patients and seeds (disc area = share of resamples; "
-                 "x observed rank)", fontsize=9)
+    fig.suptitle(
+        "Ranking stability: bootstrap over patients and seeds (disc area = share of resamples; x observed rank)",
+        fontsize=9,
+    )
     save_png(fig, path)
 
 
-def plot_significance_map(losses: Sequence[str], cells: Mapping[str, Mapping[tuple[int, int], tuple[float, float]]],
-                          path: Path, alpha: float = 0.05) -> None:
+def plot_significance_map(
+    losses: Sequence[str],
+    cells: Mapping[str, Mapping[tuple[int, int], tuple[float, float]]],
+    path: Path,
+    alpha: float = 0.05,
+) -> None:
     """challengeR's significance map, one panel per metric: cell (row a, column b) holds the mean
     difference a - b, signed so that positive means a is better, and its Holm-adjusted p;
     coloured when the adjusted p < `alpha` (green: row better; red: row worse), grey otherwise.
@@ -297,8 +336,13 @@ def plot_significance_map(losses: Sequence[str], cells: Mapping[str, Mapping[tup
     from matplotlib.colors import ListedColormap
 
     n = len(losses)
-    fig, axes = plt.subplots(1, len(cells), figsize=(max(3.5, 1.0 * n + 1.5) * len(cells), max(3.2, 0.9 * n + 1.5)),
-                             squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        1,
+        len(cells),
+        figsize=(max(3.5, 1.0 * n + 1.5) * len(cells), max(3.2, 0.9 * n + 1.5)),
+        squeeze=False,
+        layout="constrained",
+    )
     cmap = ListedColormap(["#d6604d", "#e0e0e0", "#4dac26"])
     for ax, (title, pairs) in zip(axes[0], cells.items()):
         grid = np.zeros((n, n))
@@ -316,16 +360,18 @@ def plot_significance_map(losses: Sequence[str], cells: Mapping[str, Mapping[tup
     save_png(fig, path)
 
 
-def plot_dot_box(losses: Sequence[str], values: Mapping[str, np.ndarray], path: Path,
-                 colours: Mapping[str, str] | None = None) -> None:
+def plot_dot_box(
+    losses: Sequence[str], values: Mapping[str, np.ndarray], path: Path, colours: Mapping[str, str] | None = None
+) -> None:
     """challengeR's dot-and-box plot, one panel per metric: per loss a box of its per-patient values
     (quartiles, whiskers at 1.5 IQR) over the points of the patients; a patient's points are joined
     by a grey line across the losses. `values`: metric title -> [loss, patient]."""
     plt = pyplot()
     colours = colours or run_colours(list(losses))
     n = len(losses)
-    fig, axes = plt.subplots(1, len(values), figsize=(max(4.0, 1.2 * n + 2) * len(values), 4.0), squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        1, len(values), figsize=(max(4.0, 1.2 * n + 2) * len(values), 4.0), squeeze=False, layout="constrained"
+    )
     for ax, (title, table) in zip(axes[0], values.items()):
         x = np.arange(n)
         for patient in np.asarray(table).T:
@@ -333,8 +379,16 @@ def plot_dot_box(losses: Sequence[str], values: Mapping[str, np.ndarray], path: 
         for i, loss in enumerate(losses):
             ax.scatter(np.full(table.shape[1], i), table[i], s=14, color=colours[loss], zorder=3)
         kept = [row[~np.isnan(row)] for row in table]
-        ax.boxplot(kept, positions=x, widths=0.45, showfliers=False, zorder=2,
-                   medianprops={"color": "black"}, boxprops={"facecolor": "none"}, patch_artist=True)
+        ax.boxplot(
+            kept,
+            positions=x,
+            widths=0.45,
+            showfliers=False,
+            zorder=2,
+            medianprops={"color": "black"},
+            boxprops={"facecolor": "none"},
+            patch_artist=True,
+        )
         ax.set_xticks(x, losses, rotation=20, ha="right", fontsize=8)
         ax.set_title(f"per-patient {title} (mean over runs)", fontsize=10)
         ax.grid(axis="y", alpha=0.3)

@@ -99,8 +99,9 @@ def _nearest(dst: np.ndarray, src: np.ndarray) -> np.ndarray:
     return cKDTree(dst, balanced_tree=False, compact_nodes=False).query(src)[0]
 
 
-def _percentile95(a: np.ndarray, b: np.ndarray, a_only: np.ndarray, b_only: np.ndarray, n_both: int,
-                  combine: str) -> float:
+def _percentile95(
+    a: np.ndarray, b: np.ndarray, a_only: np.ndarray, b_only: np.ndarray, n_both: int, combine: str
+) -> float:
     """HD95 from the two borders' points (`a`, `b`, in spacing units), those on one border only, and
     how many lie on both (distance 0; a percentile does not depend on the order)."""
     d_ab = np.concatenate((np.zeros(n_both), _nearest(b, a_only)))
@@ -110,8 +111,7 @@ def _percentile95(a: np.ndarray, b: np.ndarray, a_only: np.ndarray, b_only: np.n
     return float(np.percentile(np.concatenate((d_ab, d_ba)), 95))
 
 
-def hd95(pred: np.ndarray, ref: np.ndarray, spacing: float | Sequence[float] = 1.0,
-         combine: str = "pooled") -> float:
+def hd95(pred: np.ndarray, ref: np.ndarray, spacing: float | Sequence[float] = 1.0, combine: str = "pooled") -> float:
     """95th-percentile Hausdorff distance in the units of `spacing`, as `medpy.metric.binary.hd95`.
 
     Any number of dimensions; `spacing` is one value per axis (or one for all). Both borders are
@@ -131,8 +131,14 @@ def hd95(pred: np.ndarray, ref: np.ndarray, spacing: float | Sequence[float] = 1
     (lo_a, hi_a), (lo_b, hi_b) = _bbox(a), _bbox(b)
     box = tuple(slice(lo, hi) for lo, hi in zip(np.minimum(lo_a, lo_b), np.maximum(hi_a, hi_b)))
     border_a, border_b = _border(np.pad(a[box], 1)), _border(np.pad(b[box], 1))
-    return _percentile95(_points(border_a) * s, _points(border_b) * s, _points(border_a & ~border_b) * s,
-                         _points(border_b & ~border_a) * s, int(np.count_nonzero(border_a & border_b)), combine)
+    return _percentile95(
+        _points(border_a) * s,
+        _points(border_b) * s,
+        _points(border_a & ~border_b) * s,
+        _points(border_b & ~border_a) * s,
+        int(np.count_nonzero(border_a & border_b)),
+        combine,
+    )
 
 
 def _check_combine(combine: str) -> None:
@@ -171,8 +177,9 @@ def _mean(values: list[float]) -> float:
     return float(np.mean(finite)) if finite else math.nan
 
 
-def score_case(pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, float, float],
-               protocol: str, one_sided_hd95: str = "skip") -> CaseScore:
+def score_case(
+    pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, float, float], protocol: str, one_sided_hd95: str = "skip"
+) -> CaseScore:
     """Score a predicted volume [Z,H,W] against its reference; spacing (sz, sy, sx) in mm.
 
     Protocols (MicroSegNet's evaluation, and two variants):
@@ -204,8 +211,13 @@ class CaseScorer:
     slab plus the border points (a surface, not a volume).
     """
 
-    def __init__(self, shape_zyx: tuple[int, int, int], spacing: tuple[float, float, float], protocol: str,
-                 one_sided_hd95: str = "skip"):
+    def __init__(
+        self,
+        shape_zyx: tuple[int, int, int],
+        spacing: tuple[float, float, float],
+        protocol: str,
+        one_sided_hd95: str = "skip",
+    ):
         check_protocol(protocol)
         if one_sided_hd95 not in ONE_SIDED_HD95:
             raise MicrosegError(f"unknown one_sided_hd95 {one_sided_hd95!r}; valid: {', '.join(ONE_SIDED_HD95)}")
@@ -223,11 +235,12 @@ class CaseScorer:
         """Score the next slab of both masks ([n,H,W], non-zero = object)."""
         pred, ref = _masks(pred, ref)
         if pred.ndim != 3 or pred.shape[1:] != self.shape[1:] or self.z + len(pred) > self.shape[0]:
-            raise MicrosegError(f"slab of shape {pred.shape} does not continue a volume of shape {self.shape} "
-                                f"at slice {self.z}")
+            raise MicrosegError(
+                f"slab of shape {pred.shape} does not continue a volume of shape {self.shape} at slice {self.z}"
+            )
         z0, self.z = self.z, self.z + len(pred)
         has_p, has_r = pred.reshape(len(pred), -1).any(1), ref.reshape(len(ref), -1).any(1)
-        self.has_p[z0:self.z], self.has_r[z0:self.z] = has_p, has_r
+        self.has_p[z0 : self.z], self.has_r[z0 : self.z] = has_p, has_r
         if self.protocol == "volume":
             self._add_volume(pred, ref, z0)
             return
@@ -237,16 +250,22 @@ class CaseScorer:
             if has_p[k] and has_r[k]:
                 self.per_slice.append(SliceScore(z0 + int(k), dice(pred[k], ref[k]), hd95(pred[k], ref[k], s[1:])))
             else:
-                self.per_slice.append(SliceScore(z0 + int(k), 0.0,
-                                                 diagonal if self.one_sided_hd95 == "diagonal" else math.nan))
+                self.per_slice.append(
+                    SliceScore(z0 + int(k), 0.0, diagonal if self.one_sided_hd95 == "diagonal" else math.nan)
+                )
 
     def _add_volume(self, pred: np.ndarray, ref: np.ndarray, z0: int) -> None:
         self.counts += (np.count_nonzero(pred), np.count_nonzero(ref), np.count_nonzero(pred & ref))
         either = pred | ref
         if either.any():
-            self.lo = np.minimum(self.lo, [z0 + int(np.flatnonzero(either.any((1, 2)))[0]),
-                                           int(np.flatnonzero(either.any((0, 2)))[0]),
-                                           int(np.flatnonzero(either.any((0, 1)))[0])])
+            self.lo = np.minimum(
+                self.lo,
+                [
+                    z0 + int(np.flatnonzero(either.any((1, 2)))[0]),
+                    int(np.flatnonzero(either.any((0, 2)))[0]),
+                    int(np.flatnonzero(either.any((0, 1)))[0]),
+                ],
+            )
         for i, mask in enumerate((pred, ref)):
             self._borders(i, mask, z0)
 
@@ -272,8 +291,14 @@ class CaseScorer:
         n_one_sided, n_both_empty = int(np.sum(has_p ^ has_r)), int(np.sum(~has_p & ~has_r))
         if self.protocol != "volume":
             per_slice = self.per_slice
-            return CaseScore(_mean([p.dsc for p in per_slice]), _mean([p.hd95_mm for p in per_slice]),
-                             len(per_slice), n_one_sided, n_both_empty, list(per_slice))
+            return CaseScore(
+                _mean([p.dsc for p in per_slice]),
+                _mean([p.hd95_mm for p in per_slice]),
+                len(per_slice),
+                n_one_sided,
+                n_both_empty,
+                list(per_slice),
+            )
         n = int(np.sum(has_p | has_r))
         if has_p.any() and has_r.any():
             n_p, n_r, n_pr = (int(c) for c in self.counts)

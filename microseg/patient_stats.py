@@ -43,5 +43,5 @@ def patient_statistics(expert_volume_zyx: Any, spacing_zyx: Sequence[float] | No
         squared = np.zeros_like(mask)
         for axis in axes:
             squared += np.gradient(mask, spacing[axis], axis=axis) ** 2
-        total += float(np.sqrt(squared[start - lo:start - lo + step]).sum())
+        total += float(np.sqrt(squared[start - lo : start - lo + step]).sum())
     return float(np.count_nonzero(volume)) / volume.size, total / volume.size

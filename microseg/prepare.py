@@ -29,8 +29,9 @@ def prepare_cache(data_root: str | Path, out: str | Path, size: int = 224, jobs:
     this process writes them in order, so the cache is the same whatever `jobs` is.
     """
     if size < SIZE_MULTIPLE or size % SIZE_MULTIPLE:
-        raise OptionError(f"`size` must be a positive multiple of {SIZE_MULTIPLE}, the models' patch stride "
-                            f"(got {size})")
+        raise OptionError(
+            f"`size` must be a positive multiple of {SIZE_MULTIPLE}, the models' patch stride (got {size})"
+        )
     jobs = check_jobs(jobs)
     root, out = Path(data_root).resolve(), Path(out)
     require_writable(out)

@@ -61,16 +61,20 @@ def fetch_from_hub(tag: str) -> Path:
         cached = Path(hf_hub_download(repo, HUB_FILE))
     except LocalEntryNotFoundError:
         why = "HF_HUB_OFFLINE is set" if constants.is_offline_mode() else "no network"
-        raise MicrosegError(f"cannot reach the Hugging Face Hub for {repo} ({why}) and {HUB_FILE} is not in "
-                            f"the local cache {constants.HF_HUB_CACHE}") from None
+        raise MicrosegError(
+            f"cannot reach the Hugging Face Hub for {repo} ({why}) and {HUB_FILE} is not in "
+            f"the local cache {constants.HF_HUB_CACHE}"
+        ) from None
     except HfHubHTTPError as err:
         raise MicrosegError(f"Hugging Face Hub, {repo}/{HUB_FILE}: {str(err).splitlines()[0]}") from None
     blob = cached.resolve()
     if re.fullmatch(r"[0-9a-f]{64}", blob.name):  # an LFS file: the blob is named by its sha256
         actual = sha256(blob)
         if actual != blob.name:
-            raise MicrosegError(f"{cached}: sha256 {actual} does not match the hub's {blob.name}; "
-                                f"delete it from the cache and fetch again")
+            raise MicrosegError(
+                f"{cached}: sha256 {actual} does not match the hub's {blob.name}; "
+                f"delete it from the cache and fetch again"
+            )
         print(f"sha256 ok: {blob.name} ({repo})")
     return cached
 
@@ -80,13 +84,15 @@ def verify_weights(spec: PretrainedSpec, path: Path) -> str:
     report = load_weights(build_model(spec.model), path)
     missing = [key for key in report.missing if key.startswith("encoder.")]
     if missing:
-        raise MicrosegError(f"{path}: incomplete {spec.name} weights: {len(missing)} encoder tensors missing "
-                            f"(first: {missing[0]})")
+        raise MicrosegError(
+            f"{path}: incomplete {spec.name} weights: {len(missing)} encoder tensors missing (first: {missing[0]})"
+        )
     return format_load_report(report)
 
 
-def download_weights(name: str, out: str | os.PathLike | None = None, source: str = "hub",
-                     progress: bool | None = None) -> Path:
+def download_weights(
+    name: str, out: str | os.PathLike | None = None, source: str = "hub", progress: bool | None = None
+) -> Path:
     """Fetch, verify and write the named weights into the weights folder; returns the file."""
     from microseg.download import ResumableDownloader, partial_path
 

@@ -37,9 +37,17 @@ from microseg.preprocess import REFERENCE_KERNEL_SIZES
 DEFAULT_RECIPE = "default"
 
 MICROSEGNET_OPTIMISATION: dict[str, Any] = {
-    "optimizer": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "batch_size": 8, "epochs": 10,
-    "poly_power": 0.9, "seed": 1234, "ds_kernel_sizes": list(REFERENCE_KERNEL_SIZES),
-    "ds_weights": [1.0] * len(REFERENCE_KERNEL_SIZES), "weights": "R50-ViT-B_16",
+    "optimizer": "sgd",
+    "lr": 0.01,
+    "momentum": 0.9,
+    "weight_decay": 1e-4,
+    "batch_size": 8,
+    "epochs": 10,
+    "poly_power": 0.9,
+    "seed": 1234,
+    "ds_kernel_sizes": list(REFERENCE_KERNEL_SIZES),
+    "ds_weights": [1.0] * len(REFERENCE_KERNEL_SIZES),
+    "weights": "R50-ViT-B_16",
 }
 """MicroSegNet's trainer, which the micro-US adaptive focal paper states the same numbers for."""
 
@@ -57,15 +65,29 @@ RECIPES: dict[str, Recipe] = {
     recipe.name: recipe
     for recipe in (
         Recipe(DEFAULT_RECIPE, {}, "no published number by itself"),
-        Recipe("microsegnet",
-               {**MICROSEGNET_OPTIMISATION, "loss": "ag_bce", "model": "R50-ViT-B_16-port", "augment": False,
-                "prediction_resize": "nearest"},
-               "MicroSegNet: AG-BCE DSC 0.939, HD95 2.02 mm"),
-        Recipe("adaptive-focal",
-               {**MICROSEGNET_OPTIMISATION, "loss": "adaptive_focal", "model": "R50-ViT-B_16", "augment": True,
-                "prediction_resize": "nearest"},
-               "micro-US adaptive focal: adaptive focal 0.9400 / 1.9487 mm (--loss focal: 0.9140 / 2.4973 mm, "
-               "--loss ag_bce: 0.9398 / 2.0006 mm)"),
+        Recipe(
+            "microsegnet",
+            {
+                **MICROSEGNET_OPTIMISATION,
+                "loss": "ag_bce",
+                "model": "R50-ViT-B_16-port",
+                "augment": False,
+                "prediction_resize": "nearest",
+            },
+            "MicroSegNet: AG-BCE DSC 0.939, HD95 2.02 mm",
+        ),
+        Recipe(
+            "adaptive-focal",
+            {
+                **MICROSEGNET_OPTIMISATION,
+                "loss": "adaptive_focal",
+                "model": "R50-ViT-B_16",
+                "augment": True,
+                "prediction_resize": "nearest",
+            },
+            "micro-US adaptive focal: adaptive focal 0.9400 / 1.9487 mm (--loss focal: 0.9140 / 2.4973 mm, "
+            "--loss ag_bce: 0.9398 / 2.0006 mm)",
+        ),
     )
 }
 

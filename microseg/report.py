@@ -43,8 +43,11 @@ from microseg.significance import (
 from microseg.tables import SUMMARY_ROWS, markdown_table, write_csv
 
 METRICS = (("dsc", "DSC"), ("hd95_mm", "HD95 (mm)"))
-FINDINGS = (("dsc", "DSC", True, "", 4), ("hd95_mm", "HD95", False, " mm", 3),
-            ("hard_dsc", "DSC inside the hard region", True, "", 4))
+FINDINGS = (
+    ("dsc", "DSC", True, "", 4),
+    ("hd95_mm", "HD95", False, " mm", 3),
+    ("hard_dsc", "DSC inside the hard region", True, "", 4),
+)
 """(per-patient key, name, higher is better, unit, decimals) of each result the paragraph states."""
 TESTED = METRICS + (("hard_dsc", "hard-region DSC"),)
 """The metrics of the paired tests: with every pair of runs, the family their p are Holm-adjusted over."""
@@ -93,7 +96,9 @@ def rater_table(records: list[RunRecord], raters: list[str]) -> tuple[list[str],
     for r in records:
         within = total = 0
         for case, values in r.patients.items():
-            lowest = min((rater_source.patients.get(case, {}).get(f"{n}_dsc", math.nan) for n in raters), default=math.nan)
+            lowest = min(
+                (rater_source.patients.get(case, {}).get(f"{n}_dsc", math.nan) for n in raters), default=math.nan
+            )
             if not (math.isnan(lowest) or math.isnan(values.get("dsc", math.nan))):
                 total += 1
                 within += values["dsc"] >= lowest
@@ -103,8 +108,14 @@ def rater_table(records: list[RunRecord], raters: list[str]) -> tuple[list[str],
 
 def hard_region_table(records: list[RunRecord]) -> tuple[list[str], list[list]]:
     """DSC and error rate inside the region where the annotators disagree, per patient and run."""
-    return metric_table(records, [(f"{r.label} {label}", r, key) for r in records
-                                  for key, label in (("hard_dsc", "hard DSC"), ("hard_error_rate", "hard error rate"))])
+    return metric_table(
+        records,
+        [
+            (f"{r.label} {label}", r, key)
+            for r in records
+            for key, label in (("hard_dsc", "hard DSC"), ("hard_error_rate", "hard error rate"))
+        ],
+    )
 
 
 def require_same_evaluation(records: list[RunRecord]) -> None:
@@ -121,12 +132,16 @@ def require_same_evaluation(records: list[RunRecord]) -> None:
             groups.setdefault(str(r.evaluation.get(key, "unknown (no evaluation.json)")), []).append(str(r.path))
         if len(groups) > 1:
             what = "; ".join(f"{key} {value}: {', '.join(paths)}" for value, paths in groups.items())
-            raise MicrosegError(f"cannot compare runs evaluated with different {key}s ({what}); "
-                                f"evaluate them all with the same --split and --protocol")
+            raise MicrosegError(
+                f"cannot compare runs evaluated with different {key}s ({what}); "
+                f"evaluate them all with the same --split and --protocol"
+            )
     folders = {r.evaluation["data"] for r in evaluated if "data" in r.evaluation}
     if len(folders) > 1:
-        warn(f"the runs were evaluated on different data folders ({', '.join(sorted(folders))}); "
-             "patients are paired by case id")
+        warn(
+            f"the runs were evaluated on different data folders ({', '.join(sorted(folders))}); "
+            "patients are paired by case id"
+        )
 
 
 def compared_section(records: list[RunRecord]) -> list[str]:
@@ -135,18 +150,35 @@ def compared_section(records: list[RunRecord]) -> list[str]:
     rows = []
     for r in records:
         ev = r.evaluation
-        checkpoint = (f"{ev['checkpoint']} (epoch {ev.get('checkpoint_epoch', '?')})" if "checkpoint" in ev
-                      else "not recorded" if r.patients else "not evaluated")
-        rows.append([r.name, r.loss, r.config.get("model", "?"), f"{len(r.history)} of {r.config.get('epochs', '?')}",
-                     checkpoint, ev.get("resize", "-"), len(r.patients)])
+        checkpoint = (
+            f"{ev['checkpoint']} (epoch {ev.get('checkpoint_epoch', '?')})"
+            if "checkpoint" in ev
+            else "not recorded"
+            if r.patients
+            else "not evaluated"
+        )
+        rows.append(
+            [
+                r.name,
+                r.loss,
+                r.config.get("model", "?"),
+                f"{len(r.history)} of {r.config.get('epochs', '?')}",
+                checkpoint,
+                ev.get("resize", "-"),
+                len(r.patients),
+            ]
+        )
     lines = ["## What was compared", "", markdown_table(header, rows), ""]
     evaluated = [r for r in records if r.evaluation]
     if evaluated:
         ev = evaluated[0].evaluation
         cases = sorted(set().union(*(r.patients for r in records)), key=lambda c: (len(c), c))
         data = ", ".join(sorted({r.evaluation.get("data", "?") for r in evaluated}))
-        lines += [f"Data: {data}; split {ev.get('split', '?')}, protocol {ev.get('protocol', '?')}; "
-                  f"{len(cases)} patients ({', '.join(cases)}).", ""]
+        lines += [
+            f"Data: {data}; split {ev.get('split', '?')}, protocol {ev.get('protocol', '?')}; "
+            f"{len(cases)} patients ({', '.join(cases)}).",
+            "",
+        ]
     else:
         lines += ["No run has been evaluated: only the training curves are compared.", ""]
     return lines
@@ -165,8 +197,15 @@ def _oriented(family: dict[tuple[int, int, str], PairedDifference], i: int, j: i
     return dataclasses.replace(d, mean=-d.mean, median=-d.median, ci95=(-d.ci95[1], -d.ci95[0]))
 
 
-def _finding(records: list[RunRecord], family: dict[tuple[int, int, str], PairedDifference], key: str, name: str,
-             higher: bool, unit: str, digits: int) -> str | None:
+def _finding(
+    records: list[RunRecord],
+    family: dict[tuple[int, int, str], PairedDifference],
+    key: str,
+    name: str,
+    higher: bool,
+    unit: str,
+    digits: int,
+) -> str | None:
     """One sentence: the best run on `key` (by its mean over patients) and its paired differences to the others."""
     means = {i: summarize([p.get(key, math.nan) for p in r.patients.values()]) for i, r in enumerate(records)}
     valid = {i: m["mean"] for i, m in means.items() if m["n"]}
@@ -174,8 +213,9 @@ def _finding(records: list[RunRecord], family: dict[tuple[int, int, str], Paired
         return None
     best = (max if higher else min)(valid, key=valid.get)
     run = records[best]
-    sentence = (f"On {name} the best is {run.label} (mean {valid[best]:.{digits}f}{unit} over "
-                f"{means[best]['n']} patients)")
+    sentence = (
+        f"On {name} the best is {run.label} (mean {valid[best]:.{digits}f}{unit} over {means[best]['n']} patients)"
+    )
     if len(records) == 1:
         return sentence + "; there is no other run to compare it with."
     parts = []
@@ -191,8 +231,10 @@ def _finding(records: list[RunRecord], family: dict[tuple[int, int, str], Paired
             p += f", the smallest {d.n} patients allow"
         if not math.isnan(d.p_holm):
             p += f", Holm-adjusted {d.p_holm:.3g}"
-        parts.append(f"{d.mean:+.{digits}f}{unit} against {other.label} (95% CI {lo:+.{digits}f} to {hi:+.{digits}f}, "
-                     f"Wilcoxon p = {p}, n = {d.n}): {verdict}")
+        parts.append(
+            f"{d.mean:+.{digits}f}{unit} against {other.label} (95% CI {lo:+.{digits}f} to {hi:+.{digits}f}, "
+            f"Wilcoxon p = {p}, n = {d.n}): {verdict}"
+        )
     return f"{sentence}: " + "; ".join(parts) + "."
 
 
@@ -212,19 +254,27 @@ def results_paragraph(records: list[RunRecord]) -> str:
     n = max(len(r.patients) for r in scored)
     if len(scored) > 1:
         size = sum(not math.isnan(d.p_value) for d in family.values())
-        sentences.append(f"The {size} Wilcoxon tests ({len(scored) * (len(scored) - 1) // 2} pair(s) of runs x "
-                         f"{', '.join(label for _, label in tested)}) are one family: their p are Holm-adjusted "
-                         "over it (wilcoxon.csv).")
-        sentences.append(f"A difference is within noise when its 95% CI (percentile bootstrap over patients, "
-                         f"{BOOTSTRAP_RESAMPLES:,} resamples) covers 0 or its adjusted p >= {ALPHA}.")
+        sentences.append(
+            f"The {size} Wilcoxon tests ({len(scored) * (len(scored) - 1) // 2} pair(s) of runs x "
+            f"{', '.join(label for _, label in tested)}) are one family: their p are Holm-adjusted "
+            "over it (wilcoxon.csv)."
+        )
+        sentences.append(
+            f"A difference is within noise when its 95% CI (percentile bootstrap over patients, "
+            f"{BOOTSTRAP_RESAMPLES:,} resamples) covers 0 or its adjusted p >= {ALPHA}."
+        )
         floor = min_wilcoxon_p(n)
-        limit = (f"With {n} patients the exact two-sided Wilcoxon signed-rank test cannot give p below "
-                 f"2 / 2^{n} = {floor:.3g}")
+        limit = (
+            f"With {n} patients the exact two-sided Wilcoxon signed-rank test cannot give p below "
+            f"2 / 2^{n} = {floor:.3g}"
+        )
         if floor >= ALPHA:
             limit += ": no difference can reach p < 0.05, however large; read the CIs."
         elif size * floor >= ALPHA:
-            limit += (f", nor Holm over {size} tests an adjusted p below {size} x {floor:.3g} = {size * floor:.3g}: "
-                      "no difference can reach an adjusted p < 0.05, however large; read the CIs.")
+            limit += (
+                f", nor Holm over {size} tests an adjusted p below {size} x {floor:.3g} = {size * floor:.3g}: "
+                "no difference can reach an adjusted p < 0.05, however large; read the CIs."
+            )
         else:
             limit += "."
         sentences.append(limit)
@@ -253,13 +303,24 @@ def find_dataset_check(records: list[RunRecord]) -> tuple[Path, dict] | None:
 
 def check_table(report: dict) -> tuple[list[str], list[list]]:
     """Each split's raters against the expert from a dataset check: patients, DSC and HD95 mean and std."""
+
     def value(v) -> float:
         return math.nan if v is None else float(v)
 
     header = ["split", "rater", "patients", "DSC mean", "DSC std", "HD95 mean (mm)", "HD95 std (mm)"]
-    rows = [[split, name, r["dsc"]["n"], value(r["dsc"]["mean"]), value(r["dsc"]["std"]),
-             value(r["hd95_mm"]["mean"]), value(r["hd95_mm"]["std"])]
-            for split, s in report["splits"].items() for name, r in s.get("raters", {}).items()]
+    rows = [
+        [
+            split,
+            name,
+            r["dsc"]["n"],
+            value(r["dsc"]["mean"]),
+            value(r["dsc"]["std"]),
+            value(r["hd95_mm"]["mean"]),
+            value(r["hd95_mm"]["std"]),
+        ]
+        for split, s in report["splits"].items()
+        for name, r in s.get("raters", {}).items()
+    ]
     return header, rows
 
 
@@ -276,8 +337,14 @@ def parse_cases(text: str | None) -> dict[str, list[int]] | None:
     return chosen
 
 
-def write_overlays(records: list[RunRecord], out: Path, cases: dict[str, list[int]] | None, colours: dict[str, str],
-                   n_cases: int = 4, n_slices: int = 4) -> list[Path]:
+def write_overlays(
+    records: list[RunRecord],
+    out: Path,
+    cases: dict[str, list[int]] | None,
+    colours: dict[str, str],
+    n_cases: int = 4,
+    n_slices: int = 4,
+) -> list[Path]:
     """Image + expert contour + each run's contour; by default the cases and slices where runs differ most."""
     from microseg.analysis import disagreement_slices
     from microseg.data.layout import find_cases
@@ -289,10 +356,12 @@ def write_overlays(records: list[RunRecord], out: Path, cases: dict[str, list[in
     source = evaluated[0].evaluation
     available = {c.case_id: c for c in find_cases(Path(source["data"]), source["split"], require_non_expert=False)}
     if cases is None:
+
         def spread(case: str) -> float:
             dsc = [r.patients.get(case, {}).get("dsc", math.nan) for r in evaluated]
             dsc = [d for d in dsc if not math.isnan(d)]
             return (max(dsc) - min(dsc) if len(dsc) > 1 else 1 - dsc[0]) if dsc else -1.0
+
         cases = {c: [] for c in sorted(available, key=spread, reverse=True)[:n_cases]}
     written = []
     for case_id, slices in cases.items():
@@ -331,43 +400,70 @@ class _Report:
 def _patient_sections(report: _Report, records: list[RunRecord]) -> None:
     """Per-patient tables, tests, the dataset check's baseline, raters and the hard region."""
     protocol = next(r.evaluation.get("protocol", "?") for r in records if r.patients)
-    report.table("per_patient", f"Per-patient DSC and HD95, protocol {protocol} (micro-US adaptive focal Table 2 "
-                 "layout)", *patient_table(records))
+    report.table(
+        "per_patient",
+        f"Per-patient DSC and HD95, protocol {protocol} (micro-US adaptive focal Table 2 layout)",
+        *patient_table(records),
+    )
     if len(records) > 1:
         tested = tested_metrics(records)
-        report.table("wilcoxon", "Paired Wilcoxon signed-rank tests and bootstrap 95% CIs of the mean difference "
-                     "(run_a - run_b)", *wilcoxon_table(records, tested),
-                     [f"p_holm: Holm-adjusted over the family of every pair of runs x "
-                      f"{', '.join(label for _, label in tested)}."])
+        report.table(
+            "wilcoxon",
+            "Paired Wilcoxon signed-rank tests and bootstrap 95% CIs of the mean difference (run_a - run_b)",
+            *wilcoxon_table(records, tested),
+            [
+                f"p_holm: Holm-adjusted over the family of every pair of runs x "
+                f"{', '.join(label for _, label in tested)}."
+            ],
+        )
     found = find_dataset_check(records)
     if found:
         path, check = found
-        report.table("dataset_check", f"Inter-rater baseline from the dataset check (protocol {check.get('protocol')})",
-                     *check_table(check), [f"From {path}: {check.get('errors', '?')} error(s), "
-                                           f"{check.get('warnings', '?')} warning(s)."])
+        report.table(
+            "dataset_check",
+            f"Inter-rater baseline from the dataset check (protocol {check.get('protocol')})",
+            *check_table(check),
+            [f"From {path}: {check.get('errors', '?')} error(s), {check.get('warnings', '?')} warning(s)."],
+        )
     raters = rater_names(records)
     if raters:
         header, rows, notes = rater_table(records, raters)
         report.table("inter_rater", "Model beside the other annotators (DSC against the expert)", header, rows, notes)
-        report.table("hard_region", "Inside the hard region (annotators disagree, dilated as in training)",
-                     *hard_region_table(records))
+        report.table(
+            "hard_region",
+            "Inside the hard region (annotators disagree, dilated as in training)",
+            *hard_region_table(records),
+        )
 
 
 def _stratified_sections(report: _Report, records: list[RunRecord], colours: dict[str, str]) -> None:
     """A-FL Fig. 3 per slice (area, roughness) and per patient (volume, smoothness): tables and figures."""
-    from microseg.analysis import PATIENT_FACTORS, patient_strata_edges, patient_stratified_table, stratified_table, \
-        stratum_edges
+    from microseg.analysis import (
+        PATIENT_FACTORS,
+        patient_strata_edges,
+        patient_stratified_table,
+        stratified_table,
+        stratum_edges,
+    )
 
     per_slice = {r.label: r.slices for r in records if r.slices}
     if per_slice:
         edges = stratum_edges(per_slice)
         header, rows = stratified_table(per_slice)
         plot_stratified(header, rows, report.out / "stratified.png", colours)
-        notes = [f"Tertile edges: area {edges['size'][0]:.1f} / {edges['size'][1]:.1f} mm^2, roughness "
-                 f"(P^2 / 4 pi A) {edges['roughness'][0]:.3f} / {edges['roughness'][1]:.3f}.",
-                 "", "![stratified DSC](stratified.png)"]
-        report.table("stratified", "Per-slice DSC by object size and boundary roughness (A-FL Fig. 3 layout)",
-                     header, rows, notes)
+        notes = [
+            f"Tertile edges: area {edges['size'][0]:.1f} / {edges['size'][1]:.1f} mm^2, roughness "
+            f"(P^2 / 4 pi A) {edges['roughness'][0]:.3f} / {edges['roughness'][1]:.3f}.",
+            "",
+            "![stratified DSC](stratified.png)",
+        ]
+        report.table(
+            "stratified",
+            "Per-slice DSC by object size and boundary roughness (A-FL Fig. 3 layout)",
+            header,
+            rows,
+            notes,
+        )
     patients = {r.label: r.patients for r in records if r.patients}
     edges = patient_strata_edges(patients)
     if edges:
@@ -375,11 +471,21 @@ def _stratified_sections(report: _Report, records: list[RunRecord], colours: dic
         factors = [f for f in PATIENT_FACTORS if f[0] in edges]
         plot_stratified(header, rows, report.out / "stratified_patients.png", colours, factors)
         names = {"volume": "expert volume", "smoothness": "gamma_mSa (voxel units, training grid)"}
-        notes = ["Tertile edges: " + "; ".join(f"{names[f]} {lo:.4g} / {hi:.4g}" for f, (lo, hi) in edges.items())
-                 + " (volume in ml; low gamma_mSa = good smoothness).", *_rank_note(patients), "",
-                 "![stratified patient DSC](stratified_patients.png)"]
-        report.table("stratified_patients", "Per-patient DSC by expert volume and smoothness (A-FL Fig. 3, per "
-                     "patient)", header, rows, notes)
+        notes = [
+            "Tertile edges: "
+            + "; ".join(f"{names[f]} {lo:.4g} / {hi:.4g}" for f, (lo, hi) in edges.items())
+            + " (volume in ml; low gamma_mSa = good smoothness).",
+            *_rank_note(patients),
+            "",
+            "![stratified patient DSC](stratified_patients.png)",
+        ]
+        report.table(
+            "stratified_patients",
+            "Per-patient DSC by expert volume and smoothness (A-FL Fig. 3, per patient)",
+            header,
+            rows,
+            notes,
+        )
 
 
 def _rank_note(patients: dict[str, dict[str, dict]]) -> list[str]:
@@ -387,14 +493,19 @@ def _rank_note(patients: dict[str, dict[str, dict]]) -> list[str]:
     from scipy.stats import spearmanr
 
     rows = {case: row for cases in patients.values() for case, row in cases.items()}
-    pairs = [(r["volume_ml"], r["gamma_msa"]) for r in rows.values()
-             if not (math.isnan(r.get("volume_ml", math.nan)) or math.isnan(r.get("gamma_msa", math.nan)))]
+    pairs = [
+        (r["volume_ml"], r["gamma_msa"])
+        for r in rows.values()
+        if not (math.isnan(r.get("volume_ml", math.nan)) or math.isnan(r.get("gamma_msa", math.nan)))
+    ]
     if len(pairs) < 3 or len({v for v, _ in pairs}) < 2 or len({g for _, g in pairs}) < 2:
         return []
     rho = float(spearmanr(*zip(*pairs)).statistic)
-    return [f"Volume and gamma_mSa rank the {len(pairs)} patients with Spearman rho = {rho:.2f}: A-FL's "
-            "smoothness is a mean gradient over the whole volume, so it grows with the object's surface and "
-            "mixes size with roughness."]
+    return [
+        f"Volume and gamma_mSa rank the {len(pairs)} patients with Spearman rho = {rho:.2f}: A-FL's "
+        "smoothness is a mean gradient over the whole volume, so it grows with the object's surface and "
+        "mixes size with roughness."
+    ]
 
 
 def compare(runs: list[Path], out: Path, overlays: bool = False, cases: str | None = None) -> Path:
@@ -404,8 +515,10 @@ def compare(runs: list[Path], out: Path, overlays: bool = False, cases: str | No
     seen: dict[Path, Path] = {}
     for run in map(Path, runs):
         if run.resolve() in seen:
-            raise MicrosegError(f"{run} is compared twice (also given as {seen[run.resolve()]}): a run compared with "
-                                "itself tests nothing")
+            raise MicrosegError(
+                f"{run} is compared twice (also given as {seen[run.resolve()]}): a run compared with "
+                "itself tests nothing"
+            )
         seen[run.resolve()] = run
     records = [load_run(Path(r)) for r in runs]
     require_same_evaluation(records)
@@ -414,8 +527,10 @@ def compare(runs: list[Path], out: Path, overlays: bool = False, cases: str | No
     if out.exists() and not out.is_dir():
         raise MicrosegError(f"cannot create folder {out}: {out} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / "report.md").is_file():
-        raise MicrosegError(f"--out {out} is a folder that holds no report.md; the report replaces its folder "
-                            "whole, so give a new folder or an earlier report's")
+        raise MicrosegError(
+            f"--out {out} is a folder that holds no report.md; the report replaces its folder "
+            "whole, so give a new folder or an earlier report's"
+        )
     require_writable(out / "report.md")  # names --out when its place cannot be written; creates nothing
     with atomic_folder(out) as building:  # a rerun replaces the report whole; a killed one leaves the old
         _write_report(records, building, overlays, chosen)
@@ -427,8 +542,17 @@ def _write_report(records: list[RunRecord], out: Path, overlays: bool, chosen: d
     colours = run_colours([r.label for r in records])
     plot_loss_curves({r.label: r.history for r in records}, out / "loss_curves.png", colours)
     report = _Report(out)
-    report.add("# Run comparison", "", *compared_section(records), "## Results", "", results_paragraph(records), "",
-               "![loss curves](loss_curves.png)", "")
+    report.add(
+        "# Run comparison",
+        "",
+        *compared_section(records),
+        "## Results",
+        "",
+        results_paragraph(records),
+        "",
+        "![loss curves](loss_curves.png)",
+        "",
+    )
     report.table("loss_table", "Training loss per epoch (micro-US adaptive focal Table 1 layout)", *loss_table(records))
     if any(r.patients for r in records):
         _patient_sections(report, records)

@@ -38,8 +38,17 @@ from microseg.tables import write_records
 class RunFolder:
     """The paths of one run folder, and the policy for writing into it."""
 
-    OUTPUTS = ("config.yaml", "calf_stats.json", "history.csv", "last.pt", "best.pt", "metrics", "heldout",
-               "predictions", "tensorboard")
+    OUTPUTS = (
+        "config.yaml",
+        "calf_stats.json",
+        "history.csv",
+        "last.pt",
+        "best.pt",
+        "metrics",
+        "heldout",
+        "predictions",
+        "tensorboard",
+    )
 
     def __init__(self, path: str | Path, metrics: str = "metrics"):
         """`metrics`: the evaluation's folder (`metrics`, the test split's; an experiment's fold cell also
@@ -169,8 +178,10 @@ class RunLock:
                 os.close(fd)
                 if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                     raise
-                raise MicrosegError(f"run {self.run} is being written by another microseg process (pid {holder}); "
-                                    "wait for it to end, or choose another --run") from None
+                raise MicrosegError(
+                    f"run {self.run} is being written by another microseg process (pid {holder}); "
+                    "wait for it to end, or choose another --run"
+                ) from None
             try:
                 current = os.stat(self.path).st_ino
             except FileNotFoundError:

@@ -46,8 +46,9 @@ def load_run(run: Path) -> RunRecord:
             if row["case_id"] not in SUMMARY_ROWS:
                 record.patients[row["case_id"]] = {k: number(v) for k, v in row.items() if k != "case_id"}
     if folder.per_slice.is_file():
-        record.slices = [{k: v if k == "case_id" else number(v) for k, v in row.items()}
-                         for row in read_csv(folder.per_slice)]
+        record.slices = [
+            {k: v if k == "case_id" else number(v) for k, v in row.items()} for row in read_csv(folder.per_slice)
+        ]
     if folder.evaluation.is_file():
         record.evaluation = json.loads(folder.evaluation.read_text())
         _require_current_metrics(folder, record.evaluation)
@@ -59,11 +60,15 @@ def _require_current_metrics(folder: RunFolder, evaluation: dict) -> None:
     replaced since): the checkpoint evaluate would use now must be the one they recorded."""
     scored, digest = evaluation.get("checkpoint"), evaluation.get("checkpoint_sha256")
     if digest is None:
-        warn(f"{folder.evaluation} does not record which checkpoint it scored (an earlier release's "
-             f"evaluation): evaluate {folder.path} again to be sure its metrics are its model's")
+        warn(
+            f"{folder.evaluation} does not record which checkpoint it scored (an earlier release's "
+            f"evaluation): evaluate {folder.path} again to be sure its metrics are its model's"
+        )
         return
     current = folder.checkpoint_path()
     if current.name != scored or file_sha256(current) != digest:
-        raise MicrosegError(f"the metrics of {folder.path} scored {scored} of epoch "
-                            f"{evaluation.get('checkpoint_epoch', '?')}, which is no longer the run's model "
-                            f"({current.name} has changed since): evaluate the run again before comparing it")
+        raise MicrosegError(
+            f"the metrics of {folder.path} scored {scored} of epoch "
+            f"{evaluation.get('checkpoint_epoch', '?')}, which is no longer the run's model "
+            f"({current.name} has changed since): evaluate the run again before comparing it"
+        )

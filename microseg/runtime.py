@@ -16,7 +16,7 @@ from microseg.errors import MicrosegError, OptionError
 
 
 def resolve_device(name: str) -> torch.device:
-    """"auto" (CUDA when present, else the CPU) or a torch device name, checked to exist."""
+    """ "auto" (CUDA when present, else the CPU) or a torch device name, checked to exist."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -26,8 +26,10 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise OptionError(f"`device` {name}: CUDA is not available on this machine")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise OptionError(f"`device` {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+        raise OptionError(
+            f"`device` {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+        )
     if device.type not in ("cpu", "cuda"):
         raise OptionError(f"`device` {name!r}: microseg runs on cpu or cuda")
     return device
@@ -97,9 +99,11 @@ class Distributed:
         self.rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if self.world > 1 and device_name not in ("auto", "cpu", "cuda"):
-            raise OptionError(f"`device` {device_name} with {self.world} processes would put every process on one "
-                              "device: use `device` cuda (each process takes the GPU of its LOCAL_RANK) and "
-                              "CUDA_VISIBLE_DEVICES to choose the GPUs")
+            raise OptionError(
+                f"`device` {device_name} with {self.world} processes would put every process on one "
+                "device: use `device` cuda (each process takes the GPU of its LOCAL_RANK) and "
+                "CUDA_VISIBLE_DEVICES to choose the GPUs"
+            )
         self.device = resolve_device(device_name)
         if self.device.type == "cuda" and self.world > 1:
             self.device = torch.device("cuda", local_rank)
@@ -143,8 +147,10 @@ class Distributed:
             raise
         failed = self._failed_ranks(False)
         if failed:
-            raise ProcessStopped(f"process {', '.join(map(str, failed))} of {self.world} failed (its message says why); "
-                                 f"process {self.rank} stops too")
+            raise ProcessStopped(
+                f"process {', '.join(map(str, failed))} of {self.world} failed (its message says why); "
+                f"process {self.rank} stops too"
+            )
 
     def _failed_ranks(self, failed: bool) -> list[int]:
         flags = torch.zeros(self.world, dtype=torch.float32)
@@ -178,8 +184,10 @@ class StepInterrupts:
         self.previous: Any = None  # the handler replaced
 
     def __enter__(self) -> StepInterrupts:
-        if threading.current_thread() is threading.main_thread() and \
-                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        if (
+            threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        ):
             self.previous = signal.signal(signal.SIGINT, self._handle)
         return self
 

@@ -31,16 +31,28 @@ import numpy as np
 
 from microseg.run_record import RunRecord
 
-WILCOXON_HEADER = ["run_a", "run_b", "metric", "n", "median_diff", "statistic", "p_value", "p_holm",
-                   "mean_diff", "ci95_low", "ci95_high"]
+WILCOXON_HEADER = [
+    "run_a",
+    "run_b",
+    "metric",
+    "n",
+    "median_diff",
+    "statistic",
+    "p_value",
+    "p_holm",
+    "mean_diff",
+    "ci95_low",
+    "ci95_high",
+]
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
 CI_LEVEL = 0.95
 ALPHA = 0.05
 
 
-def bootstrap_ci(diffs: Sequence[float], n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
-                 level: float = CI_LEVEL) -> tuple[float, float]:
+def bootstrap_ci(
+    diffs: Sequence[float], n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED, level: float = CI_LEVEL
+) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of `diffs` (vectorised: one [B, n] index draw).
 
     (lo, hi) = percentiles 100 (1 - level) / 2 and 100 (1 + level) / 2 (numpy's linear
@@ -123,12 +135,16 @@ def paired_difference(a: RunRecord, b: RunRecord, key: str) -> PairedDifference:
     return PairedDifference(int(d.size), mean, median, bootstrap_ci(d), stat, p, p)
 
 
-def family_differences(records: Sequence[RunRecord], keys: Sequence[str]
-                       ) -> dict[tuple[int, int, str], PairedDifference]:
+def family_differences(
+    records: Sequence[RunRecord], keys: Sequence[str]
+) -> dict[tuple[int, int, str], PairedDifference]:
     """`paired_difference` of every two runs (i < j, by position) on every key, Holm-adjusted over
     that whole family (pairs x keys; the tests with no defined p left out)."""
-    diffs = {(i, j, key): paired_difference(records[i], records[j], key)
-             for i, j in itertools.combinations(range(len(records)), 2) for key in keys}
+    diffs = {
+        (i, j, key): paired_difference(records[i], records[j], key)
+        for i, j in itertools.combinations(range(len(records)), 2)
+        for key in keys
+    }
     adjusted = holm([d.p_value for d in diffs.values()])
     return {k: dataclasses.replace(d, p_holm=float(p)) for (k, d), p in zip(diffs.items(), adjusted)}
 
@@ -140,6 +156,18 @@ def wilcoxon_table(records: Sequence[RunRecord], metrics: Sequence[tuple[str, st
     labels = dict(metrics)
     rows = []
     for (i, j, key), diff in family_differences(records, list(labels)).items():
-        rows.append([records[i].name, records[j].name, labels[key], diff.n, diff.median, diff.statistic, diff.p_value,
-                     diff.p_holm, diff.mean, *diff.ci95])
+        rows.append(
+            [
+                records[i].name,
+                records[j].name,
+                labels[key],
+                diff.n,
+                diff.median,
+                diff.statistic,
+                diff.p_value,
+                diff.p_holm,
+                diff.mean,
+                *diff.ci95,
+            ]
+        )
     return list(WILCOXON_HEADER), rows

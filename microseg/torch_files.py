@@ -50,11 +50,14 @@ def _verify_zip(path: Path, what: str) -> None:
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
     except Exception as err:  # zipfile raises BadZipFile, zlib, struct, value and EOF errors on damage
-        raise MicrosegError(f"{what} {path} is corrupt: its zip structure does not read "
-                            f"({type(err).__name__}); it is not used") from None
+        raise MicrosegError(
+            f"{what} {path} is corrupt: its zip structure does not read ({type(err).__name__}); it is not used"
+        ) from None
     if bad is not None:
-        raise MicrosegError(f"{what} {path} is corrupt: the checksum (CRC-32) of its record '{bad}' does not "
-                            "match its content; it is not used")
+        raise MicrosegError(
+            f"{what} {path} is corrupt: the checksum (CRC-32) of its record '{bad}' does not "
+            "match its content; it is not used"
+        )
 
 
 def read_torch_file(path: Path, what: str, formats: str, require_zip: bool = False) -> Any:
@@ -74,8 +77,9 @@ def read_torch_file(path: Path, what: str, formats: str, require_zip: bool = Fal
     if is_zip:
         _verify_zip(path, what)
     elif require_zip:
-        raise MicrosegError(f"cannot read {what} {path}: it is not a torch zip archive ({formats}), "
-                            "so its content cannot be verified")
+        raise MicrosegError(
+            f"cannot read {what} {path}: it is not a torch zip archive ({formats}), so its content cannot be verified"
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about pickle protocols of files it then refuses
@@ -84,10 +88,13 @@ def read_torch_file(path: Path, what: str, formats: str, require_zip: bool = Fal
         refused = re.search(r"GLOBAL ([\w.]+)", str(err))
         if isinstance(err, pickle.UnpicklingError) and (is_zip or head[:1] == b"\x80"):  # not a text file
             needs = f" ({refused.group(1)})" if refused else ""
-            raise MicrosegError(f"cannot read {what} {path}: it holds Python objects besides tensors{needs}, "
-                                "which are never loaded: reading them could run code") from None
-        raise MicrosegError(f"cannot read {what} {path}: it is not a {what} ({formats}: "
-                            f"{type(err).__name__})") from None
+            raise MicrosegError(
+                f"cannot read {what} {path}: it holds Python objects besides tensors{needs}, "
+                "which are never loaded: reading them could run code"
+            ) from None
+        raise MicrosegError(
+            f"cannot read {what} {path}: it is not a {what} ({formats}: {type(err).__name__})"
+        ) from None
 
 
 def require_finite(state: dict[str, Any], what: str, path: Path) -> None:

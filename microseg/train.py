@@ -57,8 +57,7 @@ from microseg.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from microseg.config import TrainConfig, check_train_inputs, save_config
 from microseg.errors import MicrosegError, OptionError, warn
 from microseg.run import RunFolder
-from microseg.runtime import (Distributed, ProcessStopped, StepInterrupts, autocast_context, configure_speed,
-                              resolve_amp)
+from microseg.runtime import Distributed, ProcessStopped, StepInterrupts, autocast_context, configure_speed, resolve_amp
 
 
 class NonFiniteLoss(MicrosegError):
@@ -131,14 +130,17 @@ class LossMonitor:
 
     def read(self) -> LossCheck:
         """One device -> host copy of the window and the sums; then the window restarts after it."""
-        host = torch.cat([self.totals[:self.count], self.sums]).cpu()
-        window, steps = host[:self.count].numpy(), self.start + self.count
+        host = torch.cat([self.totals[: self.count], self.sums]).cpu()
+        window, steps = host[: self.count].numpy(), self.start + self.count
         bad = np.flatnonzero(~np.isfinite(window))
         first = int(bad[0]) if bad.size else None
-        check = LossCheck(None if first is None else self.start + first + 1,
-                          math.nan if first is None else float(window[first]),
-                          float(window.mean()) if window.size else math.nan,
-                          float(host[-2]) / self.counted if self.counted > 0 else math.nan, host[self.count:])
+        check = LossCheck(
+            None if first is None else self.start + first + 1,
+            math.nan if first is None else float(window[first]),
+            float(window.mean()) if window.size else math.nan,
+            float(host[-2]) / self.counted if self.counted > 0 else math.nan,
+            host[self.count :],
+        )
         self.start, self.count = steps, 0
         return check
 
@@ -147,8 +149,13 @@ class LossMonitor:
         return self.sums.cpu() + self.offset, self.counted + self.counted_offset
 
 
-def train(config: TrainConfig, resume: bool = False, force: bool = False, trainer: type[Trainer] | None = None,
-          on_epoch: Callable[[dict[str, Any]], None] | None = None) -> Path:
+def train(
+    config: TrainConfig,
+    resume: bool = False,
+    force: bool = False,
+    trainer: type[Trainer] | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> Path:
     """Train one run as `config` says (with `trainer`, a `Trainer` subclass whose hooks build something else);
     returns the run folder. `on_epoch` gets each epoch's history row once it is saved (rank 0)."""
     warnings = check_train_inputs(config, resume)  # before anything is created
@@ -186,8 +193,10 @@ def train(config: TrainConfig, resume: bool = False, force: bool = False, traine
                 raise
             if interrupts.pending:
                 raise KeyboardInterrupt from None
-            raise ProcessStopped(f"another process of this {env.world}-process run stopped (the connection to it "
-                                 f"was lost; its own message says why); process {env.rank} stops too") from None
+            raise ProcessStopped(
+                f"another process of this {env.world}-process run stopped (the connection to it "
+                f"was lost; its own message says why); process {env.rank} stops too"
+            ) from None
         finally:
             env.close(failed)
     return folder.path
@@ -196,8 +205,10 @@ def train(config: TrainConfig, resume: bool = False, force: bool = False, traine
 def check_processes(config: TrainConfig, env: Distributed) -> None:
     """Options that depend on the number of processes, refused before any process waits on another."""
     if config.batch_size < env.world:
-        raise OptionError(f"`batch_size` {config.batch_size} is the global batch (all processes together): it "
-                          f"must be at least the {env.world} processes")
+        raise OptionError(
+            f"`batch_size` {config.batch_size} is the global batch (all processes together): it "
+            f"must be at least the {env.world} processes"
+        )
     if config.sync_bn and env.world > 1 and env.device.type != "cuda":
         raise OptionError("`sync_bn` needs CUDA devices (torch's SyncBatchNorm runs on GPUs only)")
 
@@ -211,8 +222,13 @@ class ModelWithLoss(nn.Module):
         super().__init__()
         self.net, self.criterion = net, criterion
 
-    def forward(self, image: torch.Tensor, expert: torch.Tensor, non_expert: torch.Tensor,
-                sample_stats: dict[str, torch.Tensor] | None = None):
+    def forward(
+        self,
+        image: torch.Tensor,
+        expert: torch.Tensor,
+        non_expert: torch.Tensor,
+        sample_stats: dict[str, torch.Tensor] | None = None,
+    ):
         out = self.net(image)
         result = self.criterion(out.logits, out.aux, expert, non_expert, sample_stats=sample_stats)
         bce = F.binary_cross_entropy_with_logits(out.logits.detach().float(), expert)
@@ -233,8 +249,9 @@ def compile_step(step: nn.Module):
     return run
 
 
-def train_step(step, optimizer, scaler, batch, device, config: TrainConfig, stat_keys: Sequence[str] = (),
-               weight: float = 1.0) -> StepLosses:
+def train_step(
+    step, optimizer, scaler, batch, device, config: TrainConfig, stat_keys: Sequence[str] = (), weight: float = 1.0
+) -> StepLosses:
     """One optimisation step on `batch` (`step`: a `ModelWithLoss`, maybe wrapped or compiled, given the
     batch's `stat_keys` statistics its loss reads; backward of the total times `weight`, the
     process's share of the batch; optimizer step); the losses it returns stay on the device."""
@@ -259,20 +276,35 @@ def build_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> to
     faster than torch's default loop for the demo model; on CUDA no host read of the grad
     scaler's inf check)."""
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
-                               fused=True)
+        return torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, fused=True
+        )
     return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
 
 
-def build_loader(dataset: Dataset, config: TrainConfig, device: torch.device, sampler: Sampler | None = None,
-                 seed_offset: int = 0, batch_sampler: Sampler | None = None) -> DataLoader:
+def build_loader(
+    dataset: Dataset,
+    config: TrainConfig,
+    device: torch.device,
+    sampler: Sampler | None = None,
+    seed_offset: int = 0,
+    batch_sampler: Sampler | None = None,
+) -> DataLoader:
     """A DataLoader (batches of the config's size, or `batch_sampler`'s) whose workers persist across
     epochs, pinned on CUDA, with its own seeded generator."""
-    batches = {"batch_sampler": batch_sampler} if batch_sampler is not None else {"batch_size": config.batch_size,
-                                                                                 "sampler": sampler}
-    return DataLoader(dataset, **batches, num_workers=config.num_workers,
-                      persistent_workers=config.num_workers > 0, pin_memory=device.type == "cuda",
-                      generator=_loader_generator(config.seed, seed_offset))
+    batches = (
+        {"batch_sampler": batch_sampler}
+        if batch_sampler is not None
+        else {"batch_size": config.batch_size, "sampler": sampler}
+    )
+    return DataLoader(
+        dataset,
+        **batches,
+        num_workers=config.num_workers,
+        persistent_workers=config.num_workers > 0,
+        pin_memory=device.type == "cuda",
+        generator=_loader_generator(config.seed, seed_offset),
+    )
 
 
 class Trainer:
@@ -303,16 +335,20 @@ class Trainer:
         self.info = read_cache_info(Path(config.cache))
         if loaded is not None and loaded.preprocess.size != self.info.size:
             size = loaded.preprocess.size
-            raise MicrosegError(f"cache {config.cache} holds {self.info.size} px slices but run {config.run} was "
-                                f"trained at {size} px; prepare a cache with --size {size}")
+            raise MicrosegError(
+                f"cache {config.cache} holds {self.info.size} px slices but run {config.run} was "
+                f"trained at {size} px; prepare a cache with --size {size}"
+            )
         self.preprocess = loaded.preprocess if loaded is not None else config.preprocess(self.info.size)
-        train_idx, val_idx = split_by_patient(Path(config.cache), config.val_fraction, config.seed, config.patients,
-                                              config.val_patients)
+        train_idx, val_idx = split_by_patient(
+            Path(config.cache), config.val_fraction, config.seed, config.patients, config.val_patients
+        )
         self._build(train_idx, fresh=loaded is None)
         self.build_loaders(train_idx, val_idx)
         self.board = self._open_board(loaded)
-        self.scheduler = PolynomialLR(self.optimizer, total_iters=config.epochs * self.steps_per_epoch,
-                                      power=config.poly_power)
+        self.scheduler = PolynomialLR(
+            self.optimizer, total_iters=config.epochs * self.steps_per_epoch, power=config.poly_power
+        )
         self.epoch, self.step, self.history, self.best_dsc, self.lr = 0, 0, [], -1.0, math.nan
         self.monitor = LossMonitor(self.preprocess.n_scales + 2, config.sync_every, self.device)
         if loaded is not None:
@@ -322,8 +358,11 @@ class Trainer:
         if env.main:
             shares = sorted({len(range(r, config.batch_size, env.world)) for r in range(env.world)}, reverse=True)
             per = f", {' or '.join(map(str, shares))} per process" if env.world > 1 else ""
-            print(f"{env.world} process(es) on {self.device.type}: global batch {config.batch_size}{per}, "
-                  f"{self.steps_per_epoch} steps per epoch, amp {config.amp}", flush=True)
+            print(
+                f"{env.world} process(es) on {self.device.type}: global batch {config.batch_size}{per}, "
+                f"{self.steps_per_epoch} steps per epoch, amp {config.amp}",
+                flush=True,
+            )
 
     def _open_board(self, loaded: Checkpoint | None):
         """The TensorBoard writer (rank 0, with --tensorboard), continuing at the checkpoint's position."""
@@ -332,8 +371,9 @@ class Trainer:
         from microseg.tensorboard_log import TrainingBoard
 
         log_dir = Path(self.config.tensorboard) if self.config.tensorboard else self.folder.tensorboard
-        return TrainingBoard(log_dir, purge_step=None if loaded is None
-                             else loaded.epoch * self.steps_per_epoch + loaded.step + 1)
+        return TrainingBoard(
+            log_dir, purge_step=None if loaded is None else loaded.epoch * self.steps_per_epoch + loaded.step + 1
+        )
 
     def build_loaders(self, train_idx: list[int], val_idx: list[int]) -> None:
         """Hook: the training loader (persistent workers, (epoch, index) sampler) and the validation one (rank 0)."""
@@ -341,8 +381,9 @@ class Trainer:
         from microseg.data.order import EpochItems, EpochSampler
 
         config, cache = self.config, Path(self.config.cache)
-        self.dataset = SliceDataset(cache, train_idx, augment=config.augment, seed=config.seed,
-                                    intensity_max=self.preprocess.intensity_max)
+        self.dataset = SliceDataset(
+            cache, train_idx, augment=config.augment, seed=config.seed, intensity_max=self.preprocess.intensity_max
+        )
         self.sampler = EpochSampler(self.dataset, self.env.world, self.env.rank, config.seed, config.batch_size)
         self.steps_per_epoch = self.sampler.steps_per_epoch
         self.loader = build_loader(EpochItems(self.dataset), config, self.device, batch_sampler=self.sampler)
@@ -389,8 +430,13 @@ class Trainer:
         if self.loss_stats is not None and self.env.main:
             print(self.loss_stats.summary())
             write_text(self.folder.calf_stats, json.dumps(asdict(self.loss_stats), indent=1))
-        return DeepSupervision(config.loss, kernel_sizes=pre.kernel_sizes, weights=config.ds_weights,
-                               dataset_stats=self.loss_stats, target_resize=pre.target_resize)
+        return DeepSupervision(
+            config.loss,
+            kernel_sizes=pre.kernel_sizes,
+            weights=config.ds_weights,
+            dataset_stats=self.loss_stats,
+            target_resize=pre.target_resize,
+        )
 
     def build_optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
         """Hook: the optimizer of `params` (`build_optimizer`: SGD or Adam, fused)."""
@@ -428,8 +474,15 @@ class Trainer:
         self.epoch = epoch
         self.sampler.set_position(epoch, self.step)
         self.model.train()
-        bar = tqdm(self.loader, total=self.steps_per_epoch, initial=self.step, desc=f"epoch {epoch + 1}/{config.epochs}",
-                   disable=None if self.env.main else True, leave=False, dynamic_ncols=True)
+        bar = tqdm(
+            self.loader,
+            total=self.steps_per_epoch,
+            initial=self.step,
+            desc=f"epoch {epoch + 1}/{config.epochs}",
+            disable=None if self.env.main else True,
+            leave=False,
+            dynamic_ncols=True,
+        )
         for batch in bar:
             with self.interrupts.deferred():  # Ctrl-C waits for the step (and its check) to end
                 self.advance(batch)
@@ -467,15 +520,25 @@ class Trainer:
         """Dropout's random stream for this process at (epoch, step), seeded by (seed, rank, epoch, step):
         each process draws its own masks, and a resumed run the same masks as an uninterrupted one,
         with no generator state to save (CPU and this process's GPU)."""
-        seed = int(np.random.SeedSequence([self.config.seed, self.env.rank, self.epoch, self.step]).generate_state(1)[0])
+        seed = int(
+            np.random.SeedSequence([self.config.seed, self.env.rank, self.epoch, self.step]).generate_state(1)[0]
+        )
         torch.random.default_generator.manual_seed(seed)
         if self.device.type == "cuda":
             torch.cuda.manual_seed(seed)
 
     def train_step(self, batch: dict) -> StepLosses:
         """One optimisation step, then the schedule's next learning rate."""
-        losses = train_step(self.step_fn, self.optimizer, self.scaler, batch, self.device, self.config,
-                            self.criterion.sample_stat_keys, self.sampler.weight(self.step))
+        losses = train_step(
+            self.step_fn,
+            self.optimizer,
+            self.scaler,
+            batch,
+            self.device,
+            self.config,
+            self.criterion.sample_stat_keys,
+            self.sampler.weight(self.step),
+        )
         self.scheduler.step()
         return losses
 
@@ -485,17 +548,26 @@ class Trainer:
         all_reduce with the NaN flag), so that rank 0 alone can save a position with all of them."""
         first_step, steps = self.monitor.start + 1, self.monitor.start + self.monitor.count
         found = self.monitor.read()
-        local = torch.cat([torch.tensor([float(found.first_bad_step is not None), self.monitor.counted],
-                                        dtype=torch.float64), found.sums])
+        local = torch.cat(
+            [
+                torch.tensor([float(found.first_bad_step is not None), self.monitor.counted], dtype=torch.float64),
+                found.sums,
+            ]
+        )
         shared = self.env.sum(local.clone())
         self.monitor.offset = shared[2:] - found.sums
         self.monitor.counted_offset = float(shared[1]) - self.monitor.counted
         if shared[0] > 0:
-            where = (f"became {found.bad_value} at epoch {self.epoch + 1}, step {found.first_bad_step}"
-                     if found.first_bad_step is not None else f"became non-finite on another rank in epoch {self.epoch + 1}")
+            where = (
+                f"became {found.bad_value} at epoch {self.epoch + 1}, step {found.first_bad_step}"
+                if found.first_bad_step is not None
+                else f"became non-finite on another rank in epoch {self.epoch + 1}"
+            )
             kept = f"{self.folder.last} keeps epoch {self.epoch}" if self.epoch else "no epoch had finished"
-            raise NonFiniteLoss(f"loss {where} (found at the check of steps {first_step}-{steps}, every "
-                                f"--sync-every {self.config.sync_every}); stopped ({kept})")
+            raise NonFiniteLoss(
+                f"loss {where} (found at the check of steps {first_step}-{steps}, every "
+                f"--sync-every {self.config.sync_every}); stopped ({kept})"
+            )
         if bar is not None:
             bar.set_postfix(loss=f"{found.epoch_mean:.4f}")
         if self.board is not None:
@@ -547,8 +619,9 @@ class Trainer:
                 i = self.overlay_index - seen
                 self.overlay = (batch["image"][i, 0].numpy(), expert[i], pred[i])
             seen += len(pred)
-        scores = [score_case(np.stack(preds[c]), np.stack(refs[c]), self.info.slice_spacing(c), "all-slices")
-                  for c in preds]
+        scores = [
+            score_case(np.stack(preds[c]), np.stack(refs[c]), self.info.slice_spacing(c), "all-slices") for c in preds
+        ]
         self.model.train()
         dsc = [s.dsc for s in scores if s.n_slices]
         hd = [s.hd95_mm for s in scores if s.n_slices]
@@ -558,12 +631,22 @@ class Trainer:
         """The run at its current position (epoch, step inside it), with the processes and global batch."""
         accum, counted = self.monitor.position_sums()
         return Checkpoint(
-            model=self.model.state_dict(), model_config=asdict(self.model.config), preprocess=self.preprocess,
-            train_config=self.config.to_dict(), optimizer=self.optimizer.state_dict(),
-            scaler=self.scaler.state_dict(), scheduler=self.scheduler.state_dict(), epoch=self.epoch,
-            step=self.step, accum=accum, accum_count=counted, history=self.history, best_dsc=self.best_dsc,
+            model=self.model.state_dict(),
+            model_config=asdict(self.model.config),
+            preprocess=self.preprocess,
+            train_config=self.config.to_dict(),
+            optimizer=self.optimizer.state_dict(),
+            scaler=self.scaler.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            epoch=self.epoch,
+            step=self.step,
+            accum=accum,
+            accum_count=counted,
+            history=self.history,
+            best_dsc=self.best_dsc,
             calf_stats=asdict(self.loss_stats) if self.loss_stats is not None else None,
-            world_size=self.env.world, global_batch=self.config.batch_size,
+            world_size=self.env.world,
+            global_batch=self.config.batch_size,
         )
 
     def save(self, improved: bool) -> None:
@@ -581,12 +664,17 @@ class Trainer:
         with self.interrupts.deferred(reraise=False):
             found = self.monitor.read() if self.monitor.count else None
             if found is not None and found.first_bad_step is not None:
-                print(f"interrupted: loss became {found.bad_value} at epoch {self.epoch + 1}, step "
-                      f"{found.first_bad_step}; {self.folder.last} not updated")
+                print(
+                    f"interrupted: loss became {found.bad_value} at epoch {self.epoch + 1}, step "
+                    f"{found.first_bad_step}; {self.folder.last} not updated"
+                )
                 return
             save_checkpoint(self.checkpoint(), self.folder.last)
-            print(f"interrupted at epoch {self.epoch + 1}, step {self.step}: saved {self.folder.last}; "
-                  "continue with --resume", flush=True)
+            print(
+                f"interrupted at epoch {self.epoch + 1}, step {self.step}: saved {self.folder.last}; "
+                "continue with --resume",
+                flush=True,
+            )
 
     def close(self) -> None:
         """Stop the loaders' persistent workers and flush TensorBoard."""

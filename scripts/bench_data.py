@@ -113,16 +113,21 @@ def main() -> None:
             "ours: HDF5 cache, chunk read per item (default)": SliceDataset(cache, augment=True, seed=0),
             "ours: HDF5 cache, in RAM per worker": SliceDataset(cache, augment=True, seed=0, in_memory=True),
         }
-        rates = {name: throughput(ds, args.epochs, args.items, args.workers, args.batch) for name, ds in pipelines.items()}
+        rates = {
+            name: throughput(ds, args.epochs, args.items, args.workers, args.batch) for name, ds in pipelines.items()
+        }
 
     n = args.train * args.slices
     base = next(iter(rates.values()))
     cpu = platform.processor() or platform.machine()
-    print(f"\n{n} native-size phantom slices ({args.train} patients x {args.slices}); batch {args.batch}, "
-          f"{args.workers} workers, {args.epochs} epochs of {args.items} slices, augmentation on; {cpu}, {os.cpu_count()} CPUs, "
-          f"torch {torch.__version__}")
-    print(f"one-off costs: simulate {t_sim:.1f} s, prepare cache {t_prep:.1f} s, "
-          f"write PNGs (both sizes) {t_png:.1f} s\n")
+    print(
+        f"\n{n} native-size phantom slices ({args.train} patients x {args.slices}); batch {args.batch}, "
+        f"{args.workers} workers, {args.epochs} epochs of {args.items} slices, augmentation on; {cpu}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__}"
+    )
+    print(
+        f"one-off costs: simulate {t_sim:.1f} s, prepare cache {t_prep:.1f} s, write PNGs (both sizes) {t_png:.1f} s\n"
+    )
     print("| pipeline | slices/s | vs native PNG |")
     print("| --- | ---: | ---: |")
     for name, rate in rates.items():

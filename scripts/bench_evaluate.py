@@ -65,8 +65,12 @@ def peak_mb():
 def child(code: str, *args: str) -> tuple[dict, float]:
     """Run `code` in a fresh interpreter: (its JSON line, with its peak resident MB; wall seconds)."""
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", PEAK + code, *args], capture_output=True, text=True,
-                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    done = subprocess.run(
+        [sys.executable, "-c", PEAK + code, *args],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
     if done.returncode:
         raise SystemExit(done.stderr)
     return json.loads(done.stdout.strip().splitlines()[-1]), time.perf_counter() - start
@@ -113,31 +117,42 @@ def main() -> None:
         if data is None:
             from microseg.data.phantom import simulate_dataset
 
-            data = simulate_dataset(Path(tmp) / "phantom", n_train=1, n_test=1, n_slices=args.slices,
-                                    size=tuple(args.size))
+            data = simulate_dataset(
+                Path(tmp) / "phantom", n_train=1, n_test=1, n_slices=args.slices, size=tuple(args.size)
+            )
         cases = sorted((data / "test" / "micro_ultrasound_scans").glob("*.nii*"))
         if len(cases) != 1:
             raise SystemExit(f"{data}/test must hold exactly one patient (found {len(cases)})")
         run = Path(tmp) / "run"
         tiny_run(data, run, args.model_size)
         case_id = cases[0].name.split("_")[-1].split(".")[0]
-        masks = [data / "test" / f"{kind}_annotations" / f"{name}_annotation_test_{case_id}.nii.gz"
-                 for kind, name in (("non_expert", "nonexpert"), ("expert", "expert"))]
+        masks = [
+            data / "test" / f"{kind}_annotations" / f"{name}_annotation_test_{case_id}.nii.gz"
+            for kind, name in (("non_expert", "nonexpert"), ("expert", "expert"))
+        ]
         reference, _ = child(REFERENCE, *map(str, masks))
         ours, ours_wall = child(EVALUATE, str(run), str(data), args.device)
         shape = nib.load(cases[0]).shape[::-1]
     ratio = ours["evaluate"] / reference["score"]
-    print(f"\n{hardware(torch.device(args.device))}; one volume of {' x '.join(map(str, shape))}, tiny model at "
-          f"{args.model_size} px, evaluate on {args.device}\n")
+    print(
+        f"\n{hardware(torch.device(args.device))}; one volume of {' x '.join(map(str, shape))}, tiny model at "
+        f"{args.model_size} px, evaluate on {args.device}\n"
+    )
     print("| stage | seconds per volume | peak memory (MB) |")
     print("| --- | ---: | ---: |")
-    print(f"| evaluate: read 6 files, predict, write, score model + 4 raters, hard region, descriptors "
-          f"| {ours['evaluate']:.2f} | {ours['peak_mb']:.0f} |")
-    print(f"| reference: medpy dc + hd95 per slice, one annotation ({reference['slices']} slices) "
-          f"| {reference['score']:.2f} | {reference['peak_mb']:.0f} |")
+    print(
+        f"| evaluate: read 6 files, predict, write, score model + 4 raters, hard region, descriptors "
+        f"| {ours['evaluate']:.2f} | {ours['peak_mb']:.0f} |"
+    )
+    print(
+        f"| reference: medpy dc + hd95 per slice, one annotation ({reference['slices']} slices) "
+        f"| {reference['score']:.2f} | {reference['peak_mb']:.0f} |"
+    )
     print(f"| ratio evaluate / reference | {ratio:.2f} | |")
-    print(f"\nevaluate command wall {ours_wall:.1f} s (imports {ours['imports']:.1f} s, model loading included); "
-          f"reference read its two files in {reference['read']:.1f} s (not counted)")
+    print(
+        f"\nevaluate command wall {ours_wall:.1f} s (imports {ours['imports']:.1f} s, model loading included); "
+        f"reference read its two files in {reference['read']:.1f} s (not counted)"
+    )
 
 
 if __name__ == "__main__":

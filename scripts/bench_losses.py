@@ -116,8 +116,11 @@ def loss_step(outputs: list[torch.Tensor], call: Callable[[], torch.Tensor]) -> 
 def hardware(device: torch.device) -> str:
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
+        names = [
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ]
         cpu = names[0] if names else cpu
     name = f"CPU {cpu}, {torch.get_num_threads()} torch threads"
     if device.type == "cuda":
@@ -157,11 +160,14 @@ def bench(device: torch.device, args: argparse.Namespace) -> None:
     ds = DeepSupervision("adaptive_focal")
     ds_step = loss_step([logits, *aux], lambda: ds(logits, aux, expert, non_expert).total)
     ds_ours, ds_ref = median_ms([ds_step, as_reference(ds_step)], device, args.repeats)
-    rows.append(["deep-supervised adaptive_focal (4 scales)", f"{ds_ours:.2f}", f"{ds_ref:.2f}",
-                 f"x{ds_ref / ds_ours:.2f}"])
+    rows.append(
+        ["deep-supervised adaptive_focal (4 scales)", f"{ds_ours:.2f}", f"{ds_ref:.2f}", f"x{ds_ref / ds_ours:.2f}"]
+    )
 
-    print(f"\n{hardware(device)}; batch {b} x 1 x {size} x {size}, float32, forward + backward, "
-          f"median of {args.repeats}\n")
+    print(
+        f"\n{hardware(device)}; batch {b} x 1 x {size} x {size}, float32, forward + backward, "
+        f"median of {args.repeats}\n"
+    )
     print("| loss | on-device (ms) | host-OpenCV hard region, the reference way (ms) | speed-up |")
     print("|---|---|---|---|")
     for row in rows:
@@ -173,8 +179,15 @@ def bench(device: torch.device, args: argparse.Namespace) -> None:
         train_step_share(device, args, ds, expert, non_expert, ds_ours, ds_ref)
 
 
-def train_step_share(device: torch.device, args: argparse.Namespace, ds: DeepSupervision, expert: torch.Tensor,
-                     non_expert: torch.Tensor, ds_ours: float, ds_ref: float) -> None:
+def train_step_share(
+    device: torch.device,
+    args: argparse.Namespace,
+    ds: DeepSupervision,
+    expert: torch.Tensor,
+    non_expert: torch.Tensor,
+    ds_ours: float,
+    ds_ref: float,
+) -> None:
     """One paper-config train step's time, and the deep-supervised loss's share of it both ways."""
     from microseg.models import build_model
 
@@ -192,10 +205,12 @@ def train_step_share(device: torch.device, args: argparse.Namespace, ds: DeepSup
         optimizer.step()
 
     step_ms = median_ms([train_step], device, args.train_repeats, warmup=1)[0]
-    print(f"\nPaper-config train step (R50-ViT-B/16 TransUNet, batch {b}, SGD, deep-supervised adaptive_focal), "
-          f"median of {args.train_repeats}: {step_ms:.0f} ms. Deep-supervised adaptive_focal: "
-          f"{100 * ds_ours / step_ms:.2f}% of it on the device, {100 * ds_ref / step_ms:.2f}% the reference way "
-          "(target: under 5%).")
+    print(
+        f"\nPaper-config train step (R50-ViT-B/16 TransUNet, batch {b}, SGD, deep-supervised adaptive_focal), "
+        f"median of {args.train_repeats}: {step_ms:.0f} ms. Deep-supervised adaptive_focal: "
+        f"{100 * ds_ours / step_ms:.2f}% of it on the device, {100 * ds_ref / step_ms:.2f}% the reference way "
+        "(target: under 5%)."
+    )
 
 
 def main() -> None:

@@ -84,8 +84,10 @@ def main() -> None:
         diff, t_medpy, t_ours = compare(pred, ref, (args.sz, PIXEL_MM, PIXEL_MM))
         rows.append((f"3D volume {args.depth}x{H}x{W}, sz {args.sz} mm", 1, diff, t_medpy * 1e3, t_ours * 1e3))
 
-    print(f"HD95, microseg vs medpy {version('medpy')} (same run, one thread each); CPU: {cpu_model()}, "
-          f"{os.cpu_count()} threads; in-plane spacing {PIXEL_MM} mm\n")
+    print(
+        f"HD95, microseg vs medpy {version('medpy')} (same run, one thread each); CPU: {cpu_model()}, "
+        f"{os.cpu_count()} threads; in-plane spacing {PIXEL_MM} mm\n"
+    )
     print("| case | n | max abs diff (mm) | medpy ms/case | microseg ms/case | speed-up |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, n, diff, ms_medpy, ms_ours in rows:

@@ -104,7 +104,8 @@ def step_fns(model: nn.Module, batch: int, size: int, device: torch.device, amp:
         with torch.autocast(device.type, dtype=dtype, enabled=amp):
             loss = sum(
                 F.binary_cross_entropy_with_logits(o.float(), F.interpolate(target, size=o.shape[-2:]))
-                if o.ndim == 4 else o.float().square().mean()  # reference encoder: tokens
+                if o.ndim == 4
+                else o.float().square().mean()  # reference encoder: tokens
                 for o in outputs(model, x)
             )
         optimizer.zero_grad(set_to_none=True)
@@ -161,8 +162,13 @@ def bench_device(jobs: list[Job], device: torch.device, args: argparse.Namespace
         fns.append(pair)
         notes.append(note)
         batches.append(batch)
-        job.cells = [job.label, device.type, f"{sum(p.numel() for p in model.parameters()) / 1e6:.3f} M",
-                     f"{job.gflops:.2f}", str(batch)]
+        job.cells = [
+            job.label,
+            device.type,
+            f"{sum(p.numel() for p in model.parameters()) / 1e6:.3f} M",
+            f"{job.gflops:.2f}",
+            str(batch),
+        ]
     best = iter(interleaved_best([fn for pair in fns for fn in pair], device, args.repeats))
     for job, pair, note in zip(jobs, fns, notes):
         ms = [f"{next(best) * 1e3:.0f}" for _ in pair]
@@ -181,8 +187,12 @@ def main() -> None:
     parser.add_argument("--amp", action="store_true", help="autocast: bf16 on CPU, fp16 (+GradScaler) on CUDA")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (minutes to compile on CPU)")
     parser.add_argument("--no-reference", action="store_true", help="skip timm's encoder alone")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="CPU threads for torch (0: its default); 1 is far steadier on a CPU shared with other jobs")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads for torch (0: its default); 1 is far steadier on a CPU shared with other jobs",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -196,16 +206,25 @@ def main() -> None:
     for name in names:
         jobs.append(Job(name, lambda n=name: build_model(n, img_size=args.size), name.startswith("R50")))
         if name == "R50-ViT-B_16" and not args.no_reference:
-            jobs.append(Job(REFERENCE, lambda: ThreeChannel(timm.create_model(
-                "vit_base_r50_s16_224", pretrained=False, num_classes=0, img_size=args.size)), True))
+            jobs.append(
+                Job(
+                    REFERENCE,
+                    lambda: ThreeChannel(
+                        timm.create_model("vit_base_r50_s16_224", pretrained=False, num_classes=0, img_size=args.size)
+                    ),
+                    True,
+                )
+            )
     for job in jobs:
         job.gflops = forward_gflops(job.make, args.size)
 
     header = ["model", "device", "params", f"GFLOPs fwd {args.size}px b1", "batch", "forward ms", "train step ms"]
     header += ["compiled fwd / train ms"] if args.compile else []
     precision = "autocast bf16 (CPU) / fp16 (CUDA)" if args.amp else "fp32"
-    print(f"{hardware()}; {precision}; best of {args.repeats} interleaved rounds after 1 warm-up round; "
-          "train step = forward + BCE on every head + backward + SGD step")
+    print(
+        f"{hardware()}; {precision}; best of {args.repeats} interleaved rounds after 1 warm-up round; "
+        "train step = forward + BCE on every head + backward + SGD step"
+    )
     for device in devices:
         bench_device(jobs, device, args)
         print("\n| " + " | ".join(header) + " |")
@@ -216,8 +235,10 @@ def main() -> None:
         if "R50-ViT-B_16" in cells and REFERENCE in cells:
             ours, ref = cells["R50-ViT-B_16"], cells[REFERENCE]
             ratio = lambda i: float(ours[i]) / float(ref[i])  # noqa: E731
-            print(f"\n{device.type}: whole R50-ViT-B_16 TransUNet / timm encoder alone: forward x{ratio(5):.2f}, "
-                  f"train step x{ratio(6):.2f}, FLOPs x{ratio(3):.2f}")
+            print(
+                f"\n{device.type}: whole R50-ViT-B_16 TransUNet / timm encoder alone: forward x{ratio(5):.2f}, "
+                f"train step x{ratio(6):.2f}, FLOPs x{ratio(3):.2f}"
+            )
 
 
 if __name__ == "__main__":

@@ -32,8 +32,12 @@ REAL = {"train": 55, "test": 20}
 def timed(command: list[str]) -> tuple[float, float]:
     """(wall seconds, peak resident MB of its largest process) of a microseg command."""
     with tempfile.NamedTemporaryFile("r", suffix=".time") as report:
-        done = subprocess.run(["/usr/bin/time", "-f", "%e %M", "-o", report.name, sys.executable, "-m", "microseg",
-                               *command], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        done = subprocess.run(
+            ["/usr/bin/time", "-f", "%e %M", "-o", report.name, sys.executable, "-m", "microseg", *command],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
         if done.returncode:
             raise SystemExit(f"microseg {' '.join(command)} failed:\n{done.stderr}")
         wall, kb = report.read().split()[-2:]
@@ -56,14 +60,29 @@ def main() -> None:
         data = args.data
         if data is None:
             data = Path(tmp) / "phantom"
-            timed(["simulate", "--out", str(data), "--train", str(args.train), "--test", str(args.test),
-                   "--slices", str(args.slices), "--jobs", str(args.jobs)])
+            timed(
+                [
+                    "simulate",
+                    "--out",
+                    str(data),
+                    "--train",
+                    str(args.train),
+                    "--test",
+                    str(args.test),
+                    "--slices",
+                    str(args.slices),
+                    "--jobs",
+                    str(args.jobs),
+                ]
+            )
         patients = {split: len(list((data / split / "micro_ultrasound_scans").glob("*.nii*"))) for split in REAL}
         run = Path(tmp) / "run"
         tiny_run(data, run, 224)
-        stages = {"check": (["check", "--data", str(data), "--json", str(Path(tmp) / "check.json")], ("train", "test")),
-                  "prepare": (["prepare", "--data", str(data), "--out", str(Path(tmp) / "cache.h5")], ("train",)),
-                  "evaluate": (["evaluate", "--run", str(run), "--data", str(data), "--device", "cpu"], ("test",))}
+        stages = {
+            "check": (["check", "--data", str(data), "--json", str(Path(tmp) / "check.json")], ("train", "test")),
+            "prepare": (["prepare", "--data", str(data), "--out", str(Path(tmp) / "cache.h5")], ("train",)),
+            "evaluate": (["evaluate", "--run", str(run), "--data", str(data), "--device", "cpu"], ("test",)),
+        }
         rows = []
         for jobs in dict.fromkeys((1, args.jobs)):
             for stage, (command, splits) in stages.items():

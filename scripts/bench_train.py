@@ -114,8 +114,17 @@ class RoundSampler(Sampler):
 class Loop:
     """One training loop under test: its data pipeline, its own copy of the model and optimizer, its step."""
 
-    def __init__(self, label: str, dataset: Dataset, model: nn.Module, config: TrainConfig, reference: bool,
-                 device: torch.device, max_iter: int, steps: int):
+    def __init__(
+        self,
+        label: str,
+        dataset: Dataset,
+        model: nn.Module,
+        config: TrainConfig,
+        reference: bool,
+        device: torch.device,
+        max_iter: int,
+        steps: int,
+    ):
         self.label, self.config, self.reference, self.device = label, config, reference, device
         self.model = copy.deepcopy(model).to(device).train()
         if config.channels_last:
@@ -124,11 +133,15 @@ class Loop:
         step, self.stat_keys = ModelWithLoss(self.model, criterion), criterion.sample_stat_keys
         self.step = compile_step(step) if config.compile else step
         params = list(self.model.parameters())
-        self.optimizer = (torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-                          if reference else build_optimizer(config, params))
+        self.optimizer = (
+            torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+            if reference
+            else build_optimizer(config, params)
+        )
         self.scaler = torch.amp.GradScaler("cuda", enabled=False)
-        self.scheduler = torch.optim.lr_scheduler.PolynomialLR(self.optimizer, total_iters=max_iter,
-                                                               power=config.poly_power)
+        self.scheduler = torch.optim.lr_scheduler.PolynomialLR(
+            self.optimizer, total_iters=max_iter, power=config.poly_power
+        )
         self.dataset, self.steps = dataset, steps
         if not reference:  # the trainer's loader: built once, workers persist across rounds
             self.sampler = RoundSampler(len(dataset), steps * config.batch_size)
@@ -138,8 +151,14 @@ class Loop:
     def _reference_loader(self, epoch: int, steps: int) -> DataLoader:
         generator = torch.Generator().manual_seed(epoch)
         sampler = RandomSampler(self.dataset, num_samples=steps * self.config.batch_size, generator=generator)
-        return DataLoader(self.dataset, batch_size=self.config.batch_size, sampler=sampler, generator=generator,
-                          num_workers=self.config.num_workers, pin_memory=self.device.type == "cuda")
+        return DataLoader(
+            self.dataset,
+            batch_size=self.config.batch_size,
+            sampler=sampler,
+            generator=generator,
+            num_workers=self.config.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
 
     def epoch(self, epoch: int, steps: int) -> tuple[int, float]:
         """`steps` training steps; returns (images, seconds)."""
@@ -152,8 +171,9 @@ class Loop:
             self.sampler.round, self.sampler.n, loader = epoch, steps * self.config.batch_size, self.loader
         with reference_hard_region() if self.reference else contextlib.nullcontext():
             for batch in loader:
-                losses = train_step(self.step, self.optimizer, self.scaler, batch, self.device, self.config,
-                                    self.stat_keys)
+                losses = train_step(
+                    self.step, self.optimizer, self.scaler, batch, self.device, self.config, self.stat_keys
+                )
                 self.scheduler.step()
                 if self.reference:
                     float(losses.total.item())  # the reference's per-step host read
@@ -179,15 +199,20 @@ def plan(name: str, device: torch.device, args: argparse.Namespace) -> tuple[int
 def variants(base: TrainConfig, device: torch.device, args: argparse.Namespace) -> list[tuple[str, TrainConfig, bool]]:
     """(label, config, reference?) of each loop, (a) to (e)."""
     fp32 = dataclasses.replace(base, amp="none")
-    loops = [("(a) reference: PNG per item, host-OpenCV hard region, fp32, .item() per step", fp32, True),
-             ("(b) microseg fp32", fp32, False)]
+    loops = [
+        ("(a) reference: PNG per item, host-OpenCV hard region, fp32, .item() per step", fp32, True),
+        ("(b) microseg fp32", fp32, False),
+    ]
     if args.fast == "yes" or (args.fast == "auto" and device.type == "cuda"):
         bf16 = dataclasses.replace(base, amp="bf16")
-        loops += [("(c) microseg bf16", bf16, False),
-                  ("(d) microseg bf16 + channels_last", dataclasses.replace(bf16, channels_last=True), False)]
+        loops += [
+            ("(c) microseg bf16", bf16, False),
+            ("(d) microseg bf16 + channels_last", dataclasses.replace(bf16, channels_last=True), False),
+        ]
         if not args.no_compile:
-            loops.append(("(e) microseg bf16 + torch.compile (model and loss)", dataclasses.replace(bf16, compile=True),
-                          False))
+            loops.append(
+                ("(e) microseg bf16 + torch.compile (model and loss)", dataclasses.replace(bf16, compile=True), False)
+            )
     return loops
 
 
@@ -203,18 +228,22 @@ def profile_steps(loop: Loop, device: torch.device, steps: int) -> None:
     print(prof.key_averages().table(sort_by=key, row_limit=20), file=sys.stderr, flush=True)
 
 
-def bench_config(name: str, size: int, cache: Path, pngs: list, device: torch.device,
-                 args: argparse.Namespace) -> list[list[str]]:
+def bench_config(
+    name: str, size: int, cache: Path, pngs: list, device: torch.device, args: argparse.Namespace
+) -> list[list[str]]:
     rounds, steps = plan(name, device, args)
-    base = TrainConfig(loss=args.loss, model=name, batch_size=args.batch, num_workers=args.workers,
-                       sync_every=args.sync_every)
+    base = TrainConfig(
+        loss=args.loss, model=name, batch_size=args.batch, num_workers=args.workers, sync_every=args.sync_every
+    )
     torch.manual_seed(0)
     model = build_model(name, img_size=size)
     train_gflops = 3 * forward_gflops(lambda: build_model(name, img_size=size), size)
     max_iter = 2 + rounds * steps + 1
     loops = []
     for label, config, reference in variants(base, device, args):
-        dataset = PngSlices(pngs, seed=0, size=size) if reference else SliceDataset(cache, augment=True, seed=config.seed)
+        dataset = (
+            PngSlices(pngs, seed=0, size=size) if reference else SliceDataset(cache, augment=True, seed=config.seed)
+        )
         loops.append(Loop(label, dataset, model, config, reference, device, max_iter, steps))
     del model
     for loop in loops:
@@ -231,33 +260,65 @@ def bench_config(name: str, size: int, cache: Path, pngs: list, device: torch.de
     rows = []
     for loop, rate in zip(loops, rates):
         mfu = f"{100 * rate * train_gflops / (peak * 1e3):.1f}%" if peak else "-"
-        rows.append([f"{name} ({size} px)", loop.label, f"{rounds} x {steps}", f"{rate:.2f}",
-                     f"{rate / rates[0]:.2f}x", f"{train_gflops:.1f}", mfu])
+        rows.append(
+            [
+                f"{name} ({size} px)",
+                loop.label,
+                f"{rounds} x {steps}",
+                f"{rate:.2f}",
+                f"{rate / rates[0]:.2f}x",
+                f"{train_gflops:.1f}",
+                mfu,
+            ]
+        )
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", nargs="+", default=["small", "R50-ViT-B_16"],
-                        help="model configs (small/tiny at 128 px, the others at 224 px)")
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=["small", "R50-ViT-B_16"],
+        help="model configs (small/tiny at 128 px, the others at 224 px)",
+    )
     parser.add_argument("--steps", type=int, default=0, help="timed steps per round (default: see plan())")
     parser.add_argument("--rounds", type=int, default=0, help="rounds per loop (default: see plan())")
     parser.add_argument("--batch", type=int, default=TrainConfig.batch_size)
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                        help="DataLoader workers of every loop (default: the reference's 8, at most the core count)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
+        help="DataLoader workers of every loop (default: the reference's 8, at most the core count)",
+    )
     parser.add_argument("--loss", choices=HARD_REGION_LOSSES, default="adaptive_focal")
-    parser.add_argument("--fast", choices=("auto", "yes", "no"), default="auto",
-                        help="also time (c) bf16, (d) bf16 + channels_last and (e) bf16 + torch.compile; auto: on CUDA")
+    parser.add_argument(
+        "--fast",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="also time (c) bf16, (d) bf16 + channels_last and (e) bf16 + torch.compile; auto: on CUDA",
+    )
     parser.add_argument("--no-compile", action="store_true", help="skip (e) (torch.compile takes minutes on a CPU)")
-    parser.add_argument("--sync-every", type=int, default=TrainConfig.sync_every, help="microseg's loss read-back interval")
-    parser.add_argument("--peak-tflops", type=float, default=0.0,
-                        help="bf16 peak for the MFU (default: the GPU's by its exact name in BF16_PEAK_TFLOPS)")
+    parser.add_argument(
+        "--sync-every", type=int, default=TrainConfig.sync_every, help="microseg's loss read-back interval"
+    )
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=0.0,
+        help="bf16 peak for the MFU (default: the GPU's by its exact name in BF16_PEAK_TFLOPS)",
+    )
     parser.add_argument("--train", type=int, default=3, help="phantom training patients (default 3)")
     parser.add_argument("--slices", type=int, default=16, help="slices per patient (default 16)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu or cuda")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's own)")
-    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
-                        help="after the rounds, torch.profiler over STEPS steps of the last loop (to stderr)")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="after the rounds, torch.profiler over STEPS steps of the last loop (to stderr)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -277,13 +338,17 @@ def main() -> None:
             rows += bench_config(name, size, cache, pngs, device, args)
 
     peak = args.peak_tflops or detected_peak(device)
-    print(f"\n{hardware(device)}; {os.cpu_count()} cores; training on {device.type}; bf16 peak "
-          f"{f'{peak:g} TFLOP/s' if peak else 'unknown (pass --peak-tflops)'}; load average "
-          f"{load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end")
-    print(f"{args.train * args.slices} phantom slices ({args.train} patients x {args.slices}) at "
-          f"{NATIVE_SIZE[0]} x {NATIVE_SIZE[1]}; batch {args.batch}, {args.workers} workers, deep-supervised "
-          f"{args.loss} (4 scales), SGD; microseg reads the loss every {args.sync_every} steps; each loop: "
-          "1 warm-up round of 2 steps, then rounds x steps timed, loops alternating\n")
+    print(
+        f"\n{hardware(device)}; {os.cpu_count()} cores; training on {device.type}; bf16 peak "
+        f"{f'{peak:g} TFLOP/s' if peak else 'unknown (pass --peak-tflops)'}; load average "
+        f"{load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end"
+    )
+    print(
+        f"{args.train * args.slices} phantom slices ({args.train} patients x {args.slices}) at "
+        f"{NATIVE_SIZE[0]} x {NATIVE_SIZE[1]}; batch {args.batch}, {args.workers} workers, deep-supervised "
+        f"{args.loss} (4 scales), SGD; microseg reads the loss every {args.sync_every} steps; each loop: "
+        "1 warm-up round of 2 steps, then rounds x steps timed, loops alternating\n"
+    )
     print("| config | loop | rounds x steps | images/s (median) | vs (a) | train GFLOP/image | MFU (bf16 peak) |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:

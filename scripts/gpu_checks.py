@@ -35,8 +35,26 @@ from microseg.runtime import resolve_amp  # noqa: E402
 from microseg.tables import read_csv  # noqa: E402
 from microseg.train import Trainer  # noqa: E402
 
-TINY = ["--model", "tiny", "--epochs", "2", "--batch-size", "5", "--optimizer", "adam", "--lr", "3e-3",
-        "--val-fraction", "0.25", "--num-workers", "2", "--seed", "7", "--device", "cuda"]
+TINY = [
+    "--model",
+    "tiny",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "5",
+    "--optimizer",
+    "adam",
+    "--lr",
+    "3e-3",
+    "--val-fraction",
+    "0.25",
+    "--num-workers",
+    "2",
+    "--seed",
+    "7",
+    "--device",
+    "cuda",
+]
 
 
 def sigint_at(call: int):
@@ -86,7 +104,9 @@ def check_bf16_resume(cache: Path, tmp: Path) -> None:
         restore()
     assert code == 130, f"Ctrl-C: exit {code}, expected 130"
     state = torch.load(cut / "last.pt", map_location="cpu", weights_only=True)
-    assert (state["epoch"], state["step"]) == (1, 3), f"saved position {(state['epoch'], state['step'])}, expected (1, 3)"
+    assert (state["epoch"], state["step"]) == (1, 3), (
+        f"saved position {(state['epoch'], state['step'])}, expected (1, 3)"
+    )
     assert microseg(["train", "--run", str(cut), "--resume"]) == 0, "--resume failed"
     lrs = [[float(row["lr"]) for row in history(run)] for run in (full, cut)]
     assert lrs[0] == lrs[1], f"learning rates differ: {lrs}"
@@ -112,10 +132,15 @@ def check_compile(cache: Path, tmp: Path) -> None:
     counters.clear()
     started = time.perf_counter()
     train(cache, tmp / "compiled", "--amp", "bf16", "--compile", "--epochs", "1")
-    graphs, breaks, recompiles = (counters["stats"]["unique_graphs"], sum(counters["graph_break"].values()),
-                                  sum(counters["recompiles"].values()))
-    print(f"   {graphs} graph(s), {breaks} graph break(s), {recompiles} recompile(s), "
-          f"{time.perf_counter() - started:.1f} s with compilation")
+    graphs, breaks, recompiles = (
+        counters["stats"]["unique_graphs"],
+        sum(counters["graph_break"].values()),
+        sum(counters["recompiles"].values()),
+    )
+    print(
+        f"   {graphs} graph(s), {breaks} graph break(s), {recompiles} recompile(s), "
+        f"{time.perf_counter() - started:.1f} s with compilation"
+    )
     assert graphs == 1 and not breaks and not recompiles
 
 
@@ -125,9 +150,13 @@ def check_evaluate(cache: Path, tmp: Path) -> None:
     assert code == 0 and (run / "metrics" / "per_patient.csv").is_file(), f"evaluate exited {code}"
 
 
-CHECKS = [("--amp auto", check_amp_auto), ("bf16 training, Ctrl-C, resume", check_bf16_resume),
-          ("fp16 training with the grad scaler", check_fp16), ("--compile", check_compile),
-          ("evaluate on the GPU", check_evaluate)]
+CHECKS = [
+    ("--amp auto", check_amp_auto),
+    ("bf16 training, Ctrl-C, resume", check_bf16_resume),
+    ("fp16 training with the grad scaler", check_fp16),
+    ("--compile", check_compile),
+    ("evaluate on the GPU", check_evaluate),
+]
 
 
 def main() -> int:

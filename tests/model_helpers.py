@@ -131,8 +131,9 @@ def bottleneck(x: Tensor, state: dict[str, Tensor], prefix: str, stride: int, po
     if prefix + "downsample.conv.weight" in state:
         residual = std_conv(x, state[prefix + "downsample.conv.weight"], stride, port)
         channels = residual.shape[1]
-        residual = group_norm(residual, state, prefix + "downsample.norm", channels if port else GROUPS,
-                              1e-5 if port else 1e-6)
+        residual = group_norm(
+            residual, state, prefix + "downsample.norm", channels if port else GROUPS, 1e-5 if port else 1e-6
+        )
     y = F.relu(group_norm(std_conv(x, state[prefix + "conv1.weight"], 1, port), state, prefix + "norm1", GROUPS))
     y = F.relu(group_norm(std_conv(y, state[prefix + "conv2.weight"], stride, port), state, prefix + "norm2", GROUPS))
     y = group_norm(std_conv(y, state[prefix + "conv3.weight"], 1, port), state, prefix + "norm3", GROUPS)
@@ -172,7 +173,9 @@ def transformer(x: Tensor, state: dict[str, Tensor]) -> Tensor:
 
     for i in range(DEPTH):
         p = f"encoder.blocks.{i}."
-        q, k, v = F.linear(norm(tokens, p + "norm1"), state[p + "attn.qkv.weight"], state[p + "attn.qkv.bias"]).chunk(3, -1)
+        q, k, v = F.linear(norm(tokens, p + "norm1"), state[p + "attn.qkv.weight"], state[p + "attn.qkv.bias"]).chunk(
+            3, -1
+        )
         weights = torch.softmax(heads(q) @ heads(k).transpose(-1, -2) / math.sqrt(dim // HEADS), dim=-1)
         context = (weights @ heads(v)).transpose(1, 2).reshape(batch, n, dim)
         tokens = tokens + F.linear(context, state[p + "attn.proj.weight"], state[p + "attn.proj.bias"])

@@ -69,8 +69,14 @@ def install_recorder(record: dict, actions: dict, patch=setattr) -> None:
 
 
 def _process(rank: int, world: int, port: int, argv: list[str], actions: dict, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
     signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even under a background pytest
     import torch
 
@@ -99,10 +105,13 @@ def launch(world: int, argv: list[str], out: Path, actions: dict[int, dict] | No
     out.mkdir(parents=True, exist_ok=True)
     context = mp.get_context("spawn")
     port = free_port()
-    processes = [context.Process(target=_process, args=(rank, world, port, argv,
-                                                        {str(k): v for k, v in (actions or {}).get(rank, {}).items()},
-                                                        str(out)))
-                 for rank in range(world)]
+    processes = [
+        context.Process(
+            target=_process,
+            args=(rank, world, port, argv, {str(k): v for k, v in (actions or {}).get(rank, {}).items()}, str(out)),
+        )
+        for rank in range(world)
+    ]
     for process in processes:
         process.start()
     deadline = time.monotonic() + PROCESS_TIMEOUT_S

@@ -10,14 +10,16 @@ import torch
 from microseg.config import resolve_train_config
 from microseg.train import Trainer, train
 
-TINY_TRAIN = dict(model="tiny", epochs=2, batch_size=4, optimizer="adam", lr=3e-3, val_fraction=0.34, num_workers=0,
-                  seed=7)
+TINY_TRAIN = dict(
+    model="tiny", epochs=2, batch_size=4, optimizer="adam", lr=3e-3, val_fraction=0.34, num_workers=0, seed=7
+)
 
 
 def train_tiny(cache: Path, run: Path, trainer: type[Trainer] | None = None, **options) -> Path:
     """Train the tiny run (TINY_TRAIN, `options` win) on `cache` into `run`, with `trainer` if given."""
-    return train(resolve_train_config(None, dict(TINY_TRAIN, cache=str(cache), run=str(run), **options)),
-                 trainer=trainer)
+    return train(
+        resolve_train_config(None, dict(TINY_TRAIN, cache=str(cache), run=str(run), **options)), trainer=trainer
+    )
 
 
 class NaNAt(torch.nn.Module):

@@ -33,9 +33,16 @@ def build_augmentation(seed: int | None = None) -> Compose:
     return A.Compose(
         [
             A.HorizontalFlip(p=0.5),
-            A.Affine(rotate=(-15, 15), scale=(0.9, 1.1), interpolation=cv2.INTER_LINEAR,
-                     mask_interpolation=cv2.INTER_NEAREST, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0,
-                     p=0.7),
+            A.Affine(
+                rotate=(-15, 15),
+                scale=(0.9, 1.1),
+                interpolation=cv2.INTER_LINEAR,
+                mask_interpolation=cv2.INTER_NEAREST,
+                border_mode=cv2.BORDER_CONSTANT,
+                fill=0,
+                fill_mask=0,
+                p=0.7,
+            ),
             A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.15, p=0.5),
         ],
         seed=seed,

@@ -109,12 +109,16 @@ def check_sources(path: str | Path) -> None:
         try:
             stat = Path(name).stat()
         except FileNotFoundError:
-            raise MicrosegError(f"{name} was removed since the cache {path} was prepared from it: prepare the "
-                                "cache again (or pass --no-source-check to use it as it is)") from None
+            raise MicrosegError(
+                f"{name} was removed since the cache {path} was prepared from it: prepare the "
+                "cache again (or pass --no-source-check to use it as it is)"
+            ) from None
         if (stat.st_size, stat.st_mtime_ns) != (size, mtime_ns):
-            raise MicrosegError(f"{name} changed since the cache {path} was prepared from it (its size or "
-                                "modification time differ): prepare the cache again (or pass --no-source-check "
-                                "to use it as it is)")
+            raise MicrosegError(
+                f"{name} changed since the cache {path} was prepared from it (its size or "
+                "modification time differ): prepare the cache again (or pass --no-source-check "
+                "to use it as it is)"
+            )
 
 
 def test_record(case: Case) -> dict:
@@ -170,25 +174,49 @@ def cache_entry(case: Case, image: Volume, masks: list[Volume], size: int) -> Ca
     return CacheEntry(case.case_id, image.array.shape, image.spacing, stacks, stats, fraction)
 
 
-def write_cache(out: Path, size: int, digest: str, root: Path, entries: Iterable[CacheEntry],
-                test_records: dict[str, dict], sources: list[tuple[str, int, int]]) -> int:
+def write_cache(
+    out: Path,
+    size: int,
+    digest: str,
+    root: Path,
+    entries: Iterable[CacheEntry],
+    test_records: dict[str, dict],
+    sources: list[tuple[str, int, int]],
+) -> int:
     """Write the cache of the training cases' ``entries`` (in order, consumed one at a time), the
     test split's records and the `source_records` at ``out``, atomically; returns the number of slices."""
     with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
-        f.attrs.update(size=size, format_version=FORMAT_VERSION, fingerprint=digest, data_root=str(root),
-                       sources=json.dumps(sources))
-        slices = {key: f.create_dataset(key, (0, size, size), np.uint8, maxshape=(None, size, size),
-                                        chunks=(1, size, size), compression="lzf", fletcher32=True)
-                  for key in SLICE_KEYS}
-        per_slice = {key: f.create_dataset(key, (0,), dtype, maxshape=(None,), fletcher32=True)
-                     for key, dtype in (("case_id", "S16"), ("slice_index", np.int32), ("expert_fraction", np.float32))}
+        f.attrs.update(
+            size=size,
+            format_version=FORMAT_VERSION,
+            fingerprint=digest,
+            data_root=str(root),
+            sources=json.dumps(sources),
+        )
+        slices = {
+            key: f.create_dataset(
+                key,
+                (0, size, size),
+                np.uint8,
+                maxshape=(None, size, size),
+                chunks=(1, size, size),
+                compression="lzf",
+                fletcher32=True,
+            )
+            for key in SLICE_KEYS
+        }
+        per_slice = {
+            key: f.create_dataset(key, (0,), dtype, maxshape=(None,), fletcher32=True)
+            for key, dtype in (("case_id", "S16"), ("slice_index", np.int32), ("expert_fraction", np.float32))
+        }
         for entry in entries:
             n = entry.shape[0]
             require_free_space(out, n * size * size * len(SLICE_KEYS))  # before HDF5 meets ENOSPC
             for key in SLICE_KEYS:
                 _append(slices[key], entry.stacks[key])
-            f.create_group(f"train/{entry.case_id}").attrs.update(shape=entry.shape, spacing=entry.spacing,
-                                                                 **entry.stats)
+            f.create_group(f"train/{entry.case_id}").attrs.update(
+                shape=entry.shape, spacing=entry.spacing, **entry.stats
+            )
             _append(per_slice["case_id"], np.full(n, entry.case_id.encode(), dtype="S16"))
             _append(per_slice["slice_index"], np.arange(n, dtype=np.int32))
             _append(per_slice["expert_fraction"], entry.expert_fraction)
@@ -209,8 +237,10 @@ def read_cache_info(path: str | Path) -> CacheInfo:
                 raise MicrosegError(f"{path}: not a microseg cache")
             if int(f.attrs["format_version"]) != FORMAT_VERSION:
                 found = f.attrs["format_version"]
-                raise MicrosegError(f"{path}: cache format {found}, this microseg reads format {FORMAT_VERSION} "
-                                    "(checksummed slices): prepare it again with `microseg prepare`")
+                raise MicrosegError(
+                    f"{path}: cache format {found}, this microseg reads format {FORMAT_VERSION} "
+                    "(checksummed slices): prepare it again with `microseg prepare`"
+                )
             ids = [i.decode() for i in f["case_id"][()]]
             tests = {}
             for case_id, group in f.get("test", {}).items():
@@ -223,10 +253,14 @@ def read_cache_info(path: str | Path) -> CacheInfo:
                     "shape": tuple(int(v) for v in attrs["shape"]),
                     "spacing": tuple(float(v) for v in attrs["spacing"]),
                 }
-            geometry = {case_id: {key: tuple(group.attrs[key].tolist()) for key in ("shape", "spacing")}
-                        for case_id, group in f["train"].items()}
-            stats = {case_id: {key: float(group.attrs[key]) for key in PATIENT_STAT_KEYS}
-                     for case_id, group in f["train"].items()}
+            geometry = {
+                case_id: {key: tuple(group.attrs[key].tolist()) for key in ("shape", "spacing")}
+                for case_id, group in f["train"].items()
+            }
+            stats = {
+                case_id: {key: float(group.attrs[key]) for key in PATIENT_STAT_KEYS}
+                for case_id, group in f["train"].items()
+            }
             return CacheInfo(path, int(f.attrs["size"]), len(ids), list(dict.fromkeys(ids)), tests, geometry, stats)
     except OSError as err:
         raise MicrosegError(f"{path}: not a readable microseg cache ({err})") from None
@@ -239,5 +273,7 @@ def foreground_areas(path: str | Path) -> np.ndarray:
         with h5py.File(path, "r") as f:
             return f["expert_fraction"][()]
     except OSError as err:
-        raise MicrosegError(f"cache {path}: its expert_fraction record cannot be read ({' '.join(str(err).split())}): "
-                            "the file is damaged; prepare it again") from None
+        raise MicrosegError(
+            f"cache {path}: its expert_fraction record cannot be read ({' '.join(str(err).split())}): "
+            "the file is damaged; prepare it again"
+        ) from None

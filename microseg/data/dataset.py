@@ -38,16 +38,25 @@ from microseg.preprocess import INTENSITY_MAX, scale_intensity
 class SliceDataset(Dataset):
     """Slices of a cache (all, or the given cache indices), optionally augmented."""
 
-    def __init__(self, cache_path: str | Path, indices: Sequence[int] | None = None, augment: bool = False,
-                 seed: int | None = None, in_memory: bool = False, intensity_max: int = INTENSITY_MAX):
+    def __init__(
+        self,
+        cache_path: str | Path,
+        indices: Sequence[int] | None = None,
+        augment: bool = False,
+        seed: int | None = None,
+        in_memory: bool = False,
+        intensity_max: int = INTENSITY_MAX,
+    ):
         info = read_cache_info(cache_path)
         self.path, self.size, self.augment, self.seed, self.epoch = info.path, info.size, augment, seed, 0
         self.intensity_max = intensity_max
         with h5py.File(self.path, "r") as f:
             self.case_ids = [i.decode() for i in f["case_id"][()]]
             self.slice_index = f["slice_index"][()]
-        self.patient_stats = {case_id: {key: np.float32(value) for key, value in stats.items()}
-                              for case_id, stats in info.patient_stats.items()}
+        self.patient_stats = {
+            case_id: {key: np.float32(value) for key, value in stats.items()}
+            for case_id, stats in info.patient_stats.items()
+        }
         n = info.n_slices
         self.indices = np.arange(n) if indices is None else np.asarray(indices, dtype=np.int64).reshape(-1)
         if self.indices.size and (self.indices.min() < 0 or self.indices.max() >= n):
@@ -94,8 +103,9 @@ class SliceDataset(Dataset):
         try:
             image, expert, non_expert = (array[index] for array in self._open())
         except OSError as err:
-            raise MicrosegError(f"{where} cannot be read ({' '.join(str(err).split())}): the file is damaged; "
-                                "prepare it again") from None
+            raise MicrosegError(
+                f"{where} cannot be read ({' '.join(str(err).split())}): the file is damaged; prepare it again"
+            ) from None
         if expert.max(initial=0) > 1 or non_expert.max(initial=0) > 1:
             raise MicrosegError(f"{where} holds a mask that is not binary: the file is damaged; prepare it again")
         return image, expert, non_expert
@@ -108,12 +118,17 @@ class SliceDataset(Dataset):
             image, (expert, non_expert) = out["image"], out["masks"]
         patient = self.patient_stats[self.case_ids[index]]
         stats = {key: torch.from_numpy(np.asarray(value)) for key, value in patient.items()}
-        return {**slice_tensors(image, expert, non_expert, self.intensity_max), "case_id": self.case_ids[index],
-                "slice_index": int(self.slice_index[index]), **stats}
+        return {
+            **slice_tensors(image, expert, non_expert, self.intensity_max),
+            "case_id": self.case_ids[index],
+            "slice_index": int(self.slice_index[index]),
+            **stats,
+        }
 
 
-def slice_tensors(image: np.ndarray, expert: np.ndarray, non_expert: np.ndarray,
-                  intensity_max: int = INTENSITY_MAX) -> dict[str, torch.Tensor]:
+def slice_tensors(
+    image: np.ndarray, expert: np.ndarray, non_expert: np.ndarray, intensity_max: int = INTENSITY_MAX
+) -> dict[str, torch.Tensor]:
     """uint8 [S, S] arrays -> float32 [1, S, S] tensors; the image scaled by ``scale_intensity``.
 
     Converted in NumPy: a torch op per item would wake torch's intra-op thread pool, which
@@ -126,8 +141,13 @@ def slice_tensors(image: np.ndarray, expert: np.ndarray, non_expert: np.ndarray,
     }
 
 
-def split_by_patient(cache_path: str | Path, val_fraction: float, seed: int, patients: Sequence[str] = (),
-                     val_patients: Sequence[str] = ()) -> tuple[list[int], list[int]]:
+def split_by_patient(
+    cache_path: str | Path,
+    val_fraction: float,
+    seed: int,
+    patients: Sequence[str] = (),
+    val_patients: Sequence[str] = (),
+) -> tuple[list[int], list[int]]:
     """Patient-level split of the cache's slice indices into (train, validation).
 
     `patients` restricts training to those patient ids (default: every patient of the cache);
@@ -144,8 +164,9 @@ def split_by_patient(cache_path: str | Path, val_fraction: float, seed: int, pat
     for name, named in (("patients", patients), ("val_patients", val_patients)):
         unknown = sorted(set(named) - set(cached))
         if unknown:
-            raise OptionError(f"`{name}`: patient(s) {', '.join(unknown)} not in cache {cache_path} "
-                              f"(it holds {', '.join(cached)})")
+            raise OptionError(
+                f"`{name}`: patient(s) {', '.join(unknown)} not in cache {cache_path} (it holds {', '.join(cached)})"
+            )
     both = sorted(set(patients) & set(val_patients))
     if both:
         raise OptionError(f"patient(s) {', '.join(both)} are in both `patients` and `val_patients`")

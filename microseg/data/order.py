@@ -49,9 +49,9 @@ class EpochSampler(Sampler):
 
     def share(self, order: list[int], step: int) -> list[int]:
         """This process's items of global batch `step`."""
-        batch = order[step * self.batch_size:(step + 1) * self.batch_size]
-        batch += order[:max(0, self.world - len(batch))]  # L < W: a repeat for a process left without a slice
-        return batch[self.rank::self.world]
+        batch = order[step * self.batch_size : (step + 1) * self.batch_size]
+        batch += order[: max(0, self.world - len(batch))]  # L < W: a repeat for a process left without a slice
+        return batch[self.rank :: self.world]
 
     def weight(self, step: int) -> float:
         """This process's loss weight at `step`: n_r * W / L, 1 when its share is L / W."""

@@ -184,8 +184,10 @@ class ScanGeometry:
         wall = 1.8 * _bump(d, 0.3, 0.25) - 0.6 * _bump(d, 1.2, 0.5) + 0.8 * _bump(d, 2.1, 0.3)
         self.rectal_wall = (1 + wall).astype(np.float32)  # mucosa, muscularis, serosa under the probe
         # remap coordinates of the polar samples in the texture grids (one cell of padding)
-        self.texture_maps = {grid: ((self.x + self.width_mm / 2) / grid + 1, self.y / grid + 1)
-                             for grid in (TEXTURE_GRID_MM, FINE_GRID_MM)}
+        self.texture_maps = {
+            grid: ((self.x + self.width_mm / 2) / grid + 1, self.y / grid + 1)
+            for grid in (TEXTURE_GRID_MM, FINE_GRID_MM)
+        }
 
     def window(self, x: float, y: float, half_mm: float) -> tuple[slice, slice]:
         """The (lines, depth) block of anatomy-grid samples within about ``half_mm`` of the point (x, y)."""
@@ -194,8 +196,10 @@ class ScanGeometry:
         di = (math.asin(half_mm / r) if half_mm < r else math.pi) / self.dt + 2
         dj = half_mm / self.dr + 2
         n_t, n_r = self.x.shape
-        return (slice(int(np.clip(i - di, 0, n_t)), int(np.clip(i + di + 1, 0, n_t))),
-                slice(int(np.clip(j - dj, 0, n_r)), int(np.clip(j + dj + 1, 0, n_r))))
+        return (
+            slice(int(np.clip(i - di, 0, n_t)), int(np.clip(i + di + 1, 0, n_t))),
+            slice(int(np.clip(j - dj, 0, n_r)), int(np.clip(j + dj + 1, 0, n_r))),
+        )
 
 
 class Anatomy:
@@ -219,12 +223,21 @@ class Anatomy:
         gap = u(1.5, 3.0)
         r_mid = self.radius(0.0)[_angle_index(np.cos(self.bladder_angle), np.sin(self.bladder_angle))]
         dist = r_mid + gap + self.bladder_axes[1]
-        self.bladder_centre = (self.cx + dist * math.cos(self.bladder_angle),
-                               self.cy + dist * math.sin(self.bladder_angle))
+        self.bladder_centre = (
+            self.cx + dist * math.cos(self.bladder_angle),
+            self.cy + dist * math.sin(self.bladder_angle),
+        )
         n_calc = int(rng.integers(1, 5))  # (s, radial fraction, angle, radius mm, sweep half-extent mm)
         self.calcs = np.stack(
-            [u(-0.5, 0.5, n_calc) * self.extent, u(0.1, 0.6, n_calc), u(-np.pi, np.pi, n_calc),
-             u(0.2, 0.6, n_calc), u(1.5, 3.0, n_calc)], axis=1)
+            [
+                u(-0.5, 0.5, n_calc) * self.extent,
+                u(0.1, 0.6, n_calc),
+                u(-np.pi, np.pi, n_calc),
+                u(0.2, 0.6, n_calc),
+                u(1.5, 3.0, n_calc),
+            ],
+            axis=1,
+        )
 
     def centre(self, s: float) -> tuple[float, float]:
         return self.cx + 1.0 * s, self.cy + 1.5 * s * s
@@ -262,8 +275,13 @@ class Anatomy:
             ds = abs(s - cs) * SWEEP_MM / 2
             if ds < half:
                 r_here = frac * radius[_angle_index(np.cos(angle), np.sin(angle))]
-                found.append((cx + r_here * math.cos(angle), cy + r_here * math.sin(angle),
-                              rad * math.sqrt(1 - (ds / half) ** 2)))
+                found.append(
+                    (
+                        cx + r_here * math.cos(angle),
+                        cy + r_here * math.sin(angle),
+                        rad * math.sqrt(1 - (ds / half) ** 2),
+                    )
+                )
         return found
 
     def shadow(self, s: float) -> np.ndarray:
@@ -333,8 +351,9 @@ def _bladder(geo: ScanGeometry, anat: Anatomy, s: float, echo: np.ndarray, alpha
     alpha[b] -= 0.9 * TISSUE_ALPHA * fluid
 
 
-def _echogenicity(geo: ScanGeometry, anat: Anatomy, s: float,
-                  tex: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def _echogenicity(
+    geo: ScanGeometry, anat: Anatomy, s: float, tex: dict[str, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
     """Echogenicity E and attenuation alpha (Np/mm) of one slice on the polar anatomy grid."""
     echo = tex["tissue"] * tex["streaks"] * geo.rectal_wall
     alpha = np.full(echo.shape, TISSUE_ALPHA, dtype=np.float32)
@@ -368,10 +387,12 @@ def _textures(geo: ScanGeometry, rng: np.random.Generator, n_slices: int) -> dic
     correlated over 3 mm), fine tissue streaks (log-normal, 0.2 x 1 mm) and the field whose
     peaks are the gland's acini (0.3 mm grid, correlated over 0.6 mm across the sweep)."""
     out = {}
-    for name, grid, sigma_mm, spread in (("tissue", TEXTURE_GRID_MM, (3.0, 1.8, 1.8), 0.35),
-                                         ("gland", TEXTURE_GRID_MM, (3.0, 1.8, 1.8), 0.25),
-                                         ("streaks", FINE_GRID_MM, (0.6, 0.2, 1.0), 0.35),
-                                         ("acini", FINE_GRID_MM, (0.6, 0.3, 0.3), None)):
+    for name, grid, sigma_mm, spread in (
+        ("tissue", TEXTURE_GRID_MM, (3.0, 1.8, 1.8), 0.35),
+        ("gland", TEXTURE_GRID_MM, (3.0, 1.8, 1.8), 0.25),
+        ("streaks", FINE_GRID_MM, (0.6, 0.2, 1.0), 0.35),
+        ("acini", FINE_GRID_MM, (0.6, 0.3, 0.3), None),
+    ):
         shape = (n_slices, math.ceil(geo.shape[0] * geo.spacing / grid) + 3, math.ceil(geo.width_mm / grid) + 3)
         sigma = (sigma_mm[0] / slice_spacing(n_slices), sigma_mm[1] / grid, sigma_mm[2] / grid)
         field = gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma, mode="wrap")
@@ -380,8 +401,9 @@ def _textures(geo: ScanGeometry, rng: np.random.Generator, n_slices: int) -> dic
     return out
 
 
-def simulate_case(geo: ScanGeometry, rng: np.random.Generator, n_slices: int,
-                  raters: tuple[str, ...]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def simulate_case(
+    geo: ScanGeometry, rng: np.random.Generator, n_slices: int, raters: tuple[str, ...]
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """One patient: image ``[Z, H, W]`` uint8 0..254 and masks ``{"expert", *raters}`` uint8 {0, 1}."""
     anat = Anatomy(rng)
     shared = (rng.choice([-1.0, 1.0]), [_smooth_field(rng, range(1, 4)) for _ in range(2)])
@@ -392,8 +414,10 @@ def simulate_case(geo: ScanGeometry, rng: np.random.Generator, n_slices: int,
     masks = {name: np.zeros_like(image) for name in ("expert", *raters)}
     for z in range(n_slices):
         s = 2 * z / (n_slices - 1) - 1
-        tex = {name: cv2.remap(t[z], *geo.texture_maps[grids[name]], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
-               for name, t in textures.items()}
+        tex = {
+            name: cv2.remap(t[z], *geo.texture_maps[grids[name]], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+            for name, t in textures.items()
+        }
         polar = _polar_image(geo, *_echogenicity(geo, anat, s, tex), rng)
         frame = cv2.remap(polar, geo.map_r, geo.map_t, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
         image[z] = np.where(geo.fov, np.rint(np.clip(frame, 0, INTENSITY_MAX)), 0)
@@ -410,12 +434,15 @@ def _planned_files(out: Path, n_train: int, n_test: int) -> dict[tuple[str, str]
     """(split, case_id) -> [(mask name or "image", path)] in the real layout."""
     kinds = {"image": IMAGES, "expert": EXPERT, "non_expert": NON_EXPERT} | {r: rater_kind(r) for r in RATERS}
     plan = {}
-    for split, count, names in (("train", n_train, ("image", "expert", "non_expert")),
-                                ("test", n_test, ("image", "expert", "non_expert", *RATERS))):
+    for split, count, names in (
+        ("train", n_train, ("image", "expert", "non_expert")),
+        ("test", n_test, ("image", "expert", "non_expert", *RATERS)),
+    ):
         for i in range(1, count + 1):
             case_id = f"{i:02d}"
-            plan[(split, case_id)] = [(name, out / split / kinds[name][0] / file_name(kinds[name], split, case_id))
-                                      for name in names]
+            plan[(split, case_id)] = [
+                (name, out / split / kinds[name][0] / file_name(kinds[name], split, case_id)) for name in names
+            ]
     return plan
 
 
@@ -438,8 +465,15 @@ def _simulate_one(job: tuple) -> None:
         write_volume(path, image if name == "image" else masks[name], spacing)
 
 
-def simulate_dataset(out: str | Path, n_train: int = 10, n_test: int = 4, n_slices: int = 24,
-                     size: tuple[int, int] = NATIVE_SIZE, seed: int = 0, jobs: int | None = 1) -> Path:
+def simulate_dataset(
+    out: str | Path,
+    n_train: int = 10,
+    n_test: int = 4,
+    n_slices: int = 24,
+    size: tuple[int, int] = NATIVE_SIZE,
+    seed: int = 0,
+    jobs: int | None = 1,
+) -> Path:
     """Write a phantom dataset (real layout, two-digit ids from 01) under ``out``; returns ``out``.
 
     Case ``(split, i)`` draws from ``np.random.default_rng([seed, split_index, i])``, so a case's

@@ -171,8 +171,10 @@ class SlabReader:
         if self.kind == "image" and lo == hi:
             raise MicrosegError(f"{self.path}: image is constant ({lo:g} in every voxel): nothing to segment")
         if self.kind == "image" and hi <= 1:
-            raise MicrosegError(f"{self.path}: image intensities span only {lo:g}..{hi:g}, but the dataset is "
-                                f"0..{INTENSITY_MAX} (a 0..1 export? multiply it by {INTENSITY_MAX})")
+            raise MicrosegError(
+                f"{self.path}: image intensities span only {lo:g}..{hi:g}, but the dataset is "
+                f"0..{INTENSITY_MAX} (a 0..1 export? multiply it by {INTENSITY_MAX})"
+            )
 
     def close(self) -> None:
         self._file.close()
@@ -189,8 +191,10 @@ class SlabReader:
         lo, hi = float(array.min()), float(array.max())
         if lo < -0.5 or hi >= INTENSITY_MAX + 0.5:
             found = f"up to {hi:g}" if array.dtype == np.uint8 else f"{lo:g}..{hi:g}"
-            raise MicrosegError(f"{self.path}: image intensities must lie in 0..{INTENSITY_MAX} (the dataset's "
-                                f"range), found {found}; rescale the volume to 0..{INTENSITY_MAX}")
+            raise MicrosegError(
+                f"{self.path}: image intensities must lie in 0..{INTENSITY_MAX} (the dataset's "
+                f"range), found {found}; rescale the volume to 0..{INTENSITY_MAX}"
+            )
         self._lo, self._hi = min(self._lo, lo), max(self._hi, hi)
         if array.dtype == np.uint8:
             return array
@@ -203,8 +207,9 @@ class SlabReader:
             label = values[0] if self._label is None else self._label
             if (values != label).any():
                 found = np.unique(np.append(values, label))[:4].tolist()
-                raise MicrosegError(f"{self.path}: mask is not binary (non-zero values {found}...; expected 0 "
-                                    "and one label)")
+                raise MicrosegError(
+                    f"{self.path}: mask is not binary (non-zero values {found}...; expected 0 and one label)"
+                )
             self._label = label
         return nonzero.view(np.uint8)
 
@@ -266,8 +271,13 @@ def read_mask_for(image: Volume, path: str | Path) -> Volume:
 
 
 @contextlib.contextmanager
-def volume_writer(path: str | Path, shape_zyx: tuple[int, int, int], dtype: npt.DTypeLike, affine: np.ndarray,
-                  header: nib.Nifti1Header | None = None) -> Iterator[Callable[[np.ndarray], None]]:
+def volume_writer(
+    path: str | Path,
+    shape_zyx: tuple[int, int, int],
+    dtype: npt.DTypeLike,
+    affine: np.ndarray,
+    header: nib.Nifti1Header | None = None,
+) -> Iterator[Callable[[np.ndarray], None]]:
     """Write a ``[Z, H, W]`` volume slab by slab, z ascending: yields ``write(slab)``; atomic.
 
     The file holds what ``nibabel.save`` writes for the whole array (the same header, the voxels
@@ -293,7 +303,7 @@ def volume_writer(path: str | Path, shape_zyx: tuple[int, int, int], dtype: npt.
         written += len(slab)
 
     with atomic_path(path) as tmp:
-        with (igzip.open(tmp, "wb", compresslevel=1) if path.name.endswith(".gz") else open(tmp, "wb")) as out:
+        with igzip.open(tmp, "wb", compresslevel=1) if path.name.endswith(".gz") else open(tmp, "wb") as out:
             img.header.write_to(out)
             out.write(bytes(int(img.header.get_data_offset()) - out.tell()))
             yield write

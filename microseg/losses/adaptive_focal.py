@@ -69,8 +69,14 @@ class AdaptiveFocal(SegLoss):
     ) -> None:
         super().__init__()
         self.set_options(
-            kernel_size=kernel_size, beta=beta, eps=eps, focusing=focusing, focal_gamma=focal_gamma,
-            gamma_scope=gamma_scope, detach_gamma=detach_gamma, gamma_min=gamma_min,
+            kernel_size=kernel_size,
+            beta=beta,
+            eps=eps,
+            focusing=focusing,
+            focal_gamma=focal_gamma,
+            gamma_scope=gamma_scope,
+            detach_gamma=detach_gamma,
+            gamma_min=gamma_min,
         )
 
     def adaptive_gamma(self, logits: Tensor, non_expert: Tensor) -> Tensor:

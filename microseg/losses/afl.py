@@ -44,6 +44,7 @@ from microseg.losses.focal import class_weights, focal_terms
 from microseg.rules import NON_NEGATIVE, UNIT_INTERVAL, Choice, Flag
 from microseg.patient_stats import FG_FRACTION, GAMMA_MSA, PATIENT_STAT_KEYS
 
+
 def mean_gradient_magnitude(mask: Tensor) -> Tensor:
     """gamma_mSa: per sample mean of the gradient magnitude of a [B, C, *spatial] mask, shape [B,1,...]."""
     dims = tuple(range(1, mask.ndim))
@@ -80,15 +81,23 @@ class AFL(SegLoss):
     ) -> None:
         super().__init__()
         self.set_options(
-            use_alpha_va=use_alpha_va, use_gamma_va=use_gamma_va, use_gamma_msa=use_gamma_msa, alpha=alpha,
-            gamma=gamma, alpha_weighting=alpha_weighting, stats=stats,
+            use_alpha_va=use_alpha_va,
+            use_gamma_va=use_gamma_va,
+            use_gamma_msa=use_gamma_msa,
+            alpha=alpha,
+            gamma=gamma,
+            alpha_weighting=alpha_weighting,
+            stats=stats,
         )
 
     def statistics(self, target: Tensor, sample_stats: dict[str, Tensor] | None) -> tuple[Tensor, Tensor]:
         """(foreground fraction, gamma_mSa) per sample, broadcastable [B,1,...]: given, or from the target."""
         shape = target.shape[:1] + (1,) * (target.ndim - 1)
-        needed = [k for k, used in ((FG_FRACTION, self.use_alpha_va or self.use_gamma_va),
-                                    (GAMMA_MSA, self.use_gamma_msa)) if used]
+        needed = [
+            k
+            for k, used in ((FG_FRACTION, self.use_alpha_va or self.use_gamma_va), (GAMMA_MSA, self.use_gamma_msa))
+            if used
+        ]
         given = sample_stats or {}
         if self.stats == "patient" and (target.ndim == 4 or any(k in given for k in needed)):
             missing = [k for k in needed if k not in given]

@@ -183,5 +183,6 @@ class WeightedSum(SegLoss):
         self, logits: Tensor, target: Tensor, non_expert: Tensor | None, sample_stats: dict[str, Tensor] | None = None
     ) -> Tensor:
         terms = cast(list[SegLoss], list(self.terms))
-        return cast(Tensor, sum(w * compute(t, logits, target, non_expert, sample_stats)
-                                for w, t in zip(self.weights, terms)))
+        return cast(
+            Tensor, sum(w * compute(t, logits, target, non_expert, sample_stats) for w, t in zip(self.weights, terms))
+        )

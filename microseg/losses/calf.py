@@ -100,8 +100,9 @@ class CalfStats:
     include_empty: bool
 
     def __post_init__(self) -> None:
-        numbers = all(isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v)
-                      for v in (self.skewness, self.kurtosis))
+        numbers = all(
+            isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v) for v in (self.skewness, self.kurtosis)
+        )
         if not numbers or not (isinstance(self.n, Integral) and not isinstance(self.n, bool) and self.n >= 2):
             raise MicrosegError(f"CALF statistics need finite skewness and kurtosis and n >= 2, got {self}")
         if not isinstance(self.include_empty, bool):

@@ -77,8 +77,9 @@ class DeepSupervision(nn.Module):
             )
         if target_resize not in TARGET_RESIZES:
             raise MicrosegError(f"unknown target_resize {target_resize!r}; valid: {', '.join(TARGET_RESIZES)}")
-        kernels = [check_option("deep supervision", f"kernel_sizes[{i}]", k, KERNEL)
-                   for i, k in enumerate(kernel_sizes)]
+        kernels = [
+            check_option("deep supervision", f"kernel_sizes[{i}]", k, KERNEL) for i, k in enumerate(kernel_sizes)
+        ]
         self.spec, self.target_resize, self.weights = spec, target_resize, check_weights(weights)
         self.losses = nn.ModuleList(build_loss(spec, dataset_stats=dataset_stats, scale_kernel_size=k) for k in kernels)
         self.needs_non_expert = self.losses[0].needs_non_expert

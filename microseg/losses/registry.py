@@ -120,7 +120,9 @@ def _build_term(term: Term, dataset_stats: Any, keywords: dict[str, Any], scale_
     return cls(**options)
 
 
-def build_loss(spec: str, dataset_stats: Any = None, *, scale_kernel_size: int | None = None, **options: Any) -> SegLoss:
+def build_loss(
+    spec: str, dataset_stats: Any = None, *, scale_kernel_size: int | None = None, **options: Any
+) -> SegLoss:
     """The loss module a spec describes; a weighted sum (`WeightedSum`) when it has several terms or a weight.
 
     `options` are keyword options, read as spec options are (short names too: `w=10`), given to
@@ -164,8 +166,10 @@ def dataset_statistics(spec: str, foreground_fractions: Callable[[], np.ndarray]
     fractions = foreground_fractions()
     found = list(dict.fromkeys(cls.dataset_statistics(term.options, fractions) for term, cls in needing))
     if len(found) != 1:
-        raise MicrosegError(f"loss spec {spec!r}: its terms need {len(found)} different training-set statistics "
-                            "(e.g. two include_empty choices for calf); give them one")
+        raise MicrosegError(
+            f"loss spec {spec!r}: its terms need {len(found)} different training-set statistics "
+            "(e.g. two include_empty choices for calf); give them one"
+        )
     return found[0]
 
 

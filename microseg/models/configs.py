@@ -67,11 +67,15 @@ class ModelConfig:
         for field in ("resnet_layers", "decoder_channels"):  # YAML/JSON give lists
             object.__setattr__(self, field, tuple(int(v) for v in getattr(self, field)))
         checks = (
-            (self.img_size > 0 and self.img_size % SIZE_MULTIPLE == 0,
-             f"img_size {self.img_size} is not a positive multiple of {SIZE_MULTIPLE} (the encoder stride)"),
+            (
+                self.img_size > 0 and self.img_size % SIZE_MULTIPLE == 0,
+                f"img_size {self.img_size} is not a positive multiple of {SIZE_MULTIPLE} (the encoder stride)",
+            ),
             (len(self.resnet_layers) == 3, f"resnet_layers {self.resnet_layers} must name 3 stages"),
-            (self.resnet_width > 0 and self.resnet_width % self.gn_groups == 0,
-             f"resnet_width {self.resnet_width} is not a multiple of gn_groups {self.gn_groups}"),
+            (
+                self.resnet_width > 0 and self.resnet_width % self.gn_groups == 0,
+                f"resnet_width {self.resnet_width} is not a multiple of gn_groups {self.gn_groups}",
+            ),
             (self.hidden % self.heads == 0, f"hidden {self.hidden} is not a multiple of heads {self.heads}"),
             (len(self.decoder_channels) == 4, f"decoder_channels {self.decoder_channels} must have 4 entries"),
             (0 <= self.n_skip <= 3, f"n_skip {self.n_skip} must be 0..3"),
@@ -113,10 +117,30 @@ CONFIGS: dict[str, ModelConfig] = {
         dataclasses.replace(_R50_VIT_B_16, name="R50-ViT-B_16-port", variant="port"),
         _R50_VIT_L_16,
         dataclasses.replace(_R50_VIT_L_16, name="R50-ViT-L_16-port", variant="port"),
-        ModelConfig(name="small", resnet_layers=(1, 2, 2), resnet_width=16, gn_groups=8, hidden=192,
-                    depth=4, heads=3, mlp_dim=768, head_channels=128, decoder_channels=(64, 32, 16, 16)),
-        ModelConfig(name="tiny", resnet_layers=(1, 1, 1), resnet_width=8, gn_groups=4, hidden=64,
-                    depth=2, heads=2, mlp_dim=128, head_channels=64, decoder_channels=(32, 16, 8, 8)),
+        ModelConfig(
+            name="small",
+            resnet_layers=(1, 2, 2),
+            resnet_width=16,
+            gn_groups=8,
+            hidden=192,
+            depth=4,
+            heads=3,
+            mlp_dim=768,
+            head_channels=128,
+            decoder_channels=(64, 32, 16, 16),
+        ),
+        ModelConfig(
+            name="tiny",
+            resnet_layers=(1, 1, 1),
+            resnet_width=8,
+            gn_groups=4,
+            hidden=64,
+            depth=2,
+            heads=2,
+            mlp_dim=128,
+            head_channels=64,
+            decoder_channels=(32, 16, 8, 8),
+        ),
     )
 }
 

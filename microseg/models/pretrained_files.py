@@ -31,8 +31,13 @@ class PretrainedSpec:
 
 SPECS = {
     "R50-ViT-B_16": PretrainedSpec(
-        "R50-ViT-B_16", "R50-ViT-B_16", "vit_base_r50_s16_224.orig_in21k", "R50-ViT-B_16.safetensors",
-        "https://storage.googleapis.com/vit_models/imagenet21k/R50%2BViT-B_16.npz", "R50+ViT-B_16.npz"),
+        "R50-ViT-B_16",
+        "R50-ViT-B_16",
+        "vit_base_r50_s16_224.orig_in21k",
+        "R50-ViT-B_16.safetensors",
+        "https://storage.googleapis.com/vit_models/imagenet21k/R50%2BViT-B_16.npz",
+        "R50+ViT-B_16.npz",
+    ),
 }
 
 
@@ -53,5 +58,7 @@ def resolve_weights(name_or_path: str | os.PathLike, folder: str | os.PathLike |
     for file in (spec.hub_file, spec.npz_file):
         if (folder / file).is_file():
             return folder / file
-    raise MicrosegError(f"weights '{spec.name}' not found in {folder}/; fetch them with: "
-                        f"microseg download weights {spec.name} --out {folder}")
+    raise MicrosegError(
+        f"weights '{spec.name}' not found in {folder}/; fetch them with: "
+        f"microseg download weights {spec.name} --out {folder}"
+    )

@@ -115,8 +115,9 @@ def build_backbone(config: ModelConfig) -> ResNetV2:
             for block in stage.blocks:
                 if block.downsample is not None:
                     channels = block.downsample.conv.out_channels
-                    block.downsample.norm = GroupNormAct(channels, num_groups=channels, eps=PORT_PROJ_NORM_EPS,
-                                                         apply_act=False)
+                    block.downsample.norm = GroupNormAct(
+                        channels, num_groups=channels, eps=PORT_PROJ_NORM_EPS, apply_act=False
+                    )
     return backbone
 
 

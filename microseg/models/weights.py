@@ -74,7 +74,8 @@ def format_load_report(report: LoadReport) -> str:
     """One line: 'loaded 123 tensors from npz, 4 missing (decoder.*), 0 unexpected'."""
     missing = f"{len(report.missing)} missing" + (f" ({_groups(report.missing)})" if report.missing else "")
     unexpected = f"{len(report.unexpected)} unexpected" + (
-        f" ({_groups(report.unexpected)})" if report.unexpected else "")
+        f" ({_groups(report.unexpected)})" if report.unexpected else ""
+    )
     return f"loaded {report.loaded} tensors from {report.source_format}, {missing}, {unexpected}"
 
 
@@ -131,15 +132,18 @@ def check_npz_name_map(model: TransUNet) -> None:
     try:
         mapped = {key for key, _, _ in _google_names(model)}
     except AttributeError as err:
-        raise MicrosegError(f"the npz name map does not fit this timm's encoder layout ({err}); "
-                            "install a timm version that pyproject.toml allows") from None
+        raise MicrosegError(
+            f"the npz name map does not fit this timm's encoder layout ({err}); "
+            "install a timm version that pyproject.toml allows"
+        ) from None
     absent = sorted(key for key in mapped if key not in own)
     unmapped = [key for key in own if key.startswith("encoder.") and key not in mapped]
     if absent or unmapped:
         raise MicrosegError(
             f"the npz name map does not fit this timm's encoder layout: {len(absent)} mapped name(s) absent "
             f"({', '.join(absent[:3]) or '-'}), {len(unmapped)} encoder tensor(s) unmapped "
-            f"({', '.join(unmapped[:3]) or '-'}); install a timm version that pyproject.toml allows")
+            f"({', '.join(unmapped[:3]) or '-'}); install a timm version that pyproject.toml allows"
+        )
 
 
 def _read_npz(model: TransUNet, path: Path) -> tuple[Source, list[str]]:
@@ -237,8 +241,14 @@ def _fit_pos_embed(value: Tensor, grid: int, align_corners: bool, name: str, pat
         table = value.reshape(1, old, old, -1).permute(0, 3, 1, 2)
         table = F.interpolate(table, size=(grid, grid), mode="bilinear", align_corners=True)
         return table.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)
-    return resample_abs_pos_embed(value, new_size=(grid, grid), old_size=(old, old), num_prefix_tokens=0,
-                                  interpolation="bilinear", antialias=False)
+    return resample_abs_pos_embed(
+        value,
+        new_size=(grid, grid),
+        old_size=(old, old),
+        num_prefix_tokens=0,
+        interpolation="bilinear",
+        antialias=False,
+    )
 
 
 def _apply(model: TransUNet, source: Source, unexpected: list[str], source_format: str, path: Path) -> LoadReport:
@@ -251,8 +261,10 @@ def _apply(model: TransUNet, source: Source, unexpected: list[str], source_forma
         if key == "encoder.pos_embed":
             value = _fit_pos_embed(value, model.config.grid, model.config.variant == "port", name, path)
         if value.shape != own[key].shape:
-            raise MicrosegError(f"weights file {path}: '{name}' has shape {tuple(value.shape)}, "
-                                f"the model's '{key}' has {tuple(own[key].shape)}")
+            raise MicrosegError(
+                f"weights file {path}: '{name}' has shape {tuple(value.shape)}, "
+                f"the model's '{key}' has {tuple(own[key].shape)}"
+            )
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise MicrosegError(f"weights file {path}: '{name}' contains NaN or infinite values")
         ready[key] = value

@@ -41,6 +41,7 @@ def _blobs(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
 
 # --- hard region -------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 5])
 def test_hard_region_mask_is_the_union_of_cv2_dilations(k):
     rng = np.random.default_rng(k)
@@ -111,6 +112,7 @@ def test_hard_region_score_by_hand():
 
 # --- descriptors -------------------------------------------------------------------------------
 
+
 def _star(shape: tuple[int, int], centre: tuple[float, float], outer: float, inner: float, points: int = 5):
     angles = np.arange(2 * points) * np.pi / points
     radius = np.where(np.arange(2 * points) % 2 == 0, outer, inner)
@@ -177,6 +179,7 @@ def test_slice_descriptors_rejects_bad_spacing():
 
 # --- strata ------------------------------------------------------------------------------------
 
+
 def test_tertiles_and_strata():
     lo, hi = tertile_edges([6, 1, 5, 2, 4, 3, math.nan])  # positions 5/3 and 10/3 of 1..6
     assert (lo, hi) == pytest.approx((1 + 5 / 3, 1 + 10 / 3))
@@ -203,11 +206,15 @@ def test_stratified_table_by_hand():
     table = {tuple(r[:3]): r[3:] for r in rows}
     assert len(rows) == 12
     expect = {
-        ("a", "size", "small"): (0.6, 0.1, 2), ("a", "size", "medium"): (0.85, 0.05, 2),
-        ("a", "size", "large"): (0.95, 0.05, 2), ("a", "roughness", "smooth"): (0.95, 0.05, 2),
+        ("a", "size", "small"): (0.6, 0.1, 2),
+        ("a", "size", "medium"): (0.85, 0.05, 2),
+        ("a", "size", "large"): (0.95, 0.05, 2),
+        ("a", "roughness", "smooth"): (0.95, 0.05, 2),
         ("a", "roughness", "rough"): (0.6, 0.1, 2),
-        ("b", "size", "small"): (0.5, 0.1, 2), ("b", "size", "medium"): (0.8, 0.0, 1),  # NaN left out
-        ("b", "size", "large"): (0.9, 0.0, 1), ("b", "roughness", "smooth"): (0.9, 0.0, 1),
+        ("b", "size", "small"): (0.5, 0.1, 2),
+        ("b", "size", "medium"): (0.8, 0.0, 1),  # NaN left out
+        ("b", "size", "large"): (0.9, 0.0, 1),
+        ("b", "roughness", "smooth"): (0.9, 0.0, 1),
     }
     for key, (mean, std, n) in expect.items():
         assert table[key] == [pytest.approx(mean), pytest.approx(std, abs=1e-12), n], key
@@ -228,9 +235,12 @@ def test_patient_stratified_table_by_hand():
     table = {tuple(r[:3]): r[3:] for r in rows}
     assert len(rows) == 12 and {r[2] for r in rows if r[1] == "smoothness"} == set(SMOOTHNESS_LABELS)
     expect = {
-        ("a", "volume", "small"): (0.6, 0.1, 2), ("a", "volume", "large"): (0.95, 0.05, 2),
-        ("a", "smoothness", "good"): (0.95, 0.05, 2), ("a", "smoothness", "poor"): (0.6, 0.1, 2),
-        ("b", "volume", "medium"): (0.8, 0.0, 1), ("b", "smoothness", "medium"): (0.8, 0.0, 1),  # NaN left out
+        ("a", "volume", "small"): (0.6, 0.1, 2),
+        ("a", "volume", "large"): (0.95, 0.05, 2),
+        ("a", "smoothness", "good"): (0.95, 0.05, 2),
+        ("a", "smoothness", "poor"): (0.6, 0.1, 2),
+        ("b", "volume", "medium"): (0.8, 0.0, 1),
+        ("b", "smoothness", "medium"): (0.8, 0.0, 1),  # NaN left out
     }
     for key, (mean, std, n) in expect.items():
         assert table[key] == [pytest.approx(mean), pytest.approx(std, abs=1e-12), n], key
@@ -241,8 +251,9 @@ def test_patient_descriptors_against_numpy():
     expert[1:4] = _disk((40, 60), (20, 30), 12)
     got = patient_descriptors(expert, (2.0, 0.5, 0.25), 20)
     assert got["volume_ml"] == pytest.approx(expert.sum() * 2.0 * 0.5 * 0.25 / 1000)
-    small = np.stack([cv2.resize(z.astype(np.float32), (20, 20), interpolation=cv2.INTER_AREA) >= 0.5
-                      for z in expert]).astype(np.float64)
+    small = np.stack(
+        [cv2.resize(z.astype(np.float32), (20, 20), interpolation=cv2.INTER_AREA) >= 0.5 for z in expert]
+    ).astype(np.float64)
     assert got["gamma_msa"] == pytest.approx(np.sqrt(sum(g**2 for g in np.gradient(small))).mean(), rel=1e-12)
     assert patient_descriptors(np.zeros((3, 8, 8), bool), (1, 1, 1), 8) == {"volume_ml": 0.0, "gamma_msa": 0.0}
 
@@ -250,18 +261,23 @@ def test_patient_descriptors_against_numpy():
 def test_plot_stratified_per_patient(tmp_path):
     from microseg.analysis import PATIENT_FACTORS
 
-    rows = [[run, factor, label, mean, 0.02, 3]
-            for run, mean in (("focal", 0.8), ("afl", 0.9))
-            for factor, _, labels in PATIENT_FACTORS for label in labels]
+    rows = [
+        [run, factor, label, mean, 0.02, 3]
+        for run, mean in (("focal", 0.8), ("afl", 0.9))
+        for factor, _, labels in PATIENT_FACTORS
+        for label in labels
+    ]
     out = tmp_path / "patients.png"
-    plot_stratified(["run", "factor", "stratum", "mean_dsc", "std_dsc", "n_patients"], rows, out,
-                    factors=PATIENT_FACTORS)
+    plot_stratified(
+        ["run", "factor", "stratum", "mean_dsc", "std_dsc", "n_patients"], rows, out, factors=PATIENT_FACTORS
+    )
     png = imread(out)
     assert _colour_pixels(png, (0.122, 0.467, 0.706), 0.05) > 500  # C0 bars (first run)
     assert _colour_pixels(png, (1.0, 0.498, 0.055), 0.05) > 500  # C1 bars (second run)
 
 
 # --- disagreement ------------------------------------------------------------------------------
+
 
 def test_disagreement_slices_picks_the_constructed_slice():
     shape = (40, 40)
@@ -278,6 +294,7 @@ def test_disagreement_slices_picks_the_constructed_slice():
 
 
 # --- figures -----------------------------------------------------------------------------------
+
 
 def _colour_pixels(png: np.ndarray, rgb: tuple[float, float, float], tol: float = 0.15) -> int:
     return int(np.all(np.abs(png[..., :3] - np.array(rgb)) < tol, axis=-1).sum())
@@ -304,10 +321,12 @@ def test_plot_overlays_draws_contours_on_the_image(tmp_path):
 
 
 def test_plot_stratified_writes_bars(tmp_path):
-    rows = [[run, factor, label, mean, 0.02, 5]
-            for run, mean in (("focal", 0.8), ("afl", 0.9))
-            for factor, labels in (("size", ("small", "medium", "large")), ("roughness", ROUGHNESS_LABELS))
-            for label in labels]
+    rows = [
+        [run, factor, label, mean, 0.02, 5]
+        for run, mean in (("focal", 0.8), ("afl", 0.9))
+        for factor, labels in (("size", ("small", "medium", "large")), ("roughness", ROUGHNESS_LABELS))
+        for label in labels
+    ]
     out = tmp_path / "strat.png"
     plot_stratified(["run", "factor", "stratum", "mean_dsc", "std_dsc", "n_slices"], rows, out)
     png = imread(out)
@@ -320,17 +339,23 @@ def test_one_colour_per_run_and_the_expert_reserved(tmp_path):
     runs = [f"run{i}" for i in range(len(RUN_COLOURS) + 2)]
     colours = run_colours(runs)
     assert EXPERT_COLOUR not in colours.values()
-    assert len(set(colours[r] for r in runs[:len(RUN_COLOURS)])) == len(RUN_COLOURS)
+    assert len(set(colours[r] for r in runs[: len(RUN_COLOURS)])) == len(RUN_COLOURS)
     assert run_colours(runs[:2]) == {r: colours[r] for r in runs[:2]}  # a run keeps its colour
     shape = (1, 60, 80)
     image = np.full(shape, 80, np.uint8)
     expert = np.stack([_disk(shape[1:], (30, 40), 15)])
     out = tmp_path / "two.png"  # the default colours of an overlay are the runs' palette colours
-    plot_overlays(image, expert, {"a": np.stack([_disk(shape[1:], (30, 40), 10)]),
-                                  "b": np.stack([_disk(shape[1:], (30, 40), 20)])}, [0], out, "t")
+    plot_overlays(
+        image,
+        expert,
+        {"a": np.stack([_disk(shape[1:], (30, 40), 10)]), "b": np.stack([_disk(shape[1:], (30, 40), 20)])},
+        [0],
+        out,
+        "t",
+    )
     png = imread(out)
     for hex_colour in (RUN_COLOURS[0], RUN_COLOURS[1]):
-        rgb = tuple(int(hex_colour[i:i + 2], 16) / 255 for i in (1, 3, 5))
+        rgb = tuple(int(hex_colour[i : i + 2], 16) / 255 for i in (1, 3, 5))
         assert _colour_pixels(png, rgb, 0.05) > 20
 
 

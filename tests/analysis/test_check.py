@@ -20,8 +20,12 @@ from microseg.check import check_dataset, check_path, write_check
 from microseg.evaluate import evaluate
 from microseg.prepare import prepare_cache
 
-RATER_FOLDERS = {"non_expert": "non_expert_annotations", "clinician": "clinician_annotations",
-                 "master_student": "master_student_annotations", "medical_student": "medical_student_annotations"}
+RATER_FOLDERS = {
+    "non_expert": "non_expert_annotations",
+    "clinician": "clinician_annotations",
+    "master_student": "master_student_annotations",
+    "medical_student": "medical_student_annotations",
+}
 
 
 def zyx(path: Path) -> np.ndarray:
@@ -37,8 +41,10 @@ def files(root: Path, split: str, folder: str) -> dict[str, Path]:
 def medpy_case(mask: np.ndarray, expert: np.ndarray, spacing_yx) -> tuple[float, float]:
     """The reference protocol by hand: medpy DSC / HD95 on slices where both are non-empty, mean over them."""
     both = [z for z in range(len(expert)) if mask[z].any() and expert[z].any()]
-    return (float(np.mean([dc(mask[z], expert[z]) for z in both])),
-            float(np.mean([hd95(mask[z], expert[z], voxelspacing=spacing_yx) for z in both])))
+    return (
+        float(np.mean([dc(mask[z], expert[z]) for z in both])),
+        float(np.mean([hd95(mask[z], expert[z], voxelspacing=spacing_yx) for z in both])),
+    )
 
 
 def expected_raters(root: Path, split: str) -> dict[str, tuple[float, float]]:
@@ -146,8 +152,11 @@ def test_problems_give_exit_2_and_one_line(phantom, tmp_path, capsys, breakage):
 def test_outliers_and_empty_experts_are_named_warnings(phantom, tmp_path, capsys):
     root = tmp_path / "data"
     shutil.copytree(phantom, root)
-    for folder, prefix in (("micro_ultrasound_scans", "microUS"), ("expert_annotations", "expert_annotation"),
-                           ("non_expert_annotations", "nonexpert_annotation")):
+    for folder, prefix in (
+        ("micro_ultrasound_scans", "microUS"),
+        ("expert_annotations", "expert_annotation"),
+        ("non_expert_annotations", "nonexpert_annotation"),
+    ):
         rewrite(root / f"train/{folder}/{prefix}_train_02.nii.gz", lambda a: a[:, :60])
     rewrite(root / "test/expert_annotations/expert_annotation_test_01.nii.gz", np.zeros_like)
     assert main(["check", "--data", str(root)]) == 0

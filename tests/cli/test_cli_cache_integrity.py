@@ -123,8 +123,7 @@ def test_a_source_changed_after_prepare_is_refused_by_train_and_evaluate(own_dat
     code, _, err = run_cli(["evaluate", "--run", run, "--data", data, "--device", "cpu"], capsys)
     one_error(code, err, str(volume), "changed since the cache")
     assert tree(run) == before  # no metrics/ nor predictions/
-    assert run_cli(["evaluate", "--run", run, "--data", data, "--device", "cpu", "--no-source-check"],
-                   capsys)[0] == 0
+    assert run_cli(["evaluate", "--run", run, "--data", data, "--device", "cpu", "--no-source-check"], capsys)[0] == 0
     assert run_cli(train_argv(cache, tmp_path / "runs" / "new", "--no-source-check"), capsys)[0] == 0
 
 

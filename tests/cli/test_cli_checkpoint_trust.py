@@ -65,12 +65,14 @@ def write_payload(kind: str, path: Path, marker: Path, real: Path) -> None:
 PAYLOADS = ["system", "exec", "numpy-object", "hidden-in-real", "legacy-format", "bare-pickle"]
 # what the one line says the file is, per payload: a checkpoint must be a torch zip (checksummed),
 # a weights file of torch's legacy format is read weights-only too and refused for what it holds
-SAYS = {"system": "holds Python objects besides tensors (posix.system)",
-        "exec": "holds Python objects besides tensors (exec)",
-        "numpy-object": "holds Python objects besides tensors",
-        "hidden-in-real": "holds Python objects besides tensors (posix.system)",
-        "legacy-format": "not a torch zip archive",  # checkpoints; weights: what it holds (below)
-        "bare-pickle": "not a torch zip archive"}
+SAYS = {
+    "system": "holds Python objects besides tensors (posix.system)",
+    "exec": "holds Python objects besides tensors (exec)",
+    "numpy-object": "holds Python objects besides tensors",
+    "hidden-in-real": "holds Python objects besides tensors (posix.system)",
+    "legacy-format": "not a torch zip archive",  # checkpoints; weights: what it holds (below)
+    "bare-pickle": "not a torch zip archive",
+}
 
 
 def tiny_argv(cache: Path, run: Path, *extra) -> list:
@@ -97,17 +99,19 @@ def entry_points(run: Path, cache: Path, phantom: Path, tmp_path: Path) -> dict[
     return {
         "evaluate": ("best.pt", ["evaluate", "--run", run, "--data", phantom, "--device", "cpu"]),
         "evaluate-last": ("last.pt", ["evaluate", "--run", run, "--data", phantom, "--device", "cpu"]),
-        "predict": ("best.pt", ["predict", "--run", run, "--input", volume, "--out", tmp_path / "out.nii.gz",
-                                "--device", "cpu"]),
+        "predict": (
+            "best.pt",
+            ["predict", "--run", run, "--input", volume, "--out", tmp_path / "out.nii.gz", "--device", "cpu"],
+        ),
         "train-resume": ("last.pt", ["train", "--resume", "--run", run]),
-        "train-weights": ("../weights.pt", tiny_argv(cache, tmp_path / "fresh", "--weights",
-                                                     tmp_path / "weights.pt")),
+        "train-weights": ("../weights.pt", tiny_argv(cache, tmp_path / "fresh", "--weights", tmp_path / "weights.pt")),
     }
 
 
 @pytest.mark.parametrize("payload", PAYLOADS)
-def test_crafted_pickles_never_run_through_any_reader(payload, copied_run, trained_run, cache, phantom, tmp_path,
-                                                     capsys):
+def test_crafted_pickles_never_run_through_any_reader(
+    payload, copied_run, trained_run, cache, phantom, tmp_path, capsys
+):
     marker = tmp_path / "MARKER"
     for command, (name, argv) in entry_points(copied_run, cache, phantom, tmp_path).items():
         shutil.rmtree(copied_run)
@@ -143,6 +147,7 @@ def test_a_real_checkpoint_loads_weights_only_and_holds_only_plain_types(trained
 
 
 # -- corruption: refused, never used --------------------------------------------------------------
+
 
 def overwrite(path: Path, offset: int, data: bytes) -> None:
     with open(path, "r+b") as handle:
@@ -182,8 +187,11 @@ def test_corruption_at_each_part_of_the_zip_is_refused(where, copied_run, phanto
 
         with zipfile.ZipFile(best) as archive:
             info = max(archive.infolist(), key=lambda i: i.file_size)
-        overwrite(best, info.header_offset + 30 + len(info.filename) + len(info.extra) + info.file_size // 2,
-                  b"\x7f\x7f\x7f\x7f")
+        overwrite(
+            best,
+            info.header_offset + 30 + len(info.filename) + len(info.extra) + info.file_size // 2,
+            b"\x7f\x7f\x7f\x7f",
+        )
     elif where == "pickle":
         overwrite(best, data.index(b"model_config") + 3, b"X")
     elif where == "central directory":
@@ -197,8 +205,9 @@ def test_corruption_at_each_part_of_the_zip_is_refused(where, copied_run, phanto
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
-def test_non_finite_weights_are_refused_by_evaluate_predict_and_resume(value, copied_run, cache, phantom, tmp_path,
-                                                                       capsys):
+def test_non_finite_weights_are_refused_by_evaluate_predict_and_resume(
+    value, copied_run, cache, phantom, tmp_path, capsys
+):
     for command, (name, argv) in entry_points(copied_run, cache, phantom, tmp_path).items():
         if command in ("evaluate-last", "train-weights"):
             continue
@@ -210,8 +219,9 @@ def test_non_finite_weights_are_refused_by_evaluate_predict_and_resume(value, co
         one_error(code, err, str(copied_run / name), key, "NaN or infinite")
 
 
-@pytest.mark.parametrize("record", ["model_config.img_size", "preprocess+model_config.img_size", "model",
-                                    "preprocess.size=str"])
+@pytest.mark.parametrize(
+    "record", ["model_config.img_size", "preprocess+model_config.img_size", "model", "preprocess.size=str"]
+)
 def test_a_checkpoint_missing_a_record_is_one_line(record, copied_run, phantom, capsys):
     best = copied_run / "best.pt"
     state = torch.load(best, weights_only=True)

@@ -28,7 +28,6 @@ from microseg.cli import main
 from microseg.errors import MicrosegError
 
 
-
 @pytest.fixture(scope="module")
 def small_dataset(tmp_path_factory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("data") / "data")
@@ -74,6 +73,7 @@ def test_prepare_into_a_read_only_folder(small_dataset, tmp_path, capsys):
 
 def test_a_write_refused_by_the_system_names_the_target(tmp_path, monkeypatch):
     """What a read-only folder does to a non-root writer, injected so that it also happens as root."""
+
     def refuse(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / ".x.tmp"))
 
@@ -88,8 +88,11 @@ def test_prepare_on_a_full_disk_leaves_no_cache_and_no_temporary(small_dataset, 
     import microseg.data.cache as cache_module
 
     def disk_full(dataset, values):  # h5py's own error on ENOSPC: errno 28, no file name, several lines
-        raise OSError(errno.ENOSPC, "Can't synchronously write data (file write failed: time = ...\n"
-                                    ", errno = 28, error message = 'No space left on device')")
+        raise OSError(
+            errno.ENOSPC,
+            "Can't synchronously write data (file write failed: time = ...\n"
+            ", errno = 28, error message = 'No space left on device')",
+        )
 
     monkeypatch.setattr(cache_module, "_append", disk_full)
     out = tmp_path / "out" / "cache.h5"
@@ -118,16 +121,18 @@ def test_simulate_into_a_path_through_a_regular_file(tmp_path, capsys):
     blocker = tmp_path / "data"
     blocker.write_text("")
     out = blocker / "phantom"
-    code, _, err = run_cli(["simulate", "--out", out, "--train", 1, "--test", 0, "--slices", 3, "--size", 32, 32],
-                           capsys)
+    code, _, err = run_cli(
+        ["simulate", "--out", out, "--train", 1, "--test", 0, "--slices", 3, "--size", 32, 32], capsys
+    )
     one_error(code, err, f"cannot create folder {blocker}", f"{blocker} is a file, not a folder")
     assert tree(tmp_path) == ["data"]
 
 
 def test_simulate_into_a_folder_that_refuses_new_files(capsys):
     out = PROC_FOLDER / "phantom"
-    code, _, err = run_cli(["simulate", "--out", out, "--train", 1, "--test", 0, "--slices", 3, "--size", 32, 32],
-                           capsys)
+    code, _, err = run_cli(
+        ["simulate", "--out", out, "--train", 1, "--test", 0, "--slices", 3, "--size", 32, 32], capsys
+    )
     one_error(code, err, f"cannot create folder {out.parent}: /proc does not accept new entries")
 
 
@@ -140,8 +145,9 @@ def test_simulate_on_a_full_disk_names_the_file(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(igzip, "open", disk_full)
     out = tmp_path / "phantom"
-    code, _, err = run_cli(["simulate", "--out", out, "--train", 1, "--test", 0, "--slices", 3, "--size", 32, 32],
-                           capsys)
+    code, _, err = run_cli(
+        ["simulate", "--out", out, "--train", 1, "--test", 0, "--slices", 3, "--size", 32, 32], capsys
+    )
     one_error(code, err, "cannot write", "microUS_train_01.nii.gz: No space left on device")
     assert [p for p in tree(tmp_path) if p.endswith(".nii.gz") or ".tmp" in p] == []
 
@@ -254,11 +260,14 @@ def test_prepare_size_not_a_multiple_of_16(small_dataset, tmp_path, capsys):
     assert tree(tmp_path) == []
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["--slices", 2], "--slices must be >= 3"),
-    (["--size", 16, 64], "--size must be at least 32 x 32"),
-    (["--train", 0], "--train must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--slices", 2], "--slices must be >= 3"),
+        (["--size", 16, 64], "--size must be at least 32 x 32"),
+        (["--train", 0], "--train must be >= 1"),
+    ],
+)
 def test_simulate_options_out_of_range(tmp_path, capsys, argv, needle):
     code, _, err = run_cli(["simulate", "--out", tmp_path / "p", *argv], capsys)
     one_error(code, err, needle)
@@ -269,7 +278,9 @@ def test_data_that_is_a_file_or_a_split_folder(small_dataset, tmp_path, capsys):
     scan = next((small_dataset / "train" / "micro_ultrasound_scans").iterdir())
     code, _, err = run_cli(["prepare", "--data", scan, "--out", tmp_path / "c.h5", "--size", 32], capsys)
     one_error(code, err, f"data folder {scan} is not a folder")
-    code, _, err = run_cli(["prepare", "--data", small_dataset / "train", "--out", tmp_path / "c.h5", "--size", 32], capsys)
+    code, _, err = run_cli(
+        ["prepare", "--data", small_dataset / "train", "--out", tmp_path / "c.h5", "--size", 32], capsys
+    )
     one_error(code, err, "looks like a split folder itself")
     assert tree(tmp_path) == []
 

@@ -13,10 +13,13 @@ import pytest
 from cli_helpers import one_error, run_cli
 
 
-@pytest.mark.parametrize("folder, name, twin", [
-    ("micro_ultrasound_scans", "microUS_train_01.nii.gz", "microUS_train_1.nii.gz"),
-    ("expert_annotations", "expert_annotation_train_02.nii.gz", "expert_annotation_train_002.nii.gz"),
-])
+@pytest.mark.parametrize(
+    "folder, name, twin",
+    [
+        ("micro_ultrasound_scans", "microUS_train_01.nii.gz", "microUS_train_1.nii.gz"),
+        ("expert_annotations", "expert_annotation_train_02.nii.gz", "expert_annotation_train_002.nii.gz"),
+    ],
+)
 def test_ids_equal_as_numbers_are_refused_naming_both_files(folder, name, twin, phantom, tmp_path, capsys):
     data = tmp_path / "data"
     shutil.copytree(phantom, data)
@@ -94,7 +97,8 @@ def test_predict_refuses_unexpected_entries_of_its_input_folder(stranger, traine
     else:
         entry = scans / "notes.txt"
         entry.write_text("notes")
-    code, _, err = run_cli(["predict", "--run", trained_run, "--input", scans, "--out", tmp_path / "masks",
-                            "--device", "cpu"], capsys)
+    code, _, err = run_cli(
+        ["predict", "--run", trained_run, "--input", scans, "--out", tmp_path / "masks", "--device", "cpu"], capsys
+    )
     one_error(code, err, str(entry), "unexpected entry")
     assert not (tmp_path / "masks").exists()

@@ -29,9 +29,20 @@ def run(trained_run, tmp_path) -> Path:
     return copy
 
 
-@pytest.mark.parametrize("option, value", [("loss", "dice"), ("model", "small"), ("epochs", "5"), ("lr", "0.1"),
-                                           ("seed", "8"), ("batch-size", "2"), ("optimizer", "sgd"),
-                                           ("weight-decay", "0.5"), ("poly-power", "2")])
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("loss", "dice"),
+        ("model", "small"),
+        ("epochs", "5"),
+        ("lr", "0.1"),
+        ("seed", "8"),
+        ("batch-size", "2"),
+        ("optimizer", "sgd"),
+        ("weight-decay", "0.5"),
+        ("poly-power", "2"),
+    ],
+)
 def test_a_changing_option_is_refused_naming_it(option, value, run, capsys):
     before = snapshot(run)
     code, _, err = run_cli(["train", "--resume", "--run", run, f"--{option}", value], capsys)
@@ -46,8 +57,9 @@ def test_another_cache_is_refused(run, cache, tmp_path, capsys):
     one_error(code, err, "--cache ", str(other))
 
 
-@pytest.mark.parametrize("key, value", [("loss", "ag_bce"), ("model", "small"), ("seed", 99), ("epochs", 7),
-                                        ("augment", False)])
+@pytest.mark.parametrize(
+    "key, value", [("loss", "ag_bce"), ("model", "small"), ("seed", 99), ("epochs", 7), ("augment", False)]
+)
 def test_a_config_file_that_changes_the_run_is_refused(key, value, run, tmp_path, capsys):
     other = tmp_path / "other.yaml"
     other.write_text(yaml.safe_dump({key: value}))
@@ -57,8 +69,10 @@ def test_a_config_file_that_changes_the_run_is_refused(key, value, run, tmp_path
     assert snapshot(run) == before
 
 
-@pytest.mark.parametrize("key, value", [("loss", "ag_bce"), ("model", "small"), ("lr", 0.5), ("seed", 3),
-                                        ("ds_weights", [1.0, 1.0, 1.0, 2.0])])
+@pytest.mark.parametrize(
+    "key, value",
+    [("loss", "ag_bce"), ("model", "small"), ("lr", 0.5), ("seed", 3), ("ds_weights", [1.0, 1.0, 1.0, 2.0])],
+)
 def test_a_hand_edited_config_yaml_is_refused_naming_the_field(key, value, run, capsys):
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved[key] != value
@@ -83,9 +97,24 @@ def test_a_checkpoint_missing_a_resume_record_is_one_line(record, run, capsys):
 
 def test_options_that_do_not_change_the_run_may_differ(run, tmp_path, capsys):
     same = tmp_path / "same.yaml"
-    same.write_text(yaml.safe_dump({"loss": yaml.safe_load((run / "config.yaml").read_text())["loss"],
-                                    "num_workers": 0}))
-    code, out, err = run_cli(["train", "--resume", "--run", run, "--config", same, "--device", "cpu",
-                              "--no-source-check", "--sync-every", "3"], capsys)
+    same.write_text(
+        yaml.safe_dump({"loss": yaml.safe_load((run / "config.yaml").read_text())["loss"], "num_workers": 0})
+    )
+    code, out, err = run_cli(
+        [
+            "train",
+            "--resume",
+            "--run",
+            run,
+            "--config",
+            same,
+            "--device",
+            "cpu",
+            "--no-source-check",
+            "--sync-every",
+            "3",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "run written" in out

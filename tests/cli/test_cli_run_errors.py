@@ -26,7 +26,6 @@ from cli_helpers import PROC_FOLDER, one_error, run_cli, tree
 from microseg.cli import main
 
 
-
 def tiny_train(cache: Path, run: Path, *extra) -> list:
     options = {**TINY_TRAIN, "epochs": 1}
     argv = ["train", "--cache", cache, "--run", run]
@@ -78,8 +77,13 @@ def test_bad_train_option_is_refused_before_the_run_exists(options, needle, cach
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-@pytest.mark.parametrize("options,needle", [(["--device", "cuda:7"], "--device cuda:7: CUDA is not available"),
-                                            (["--amp", "fp16"], "--amp fp16 needs a CUDA device")])
+@pytest.mark.parametrize(
+    "options,needle",
+    [
+        (["--device", "cuda:7"], "--device cuda:7: CUDA is not available"),
+        (["--amp", "fp16"], "--amp fp16 needs a CUDA device"),
+    ],
+)
 def test_cuda_options_on_a_machine_without_cuda(options, needle, cache, tmp_path, capsys):
     code, _, err = run_cli(tiny_train(cache, tmp_path / "r", *options), capsys)
     one_error(code, err, needle)
@@ -95,11 +99,16 @@ def test_cache_problems_are_refused_before_the_run_exists(cache, tmp_path, capsy
     shutil.copy(cache, odd)
     with h5py.File(odd, "a") as f:
         f.attrs["size"] = 100
-    for bad, needle in ((inputs / "missing.h5", "missing.h5: cache not found (run 'microseg prepare' first)"),
-                        (text, "notes.h5: not a readable microseg cache"),
-                        (inputs, "cache not found"),
-                        (odd, "holds 100 px slices, which no model takes (a multiple of 16 is needed): "
-                              "prepare it again with --size 96 or 112")):
+    for bad, needle in (
+        (inputs / "missing.h5", "missing.h5: cache not found (run 'microseg prepare' first)"),
+        (text, "notes.h5: not a readable microseg cache"),
+        (inputs, "cache not found"),
+        (
+            odd,
+            "holds 100 px slices, which no model takes (a multiple of 16 is needed): "
+            "prepare it again with --size 96 or 112",
+        ),
+    ):
         code, _, err = run_cli(tiny_train(bad, tmp_path / "runs" / "r"), capsys)
         one_error(code, err, needle)
         assert not (tmp_path / "runs").exists()
@@ -114,13 +123,15 @@ def test_weights_that_are_not_weights_say_what_the_file_is_not(cache, tmp_path, 
     torch.save({"epochs": 3}, inputs / "numbers.pt")
     (inputs / "junk.safetensors").write_bytes(b"not safetensors")
     monkeypatch.setenv("MICROSEG_WEIGHTS", str(tmp_path / "no-weights-here"))
-    cases = [("absent.pt", "weights file not found"),
-             ("config.yaml", "config.yaml: it is not a weights file (not .npz, .safetensors, nor a torch"),
-             ("empty.pt", "empty.pt: it is empty"),
-             ("arrays.pt", "arrays.pt: it holds Python objects besides tensors"),
-             ("numbers.pt", "numbers.pt holds no tensor"),
-             ("junk.safetensors", "cannot read weights file"),
-             ("R50-ViT-B_16", "microseg download weights R50-ViT-B_16")]
+    cases = [
+        ("absent.pt", "weights file not found"),
+        ("config.yaml", "config.yaml: it is not a weights file (not .npz, .safetensors, nor a torch"),
+        ("empty.pt", "empty.pt: it is empty"),
+        ("arrays.pt", "arrays.pt: it holds Python objects besides tensors"),
+        ("numbers.pt", "numbers.pt holds no tensor"),
+        ("junk.safetensors", "cannot read weights file"),
+        ("R50-ViT-B_16", "microseg download weights R50-ViT-B_16"),
+    ]
     for name, needle in cases:
         weights = name if name == "R50-ViT-B_16" else inputs / name
         code, _, err = run_cli(tiny_train(cache, tmp_path / "runs" / "r", "--weights", weights), capsys)
@@ -138,8 +149,9 @@ def test_a_failure_after_the_run_is_created_leaves_no_run_folder(trained_run, ca
     existing = tmp_path / "mine"  # a folder the user made: kept, and left as it was
     existing.mkdir()
     (existing / "notes.txt").write_text("keep")
-    code, _, err = run_cli(tiny_train(cache, existing, "--model", "small", "--weights", trained_run / "last.pt"),
-                           capsys)
+    code, _, err = run_cli(
+        tiny_train(cache, existing, "--model", "small", "--weights", trained_run / "last.pt"), capsys
+    )
     one_error(code, err, "has shape")
     assert tree(tmp_path) == ["mine", "mine/notes.txt"]
 
@@ -147,6 +159,7 @@ def test_a_failure_after_the_run_is_created_leaves_no_run_folder(trained_run, ca
 def test_a_checkpoint_on_a_full_disk_is_one_line(cache, tmp_path, capsys, monkeypatch):
     """torch's writer reports a full disk as a RuntimeError ("enforce fail ... file write failed"),
     as seen on a 256 KiB tmpfs; the run stops with one line naming the checkpoint, nothing left."""
+
     def full_disk(obj, path, *args, **kwargs):
         Path(path).write_bytes(b"half")
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
@@ -176,11 +189,13 @@ def test_config_file_gives_run_and_values_are_typed(cache, tmp_path, capsys):
     config.write_text(f"cache: {cache}\nmodel: tiny\n")
     code, _, err = run_cli(["train", "--config", config], capsys)
     one_error(code, err, "no run folder given: pass --run runs/NAME (or run: in the --config file)")
-    for line, needle in (("epochs: two", "--epochs must be an integer, got 'two'"),
-                         ("epochs: 2.5", "--epochs must be an integer, got 2.5"),
-                         ("ds_weights: [1, 1, 1, heavy]", "--ds-weights must be a number, got 'heavy'"),
-                         ("augment: 'no'", "--augment must be true or false, got 'no'"),
-                         ("loss: [focal]", "--loss must be a text value, got ['focal']")):
+    for line, needle in (
+        ("epochs: two", "--epochs must be an integer, got 'two'"),
+        ("epochs: 2.5", "--epochs must be an integer, got 2.5"),
+        ("ds_weights: [1, 1, 1, heavy]", "--ds-weights must be a number, got 'heavy'"),
+        ("augment: 'no'", "--augment must be true or false, got 'no'"),
+        ("loss: [focal]", "--loss must be a text value, got ['focal']"),
+    ):
         config.write_text(f"cache: {cache}\nrun: {tmp_path / 'runs' / 'r'}\n{line}\n")
         code, _, err = run_cli(["train", "--config", config], capsys)
         one_error(code, err, needle)
@@ -194,8 +209,9 @@ def test_yaml_numbers_written_as_yaml_reads_them(tmp_path):
     from microseg.config import resolve_train_config
 
     config = tmp_path / "run.yaml"
-    config.write_text("cache: c.h5\nrun: r\nlr: 1e-3\nweight_decay: 1e-4\nepochs: 3.0\nds_kernel_sizes: 4\n"
-                      "ds_weights: 2\n")  # YAML 1.1 reads 1e-3 as a string, not a number
+    config.write_text(
+        "cache: c.h5\nrun: r\nlr: 1e-3\nweight_decay: 1e-4\nepochs: 3.0\nds_kernel_sizes: 4\nds_weights: 2\n"
+    )  # YAML 1.1 reads 1e-3 as a string, not a number
     resolved = resolve_train_config(str(config), {})
     assert (resolved.lr, resolved.weight_decay, resolved.epochs) == (0.001, 0.0001, 3)
     assert (resolved.ds_kernel_sizes, resolved.ds_weights) == ([4], [2.0])
@@ -227,8 +243,10 @@ def test_batch_larger_than_the_training_data_warns_and_trains(cache, tmp_path, c
     code, _, err = run_cli(tiny_train(cache, tmp_path / "big", "--batch-size", 64), capsys)
     assert code == 0, err
     lines = [line for line in err.splitlines() if line.startswith("microseg:")]
-    assert lines == [f"microseg: warning: --batch-size 64 is larger than the {len(train_idx)} training slices of "
-                     f"{cache}: every step sees the whole training split"]
+    assert lines == [
+        f"microseg: warning: --batch-size 64 is larger than the {len(train_idx)} training slices of "
+        f"{cache}: every step sees the whole training split"
+    ]
     assert (tmp_path / "big" / "last.pt").is_file()
 
 

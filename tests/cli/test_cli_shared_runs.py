@@ -50,9 +50,17 @@ def evaluate_argv(run: Path, phantom: Path) -> list:
 
 def test_evaluate_and_train_force_are_refused_while_another_process_holds_the_lock(run, cache, phantom, capsys):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from microseg.run import RunLock; "
-         "RunLock(Path(sys.argv[1])).acquire(); print('held', flush=True); time.sleep(120)", str(run)],
-        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from microseg.run import RunLock; "
+            "RunLock(Path(sys.argv[1])).acquire(); print('held', flush=True); time.sleep(120)",
+            str(run),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         before = snapshot(run)

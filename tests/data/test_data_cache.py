@@ -189,10 +189,28 @@ def _unpaired_rater(data):
     return "clinician_annotation_test_07.nii.gz: no matching image"
 
 
-@pytest.mark.parametrize("breakage", [_missing_non_expert, _shape_mismatch, _test_shape_mismatch, _non_binary,
-                                      _truncated, _nan, _empty, _one_folder, _flipped_expert, _oblique_non_expert,
-                                      _expert_spacing, _test_origin, _unit_float_image, _twelve_bit_image,
-                                      _constant_image, _split_without_scans, _unpaired_rater])
+@pytest.mark.parametrize(
+    "breakage",
+    [
+        _missing_non_expert,
+        _shape_mismatch,
+        _test_shape_mismatch,
+        _non_binary,
+        _truncated,
+        _nan,
+        _empty,
+        _one_folder,
+        _flipped_expert,
+        _oblique_non_expert,
+        _expert_spacing,
+        _test_origin,
+        _unit_float_image,
+        _twelve_bit_image,
+        _constant_image,
+        _split_without_scans,
+        _unpaired_rater,
+    ],
+)
 def test_bad_inputs_fail_cleanly(tmp_path, capsys, breakage):
     data = make_dataset(tmp_path / "data")
     needles = breakage(data)

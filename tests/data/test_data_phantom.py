@@ -32,18 +32,26 @@ def small_phantom(tmp_path_factory):
 
 
 def test_layout_is_exactly_the_real_one(small_phantom):
-    files = {str(p.relative_to(small_phantom)) for p in small_phantom.rglob("*") if p.is_file() and not p.name.startswith(".")}
+    files = {
+        str(p.relative_to(small_phantom))
+        for p in small_phantom.rglob("*")
+        if p.is_file() and not p.name.startswith(".")
+    }
     expected = set()
     for i in ("01", "02"):
-        expected |= {f"train/micro_ultrasound_scans/microUS_train_{i}.nii.gz",
-                     f"train/expert_annotations/expert_annotation_train_{i}.nii.gz",
-                     f"train/non_expert_annotations/nonexpert_annotation_train_{i}.nii.gz"}
-    expected |= {"test/micro_ultrasound_scans/microUS_test_01.nii.gz",
-                 "test/expert_annotations/expert_annotation_test_01.nii.gz",
-                 "test/non_expert_annotations/nonexpert_annotation_test_01.nii.gz",
-                 "test/clinician_annotations/clinician_annotation_test_01.nii.gz",
-                 "test/master_student_annotations/master_student_annotation_test_01.nii.gz",
-                 "test/medical_student_annotations/medical_student_annotation_test_01.nii.gz"}
+        expected |= {
+            f"train/micro_ultrasound_scans/microUS_train_{i}.nii.gz",
+            f"train/expert_annotations/expert_annotation_train_{i}.nii.gz",
+            f"train/non_expert_annotations/nonexpert_annotation_train_{i}.nii.gz",
+        }
+    expected |= {
+        "test/micro_ultrasound_scans/microUS_test_01.nii.gz",
+        "test/expert_annotations/expert_annotation_test_01.nii.gz",
+        "test/non_expert_annotations/nonexpert_annotation_test_01.nii.gz",
+        "test/clinician_annotations/clinician_annotation_test_01.nii.gz",
+        "test/master_student_annotations/master_student_annotation_test_01.nii.gz",
+        "test/medical_student_annotations/medical_student_annotation_test_01.nii.gz",
+    }
     assert files == expected
     assert set(find_cases(small_phantom, "test")[0].raters) == {"clinician", "master_student", "medical_student"}
 
@@ -80,8 +88,9 @@ OTHERS = ("non_expert", "clinician", "master_student", "medical_student")
 def rated():
     """Eight test patients at a cheap size (0.27 mm pixels): the geometry and (image, masks) per patient."""
     geo = ScanGeometry(*RATED_SIZE)
-    return geo, [simulate_case(geo, np.random.default_rng([5, 1, i]), RATED_SLICES, OTHERS)
-                 for i in range(1, RATED_PATIENTS + 1)]
+    return geo, [
+        simulate_case(geo, np.random.default_rng([5, 1, i]), RATED_SLICES, OTHERS) for i in range(1, RATED_PATIENTS + 1)
+    ]
 
 
 def medpy_patient_score(mask: np.ndarray, expert: np.ndarray, spacing: float) -> tuple[float, float]:
@@ -92,8 +101,10 @@ def medpy_patient_score(mask: np.ndarray, expert: np.ndarray, spacing: float) ->
 
 def test_raters_err_like_people_bands_and_experience_order(rated):
     geo, cases = rated
-    means = {r: np.mean([medpy_patient_score(masks[r], masks["expert"], geo.spacing) for _, masks in cases], axis=0)
-             for r in OTHERS}
+    means = {
+        r: np.mean([medpy_patient_score(masks[r], masks["expert"], geo.spacing) for _, masks in cases], axis=0)
+        for r in OTHERS
+    }
     for rater, (dsc, hd) in means.items():
         assert 0.85 <= dsc <= 0.93 and 2.0 <= hd <= 6.0, (rater, dsc, hd)
     dsc = {r: v[0] for r, v in means.items()}
@@ -120,8 +131,12 @@ def test_rater_errors_concentrate_where_the_border_is_hard_to_see(rated):
             angle = np.arctan2(yy - cy, xx - cx)
             to_bladder = np.abs(np.angle(np.exp(1j * (angle - bladder))))
             hard = (to_bladder < math.radians(60)) | (to_bladder > math.radians(135)) | (areas[z] < 0.4 * areas.max())
-            border = expert[z] & ~(np.roll(expert[z], 1, 0) & np.roll(expert[z], -1, 0)
-                                   & np.roll(expert[z], 1, 1) & np.roll(expert[z], -1, 1))
+            border = expert[z] & ~(
+                np.roll(expert[z], 1, 0)
+                & np.roll(expert[z], -1, 0)
+                & np.roll(expert[z], 1, 1)
+                & np.roll(expert[z], -1, 1)
+            )
             border_hard, border_all = border_hard + (border & hard).sum(), border_all + border.sum()
             for rater in OTHERS:
                 xor = expert[z] ^ masks[rater][z].astype(bool)
@@ -200,4 +215,6 @@ def test_jobs_write_the_files_of_one_job(tmp_path):
     assert len(files) == 2 * 3 + 6
     for name in files:
         one, two = (nib.load(tmp_path / str(jobs) / name) for jobs in (1, 2))
-        assert np.array_equal(np.asarray(one.dataobj), np.asarray(two.dataobj)) and np.array_equal(one.affine, two.affine)
+        assert np.array_equal(np.asarray(one.dataobj), np.asarray(two.dataobj)) and np.array_equal(
+            one.affine, two.affine
+        )

@@ -39,8 +39,10 @@ def test_orientation_and_spacing_match_the_reference_convention(tmp_path):
     np.testing.assert_array_equal(vol.array[3], raw[:, :, 3].T)
 
 
-@pytest.mark.parametrize("label,dtype", [(1, np.uint8), (255, np.uint8), (1.0, np.float32), (255, np.int16),
-                                         (65535, np.uint16), (-1, np.int8)])
+@pytest.mark.parametrize(
+    "label,dtype",
+    [(1, np.uint8), (255, np.uint8), (1.0, np.float32), (255, np.int16), (65535, np.uint16), (-1, np.int8)],
+)
 def test_binary_masks_of_any_type_read_as_zero_one(tmp_path, label, dtype):
     _, mask = blob_case()  # NIfTI has no bool type: bool masks arrive as 0/1 integers
     write_zyx(tmp_path / "m.nii.gz", mask.astype(dtype) * np.array(label, dtype))

@@ -41,8 +41,15 @@ class Zenodo(BaseHTTPRequestHandler):
         s = self.server
         s.requests.append((self.path, self.headers.get("Range")))
         if self.path == f"/api/records/{RECORD_ID}":
-            files = [{"key": name, "size": len(data), "checksum": f"md5:{s.md5.get(name, hashlib.md5(data).hexdigest())}",
-                      "links": {"self": f"http://127.0.0.1:{s.server_port}/files/{name}"}} for name, data in s.files.items()]
+            files = [
+                {
+                    "key": name,
+                    "size": len(data),
+                    "checksum": f"md5:{s.md5.get(name, hashlib.md5(data).hexdigest())}",
+                    "links": {"self": f"http://127.0.0.1:{s.server_port}/files/{name}"},
+                }
+                for name, data in s.files.items()
+            ]
             return self._send(200, json.dumps({"id": int(RECORD_ID), "files": files}).encode(), {})
         name = self.path.removeprefix("/files/")
         if name not in s.files:
@@ -79,8 +86,9 @@ def server():
 @pytest.fixture(scope="module")
 def published_dataset(tmp_path_factory) -> tuple[Path, bytes]:
     """A small phantom in the real layout and its zip, with the dataset folder at the top, as published."""
-    root = simulate_dataset(tmp_path_factory.mktemp("src") / DATASET_FOLDER, n_train=2, n_test=1, n_slices=4,
-                            size=(32, 48), seed=5)
+    root = simulate_dataset(
+        tmp_path_factory.mktemp("src") / DATASET_FOLDER, n_train=2, n_test=1, n_slices=4, size=(32, 48), seed=5
+    )
     (root / "notes.bin").write_bytes(np.random.default_rng(0).bytes(200_000))  # a few download chunks' worth
     archive = root.parent / ARCHIVE
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as z:
@@ -181,9 +189,13 @@ def test_no_server_is_one_line(tmp_path, capsys):
 # entry); nothing is written outside the download folder nor left in it but the verified zip. A
 # valid archive with extra files unpacks only the dataset's own files.
 
+
 def valid_entries(root: Path) -> list[tuple[str, bytes]]:
-    return [(p.relative_to(root.parent).as_posix(), p.read_bytes()) for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name.endswith(".nii.gz")]
+    return [
+        (p.relative_to(root.parent).as_posix(), p.read_bytes())
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name.endswith(".nii.gz")
+    ]
 
 
 def build(path: Path, entries: list[tuple[str, bytes]], extra: list[zipfile.ZipInfo | tuple] = ()) -> bytes:
@@ -213,14 +225,18 @@ BAD = {
     "dotdot": (lambda tmp: (f"{DATASET_FOLDER}/train/../../../escaped.nii.gz", b"x"), "'..'"),
     "dotdot-top": (lambda tmp: ("../escaped.nii.gz", b"x"), "'..'"),
     "absolute": (lambda tmp: (str(tmp / "escaped.nii.gz"), b"x"), "absolute path"),
-    "symlink": (lambda tmp: symlink(f"{DATASET_FOLDER}/train/micro_ultrasound_scans/microUS_train_09.nii.gz",
-                                    "/etc/passwd"), "symbolic link"),
+    "symlink": (
+        lambda tmp: symlink(f"{DATASET_FOLDER}/train/micro_ultrasound_scans/microUS_train_09.nii.gz", "/etc/passwd"),
+        "symbolic link",
+    ),
     "symlink-dir": (lambda tmp: symlink(f"{DATASET_FOLDER}/link", str(tmp)), "symbolic link"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_unsafe_entries_refuse_the_archive_before_anything_is_extracted(case, tmp_path, server, published_dataset, capsys):
+def test_unsafe_entries_refuse_the_archive_before_anything_is_extracted(
+    case, tmp_path, server, published_dataset, capsys
+):
     root, _ = published_dataset
     make, needle = BAD[case]
     archive = tmp_path / "archive.zip"
@@ -243,7 +259,9 @@ def test_a_total_beyond_the_cap_is_refused_before_extracting(tmp_path, server, p
     assert left_in(out) == [ARCHIVE]
 
 
-def test_a_zip_bomb_entry_of_the_dataset_is_refused_by_the_cap(tmp_path, server, published_dataset, capsys, monkeypatch):
+def test_a_zip_bomb_entry_of_the_dataset_is_refused_by_the_cap(
+    tmp_path, server, published_dataset, capsys, monkeypatch
+):
     """64 MiB of zeros deflate to about 64 KiB: refused from its recorded size, never written."""
     root, _ = published_dataset
     monkeypatch.setattr(download_module, "MAX_UNPACKED_BYTES", 32 * 2**20)
@@ -284,12 +302,12 @@ def test_an_entry_inflating_beyond_its_recorded_size_is_refused(tmp_path, server
     with zipfile.ZipFile(path) as z:
         info = z.getinfo(name)
     half = (len(data) // 2).to_bytes(4, "little")  # the recorded uncompressed size, halved
-    raw[info.header_offset + 22:info.header_offset + 26] = half  # in the local header
+    raw[info.header_offset + 22 : info.header_offset + 26] = half  # in the local header
     offset = raw.index(b"PK\x01\x02")
     while offset != -1:  # and in its central directory record
-        length = int.from_bytes(raw[offset + 28:offset + 30], "little")
-        if raw[offset + 46:offset + 46 + length].decode() == name:
-            raw[offset + 24:offset + 28] = half
+        length = int.from_bytes(raw[offset + 28 : offset + 30], "little")
+        if raw[offset + 46 : offset + 46 + length].decode() == name:
+            raw[offset + 24 : offset + 28] = half
         offset = raw.find(b"PK\x01\x02", offset + 4)
     server.files[ARCHIVE] = bytes(raw)
     out = tmp_path / "data"
@@ -302,8 +320,12 @@ def test_an_entry_inflating_beyond_its_recorded_size_is_refused(tmp_path, server
 def test_only_the_datasets_own_files_are_extracted(tmp_path, server, published_dataset, capsys):
     root, _ = published_dataset
     entries = valid_entries(root)
-    extra = [(f"{DATASET_FOLDER}/train/big.bin", bytes(4 * 2**20)), ("__MACOSX/._x.nii.gz", b"apple"),
-             (f"{DATASET_FOLDER}/README.txt", b"read me"), (f"{DATASET_FOLDER}/train/scripts/run.sh", b"rm -rf /")]
+    extra = [
+        (f"{DATASET_FOLDER}/train/big.bin", bytes(4 * 2**20)),
+        ("__MACOSX/._x.nii.gz", b"apple"),
+        (f"{DATASET_FOLDER}/README.txt", b"read me"),
+        (f"{DATASET_FOLDER}/train/scripts/run.sh", b"rm -rf /"),
+    ]
     server.files[ARCHIVE] = build(tmp_path / "a.zip", entries, extra)
     out = tmp_path / "data"
     code, _, err = download(out, server, capsys)

@@ -27,6 +27,7 @@ def refused_network(monkeypatch) -> list:
         def refused(*args, **kwargs):
             attempts.append((name, args[1:] if name.startswith("socket.") else args))
             raise OSError(f"network refused in tests: {name}")
+
         return refused
 
     monkeypatch.setattr(socket.socket, "connect", refuse("socket.connect"))
@@ -59,19 +60,61 @@ def test_no_command_but_download_attempts_a_connection(refused_network, fresh_im
     main = importlib.import_module("microseg.cli").main
     data, cache, runs = tmp_path / "data", tmp_path / "cache.h5", tmp_path / "runs"
     one = ["--jobs", "1"]  # every command in this process, where connects are recorded
-    assert main(["simulate", "--out", str(data), "--train", "3", "--test", "2", "--slices", "4",
-                 "--size", "48", "64", *one]) == 0
+    assert (
+        main(
+            ["simulate", "--out", str(data), "--train", "3", "--test", "2", "--slices", "4", "--size", "48", "64", *one]
+        )
+        == 0
+    )
     assert main(["prepare", "--data", str(data), "--out", str(cache), "--size", "32", *one]) == 0
     for loss in ("ag_bce", "dice"):
-        assert main(["train", "--cache", str(cache), "--run", str(runs / loss), "--loss", loss, "--model", "tiny",
-                     "--epochs", "1", "--batch-size", "4", "--num-workers", "0", "--augment", "--optimizer",
-                     "adam"]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    "--cache",
+                    str(cache),
+                    "--run",
+                    str(runs / loss),
+                    "--loss",
+                    loss,
+                    "--model",
+                    "tiny",
+                    "--epochs",
+                    "1",
+                    "--batch-size",
+                    "4",
+                    "--num-workers",
+                    "0",
+                    "--augment",
+                    "--optimizer",
+                    "adam",
+                ]
+            )
+            == 0
+        )
         assert main(["evaluate", "--run", str(runs / loss), "--data", str(data), "--device", "cpu", *one]) == 0
     scan = sorted((data / "test" / "micro_ultrasound_scans").glob("*.nii.gz"))[0]
-    assert main(["predict", "--run", str(runs / "dice"), "--input", str(scan), "--out",
-                 str(tmp_path / "mask.nii.gz"), "--device", "cpu"]) == 0
-    assert main(["compare", str(runs / "ag_bce"), str(runs / "dice"), "--out", str(tmp_path / "report"),
-                 "--overlays"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--run",
+                str(runs / "dice"),
+                "--input",
+                str(scan),
+                "--out",
+                str(tmp_path / "mask.nii.gz"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(["compare", str(runs / "ag_bce"), str(runs / "dice"), "--out", str(tmp_path / "report"), "--overlays"])
+        == 0
+    )
     assert "albumentations" in sys.modules and (tmp_path / "report" / "report.md").is_file()
     assert refused_network == []
     assert "version info" not in capsys.readouterr().err

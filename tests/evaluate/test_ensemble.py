@@ -30,12 +30,12 @@ def averaged_by_hand(runs, image: np.ndarray) -> np.ndarray:
     return np.mean(maps, axis=0)
 
 
-def test_an_ensemble_evaluates_and_predicts_the_averaged_probabilities(trained_run, cache, phantom, tmp_path,
-                                                                        capsys):
+def test_an_ensemble_evaluates_and_predicts_the_averaged_probabilities(trained_run, cache, phantom, tmp_path, capsys):
     other = train_tiny(cache, tmp_path / "other", seed=8, epochs=3)
     out = tmp_path / "ensemble"
-    code, printed, err = run_cli(["evaluate", "--ensemble", trained_run, other, "--out", out, "--data", phantom,
-                                  "--device", "cpu"], capsys)
+    code, printed, err = run_cli(
+        ["evaluate", "--ensemble", trained_run, other, "--out", out, "--data", phantom, "--device", "cpu"], capsys
+    )
     assert code == 0, err
     record = json.loads((out / "metrics" / "evaluation.json").read_text())
     assert record["checkpoint"] == "ensemble" and record["ensemble"] == [str(trained_run), str(other)]
@@ -49,19 +49,35 @@ def test_an_ensemble_evaluates_and_predicts_the_averaged_probabilities(trained_r
         assert written.shape == p.shape and undecided.mean() < 1e-3
         assert np.array_equal(written[~undecided], (p > 0.5)[~undecided])
     mask = tmp_path / "predicted.nii.gz"
-    code, _, err = run_cli(["predict", "--ensemble", trained_run, other, "--input", cases[0].image, "--out", mask,
-                            "--device", "cpu"], capsys)
+    code, _, err = run_cli(
+        ["predict", "--ensemble", trained_run, other, "--input", cases[0].image, "--out", mask, "--device", "cpu"],
+        capsys,
+    )
     assert code == 0, err
-    assert np.array_equal(read_volume(mask, "mask").array, read_volume(out / "predictions" / cases[0].image.name,
-                                                                        "mask").array)
+    assert np.array_equal(
+        read_volume(mask, "mask").array, read_volume(out / "predictions" / cases[0].image.name, "mask").array
+    )
+
 
 def test_ensemble_refusals(trained_run, phantom, tmp_path, capsys):
-    code, _, err = run_cli(["evaluate", "--ensemble", trained_run, "--out", tmp_path / "e", "--data", phantom],
-                           capsys)
+    code, _, err = run_cli(["evaluate", "--ensemble", trained_run, "--out", tmp_path / "e", "--data", phantom], capsys)
     one_error(code, err, "at least two runs")
     code, _, err = run_cli(["evaluate", "--ensemble", trained_run, trained_run, "--data", phantom], capsys)
     one_error(code, err, "--ensemble needs --out")
-    code, _, err = run_cli(["evaluate", "--run", trained_run, "--ensemble", trained_run, trained_run, "--out",
-                            tmp_path / "e", "--data", phantom], capsys)
+    code, _, err = run_cli(
+        [
+            "evaluate",
+            "--run",
+            trained_run,
+            "--ensemble",
+            trained_run,
+            trained_run,
+            "--out",
+            tmp_path / "e",
+            "--data",
+            phantom,
+        ],
+        capsys,
+    )
     one_error(code, err, "either --run RUN or --ensemble")
     assert not (tmp_path / "e").exists()

@@ -146,8 +146,19 @@ def test_bad_evaluate_inputs_give_one_line(case, trained_run, phantom, tmp_path,
     assert code == 2 and len(err) == 1 and err[0].startswith("microseg: error:")
 
 
-FIRST_RELEASE_KEYS = {"model", "optimizer", "scaler", "epoch", "step", "accum", "history", "best_dsc", "model_config",
-                      "train_config", "calf_stats"}  # and "rng": dropout's stream now follows from the position
+FIRST_RELEASE_KEYS = {
+    "model",
+    "optimizer",
+    "scaler",
+    "epoch",
+    "step",
+    "accum",
+    "history",
+    "best_dsc",
+    "model_config",
+    "train_config",
+    "calf_stats",
+}  # and "rng": dropout's stream now follows from the position
 
 
 def test_checkpoint_round_trips_and_carries_its_preprocessing(trained_run):
@@ -188,8 +199,22 @@ def test_prediction_follows_the_checkpoints_preprocessing(evaluated, phantom, tm
     save_checkpoint(checkpoint, run / "last.pt")
     one = sorted((phantom / "test" / "micro_ultrasound_scans").glob("*.nii.gz"))[0]
     assert main(["predict", "--run", str(run), "--input", str(one), "--out", str(tmp_path / "own.nii.gz")]) == 0
-    assert main(["predict", "--run", str(evaluated), "--input", str(one), "--out", str(tmp_path / "asked.nii.gz"),
-                 "--resize", "nearest"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--run",
+                str(evaluated),
+                "--input",
+                str(one),
+                "--out",
+                str(tmp_path / "asked.nii.gz"),
+                "--resize",
+                "nearest",
+            ]
+        )
+        == 0
+    )
     own = zyx(tmp_path / "own.nii.gz")
     assert own.any() and np.array_equal(own, zyx(tmp_path / "asked.nii.gz"))
 

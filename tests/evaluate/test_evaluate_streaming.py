@@ -21,9 +21,13 @@ from microseg.evaluate import evaluate
 from microseg.checkpoint import load_checkpoint, save_checkpoint
 
 RATERS = ("non_expert", "clinician", "master_student", "medical_student")
-FILES = {"expert": "expert_annotations/expert", "non_expert": "non_expert_annotations/nonexpert",
-         "clinician": "clinician_annotations/clinician", "master_student": "master_student_annotations/master_student",
-         "medical_student": "medical_student_annotations/medical_student"}
+FILES = {
+    "expert": "expert_annotations/expert",
+    "non_expert": "non_expert_annotations/nonexpert",
+    "clinician": "clinician_annotations/clinician",
+    "master_student": "master_student_annotations/master_student",
+    "medical_student": "medical_student_annotations/medical_student",
+}
 
 
 def zyx(path) -> np.ndarray:
@@ -81,8 +85,15 @@ def whole_volume(run, phantom, case_id: str, protocol: str) -> tuple[dict, list[
     k = round(4 * expert.shape[1] / 32)
     region = np.zeros_like(expert)
     for name in RATERS:
-        region |= np.stack([cv2.dilate((expert[z] ^ masks[name][z]).astype(np.uint8), np.ones((k, k), np.uint8))
-                            for z in range(len(expert))]) > 0
+        region |= (
+            np.stack(
+                [
+                    cv2.dilate((expert[z] ^ masks[name][z]).astype(np.uint8), np.ones((k, k), np.uint8))
+                    for z in range(len(expert))
+                ]
+            )
+            > 0
+        )
         row[f"{name}_dsc"], row[f"{name}_hd95_mm"], _ = score(masks[name])
     row["hard_dsc"] = 2 * (pred & expert & region).sum() / ((pred & region).sum() + (expert & region).sum())
     row["hard_error_rate"] = ((pred ^ expert) & region).sum() / region.sum()
@@ -91,8 +102,9 @@ def whole_volume(run, phantom, case_id: str, protocol: str) -> tuple[dict, list[
         d, h = per_slice.get(z, (math.nan, math.nan))
         area = expert[z].sum() * sy * sx
         gamma = np.hypot(*np.gradient(expert[z].astype(np.float64))).mean() if expert[z].any() else math.nan
-        slices.append({"z": z, "dsc": d, "hd95_mm": h, "area_mm2": area if expert[z].any() else math.nan,
-                       "gamma_msa": gamma})
+        slices.append(
+            {"z": z, "dsc": d, "hd95_mm": h, "area_mm2": area if expert[z].any() else math.nan, "gamma_msa": gamma}
+        )
     return row, slices, pred
 
 
@@ -133,7 +145,9 @@ def test_slab_reader_and_writer_match_nibabel(tmp_path):
         for s in slabs:
             write(s)
     nib.save(nib.Nifti1Image(np.ascontiguousarray(image.transpose(2, 1, 0)), affine, header), tmp_path / "ref.nii.gz")
-    assert gzip.decompress((tmp_path / "out.nii.gz").read_bytes()) == gzip.decompress((tmp_path / "ref.nii.gz").read_bytes())
+    assert gzip.decompress((tmp_path / "out.nii.gz").read_bytes()) == gzip.decompress(
+        (tmp_path / "ref.nii.gz").read_bytes()
+    )
 
 
 def test_jobs_give_the_outputs_of_one_job(run, phantom, tmp_path):
@@ -164,7 +178,9 @@ def test_prepare_jobs_write_the_cache_of_one_job(phantom, tmp_path):
         for case in one["train"]:
             for name, value in one[f"train/{case}"].attrs.items():
                 assert np.array_equal(value, two[f"train/{case}"].attrs[name]), name
-    assert (tmp_path / "1.check.json").read_text().replace("1.h5", "") == (tmp_path / "2.check.json").read_text().replace("2.h5", "")
+    assert (tmp_path / "1.check.json").read_text().replace("1.h5", "") == (
+        tmp_path / "2.check.json"
+    ).read_text().replace("2.h5", "")
 
 
 @pytest.mark.parametrize("verb", ["check", "simulate"])

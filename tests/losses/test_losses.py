@@ -227,8 +227,10 @@ def test_afl_slices_get_their_patients_parameters():
     alpha_t = np.where(y == 1, 1 - fg, fg)
     expected = np.mean(-alpha_t * (1 - p_t) ** (fg + gamma_msa) * np.log(p_t))
     slices, slice_targets = logits[0].transpose(0, 1), target[0].transpose(0, 1)  # [4, 1, 6, 7]
-    stats = {"afl_fg_fraction": torch.full((4,), fg, dtype=torch.float64),
-             "afl_gamma_msa": torch.full((4,), gamma_msa, dtype=torch.float64)}
+    stats = {
+        "afl_fg_fraction": torch.full((4,), fg, dtype=torch.float64),
+        "afl_gamma_msa": torch.full((4,), gamma_msa, dtype=torch.float64),
+    }
     per_patient = build_loss("afl")(slices, slice_targets, sample_stats=stats)
     assert per_patient.item() == pytest.approx(expected, rel=1e-9)
     per_slice = build_loss("afl:stats=slice")(slices, slice_targets, sample_stats=stats)  # stats=slice ignores them
@@ -237,8 +239,9 @@ def test_afl_slices_get_their_patients_parameters():
     # per slice, the empty and the full slice get zero class weight on all their pixels; per patient they count
     empty_and_full = [0, 3]
     slice_only = build_loss("afl:stats=slice")(slices[empty_and_full], slice_targets[empty_and_full])
-    patient = build_loss("afl")(slices[empty_and_full], slice_targets[empty_and_full],
-                                sample_stats={k: v[:2] for k, v in stats.items()})
+    patient = build_loss("afl")(
+        slices[empty_and_full], slice_targets[empty_and_full], sample_stats={k: v[:2] for k, v in stats.items()}
+    )
     assert slice_only.item() == 0.0 and patient.item() > 0.01
     # a volume is its own patient: no statistics needed, and the same numbers as the host-side ones
     volume = build_loss("afl")(logits, target).item()
@@ -270,9 +273,7 @@ def test_afl_ablation_switches():
     off = build_loss("afl:use_alpha_va=false,use_gamma_va=false,use_gamma_msa=false,stats=slice")(logits, target)
     torch.testing.assert_close(off, sigmoid_focal_loss(logits, target, 0.25, 2.0, "mean"))  # Table 5, row 1
     alpha_only = build_loss("afl:use_gamma_va=false,use_gamma_msa=false,stats=slice")(logits, target)
-    per_sample = [
-        sigmoid_focal_loss(logits[i], target[i], 1 - target[i].mean().item(), 2.0, "mean") for i in range(2)
-    ]
+    per_sample = [sigmoid_focal_loss(logits[i], target[i], 1 - target[i].mean().item(), 2.0, "mean") for i in range(2)]
     torch.testing.assert_close(alpha_only, torch.stack(per_sample).mean())
     assert AFL(use_gamma_va=False, stats="slice")(logits, target) != AFL(stats="slice")(logits, target)
 
@@ -288,8 +289,13 @@ def two_point(n_high: int, n: int) -> list[float]:
 @pytest.mark.parametrize(
     "n_high,n,branch",
     [
-        (5, 10, "log10"), (2, 5, "log10"), (3, 5, "arcsine"), (3, 10, "ln"),
-        (7, 10, "logit"), (1, 5, "log10"), (4, 5, "fisher"),
+        (5, 10, "log10"),
+        (2, 5, "log10"),
+        (3, 5, "arcsine"),
+        (3, 10, "ln"),
+        (7, 10, "logit"),
+        (1, 5, "log10"),
+        (4, 5, "fisher"),
     ],
 )
 def test_calf_branch_on_two_point_sets(n_high, n, branch):
@@ -333,8 +339,12 @@ def test_calf_stats_match_table_1_with_and_without_empty_images():
 
 
 BRANCH_MOMENTS = {
-    "fisher": (-2.0, 0.0), "logit": (-0.7, 0.0), "arcsine": (-0.2, 0.0),
-    "log10": (2.0, 0.0), "ln": (0.7, 0.0), "bce_dice": (0.2, 1.0),
+    "fisher": (-2.0, 0.0),
+    "logit": (-0.7, 0.0),
+    "arcsine": (-0.2, 0.0),
+    "log10": (2.0, 0.0),
+    "ln": (0.7, 0.0),
+    "bce_dice": (0.2, 1.0),
 }
 
 
@@ -362,7 +372,12 @@ def test_calf_stats_must_be_consistent():
 
 def test_calf_branch_boundaries():
     assert [choose_branch(s, 0.0) for s in (-1.0, -0.5, -0.1, 0.0, 0.5, 1.0)] == [
-        "fisher", "logit", "arcsine", "bce_dice", "ln", "log10"
+        "fisher",
+        "logit",
+        "arcsine",
+        "bce_dice",
+        "ln",
+        "log10",
     ]
     assert choose_branch(0.0, -0.1) == "log10"
 

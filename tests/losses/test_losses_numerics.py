@@ -11,17 +11,22 @@ from microseg.losses import LOSSES, SAMPLE_STAT_KEYS, DeepSupervision, build_los
 from microseg.losses.calf import BRANCHES
 from test_losses import branch_stats
 
-SPECS = sorted(set(LOSSES) - {"calf"}) + [
-    "adaptive_focal:focusing=fixed,detach_gamma=false",
-    "adaptive_focal:gamma_scope=batch,k=2",
-    "afl:use_alpha_va=false,use_gamma_va=false",
-    "afl:alpha_weighting=uniform",
-    "afl:stats=slice",
-    "focal:alpha=none,double_sigmoid=true",
-    "dice_focal:alpha=0.25",
-    "tversky:alpha=0,beta=1",
-    "0.5*adaptive_focal+dice+afl",
-] + [f"calf:{branch}" for branch in BRANCHES] + ["calf:ln,include_empty=false"]
+SPECS = (
+    sorted(set(LOSSES) - {"calf"})
+    + [
+        "adaptive_focal:focusing=fixed,detach_gamma=false",
+        "adaptive_focal:gamma_scope=batch,k=2",
+        "afl:use_alpha_va=false,use_gamma_va=false",
+        "afl:alpha_weighting=uniform",
+        "afl:stats=slice",
+        "focal:alpha=none,double_sigmoid=true",
+        "dice_focal:alpha=0.25",
+        "tversky:alpha=0,beta=1",
+        "0.5*adaptive_focal+dice+afl",
+    ]
+    + [f"calf:{branch}" for branch in BRANCHES]
+    + ["calf:ln,include_empty=false"]
+)
 
 
 def make(spec: str):

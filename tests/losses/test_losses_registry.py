@@ -59,8 +59,11 @@ def test_aliases_keywords_and_the_scale_kernel():
     assert build_loss("ag_bce+adaptive_focal", beta=0.25).terms[1].beta == 0.25 == composite.terms[0].beta / 2
     scaled = build_loss("ag_bce+dice+adaptive_focal:beta=1", scale_kernel_size=2)  # only the terms with a kernel
     assert [getattr(t, "kernel_size", None) for t in scaled.terms] == [2, None, 2]
-    for spec, keywords in [("ag_bce:k=3", {"kernel_size": 2}), ("ag_bce:kernel_size=5", {"k": 2}),
-                           ("ag_bce", {"w": 3, "hard_weight": 4})]:
+    for spec, keywords in [
+        ("ag_bce:k=3", {"kernel_size": 2}),
+        ("ag_bce:kernel_size=5", {"k": 2}),
+        ("ag_bce", {"w": 3, "hard_weight": 4}),
+    ]:
         with pytest.raises(MicrosegError, match="given twice"):
             build_loss(spec, **keywords)
     with pytest.raises(MicrosegError, match="deep supervision sets the dilation kernel"):
@@ -107,7 +110,8 @@ def test_spec_errors_name_the_culprit(spec, message):
 
 
 @pytest.mark.parametrize(
-    "spec", ["", "dice+", "+dice", "0.5*", "x*dice", "dice:", "dice:smooth", "dice:smooth=1,smooth=2", "di ce", "nan*dice"]
+    "spec",
+    ["", "dice+", "+dice", "0.5*", "x*dice", "dice:", "dice:smooth", "dice:smooth=1,smooth=2", "di ce", "nan*dice"],
 )
 def test_malformed_specs_are_quoted(spec):
     with pytest.raises(MicrosegError, match="malformed loss spec"):
@@ -153,8 +157,9 @@ def test_bilinear_floor_resize_matches_reference_cv2_then_long(size):
     _, expert, _ = case(2)
     expert[0, 0, 3:9, 20:27] = 1 - expert[0, 0, 3:9, 20:27]
     ours = resize_target(expert, (size, size))
-    ref = [cv2.resize(m[0].numpy().astype(np.float64), (size, size)).astype(np.float32).astype(np.int64)
-           for m in expert]
+    ref = [
+        cv2.resize(m[0].numpy().astype(np.float64), (size, size)).astype(np.float32).astype(np.int64) for m in expert
+    ]
     np.testing.assert_array_equal(ours[:, 0].numpy(), np.stack(ref))
 
 
@@ -249,7 +254,17 @@ def test_deep_supervision_hands_sample_stats_to_every_scale():
 
 def test_every_registered_loss_is_buildable_by_name():
     assert set(LOSSES) == {
-        "focal", "bce", "ag_bce", "adaptive_focal", "afl", "calf", "dice", "iou", "tversky", "dice_ce", "dice_focal"
+        "focal",
+        "bce",
+        "ag_bce",
+        "adaptive_focal",
+        "afl",
+        "calf",
+        "dice",
+        "iou",
+        "tversky",
+        "dice_ce",
+        "dice_focal",
     }
 
 
@@ -311,8 +326,13 @@ def test_out_of_range_options_are_refused_naming_loss_and_option(spec, message):
 def test_check_spec_refuses_what_deep_supervision_would_before_any_statistics():
     check_spec("0.5*dice+ag_bce:w=2")
     check_spec("calf:include_empty=false")  # no statistics needed to check the options
-    for spec, message in [("ag_bce:w=-4", "w=-4 must be > 0"), ("ag_bce:k=3", "deep supervision sets"),
-                          ("calf:clamp_eps=0", "clamp_eps=0 must be"), ("calf:x=1", "unknown option 'x'"),
-                          ("tversky:alpha=0,beta=0", "alpha \\+ beta"), ("dcie", "unknown loss")]:
+    for spec, message in [
+        ("ag_bce:w=-4", "w=-4 must be > 0"),
+        ("ag_bce:k=3", "deep supervision sets"),
+        ("calf:clamp_eps=0", "clamp_eps=0 must be"),
+        ("calf:x=1", "unknown option 'x'"),
+        ("tversky:alpha=0,beta=0", "alpha \\+ beta"),
+        ("dcie", "unknown loss"),
+    ]:
         with pytest.raises(MicrosegError, match=message):
             check_spec(spec)

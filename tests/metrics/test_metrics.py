@@ -29,11 +29,15 @@ def _mask_pairs():
     rng = np.random.default_rng(7)
     cases = []
     for i in range(40):
-        shape = tuple(int(n) for n in rng.integers(4, 40, 2)) if i % 2 else tuple(int(n) for n in rng.integers(3, 14, 3))
+        shape = (
+            tuple(int(n) for n in rng.integers(4, 40, 2)) if i % 2 else tuple(int(n) for n in rng.integers(3, 14, 3))
+        )
         cases.append((f"blob{i}", _blob(rng, shape), _blob(rng, shape), rng.uniform(0.05, 3.0, len(shape))))
     ring = _ellipse((40, 50), (20, 25), (15, 20)) & ~_ellipse((40, 50), (20, 25), (8, 10))
     cases.append(("ring-vs-disk", ring, _ellipse((40, 50), (21, 23), (14, 19)), (0.5, 0.25)))
-    comps = _ellipse((40, 50), (8, 8), (5, 6)) | _ellipse((40, 50), (30, 40), (6, 5)) | _ellipse((40, 50), (30, 10), (3, 3))
+    comps = (
+        _ellipse((40, 50), (8, 8), (5, 6)) | _ellipse((40, 50), (30, 40), (6, 5)) | _ellipse((40, 50), (30, 10), (3, 3))
+    )
     cases.append(("components", comps, _ellipse((40, 50), (20, 25), (12, 18)), (0.033586, 0.033586)))
     edge = np.zeros((30, 40), bool)
     edge[:12, :] = True  # touches three image edges
@@ -73,8 +77,10 @@ def test_hd95_accepts_non_bool_masks_and_scalar_spacing():
 
 def _brute_directed(a: np.ndarray, b: np.ndarray, spacing) -> np.ndarray:
     """For each border voxel of a, the distance to the nearest border voxel of b, by all pairs."""
+
     def border(m):
         return np.argwhere(m & ~ndimage.binary_erosion(m, ndimage.generate_binary_structure(m.ndim, 1))) * spacing
+
     pa, pb = border(a), border(b)
     return np.sqrt(((pa[:, None, :] - pb[None, :, :]) ** 2).sum(-1)).min(1)
 

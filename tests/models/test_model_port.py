@@ -70,7 +70,9 @@ def test_port_root_conv_and_pool_sizes_and_padding():
     var, mean = torch.var_mean(w, dim=(1, 2, 3), keepdim=True, unbiased=False)
     conv = F.conv2d(F.pad(x, (3, 3, 3, 3)), (w - mean) / torch.sqrt(var + 1e-5), stride=2)
     state = port.state_dict()
-    by_hand = F.relu(F.group_norm(conv, GROUPS, state[BACKBONE + "stem.norm.weight"], state[BACKBONE + "stem.norm.bias"], 1e-6))
+    by_hand = F.relu(
+        F.group_norm(conv, GROUPS, state[BACKBONE + "stem.norm.weight"], state[BACKBONE + "stem.norm.bias"], 1e-6)
+    )
     assert_close(skip, by_hand)
     assert not torch.allclose(skip, google_skip, atol=1e-3)
 

@@ -24,10 +24,18 @@ from model_helpers import DEPTH, GROUPS, HEADS, HIDDEN, MLP, WIDTH, fill_determi
 # H/2 skips: tiny config at 64 px, weights fill_deterministic(seed 0), input numpy default_rng(0).random.
 # Measured with timm 1.0.31 and torch 2.14 (float32 on the CPU).
 FINGERPRINTS = {
-    "google": ((0.04571553, 1.096675, 0.02897406), (0.5739749, 0.8694542, 0.285556),
-               (0.5252456, 0.8212789, 0.2608326), (0.423048, 0.6363989, 0.2019025)),
-    "port": ((0.04914347, 1.095976, 0.02811963), (0.5778287, 0.8679242, 0.2910721),
-             (0.4603774, 0.7896884, 0.2288549), (0.4236081, 0.6382874, 0.2011402)),
+    "google": (
+        (0.04571553, 1.096675, 0.02897406),
+        (0.5739749, 0.8694542, 0.285556),
+        (0.5252456, 0.8212789, 0.2608326),
+        (0.423048, 0.6363989, 0.2019025),
+    ),
+    "port": (
+        (0.04914347, 1.095976, 0.02811963),
+        (0.5778287, 0.8679242, 0.2910721),
+        (0.4603774, 0.7896884, 0.2288549),
+        (0.4236081, 0.6382874, 0.2011402),
+    ),
 }
 
 
@@ -69,18 +77,30 @@ def test_encode_output_shapes_module_by_module(variant):
     model = tiny(variant)
     resnet = model.encoder.patch_embed.backbone
     shapes = {}
-    hooks = [module.register_forward_hook(lambda m, i, o, name=name: shapes.__setitem__(name, tuple(o.shape)))
-             for name, module in [("root", resnet.stem.norm), ("pool", resnet.stem.pool),
-                                  *((f"stage{i}", s) for i, s in enumerate(resnet.stages)),
-                                  ("proj", model.encoder.patch_embed.proj), ("blocks", model.encoder.blocks)]]
+    hooks = [
+        module.register_forward_hook(lambda m, i, o, name=name: shapes.__setitem__(name, tuple(o.shape)))
+        for name, module in [
+            ("root", resnet.stem.norm),
+            ("pool", resnet.stem.pool),
+            *((f"stage{i}", s) for i, s in enumerate(resnet.stages)),
+            ("proj", model.encoder.patch_embed.proj),
+            ("blocks", model.encoder.blocks),
+        ]
+    ]
     with torch.no_grad():
         tokens, skips = model.encode(torch.rand(2, 3, 64, 64))
     for hook in hooks:
         hook.remove()
     pooled = 15 if variant == "port" else 16  # no padding (port) or SAME: 32 -> 15 or 16
-    assert shapes == {"root": (2, WIDTH, 32, 32), "pool": (2, WIDTH, pooled, pooled),
-                      "stage0": (2, 4 * WIDTH, pooled, pooled), "stage1": (2, 8 * WIDTH, 8, 8),
-                      "stage2": (2, 16 * WIDTH, 4, 4), "proj": (2, HIDDEN, 4, 4), "blocks": (2, 16, HIDDEN)}
+    assert shapes == {
+        "root": (2, WIDTH, 32, 32),
+        "pool": (2, WIDTH, pooled, pooled),
+        "stage0": (2, 4 * WIDTH, pooled, pooled),
+        "stage1": (2, 8 * WIDTH, 8, 8),
+        "stage2": (2, 16 * WIDTH, 4, 4),
+        "proj": (2, HIDDEN, 4, 4),
+        "blocks": (2, 16, HIDDEN),
+    }
     assert tokens.shape == (2, HIDDEN, 4, 4)
     assert [tuple(s.shape) for s in skips] == [(2, 8 * WIDTH, 8, 8), (2, 4 * WIDTH, 16, 16), (2, WIDTH, 32, 32)]
 
@@ -91,18 +111,33 @@ def expected_encoder_layout() -> dict[str, tuple[int, ...]]:
     cin = WIDTH
     for i, cout in enumerate((4 * WIDTH, 8 * WIDTH, 16 * WIDTH)):
         p, mid = f"stages.{i}.blocks.0.", cout // 4
-        layout |= {p + "downsample.conv.weight": (cout, cin, 1, 1), p + "conv1.weight": (mid, cin, 1, 1),
-                   p + "conv2.weight": (mid, mid, 3, 3), p + "conv3.weight": (cout, mid, 1, 1)}
+        layout |= {
+            p + "downsample.conv.weight": (cout, cin, 1, 1),
+            p + "conv1.weight": (mid, cin, 1, 1),
+            p + "conv2.weight": (mid, mid, 3, 3),
+            p + "conv3.weight": (cout, mid, 1, 1),
+        }
         for norm, c in (("downsample.norm", cout), ("norm1", mid), ("norm2", mid), ("norm3", cout)):
             layout |= {p + norm + ".weight": (c,), p + norm + ".bias": (c,)}
         cin = cout
     layout = {"patch_embed.backbone." + k: v for k, v in layout.items()}
-    layout |= {"pos_embed": (1, 16, HIDDEN), "patch_embed.proj.weight": (HIDDEN, cin, 1, 1),
-               "patch_embed.proj.bias": (HIDDEN,), "norm.weight": (HIDDEN,), "norm.bias": (HIDDEN,)}
+    layout |= {
+        "pos_embed": (1, 16, HIDDEN),
+        "patch_embed.proj.weight": (HIDDEN, cin, 1, 1),
+        "patch_embed.proj.bias": (HIDDEN,),
+        "norm.weight": (HIDDEN,),
+        "norm.bias": (HIDDEN,),
+    }
     for i in range(DEPTH):
         p = f"blocks.{i}."
-        for name, shape in (("norm1", (HIDDEN,)), ("attn.qkv", (3 * HIDDEN, HIDDEN)), ("attn.proj", (HIDDEN, HIDDEN)),
-                            ("norm2", (HIDDEN,)), ("mlp.fc1", (MLP, HIDDEN)), ("mlp.fc2", (HIDDEN, MLP))):
+        for name, shape in (
+            ("norm1", (HIDDEN,)),
+            ("attn.qkv", (3 * HIDDEN, HIDDEN)),
+            ("attn.proj", (HIDDEN, HIDDEN)),
+            ("norm2", (HIDDEN,)),
+            ("mlp.fc1", (MLP, HIDDEN)),
+            ("mlp.fc2", (HIDDEN, MLP)),
+        ):
             layout |= {p + name + ".weight": shape, p + name + ".bias": (shape[0],)}
     return layout
 
@@ -126,8 +161,13 @@ def test_encoder_fingerprint(variant):
     with torch.no_grad():
         tokens, skips = model.encode(x)
     measured = [summary(t) for t in (tokens, *skips)]
-    np.testing.assert_allclose(measured, FINGERPRINTS[variant], rtol=1e-4, atol=1e-6,
-                               err_msg=f"the {variant} encoder's output changed (a timm or torch upgrade?)")
+    np.testing.assert_allclose(
+        measured,
+        FINGERPRINTS[variant],
+        rtol=1e-4,
+        atol=1e-6,
+        err_msg=f"the {variant} encoder's output changed (a timm or torch upgrade?)",
+    )
 
 
 def test_npz_name_map_fits_the_configs():
@@ -141,8 +181,11 @@ def test_npz_name_map_mismatch_is_a_clear_error(tmp_path):
     google_npz(path, grid=4)
     model = tiny()
     model.encoder.register_parameter("extra_table", nn.Parameter(torch.zeros(3)))
-    with pytest.raises(MicrosegError, match=r"0 mapped name\(s\) absent \(-\), 1 encoder tensor\(s\) unmapped "
-                                            r"\(encoder.extra_table\); install a timm version"):
+    with pytest.raises(
+        MicrosegError,
+        match=r"0 mapped name\(s\) absent \(-\), 1 encoder tensor\(s\) unmapped "
+        r"\(encoder.extra_table\); install a timm version",
+    ):
         load_weights(model, path)
     model = tiny()
     model.encoder.patch_embed.backbone.stem.add_module("conv_root", model.encoder.patch_embed.backbone.stem.conv)

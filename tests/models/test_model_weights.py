@@ -23,11 +23,27 @@ from model_helpers import DEPTH, HEADS, HIDDEN, LAYERS, MLP, WIDTH, google_npz
 
 def timm_reference_encoder(img_size: int) -> VisionTransformer:
     """timm's hybrid ViT with the tiny numbers and a class token, as timm's npz loader expects."""
-    backbone = ResNetV2(layers=LAYERS, channels=(4 * WIDTH, 8 * WIDTH, 16 * WIDTH), stem_chs=WIDTH, num_classes=0,
-                        global_pool="", preact=False, stem_type="same", conv_layer=StdConv2dSame,
-                        norm_layer=partial(GroupNormAct, num_groups=4))
-    return VisionTransformer(img_size=img_size, patch_size=1, num_classes=0, embed_dim=HIDDEN, depth=DEPTH,
-                             num_heads=HEADS, mlp_ratio=MLP / HIDDEN, embed_layer=partial(HybridEmbed, backbone=backbone))
+    backbone = ResNetV2(
+        layers=LAYERS,
+        channels=(4 * WIDTH, 8 * WIDTH, 16 * WIDTH),
+        stem_chs=WIDTH,
+        num_classes=0,
+        global_pool="",
+        preact=False,
+        stem_type="same",
+        conv_layer=StdConv2dSame,
+        norm_layer=partial(GroupNormAct, num_groups=4),
+    )
+    return VisionTransformer(
+        img_size=img_size,
+        patch_size=1,
+        num_classes=0,
+        embed_dim=HIDDEN,
+        depth=DEPTH,
+        num_heads=HEADS,
+        mlp_ratio=MLP / HIDDEN,
+        embed_layer=partial(HybridEmbed, backbone=backbone),
+    )
 
 
 def bilinear_grid(table: np.ndarray, old: int, new: int) -> torch.Tensor:
@@ -65,7 +81,7 @@ def test_google_npz_loads_every_encoder_tensor(tmp_path):
     q = arrays["Transformer/encoderblock_1/MultiHeadDotProductAttention_1/query/kernel"]
     assert torch.equal(enc.blocks[1].attn.qkv.weight[:HIDDEN], torch.from_numpy(q.reshape(HIDDEN, HIDDEN).T.copy()))
     v_bias = arrays["Transformer/encoderblock_0/MultiHeadDotProductAttention_1/value/bias"]
-    assert torch.equal(enc.blocks[0].attn.qkv.bias[2 * HIDDEN:], torch.from_numpy(v_bias.ravel()))
+    assert torch.equal(enc.blocks[0].attn.qkv.bias[2 * HIDDEN :], torch.from_numpy(v_bias.ravel()))
     out = arrays["Transformer/encoderblock_0/MultiHeadDotProductAttention_1/out/kernel"]  # (heads, d, D)
     assert torch.equal(enc.blocks[0].attn.proj.weight[5, :], torch.from_numpy(out[:, :, 5].ravel()))
     fc2 = arrays["Transformer/encoderblock_0/MlpBlock_3/Dense_1/kernel"]

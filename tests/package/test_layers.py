@@ -122,7 +122,7 @@ def test_no_import_cycle():
         state[module], path = 1, path + [module]
         for target in sorted(graph[module]):
             if state.get(target) == 1:
-                cycles.append(" -> ".join(f"microseg.{m}" for m in path[path.index(target):] + [target]))
+                cycles.append(" -> ".join(f"microseg.{m}" for m in path[path.index(target) :] + [target]))
             elif target not in state:
                 visit(target, path)
         state[module] = 2
@@ -135,8 +135,9 @@ def test_no_import_cycle():
 
 def test_the_checker_sees_function_local_and_relative_imports(tmp_path):
     source = tmp_path / "probe.py"
-    source.write_text("def f():\n    from microseg.data import cache\n    import microseg.losses.afl as afl\n"
-                      "from . import errors\n")
+    source.write_text(
+        "def f():\n    from microseg.data import cache\n    import microseg.losses.afl as afl\nfrom . import errors\n"
+    )
     known = {"", "data", "data.cache", "losses", "losses.afl", "errors", "probe"}
     assert imported_modules("probe", source, known) == {"data", "data.cache", "losses.afl", "", "errors"}
 

@@ -29,8 +29,9 @@ def test_workers_run_the_cells_side_by_side(cache, phantom, tmp_path, capfd):
     assert "[2 of 2 done]" in printed
 
 
-def test_a_failed_cell_is_one_line_the_others_finish_and_a_rerun_retries_it(cache, phantom, tmp_path, capsys,
-                                                                             monkeypatch):
+def test_a_failed_cell_is_one_line_the_others_finish_and_a_rerun_retries_it(
+    cache, phantom, tmp_path, capsys, monkeypatch
+):
     from microseg.train import Trainer
 
     real_step = Trainer.train_step
@@ -49,7 +50,8 @@ def test_a_failed_cell_is_one_line_the_others_finish_and_a_rerun_retries_it(cach
     focal, ag_bce = load_experiment(out).cells
     assert (ag_bce.run / "metrics" / "per_patient.csv").is_file() and not focal.run.exists()
     assert (out / "logs" / "focal__s1.log").read_text().splitlines()[-1] == (
-        "microseg: error: simulated failure of the focal cell")
+        "microseg: error: simulated failure of the focal cell"
+    )
     code, status, _ = run_cli(["experiment", "status", out], capsys)
     assert "failed: simulated failure" in status and "1 done, 1 failed" in status
     monkeypatch.setattr(Trainer, "train_step", real_step)

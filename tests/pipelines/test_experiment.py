@@ -16,13 +16,40 @@ from cli_helpers import one_error, run_cli, tree
 from microseg.experiment import kfold, load_experiment
 from microseg.tables import SUMMARY_ROWS
 
-BASE = ["--model", "tiny", "--epochs", "1", "--batch-size", "4", "--optimizer", "adam", "--lr", "3e-3",
-        "--num-workers", "0"]
+BASE = [
+    "--model",
+    "tiny",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "4",
+    "--optimizer",
+    "adam",
+    "--lr",
+    "3e-3",
+    "--num-workers",
+    "0",
+]
 
 
 def experiment_args(cache, phantom, out, losses=("focal", "ag_bce"), seeds=(1, 2), folds=0) -> list:
-    return ["experiment", "run", "--out", out, "--losses", *losses, "--seeds", *seeds, "--folds", folds,
-            "--cache", cache, "--data", phantom, *BASE]
+    return [
+        "experiment",
+        "run",
+        "--out",
+        out,
+        "--losses",
+        *losses,
+        "--seeds",
+        *seeds,
+        "--folds",
+        folds,
+        "--cache",
+        cache,
+        "--data",
+        phantom,
+        *BASE,
+    ]
 
 
 def patients_of(csv_path: Path) -> list[str]:
@@ -30,8 +57,9 @@ def patients_of(csv_path: Path) -> list[str]:
 
 
 def files_with_stamps(folder: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.stat().st_size)
-            for p in folder.rglob("*") if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.rglob("*") if p.is_file()
+    }
 
 
 def test_kfold_is_deterministic_disjoint_covering_and_balanced():
@@ -56,7 +84,11 @@ def plain(cache, phantom, tmp_path_factory):
 def test_cells_are_run_folders_of_each_loss_and_seed_on_the_fixed_split(plain, phantom):
     experiment = load_experiment(plain)
     assert [(c.loss, c.seed, c.fold) for c in experiment.cells] == [
-        ("focal", 1, None), ("ag_bce", 1, None), ("focal", 2, None), ("ag_bce", 2, None)]
+        ("focal", 1, None),
+        ("ag_bce", 1, None),
+        ("focal", 2, None),
+        ("ag_bce", 2, None),
+    ]
     record = json.loads((plain / "experiment.json").read_text())
     assert record["version"] == 1 and record["plan"]["folds"] == 0 and record["plan"]["base"]["epochs"] == 1
     assert [c["run"] for c in record["cells"]] == [f"runs/{c.id}" for c in experiment.cells]
@@ -65,7 +97,11 @@ def test_cells_are_run_folders_of_each_loss_and_seed_on_the_fixed_split(plain, p
     for cell in experiment.cells:
         config = yaml.safe_load((cell.run / "config.yaml").read_text())
         assert (config["loss"], config["seed"], config["patients"], config["val_patients"]) == (
-            cell.loss, cell.seed, [], [])
+            cell.loss,
+            cell.seed,
+            [],
+            [],
+        )
         assert patients_of(cell.run / "metrics" / "per_patient.csv") == ["01", "02"]
         assert json.loads((cell.run / "metrics" / "evaluation.json").read_text())["split"] == "test"
         assert not (cell.run / "heldout").exists()
@@ -136,8 +172,9 @@ def test_an_interrupted_experiment_is_completed_by_the_next_run(cache, phantom, 
     cell = load_experiment(out).cells[0]
     assert len(list(csv.DictReader(open(cell.run / "history.csv")))) == 2
     reference = tmp_path / "reference"
-    code, _, err = run_cli(experiment_args(cache, phantom, reference, losses=("focal",), seeds=(1,))
-                           + ["--epochs", "2"], capsys)
+    code, _, err = run_cli(
+        experiment_args(cache, phantom, reference, losses=("focal",), seeds=(1,)) + ["--epochs", "2"], capsys
+    )
     assert code == 0, err
     resumed = torch.load(cell.run / "last.pt", weights_only=False)["model"]
     uninterrupted = torch.load(load_experiment(reference).cells[0].run / "last.pt", weights_only=False)["model"]
@@ -161,8 +198,16 @@ def test_bad_plans_are_one_line_and_create_nothing(cache, phantom, tmp_path, cap
         (experiment_args(cache, phantom, out, folds=1), "folds must be 0"),
     ]
     plan = tmp_path / "plan.yaml"
-    plan.write_text(yaml.safe_dump({"losses": ["focal"], "cache": str(cache), "data": str(phantom),
-                                    "base": {"model": "tiny", "learning_rate": 1}}))
+    plan.write_text(
+        yaml.safe_dump(
+            {
+                "losses": ["focal"],
+                "cache": str(cache),
+                "data": str(phantom),
+                "base": {"model": "tiny", "learning_rate": 1},
+            }
+        )
+    )
     cases.append((["experiment", "run", plan, "--out", out], "learning_rate"))
     for args, needle in cases:
         code, _, err = run_cli(args, capsys)

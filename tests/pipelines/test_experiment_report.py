@@ -44,8 +44,16 @@ def chosen_scores(losses=LOSSES, seeds=SEEDS, folds=(None,)) -> dict[tuple, dict
     return out
 
 
-def write_cell(exp: Path, loss: str, seed: int, fold, scores: dict[str, np.ndarray] | None, epochs: int = 4,
-               evaluation: dict | None = None, patients=PATIENTS) -> dict:
+def write_cell(
+    exp: Path,
+    loss: str,
+    seed: int,
+    fold,
+    scores: dict[str, np.ndarray] | None,
+    epochs: int = 4,
+    evaluation: dict | None = None,
+    patients=PATIENTS,
+) -> dict:
     """One cell's run folder: config.yaml, history.csv (numbers from loss, seed, fold) and, when
     `scores` is given, metrics/per_patient.csv (with a rater column and summary rows), evaluation.json and
     the last.pt it records (its sha256)."""
@@ -58,8 +66,16 @@ def write_cell(exp: Path, loss: str, seed: int, fold, scores: dict[str, np.ndarr
         writer.writerow(["epoch", "loss", "bce", "val_dsc", "lr", "seconds"])
         for e in range(1, epochs + 1):
             k = LOSSES.index(loss) if loss in LOSSES else 3
-            writer.writerow([e, 1.0 / e + 0.1 * k + 0.01 * seed, 0.5 / e + 0.02 * seed + 0.003 * (fold or 0),
-                             0.5 + 0.1 * e - 0.01 * k + 0.002 * seed, 0.01, 3.0])
+            writer.writerow(
+                [
+                    e,
+                    1.0 / e + 0.1 * k + 0.01 * seed,
+                    0.5 / e + 0.02 * seed + 0.003 * (fold or 0),
+                    0.5 + 0.1 * e - 0.01 * k + 0.002 * seed,
+                    0.01,
+                    3.0,
+                ]
+            )
     if scores is not None:
         (run / "metrics").mkdir()
         with open(run / "metrics" / "per_patient.csv", "w", newline="") as handle:
@@ -71,19 +87,32 @@ def write_cell(exp: Path, loss: str, seed: int, fold, scores: dict[str, np.ndarr
                 writer.writerow([name, 0.5, 9.0, 0.5, 9.0])  # summary rows: never patients
         checkpoint = f"a stand-in for {cell_id}'s last.pt".encode()  # hashed, never loaded
         (run / "last.pt").write_bytes(checkpoint)
-        ev = {"data": "/data/phantom", "split": "test", "protocol": "microsegnet", "checkpoint": "last.pt",
-              "checkpoint_sha256": hashlib.sha256(checkpoint).hexdigest()}
+        ev = {
+            "data": "/data/phantom",
+            "split": "test",
+            "protocol": "microsegnet",
+            "checkpoint": "last.pt",
+            "checkpoint_sha256": hashlib.sha256(checkpoint).hexdigest(),
+        }
         (run / "metrics" / "evaluation.json").write_text(json.dumps(dict(ev, **(evaluation or {}))))
     return {"id": cell_id, "loss": loss, "seed": seed, "fold": fold, "run": f"runs/{cell_id}"}
 
 
-def write_experiment(exp: Path, scores: dict[tuple, dict[str, np.ndarray]], unevaluated=(), folds: int = 0,
-                     test=PATIENTS, **cell_options) -> Path:
-    cells = [write_cell(exp, *key, None if key in unevaluated else value, **cell_options)
-             for key, value in scores.items()]
-    plan = {"losses": list(dict.fromkeys(k[0] for k in scores)), "seeds": sorted({k[1] for k in scores}),
-            "folds": folds, "cache": "cache.h5", "data": "/data/phantom", "protocol": "microsegnet",
-            "base": {"model": "tiny", "epochs": 4}}
+def write_experiment(
+    exp: Path, scores: dict[tuple, dict[str, np.ndarray]], unevaluated=(), folds: int = 0, test=PATIENTS, **cell_options
+) -> Path:
+    cells = [
+        write_cell(exp, *key, None if key in unevaluated else value, **cell_options) for key, value in scores.items()
+    ]
+    plan = {
+        "losses": list(dict.fromkeys(k[0] for k in scores)),
+        "seeds": sorted({k[1] for k in scores}),
+        "folds": folds,
+        "cache": "cache.h5",
+        "data": "/data/phantom",
+        "protocol": "microsegnet",
+        "base": {"model": "tiny", "epochs": 4},
+    }
     (exp / "experiment.json").write_text(json.dumps({"version": 1, "plan": plan, "cells": cells}))
     fold_ids = [[p for j, p in enumerate(["21", "22", "23", "24"]) if j % folds != f] for f in range(folds)]
     (exp / "splits.json").write_text(json.dumps({"folds": fold_ids, "test": list(test)}))
@@ -109,7 +138,9 @@ def cell_patients(exp: Path) -> dict[tuple, dict[str, dict[str, float]]]:
         if path.is_file():
             found[cell["loss"], cell["seed"], cell["fold"]] = {
                 row["case_id"]: {k: float(v) for k, v in row.items() if k != "case_id"}
-                for row in read_rows(path) if row["case_id"] not in ("mean", "std", "median")}
+                for row in read_rows(path)
+                if row["case_id"] not in ("mean", "std", "median")
+            }
     return found
 
 
@@ -128,18 +159,41 @@ def report(experiment, tmp_path_factory) -> Path:
 def per_loss_arrays(exp: Path, key: str) -> dict[str, np.ndarray]:
     """loss -> [run, patient] of `key`, from the cells' CSVs."""
     cells = cell_patients(exp)
-    return {loss: np.array([[cells[k][p][key] for p in PATIENTS] for k in sorted(cells, key=str) if k[0] == loss])
-            for loss in dict.fromkeys(k[0] for k in cells)}
+    return {
+        loss: np.array([[cells[k][p][key] for p in PATIENTS] for k in sorted(cells, key=str) if k[0] == loss])
+        for loss in dict.fromkeys(k[0] for k in cells)
+    }
 
 
 def test_report_files_and_sections(report):
-    for name in ("report.md", "losses.csv", "curves.csv", "curves.png", "per_patient.csv", "dot_box.png",
-                 "ranking.csv", "ranking.png", "significance.csv", "significance.png", "variance.csv", "cells.csv"):
+    for name in (
+        "report.md",
+        "losses.csv",
+        "curves.csv",
+        "curves.png",
+        "per_patient.csv",
+        "dot_box.png",
+        "ranking.csv",
+        "ranking.png",
+        "significance.csv",
+        "significance.png",
+        "variance.csv",
+        "cells.csv",
+    ):
         assert (report / name).is_file(), name
     text = (report / "report.md").read_text()
-    for heading in ("## What was compared", "## Results", "## Losses", "## Loss curves per epoch", "min-max over seeds",
-                    "## Per-patient DSC and HD95", "## Ranking stability", "## Significance map",
-                    "## How much of the spread", "## Cells"):
+    for heading in (
+        "## What was compared",
+        "## Results",
+        "## Losses",
+        "## Loss curves per epoch",
+        "min-max over seeds",
+        "## Per-patient DSC and HD95",
+        "## Ranking stability",
+        "## Significance map",
+        "## How much of the spread",
+        "## Cells",
+    ):
         assert heading in text, heading
     assert "Replicates of each loss: seed 1; seed 2; seed 3." in text
     assert "split test, protocol microsegnet; 10 patients" in text
@@ -173,7 +227,8 @@ def test_per_patient_table_is_the_mean_over_runs(experiment, report):
 def test_significance_is_wilcoxon_on_patient_means_holm_adjusted_over_pairs_and_metrics(experiment, report):
     rows = read_rows(report / "significance.csv")
     assert [(r["metric"], r["loss_a"], r["loss_b"]) for r in rows] == [
-        (m, a, b) for m in ("DSC", "HD95 (mm)") for a, b in (("good", "mid"), ("good", "low"), ("mid", "low"))]
+        (m, a, b) for m in ("DSC", "HD95 (mm)") for a, b in (("good", "mid"), ("good", "low"), ("mid", "low"))
+    ]
     raw = []
     for r in rows:
         arrays = per_loss_arrays(experiment, "dsc" if r["metric"] == "DSC" else "hd95_mm")
@@ -205,7 +260,8 @@ def test_curves_are_mean_sd_and_min_max_over_the_runs_histories(experiment, repo
         values = np.array(histories[r["loss"], r["curve"], int(r["epoch"])])
         assert int(r["n"]) == 3
         assert (float(r["mean"]), float(r["sd"]), float(r["min"]), float(r["max"])) == pytest.approx(
-            (values.mean(), values.std(ddof=1), values.min(), values.max()), abs=1e-12)
+            (values.mean(), values.std(ddof=1), values.min(), values.max()), abs=1e-12
+        )
     text = (report / "report.md").read_text()
     mean = np.mean(histories["good", "bce", 2])
     sd = np.std(histories["good", "bce", 2], ddof=1)
@@ -237,17 +293,27 @@ def test_results_paragraph_says_what_survives_and_what_is_within_seed_noise(repo
     assert re.search(r"By mean DSC: good [\d.]+ \(seed sd [\d.]+\), ", paragraph)
     assert "good ranks first in 100% of 10,000 bootstrap resamples" in paragraph
     assert "The family: 3 pair(s) of losses x DSC and HD95, 6 paired Wilcoxon tests" in paragraph
-    assert re.search(r"; 4 survive the correction, beyond seed noise: good - mid on DSC \+0\.05\d+ \(95% CI "
-                     r"\+0\.0\d+ to \+0\.0\d+, adjusted p = 0\.0117, seed sd 0\.00\d+\); good - low on DSC", paragraph)
-    assert re.search(r"Not surviving it: mid - low on DSC [+-]0\.00\d+ \(.*seed sd 0\.00\d+\), within seed noise; "
-                     r"mid - low on HD95", paragraph)
+    assert re.search(
+        r"; 4 survive the correction, beyond seed noise: good - mid on DSC \+0\.05\d+ \(95% CI "
+        r"\+0\.0\d+ to \+0\.0\d+, adjusted p = 0\.0117, seed sd 0\.00\d+\); good - low on DSC",
+        paragraph,
+    )
+    assert re.search(
+        r"Not surviving it: mid - low on DSC [+-]0\.00\d+ \(.*seed sd 0\.00\d+\), within seed noise; "
+        r"mid - low on HD95",
+        paragraph,
+    )
     assert "after Holm over 6 tests no adjusted p below 0.0117." in paragraph
     assert "The loss explains" in paragraph and "(chance level 25%)" in paragraph
 
 
 TRAINING = ["21", "22", "23", "24"]
-OOF_DSC = {("good", 1): [0.90, 0.88, 0.86, 0.92], ("good", 2): [0.91, 0.87, 0.85, 0.94],
-           ("low", 1): [0.85, 0.86, 0.80, 0.90], ("low", 2): [0.80, 0.83, 0.84, 0.91]}
+OOF_DSC = {
+    ("good", 1): [0.90, 0.88, 0.86, 0.92],
+    ("good", 2): [0.91, 0.87, 0.85, 0.94],
+    ("low", 1): [0.85, 0.86, 0.80, 0.90],
+    ("low", 2): [0.80, 0.83, 0.84, 0.91],
+}
 
 
 def write_oof(exp: Path, dsc=OOF_DSC, extra_row=None) -> None:
@@ -345,8 +411,9 @@ def test_refusals_leave_nothing(tmp_path, capsys, experiment):
 
     broken = write_experiment(tmp_path / "broken", scores)
     (broken / "experiment.json").write_text("{not json")
-    assert "experiment.json is not a readable experiment file" in refused(["compare", broken, "--out", out],
-                                                                         capsys, out)
+    assert "experiment.json is not a readable experiment file" in refused(
+        ["compare", broken, "--out", out], capsys, out
+    )
     (broken / "experiment.json").write_text(json.dumps({"version": 1, "plan": {}, "cells": [{"id": "x"}]}))
     assert "is not a readable experiment file" in refused(["compare", broken, "--out", out], capsys, out)
     (broken / "splits.json").write_text("[]")
@@ -371,8 +438,9 @@ def test_the_report_folder_is_replaced_whole_and_never_one_holding_other_files(e
     other.mkdir()
     (other / "notes.txt").write_text("keep me\n")
     code, _, err = run_cli(["compare", experiment, "--out", other], capsys)
-    assert code == 2 and err == [f"microseg: error: --out {other} holds files that are not a report (no report.md): "
-                                 "choose a new folder"]
+    assert code == 2 and err == [
+        f"microseg: error: --out {other} holds files that are not a report (no report.md): choose a new folder"
+    ]
     assert [p.name for p in other.iterdir()] == ["notes.txt"]
     code, _, err = run_cli(["compare", experiment, "--out", experiment], capsys)
     assert code == 2 and "holds files that are not a report" in err[0]

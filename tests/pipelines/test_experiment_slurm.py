@@ -36,8 +36,9 @@ def wait_for(job: str, timeout: float = 900) -> None:
     """Until no task of `job` is in SLURM's queue."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        queue = subprocess.run(["squeue", "--noheader", "--array", "--format=%i", f"--jobs={job}"],
-                               capture_output=True, text=True)
+        queue = subprocess.run(
+            ["squeue", "--noheader", "--array", "--format=%i", f"--jobs={job}"], capture_output=True, text=True
+        )
         if not queue.stdout.strip():
             return
         time.sleep(2)

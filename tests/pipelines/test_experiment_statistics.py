@@ -114,12 +114,15 @@ def test_loss_differences_are_wilcoxon_on_patient_means_holm_adjusted_over_pairs
     dsc = rng.uniform(0.8, 0.95, (3, 2, 9))
     dsc[0] += 0.03  # the first loss better
     hd = rng.uniform(1.5, 3.0, (3, 2, 9))
-    scores = {"dsc": Scores(["x", "y", "z"], ["s1", "s2"], [str(i) for i in range(9)], dsc, True),
-              "hd95_mm": Scores(["x", "y", "z"], ["s1", "s2"], [str(i) for i in range(9)], hd, False)}
+    scores = {
+        "dsc": Scores(["x", "y", "z"], ["s1", "s2"], [str(i) for i in range(9)], dsc, True),
+        "hd95_mm": Scores(["x", "y", "z"], ["s1", "s2"], [str(i) for i in range(9)], hd, False),
+    }
     boot = {k: bootstrap_means(s, n_resamples=2000) for k, s in scores.items()}
     found = loss_differences(scores, boot)
-    assert [(d.metric, d.a, d.b) for d in found] == [(m, a, b) for m in ("dsc", "hd95_mm")
-                                                     for a, b in (("x", "y"), ("x", "z"), ("y", "z"))]
+    assert [(d.metric, d.a, d.b) for d in found] == [
+        (m, a, b) for m in ("dsc", "hd95_mm") for a, b in (("x", "y"), ("x", "z"), ("y", "z"))
+    ]
     raw = []
     for d in found:
         values = dsc if d.metric == "dsc" else hd

@@ -113,8 +113,9 @@ def test_per_patient_volume_and_smoothness(evaluated_cli, phantom):
         img = nib.load(phantom / "test" / "expert_annotations" / f"expert_annotation_test_{case}.nii.gz")
         expert = np.asarray(img.dataobj).transpose(2, 1, 0) > 0
         assert float(table[case]["volume_ml"]) == pytest.approx(expert.sum() * np.prod(img.header.get_zooms()) / 1000)
-        stack = np.stack([cv2.resize(z.astype(np.float32), (32, 32), interpolation=cv2.INTER_AREA) >= 0.5
-                          for z in expert]).astype(np.float64)
+        stack = np.stack(
+            [cv2.resize(z.astype(np.float32), (32, 32), interpolation=cv2.INTER_AREA) >= 0.5 for z in expert]
+        ).astype(np.float64)
         gradient = np.sqrt(sum(g**2 for g in np.gradient(stack)))
         assert float(table[case]["gamma_msa"]) == pytest.approx(gradient.mean(), rel=1e-9)
 
@@ -134,8 +135,10 @@ def test_compare_refuses_runs_of_different_splits(evaluated_cli, phantom, tmp_pa
 def test_compare_refuses_runs_of_different_protocols(evaluated_cli, phantom, tmp_path, capsys):
     other = tmp_path / "all_slices"
     shutil.copytree(evaluated_cli, other)
-    assert main(["evaluate", "--run", str(other), "--data", str(phantom), "--protocol", "all-slices",
-                 "--device", "cpu"]) == 0
+    assert (
+        main(["evaluate", "--run", str(other), "--data", str(phantom), "--protocol", "all-slices", "--device", "cpu"])
+        == 0
+    )
     capsys.readouterr()
     code, _, err = run_cli(["compare", evaluated_cli, other, "--out", tmp_path / "report"], capsys)
     line = one_error_line(code, err)
@@ -187,8 +190,12 @@ def test_report_opens_with_what_was_compared_and_its_results(evaluated_cli, cach
     assert {"mean_diff", "ci95_low", "ci95_high"} <= set(tests[0])
     strata = list(csv.DictReader(open(out / "stratified_patients.csv")))
     assert {(r["factor"], r["stratum"]) for r in strata} >= {("volume", "small"), ("smoothness", "poor")}
-    scored = sum(not math.isnan(float(row["dsc"])) for run in (evaluated_cli, second)
-                 for case, row in rows_of(run / "metrics" / "per_patient.csv").items() if case in ("01", "02"))
+    scored = sum(
+        not math.isnan(float(row["dsc"]))
+        for run in (evaluated_cli, second)
+        for case, row in rows_of(run / "metrics" / "per_patient.csv").items()
+        if case in ("01", "02")
+    )
     assert sum(int(r["n_patients"]) for r in strata if r["factor"] == "volume") == scored
     assert (out / "stratified_patients.png").stat().st_size > 1000
 
@@ -206,7 +213,9 @@ def test_help_of_evaluate_and_compare(capsys):
         return " ".join(capsys.readouterr().out.split())
 
     evaluate = help_of("evaluate")
-    assert "best.pt" in evaluate and "last.pt" in evaluate and "Overwrites the run's metrics/ and predictions/" in evaluate
+    assert (
+        "best.pt" in evaluate and "last.pt" in evaluate and "Overwrites the run's metrics/ and predictions/" in evaluate
+    )
     assert "split to evaluate: train or test" in evaluate
     assert "must share the split and protocol" in help_of("compare")
 

@@ -27,8 +27,9 @@ def record(name: str, values: dict[str, list[float]], evaluation: dict | None = 
 
 def test_bootstrap_ci_is_scipys_percentile_bootstrap_with_the_same_generator():
     d = np.array([0.031, -0.012, 0.054, 0.008, 0.022, -0.004, 0.017, 0.040, 0.001])
-    want = bootstrap((d,), np.mean, n_resamples=10_000, method="percentile", vectorized=True,
-                     random_state=np.random.default_rng(7)).confidence_interval
+    want = bootstrap(
+        (d,), np.mean, n_resamples=10_000, method="percentile", vectorized=True, random_state=np.random.default_rng(7)
+    ).confidence_interval
     assert bootstrap_ci(d, seed=7) == pytest.approx((want.low, want.high), abs=1e-12)
     assert bootstrap_ci(d, seed=7) == bootstrap_ci(d, seed=7)  # seeded
 
@@ -65,8 +66,14 @@ def test_wilcoxon_table_holds_the_mean_difference_and_its_ci():
     header, rows = wilcoxon_table([a, b], [("dsc", "DSC"), ("hd95_mm", "HD95 (mm)")])
     row = dict(zip(header, rows[1]))
     diffs = np.array([2.0 - 2.5, 3.0 - 3.5, 4.0 - 3.0, 2.5 - 3.0])
-    want = bootstrap((diffs,), np.mean, n_resamples=10_000, method="percentile", vectorized=True,
-                     random_state=np.random.default_rng(0)).confidence_interval
+    want = bootstrap(
+        (diffs,),
+        np.mean,
+        n_resamples=10_000,
+        method="percentile",
+        vectorized=True,
+        random_state=np.random.default_rng(0),
+    ).confidence_interval
     assert row["metric"] == "HD95 (mm)" and row["n"] == 4
     assert row["mean_diff"] == pytest.approx(diffs.mean()) and row["p_value"] == pytest.approx(wilcoxon(diffs).pvalue)
     assert (row["ci95_low"], row["ci95_high"]) == pytest.approx((want.low, want.high), abs=1e-12)
@@ -76,10 +83,22 @@ def constructed_runs() -> list[RunRecord]:
     """Eight patients; a is best on DSC by a clear margin over c (all 8 differences positive),
     c best on HD95, b best inside the hard region."""
     base = np.array([0.90, 0.88, 0.92, 0.85, 0.91, 0.89, 0.87, 0.93])
-    a = record("a", {"dsc": list(base + 0.01 * np.arange(1, 9)), "hd95_mm": [3.0] * 8,
-                     "hard_dsc": list(0.8 + np.array([-0.1, 0.1, -0.1, 0.1, -0.05, 0.05, -0.03, 0.02]))})
-    b = record("b", {"dsc": list(base + [0.02, -0.01, 0.03, 0.0, 0.01, -0.02, 0.04, 0.01]),
-                     "hd95_mm": [2.9, 3.1, 3.0, 2.8, 3.2, 3.0, 3.1, 2.9], "hard_dsc": [0.80] * 8})
+    a = record(
+        "a",
+        {
+            "dsc": list(base + 0.01 * np.arange(1, 9)),
+            "hd95_mm": [3.0] * 8,
+            "hard_dsc": list(0.8 + np.array([-0.1, 0.1, -0.1, 0.1, -0.05, 0.05, -0.03, 0.02])),
+        },
+    )
+    b = record(
+        "b",
+        {
+            "dsc": list(base + [0.02, -0.01, 0.03, 0.0, 0.01, -0.02, 0.04, 0.01]),
+            "hd95_mm": [2.9, 3.1, 3.0, 2.8, 3.2, 3.0, 3.1, 2.9],
+            "hard_dsc": [0.80] * 8,
+        },
+    )
     c = record("c", {"dsc": list(base), "hd95_mm": [2.5] * 8, "hard_dsc": [0.60] * 8})
     return [a, b, c]
 
@@ -89,8 +108,16 @@ def holm_reference(p_values: list[float]) -> np.ndarray:
     return multipletests(p_values, method="holm")[1]
 
 
-@pytest.mark.parametrize("p", [[0.01, 0.04, 0.03, 0.005], [0.2, 0.2, 0.01, 0.5, 0.011, 0.04], [0.04], [1.0, 0.9],
-                               list(np.random.default_rng(3).uniform(0, 0.1, 25))])
+@pytest.mark.parametrize(
+    "p",
+    [
+        [0.01, 0.04, 0.03, 0.005],
+        [0.2, 0.2, 0.01, 0.5, 0.011, 0.04],
+        [0.04],
+        [1.0, 0.9],
+        list(np.random.default_rng(3).uniform(0, 0.1, 25)),
+    ],
+)
 def test_holm_is_statsmodels_holm(p):
     assert holm(p) == pytest.approx(holm_reference(p), abs=1e-15)
 
@@ -107,8 +134,11 @@ def test_wilcoxon_table_holm_adjusts_over_every_pair_and_metric():
     header, rows = wilcoxon_table(runs, [("dsc", "DSC"), ("hd95_mm", "HD95 (mm)")])
     table = [dict(zip(header, row)) for row in rows]
     assert len(table) == 6  # 3 pairs x 2 metrics
-    raw = [wilcoxon(np.array([p[k] for p in a.patients.values()]) - [p[k] for p in b.patients.values()]).pvalue
-           for a, b in [(runs[0], runs[1]), (runs[0], runs[2]), (runs[1], runs[2])] for k in ("dsc", "hd95_mm")]
+    raw = [
+        wilcoxon(np.array([p[k] for p in a.patients.values()]) - [p[k] for p in b.patients.values()]).pvalue
+        for a, b in [(runs[0], runs[1]), (runs[0], runs[2]), (runs[1], runs[2])]
+        for k in ("dsc", "hd95_mm")
+    ]
     assert [row["p_value"] for row in table] == pytest.approx(raw)
     assert [row["p_holm"] for row in table] == pytest.approx(holm_reference(raw))
 
@@ -119,9 +149,11 @@ def test_paragraph_picks_the_best_run_on_each_metric():
     dsc, hd, hard, family, rule, floor = re.split(r"(?<=\.) (?=On |With |A difference|The \d)", text)
     assert dsc.startswith("On DSC the best is a (mean 0.9388 over 8 patients)")
     # the family: 3 pairs x DSC, HD95, hard DSC = 9 tests (statsmodels adjusts them independently)
-    raw = [wilcoxon(np.array([p[k] for p in a.patients.values()]) - [p[k] for p in b.patients.values()]).pvalue
-           for a, b in [(runs[0], runs[1]), (runs[0], runs[2]), (runs[1], runs[2])]
-           for k in ("dsc", "hd95_mm", "hard_dsc")]
+    raw = [
+        wilcoxon(np.array([p[k] for p in a.patients.values()]) - [p[k] for p in b.patients.values()]).pvalue
+        for a, b in [(runs[0], runs[1]), (runs[0], runs[2]), (runs[1], runs[2])]
+        for k in ("dsc", "hd95_mm", "hard_dsc")
+    ]
     adjusted = holm_reference(raw)
     # a - c: every difference positive (0.01..0.08): p = 2 / 2^8, CI above 0, but 9 tests: adjusted 9 x 2 / 2^8
     against_c = dsc.split("; ")[1]
@@ -138,23 +170,31 @@ def test_paragraph_picks_the_best_run_on_each_metric():
     assert against_a.startswith("+0.0013 against a") and against_a.endswith("within noise")
     assert family.startswith("The 9 Wilcoxon tests (3 pair(s) of runs x DSC, HD95 (mm), hard-region DSC)")
     assert "adjusted p >= 0.05" in rule
-    assert floor == ("With 8 patients the exact two-sided Wilcoxon signed-rank test cannot give p below "
-                     f"2 / 2^8 = {2 / 256:.3g}, nor Holm over 9 tests an adjusted p below 9 x {2 / 256:.3g} = "
-                     f"{9 * 2 / 256:.3g}: no difference can reach an adjusted p < 0.05, however large; read the CIs.")
+    assert floor == (
+        "With 8 patients the exact two-sided Wilcoxon signed-rank test cannot give p below "
+        f"2 / 2^8 = {2 / 256:.3g}, nor Holm over 9 tests an adjusted p below 9 x {2 / 256:.3g} = "
+        f"{9 * 2 / 256:.3g}: no difference can reach an adjusted p < 0.05, however large; read the CIs."
+    )
 
 
 def test_paragraph_of_two_runs_a_difference_survives_holm():
     a, _, c = constructed_runs()
     text = results_paragraph([a, c])
     # 2 runs x 3 metrics: a - c on DSC has p = 2 / 2^8, adjusted 3 x 2 / 2^8 = 0.0234 < 0.05, CI above 0
-    assert f"+0.0450 against c (95% CI +0.0288 to +0.0612, Wilcoxon p = {2 / 256:.3g}, the smallest 8 patients " \
-           f"allow, Holm-adjusted {3 * 2 / 256:.3g}, n = 8): outside noise." in text
+    assert (
+        f"+0.0450 against c (95% CI +0.0288 to +0.0612, Wilcoxon p = {2 / 256:.3g}, the smallest 8 patients "
+        f"allow, Holm-adjusted {3 * 2 / 256:.3g}, n = 8): outside noise." in text
+    )
     assert text.endswith(f"2 / 2^8 = {2 / 256:.3g}.")
 
 
 def test_paragraph_with_too_few_patients_says_no_difference_can_reach_significance():
-    runs = [record(r.name, {k: v[:4] for k, v in ((key, [p[key] for p in r.patients.values()])
-                                                  for key in ("dsc", "hd95_mm"))}) for r in constructed_runs()]
+    runs = [
+        record(
+            r.name, {k: v[:4] for k, v in ((key, [p[key] for p in r.patients.values()]) for key in ("dsc", "hd95_mm"))}
+        )
+        for r in constructed_runs()
+    ]
     text = results_paragraph(runs)
     assert "With 4 patients" in text and "2 / 2^4 = 0.125: no difference can reach p < 0.05" in text
     assert "outside noise" not in text

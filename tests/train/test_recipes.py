@@ -15,9 +15,19 @@ from microseg.recipes import RECIPES
 # MicroSegNet's trainer (and the micro-US adaptive focal paper's training setup): SGD lr 0.01,
 # momentum 0.9, weight decay 1e-4, batch 8, 10 epochs, poly power 0.9, seed 1234, deep supervision
 # at four scales with kernels 1, 2, 3, 4 and a plain sum; ImageNet-21k R50+ViT-B/16 encoder.
-PAPER_OPTIMISATION = dict(optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=1e-4, batch_size=8, epochs=10,
-                          poly_power=0.9, seed=1234, ds_kernel_sizes=[1, 2, 3, 4], ds_weights=[1.0] * 4,
-                          weights="R50-ViT-B_16")
+PAPER_OPTIMISATION = dict(
+    optimizer="sgd",
+    lr=0.01,
+    momentum=0.9,
+    weight_decay=1e-4,
+    batch_size=8,
+    epochs=10,
+    poly_power=0.9,
+    seed=1234,
+    ds_kernel_sizes=[1, 2, 3, 4],
+    ds_weights=[1.0] * 4,
+    weights="R50-ViT-B_16",
+)
 PAPERS = {
     # MicroSegNet: AG-BCE, the TransUNet port, no augmentation, nearest resize back (its test script)
     "microsegnet": dict(PAPER_OPTIMISATION, loss="ag_bce", augment=False, prediction_resize="nearest"),
@@ -85,14 +95,36 @@ def test_the_recipe_is_recorded_in_the_run(cache, tmp_path):
     from microseg.checkpoint import load_checkpoint
 
     run = tmp_path / "msn"
-    argv = ["train", "--recipe", "microsegnet", "--cache", str(cache), "--run", str(run), "--model", "tiny",
-            "--weights", "", "--epochs", "1", "--batch-size", "4", "--num-workers", "0",
-            "--val-fraction", str(TINY_TRAIN["val_fraction"])]
+    argv = [
+        "train",
+        "--recipe",
+        "microsegnet",
+        "--cache",
+        str(cache),
+        "--run",
+        str(run),
+        "--model",
+        "tiny",
+        "--weights",
+        "",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--num-workers",
+        "0",
+        "--val-fraction",
+        str(TINY_TRAIN["val_fraction"]),
+    ]
     assert main(argv) == 0
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["recipe"] == "microsegnet"
     assert (saved["augment"], saved["loss"], saved["prediction_resize"], saved["model"]) == (
-        False, "ag_bce", "nearest", "tiny")
+        False,
+        "ag_bce",
+        "nearest",
+        "tiny",
+    )
     assert load_checkpoint(run / "last.pt").preprocess.prediction_resize == "nearest"  # what evaluate uses
 
 

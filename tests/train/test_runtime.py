@@ -13,8 +13,9 @@ import torch
 from microseg.runtime import configure_speed, resolve_amp
 
 
-@pytest.mark.parametrize("capability, expected", [((7, 5), "fp16"), ((7, 0), "fp16"), ((8, 0), "bf16"),
-                                                  ((8, 9), "bf16"), ((9, 0), "bf16")])
+@pytest.mark.parametrize(
+    "capability, expected", [((7, 5), "fp16"), ((7, 0), "fp16"), ((8, 0), "bf16"), ((8, 9), "bf16"), ((9, 0), "bf16")]
+)
 def test_amp_auto_is_bf16_only_where_the_gpu_has_it_natively(monkeypatch, capability, expected):
     # T4 / RTX 20xx (7.5) and V100 (7.0) emulate bf16: fp16 with the grad scaler; A100 (8.0) on: bf16
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
@@ -39,10 +40,20 @@ def bench_train():
         sys.path.remove(scripts)
 
 
-@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.5),
-                                        ("NVIDIA H100 NVL", 835.5), ("NVIDIA L40", 181.0), ("NVIDIA L4", 121.0),
-                                        ("NVIDIA L40S", 362.1), ("NVIDIA A10", 125.0), ("NVIDIA A10G", None),
-                                        ("Tesla T4", None)])
+@pytest.mark.parametrize(
+    "name, peak",
+    [
+        ("NVIDIA H100 80GB HBM3", 989.4),
+        ("NVIDIA H100 PCIe", 756.5),
+        ("NVIDIA H100 NVL", 835.5),
+        ("NVIDIA L40", 181.0),
+        ("NVIDIA L4", 121.0),
+        ("NVIDIA L40S", 362.1),
+        ("NVIDIA A10", 125.0),
+        ("NVIDIA A10G", None),
+        ("Tesla T4", None),
+    ],
+)
 def test_peak_table_matches_whole_gpu_names(bench_train, monkeypatch, name, peak):
     # a substring match gave the H100 PCIe and NVL the SXM peak, and the L40 the L4's
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
@@ -51,15 +62,27 @@ def test_peak_table_matches_whole_gpu_names(bench_train, monkeypatch, name, peak
 
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_speed_settings_on_cuda_and_their_deterministic_opposite(deterministic):
-    flags = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.backends.cuda.matmul.allow_tf32,
-             torch.backends.cudnn.allow_tf32, torch.are_deterministic_algorithms_enabled())
+    flags = (
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.deterministic,
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.are_deterministic_algorithms_enabled(),
+    )
     try:
         configure_speed(torch.device("cuda", 0), deterministic)  # flags only: no GPU needed
         assert torch.backends.cudnn.benchmark is not deterministic
-        assert torch.backends.cuda.matmul.allow_tf32 is not deterministic and torch.backends.cudnn.allow_tf32 is not deterministic
+        assert (
+            torch.backends.cuda.matmul.allow_tf32 is not deterministic
+            and torch.backends.cudnn.allow_tf32 is not deterministic
+        )
         assert torch.backends.cudnn.deterministic is deterministic
         assert torch.are_deterministic_algorithms_enabled() is deterministic
     finally:
-        (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic, torch.backends.cuda.matmul.allow_tf32,
-         torch.backends.cudnn.allow_tf32) = flags[:4]
+        (
+            torch.backends.cudnn.benchmark,
+            torch.backends.cudnn.deterministic,
+            torch.backends.cuda.matmul.allow_tf32,
+            torch.backends.cudnn.allow_tf32,
+        ) = flags[:4]
         torch.use_deterministic_algorithms(flags[4])

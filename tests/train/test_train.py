@@ -32,7 +32,9 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 def test_history_and_checkpoints(trained_run):
     rows = read_history(trained_run)
     assert [int(r["epoch"]) for r in rows] == [1, 2]
-    assert {"loss", "loss_4", "loss_8", "loss_16", "loss_32", "bce", "val_dsc", "val_hd95_mm", "lr", "seconds"} <= set(rows[0])
+    assert {"loss", "loss_4", "loss_8", "loss_16", "loss_32", "bce", "val_dsc", "val_hd95_mm", "lr", "seconds"} <= set(
+        rows[0]
+    )
     for row in rows:  # total = plain sum of the four scales (reference weights 1, 1, 1, 1)
         scales = sum(float(row[k]) for k in ("loss_4", "loss_8", "loss_16", "loss_32"))
         assert float(row["loss"]) == pytest.approx(scales, rel=1e-5)
@@ -147,8 +149,19 @@ def test_bad_train_inputs_give_one_line(case, trained_run, cache, phantom, tmp_p
         capsys.readouterr()  # what preparing the cache printed is not the train command's
         args = ["train", "--run", str(run), "--resume"]
     elif case == "other_model":  # weights from a checkpoint of another model config
-        args = ["train", "--cache", str(cache), "--run", str(tmp_path / "r"), "--model", "small",
-                "--weights", str(trained_run / "last.pt"), "--epochs", "1"]
+        args = [
+            "train",
+            "--cache",
+            str(cache),
+            "--run",
+            str(tmp_path / "r"),
+            "--model",
+            "small",
+            "--weights",
+            str(trained_run / "last.pt"),
+            "--epochs",
+            "1",
+        ]
     elif case == "no_cache":
         args[2] = str(tmp_path / "missing.h5")
         args[4] = str(tmp_path / "new")
@@ -158,16 +171,45 @@ def test_bad_train_inputs_give_one_line(case, trained_run, cache, phantom, tmp_p
     code = main(args)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("microseg: error:")
-    expected = {"exists": "--force", "cache_size": "48", "other_model": "", "no_cache": "missing.h5", "bad_loss": "no_such_loss"}
+    expected = {
+        "exists": "--force",
+        "cache_size": "48",
+        "other_model": "",
+        "no_cache": "missing.h5",
+        "bad_loss": "no_such_loss",
+    }
     assert expected[case] in err[0]
 
 
 @pytest.mark.slow
 def test_torchrun_two_cpu_processes_write_one_run(cache, tmp_path):
     run = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "microseg", "--", "train", "--cache", str(cache), "--run", str(run), "--model", "tiny",
-               "--epochs", "1", "--batch-size", "2", "--num-workers", "0", "--device", "cpu"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "microseg",
+        "--",
+        "train",
+        "--cache",
+        str(cache),
+        "--run",
+        str(run),
+        "--model",
+        "tiny",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--num-workers",
+        "0",
+        "--device",
+        "cpu",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -194,8 +236,10 @@ def test_train_options_come_from_the_config_fields(capsys):
 def test_first_release_config_without_deep_supervision_keeps_the_main_output(tmp_path):
     from microseg.config import load_config
 
-    (tmp_path / "config.yaml").write_text("cache: c.h5\nrun: r\ndeep_supervision: false\n"
-                                          "ds_kernel_sizes: [1, 2, 3, 4]\nds_weights: [1.0, 1.0, 1.0, 2.0]\n")
+    (tmp_path / "config.yaml").write_text(
+        "cache: c.h5\nrun: r\ndeep_supervision: false\n"
+        "ds_kernel_sizes: [1, 2, 3, 4]\nds_weights: [1.0, 1.0, 1.0, 2.0]\n"
+    )
     config = load_config(tmp_path / "config.yaml")
     assert (config.ds_kernel_sizes, config.ds_weights) == ([4], [2.0])
     assert config.preprocess(64).scale_sizes == (64,)

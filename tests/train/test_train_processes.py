@@ -44,7 +44,7 @@ def position(run) -> tuple[int, int]:
 def completed(record: dict, actions: dict) -> dict:
     """The record without the step a "ctrl_c" or "raise" stopped before it ran."""
     stopped = [call for call, action in actions.items() if action in ("ctrl_c", "raise")]
-    steps = record["steps"][:min(stopped) - 1] if stopped else record["steps"]
+    steps = record["steps"][: min(stopped) - 1] if stopped else record["steps"]
     return {**record, "steps": steps}
 
 
@@ -88,13 +88,16 @@ def test_two_processes_split_the_global_batch_and_keep_the_schedule(one_process,
     assert steps_by_position(rank0, rank1) == steps_by_position(solo)
     assert all(len(ids) == 2 for _, _, ids, _ in rank0["steps"] + rank1["steps"])
     # dropout: each process its own stream at each step; rank 0's is the single process's
-    for (e0, s0, _, state0), (e1, s1, _, state1), (_, _, _, state) in zip(rank0["steps"], rank1["steps"], solo["steps"]):
+    for (e0, s0, _, state0), (e1, s1, _, state1), (_, _, _, state) in zip(
+        rank0["steps"], rank1["steps"], solo["steps"]
+    ):
         assert (e0, s0) == (e1, s1) and state0 != state1 and state0 == state
 
 
 @pytest.mark.parametrize("call", [2, 5])  # Ctrl-C inside the 2nd step of epoch 1, the 2nd of epoch 2
-def test_ctrl_c_on_two_processes_saves_the_position_and_resumes_on_two_or_one(call, cache, tmp_path, one_process,
-                                                                              two_processes):
+def test_ctrl_c_on_two_processes_saves_the_position_and_resumes_on_two_or_one(
+    call, cache, tmp_path, one_process, two_processes
+):
     (one, solo), (two, full) = one_process, two_processes
     run = tmp_path / "cut"
     cut = launch(2, tiny_args(cache, run), tmp_path / "log_cut", {0: {call: "sigint"}, 1: {call: "sigint"}})
@@ -112,7 +115,8 @@ def test_ctrl_c_on_two_processes_saves_the_position_and_resumes_on_two_or_one(ca
     assert all(torch.equal(a[k], b[k]) for k in a)
     for got, want in zip(history(run), history(two)):  # the epoch losses summed over both processes
         assert {k: float(v) for k, v in got.items() if k != "seconds"} == pytest.approx(
-            {k: float(v) for k, v in want.items() if k != "seconds"}, rel=1e-12, nan_ok=True)
+            {k: float(v) for k, v in want.items() if k != "seconds"}, rel=1e-12, nan_ok=True
+        )
     for rank in (0, 1):
         assert cut[rank]["steps"] + resumed[rank]["steps"] == full[rank]["steps"]
 
@@ -134,12 +138,16 @@ def test_one_process_run_resumes_on_two(cache, tmp_path, one_process):
     assert steps_by_position(before, *resumed) == steps_by_position(solo)
 
 
-@pytest.mark.parametrize("actions, codes, last", [
-    ({0: {2: "sigint"}}, [130, 2], (0, 2)),  # Ctrl-C on rank 0 alone: it saves, rank 1 stops
-    ({1: {2: "raise"}}, [2, "raised"], None),  # a failure on rank 1 in a step: nothing was kept yet
-    ({0: {"validate": "raise"}}, [2, 2], None),  # rank 0 fails alone (validation) while rank 1 waits
-    ({0: {5: "raise"}}, ["raised", 2], (1, 0)),  # a failure on rank 0 in epoch 2: last.pt keeps epoch 1
-], ids=["ctrl_c_rank0", "fail_rank1_step", "fail_rank0_validation", "fail_rank0_step"])
+@pytest.mark.parametrize(
+    "actions, codes, last",
+    [
+        ({0: {2: "sigint"}}, [130, 2], (0, 2)),  # Ctrl-C on rank 0 alone: it saves, rank 1 stops
+        ({1: {2: "raise"}}, [2, "raised"], None),  # a failure on rank 1 in a step: nothing was kept yet
+        ({0: {"validate": "raise"}}, [2, 2], None),  # rank 0 fails alone (validation) while rank 1 waits
+        ({0: {5: "raise"}}, ["raised", 2], (1, 0)),  # a failure on rank 0 in epoch 2: last.pt keeps epoch 1
+    ],
+    ids=["ctrl_c_rank0", "fail_rank1_step", "fail_rank0_validation", "fail_rank0_step"],
+)
 def test_ctrl_c_or_a_failure_on_one_process_ends_both(actions, codes, last, cache, tmp_path):
     run = tmp_path / "run"
     records = launch(2, tiny_args(cache, run), tmp_path / "log", actions)

@@ -21,9 +21,18 @@ from microseg.train import LossMonitor, Trainer, train
 # must wait for (item/bool/float go through _local_scalar_dense; nonzero, masked_select, boolean
 # indexing and unique size their output from the data).
 HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__format__")
-SYNCING_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::_unique2",
-               "aten::unique_dim", "aten::unique_consecutive", "aten::is_nonzero", "aten::equal",
-               "aten::allclose", "aten::repeat_interleave"}
+SYNCING_OPS = {
+    "aten::_local_scalar_dense",
+    "aten::nonzero",
+    "aten::masked_select",
+    "aten::_unique2",
+    "aten::unique_dim",
+    "aten::unique_consecutive",
+    "aten::is_nonzero",
+    "aten::equal",
+    "aten::allclose",
+    "aten::repeat_interleave",
+}
 
 
 class SyncCounter(TorchDispatchMode):
@@ -42,6 +51,7 @@ class SyncCounter(TorchDispatchMode):
             if self.active:
                 self.syncs.append(name)
             return real(*args, **kwargs)
+
         return method
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):

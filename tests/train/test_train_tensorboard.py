@@ -27,7 +27,9 @@ def test_event_file_holds_history_running_loss_and_overlay(cache, tmp_path):
     for column in [k for k in history[0] if k != "epoch"]:
         logged = events.Scalars(f"epoch/{column}")
         assert [e.step for e in logged] == [int(r["epoch"]) for r in history]
-        assert [e.value for e in logged] == pytest.approx([float(r[column]) for r in history], rel=1e-6, abs=1e-6, nan_ok=True)
+        assert [e.value for e in logged] == pytest.approx(
+            [float(r[column]) for r in history], rel=1e-6, abs=1e-6, nan_ok=True
+        )
     # 3 steps per epoch, checks after step 2 and at the epoch's end: global steps 2, 3, 5, 6
     assert [e.step for e in events.Scalars("train/loss")] == [2, 3, 5, 6]
     images = events.Images("val/overlay")
@@ -51,7 +53,21 @@ def test_overlay_draws_both_contours_over_the_grey_image():
 
 def test_without_tensorboard_one_line_names_the_extra(cache, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard -> ImportError
-    code = main(["train", "--cache", str(cache), "--run", str(tmp_path / "r"), "--model", TINY_TRAIN["model"],
-                 "--epochs", "1", "--num-workers", "0", "--tensorboard"])
+    code = main(
+        [
+            "train",
+            "--cache",
+            str(cache),
+            "--run",
+            str(tmp_path / "r"),
+            "--model",
+            TINY_TRAIN["model"],
+            "--epochs",
+            "1",
+            "--num-workers",
+            "0",
+            "--tensorboard",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "pip install -e '.[tensorboard]'" in err[0]
