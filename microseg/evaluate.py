@@ -259,6 +259,16 @@ class _CaseJob:
     slab: int
 
 
+def run_predictor(run: str | Path | tuple[Path, ...], device: str, resize: str | None) -> tuple[Predictor, Preprocess]:
+    """The `Predictor` of a run (or of a tuple of runs: their ensemble) on `device`, at the training's
+    precision, and its preprocessing."""
+    if isinstance(run, tuple):
+        model, preprocess, members = load_ensemble(run, device, resize)
+        return slab_predictor(model, preprocess, members[0].amp), preprocess
+    loaded = load_run_model(run, device, resize)
+    return slab_predictor(loaded.model, loaded.preprocess, loaded.amp), loaded.preprocess
+
+
 _PREDICTORS: dict[tuple, tuple[Predictor, Preprocess]] = {}
 """Per process: each run's predictor and preprocessing, (run, device, resize) -> loaded once."""
 
@@ -267,13 +277,7 @@ def _evaluate_case(job: _CaseJob) -> tuple[dict, list[list], list[str]]:
     """`_score_case` of one job, with the run's predictor of this process (loaded on first use)."""
     key = (job.run, job.device, job.resize)
     if key not in _PREDICTORS:
-        if isinstance(job.run, tuple):
-            model, preprocess, members = load_ensemble(job.run, job.device, job.resize)
-            amp = members[0].amp
-        else:
-            loaded = load_run_model(job.run, job.device, job.resize)
-            model, preprocess, amp = loaded.model, loaded.preprocess, loaded.amp
-        _PREDICTORS[key] = slab_predictor(model, preprocess, amp), preprocess
+        _PREDICTORS[key] = run_predictor(job.run, job.device, job.resize)
     predict, preprocess = _PREDICTORS[key]
     return _score_case(job.case, predict, preprocess, job.protocol, job.predictions, job.slab)
 
@@ -394,12 +398,7 @@ def predict(
 
     source, out = Path(source), Path(out)
     inputs, targets = _prediction_plan(source, out)
-    if isinstance(run, Path | str):
-        loaded = load_run_model(run, device, resize)
-        predictor = slab_predictor(loaded.model, loaded.preprocess, loaded.amp)
-    else:
-        model, preprocess, members = load_ensemble(run, device, resize)
-        predictor = slab_predictor(model, preprocess, members[0].amp)
+    predictor, _ = run_predictor(run if isinstance(run, Path | str) else tuple(run), device, resize)
     created = [p for p in (out, *out.parents) if not p.exists()]
     try:
         with contextlib.nullcontext(out.parent) if not source.is_dir() else atomic_files_into(out) as folder:
