@@ -79,9 +79,9 @@ def hard_region_mask(expert: np.ndarray, others: Sequence[np.ndarray], kernel_si
     kernel = np.ones((check_kernel_size(kernel_size),) * 2, np.uint8)
     named = {"expert": expert} | {f"annotation {i + 1}": o for i, o in enumerate(others)}
     expert, *others = bool_volumes(**named)
-    disagree = np.zeros_like(expert)
+    disagree, scratch = np.zeros_like(expert), np.empty_like(expert)
     for other in others:
-        disagree |= expert ^ other
+        disagree |= np.bitwise_xor(expert, other, out=scratch)
     region = np.empty_like(disagree)
     for z, plane in enumerate(disagree.view(np.uint8)):
         region[z] = cv2.dilate(plane, kernel).view(bool)
@@ -95,7 +95,8 @@ def hard_region_counts(pred: np.ndarray, expert: np.ndarray, region: np.ndarray)
     """|P n R|, |E n R|, |R|, |P n E n R|, |(P XOR E) n R| (HARD_COUNTS) of [Z,H,W] masks: they add up over slabs."""
     pred, expert, region = bool_volumes(prediction=pred, expert=expert, region=region)
     p, e = pred & region, expert & region
-    return np.array([np.count_nonzero(m) for m in (p, e, region, p & e, p ^ e)], dtype=np.int64)
+    n_p, n_e, n_pe = np.count_nonzero(p), np.count_nonzero(e), np.count_nonzero(np.bitwise_and(p, e, out=p))
+    return np.array([n_p, n_e, np.count_nonzero(region), n_pe, n_p + n_e - 2 * n_pe], dtype=np.int64)
 
 
 def hard_region_score(pred: np.ndarray, expert: np.ndarray, region: np.ndarray) -> dict[str, float]:
@@ -119,7 +120,7 @@ def hard_region_from_counts(counts: np.ndarray) -> dict[str, float]:
     }
 
 
-def _outline_ratio(mask: np.ndarray, spacing_yx: tuple[float, float]) -> float:
+def _outline_ratio(mask: np.ndarray, spacing_yx: tuple[float, float], origin: tuple[int, int] = (0, 0)) -> float:
     """P^2 / (4 pi A) of the largest external contour of a non-empty 2D mask, in mm.
 
     The 8-connected pixel-centre chain (cv2.findContours) is simplified by Douglas-Peucker at
@@ -127,31 +128,40 @@ def _outline_ratio(mask: np.ndarray, spacing_yx: tuple[float, float]) -> float:
     by ~11%; P (arcLength) and A (contourArea) are taken on that polygon with points scaled by
     the spacing. A disk of radius 10 / 40 px scores 1.06 / 1.01, a square exactly 4/pi.
     Holes and smaller components are ignored; a polygon of zero area (a line, a single pixel)
-    has no defined ratio: NaN.
+    has no defined ratio: NaN. `mask` may be a crop whose first pixel is at `origin` (row, column)
+    of the slice: the outline keeps the slice's coordinates.
     """
-    contours, _ = cv2.findContours(mask.view(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    contours, _ = cv2.findContours(
+        mask.view(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE, offset=(origin[1], origin[0])
+    )
     outline = cv2.approxPolyDP(max(contours, key=cv2.contourArea), OUTLINE_EPSILON_PX, True)
     points = (outline.reshape(-1, 2) * np.array([spacing_yx[1], spacing_yx[0]])).astype(np.float32)
     perimeter, area = cv2.arcLength(points, True), cv2.contourArea(points)
     return perimeter**2 / (4 * math.pi * area) if area > 0 else math.nan
 
 
-def _gamma_msa(mask: np.ndarray) -> float:
-    """A-FL's gamma_mSa of a non-empty 2D bool mask over its whole slice: the mean of
-    |numpy.gradient| (float64, unit spacing, one-sided at the image's edges).
-
-    Computed on the mask's bounding box grown by 2 px (clipped to the image), summed and divided
-    by the slice's area: exact, since the gradient vanishes beyond 1 px of the object, and 2 px
-    keep the crop's one-sided edge differences at zero.
-    """
+def _crop(mask: np.ndarray, margin: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """A non-empty 2D mask's bounding box grown by `margin` px (clipped to the image), contiguous,
+    and the (row, column) of its first pixel."""
     rows, cols = (np.flatnonzero(mask.any(axis)) for axis in (1, 0))
-    crop = mask[max(0, rows[0] - 2) : rows[-1] + 3, max(0, cols[0] - 2) : cols[-1] + 3].astype(np.float64)
+    top, left = max(0, int(rows[0]) - margin), max(0, int(cols[0]) - margin)
+    return np.ascontiguousarray(mask[top : rows[-1] + margin + 1, left : cols[-1] + margin + 1]), (top, left)
+
+
+def _gamma_msa(crop: np.ndarray, size: int) -> float:
+    """A-FL's gamma_mSa of a non-empty 2D bool mask of `size` pixels over its whole slice, from
+    `_crop(mask, 2)`: the mean of |numpy.gradient| (float64, unit spacing, one-sided at the image's edges).
+
+    The crop's gradient is summed and divided by the slice's area: exact, since the gradient
+    vanishes beyond 1 px of the object, and 2 px keep the crop's one-sided edge differences at zero.
+    """
+    crop = crop.astype(np.float64)
     axes = [a for a in (0, 1) if crop.shape[a] > 1]
     if not axes:
         return 0.0
     gradients = np.gradient(crop, axis=axes)
     gradients = gradients if isinstance(gradients, (list, tuple)) else [gradients]
-    return float(np.sqrt(sum(g * g for g in gradients)).sum() / mask.size)
+    return float(np.sqrt(sum(g * g for g in gradients)).sum() / size)
 
 
 class ExpertDescriptors:
@@ -176,12 +186,13 @@ class ExpertDescriptors:
         (expert,) = bool_volumes(expert=expert)
         sy, sx = self.spacing[1:]
         for k in np.flatnonzero(expert.reshape(len(expert), -1).any(1)):
+            crop, origin = _crop(expert[k], 2)  # every voxel of the slice, and 2 px of background where there is room
             self.slices.append(
                 {
                     "z": self.z + int(k),
-                    "area_mm2": float(np.count_nonzero(expert[k])) * sy * sx,
-                    "roughness": _outline_ratio(expert[k], (sy, sx)),
-                    "gamma_msa": _gamma_msa(expert[k]),
+                    "area_mm2": float(np.count_nonzero(crop)) * sy * sx,
+                    "roughness": _outline_ratio(crop, (sy, sx), origin),
+                    "gamma_msa": _gamma_msa(crop, expert[k].size),
                 }
             )
         self.voxels += int(np.count_nonzero(expert))

@@ -28,11 +28,13 @@ case and evaluation goes on (under the microsegnet protocol the patient's DSC an
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -40,9 +42,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from microseg.analysis import (
+    ExpertDescriptors,
+    hard_region_counts,
+    hard_region_from_counts,
+    hard_region_kernel,
+    hard_region_mask,
+)
 from microseg.atomic import atomic_folder, make_folder, write_text
 from microseg.checkpoint import Checkpoint, load_run_model
 from microseg.data.layout import Case
+from microseg.data.volumes import SlabReader, require_same_geometry, volume_writer
 from microseg.ensemble import load_ensemble
 from microseg.errors import MicrosegError, OptionError, warn
 from microseg.jobs import check_jobs, run_jobs
@@ -53,9 +63,9 @@ from microseg.runtime import autocast_context
 from microseg.tables import SUMMARY_ROWS, markdown_table, write_csv
 
 SLICE_HEADER = ["case_id", "z", "dsc", "hd95_mm", "area_mm2", "roughness", "gamma_msa"]
-SLAB = 16
-"""Slices read, predicted (one forward) and scored at a time: 16 native 962 x 1372 slices are 21 MB
-per uint8 volume and 84 MB of float32 probabilities."""
+SLAB = 8
+"""Slices read, predicted (one forward) and scored at a time: 8 native 962 x 1372 slices are 11 MB
+per uint8 volume and 42 MB of float32 probabilities; about three slabs are in flight."""
 
 
 Predictor = Callable[[np.ndarray], torch.Tensor]
@@ -287,45 +297,69 @@ def _score_case(
 ) -> tuple[dict, list[list], list[str]]:
     """Predict one case, write its mask, score it, its other annotators and its hard region, and
     describe its expert's slices: slab by slab, every file read once, memory independent of Z.
-    Returns its per_patient row, its per_slice rows and its warnings (masks empty on every slice)."""
-    from microseg.analysis import (
-        ExpertDescriptors,
-        hard_region_counts,
-        hard_region_from_counts,
-        hard_region_kernel,
-        hard_region_mask,
-    )
-    from microseg.data.volumes import SlabReader, require_same_geometry, volume_writer
+    Returns its per_patient row, its per_slice rows and its warnings (masks empty on every slice).
 
+    The work is pipelined as tasks on as many threads as torch had (the process's share of the
+    cores; torch, OpenCV, NumPy, ISA-L and the k-d tree release the GIL), torch itself set to
+    one thread meanwhile: while the model predicts slab k, slab k + 1 is read and slab k - 1
+    written and scored, one task per file and per scorer. Each consumer keeps its order (a
+    scorer's slab k - 1 is done before its slab k starts), so the results are a sequential run's.
+    """
     paths = {"expert": case.expert} | ({"non_expert": case.non_expert} if case.non_expert else {}) | case.raters
     with contextlib.ExitStack() as stack:
         image = stack.enter_context(SlabReader(case.image, "image"))
         masks = {name: stack.enter_context(SlabReader(path, "mask")) for name, path in paths.items()}
         for mask in masks.values():
             require_same_geometry(mask.geometry, image.geometry)
+        readers = {"image": image} | masks
         (z, h, _), spacing = image.geometry.shape, image.geometry.spacing
         others = [name for name in masks if name != "expert"]
         scores = {name: CaseScorer(image.geometry.shape, spacing, protocol) for name in ["model", *others]}
         described = ExpertDescriptors(spacing, preprocess.size)
         kernel = hard_region_kernel(preprocess.main_kernel, preprocess.size, h)
-        hard = np.zeros(5, np.int64)
-        target = predictions / case.image.name
-        with volume_writer(target, image.geometry.shape, np.uint8, image.geometry.affine, image.header) as write:
-            for start in range(0, z, slab):
-                slabs = {name: mask.read(start, start + slab) for name, mask in masks.items()}
-                expert = slabs["expert"]
-                pred = binary(predict, image.read(start, start + slab))
-                write(pred)
-                scores["model"].add(pred, expert)
-                for name in others:
-                    scores[name].add(slabs[name], expert)
-                if others:
-                    hard += hard_region_counts(
-                        pred, expert, hard_region_mask(expert, [slabs[n] for n in others], kernel)
-                    )
-                described.add(expert)
-            for reader in (image, *masks.values()):
-                reader.finish()
+        hard: list[Future] = []
+        write = stack.enter_context(
+            volume_writer(
+                predictions / case.image.name, image.geometry.shape, np.uint8, image.geometry.affine, image.header
+            )
+        )
+        threads = torch.get_num_threads()
+        pool = stack.enter_context(ThreadPoolExecutor(threads))
+        stack.enter_context(_torch_threads(1))  # one per task: the tasks share the cores, not OpenMP
+
+        def read(start: int) -> dict[str, Future]:
+            return {name: pool.submit(reader.read, start, start + slab) for name, reader in readers.items()}
+
+        def submit_scoring(pred: np.ndarray, slabs: dict[str, np.ndarray]) -> list[Future]:
+            expert = slabs["expert"]
+            scored = {"model": pred} | {name: slabs[name] for name in others}
+            tasks = [pool.submit(write, pred), pool.submit(described.add, expert)]
+            tasks += [pool.submit(scores[name].add, scored[name], expert) for name in scores]
+            if others:
+                hard.append(pool.submit(_hard_counts, pred, expert, [slabs[name] for name in others], kernel))
+            return tasks
+
+        def score_slab(predicted: Future, slabs: dict[str, np.ndarray], scoring: list[Future]) -> list[Future]:
+            """Submit a slab's scoring once its prediction and the previous slab's scoring are done."""
+            pred = predicted.result()
+            for task in scoring:
+                task.result()
+            return submit_scoring(pred, {name: m.view(bool) for name, m in slabs.items()})
+
+        scoring: list[Future] = []
+        upcoming, previous = read(0), None
+        for start in range(0, z, slab):
+            slabs = {name: task.result() for name, task in upcoming.items()}
+            if start + slab < z:
+                upcoming = read(start + slab)
+            predicted = pool.submit(binary, predict, slabs.pop("image"))
+            if previous is not None:  # slab k - 1 is scored while slab k is predicted
+                scoring = score_slab(*previous, scoring)
+            previous = (predicted, slabs)
+        for task in score_slab(*previous, scoring) if previous is not None else scoring:
+            task.result()
+        for reader in readers.values():
+            reader.finish()
     warnings = [
         f"case {case.case_id}: expert mask {case.expert} is empty on every slice"
         + ("; its DSC and HD95 are NaN under protocol microsegnet" if protocol == "microsegnet" else "")
@@ -343,12 +377,29 @@ def _score_case(
         "n_one_sided": score.n_one_sided,
     }
     row |= described.patient()
-    inside = hard_region_from_counts(hard) if others else {"dsc": math.nan, "error_rate": math.nan}
+    counts = sum((task.result() for task in hard), np.zeros(5, np.int64))
+    inside = hard_region_from_counts(counts) if others else {"dsc": math.nan, "error_rate": math.nan}
     row |= {"hard_dsc": inside["dsc"], "hard_error_rate": inside["error_rate"]}
     for name in others:
         rater = scores[name].result()
         row |= {f"{name}_dsc": rater.dsc, f"{name}_hd95_mm": rater.hd95_mm}
     return row, _slice_rows(case.case_id, score, described.slices), warnings
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op threads set to `threads` for the block, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _hard_counts(pred: np.ndarray, expert: np.ndarray, others: list[np.ndarray], kernel: int) -> np.ndarray:
+    """`hard_region_counts` of one slab, its hard region dilated from the other annotations."""
+    return hard_region_counts(pred, expert, hard_region_mask(expert, others, kernel))
 
 
 def _slice_rows(case_id: str, score, described: list[dict]) -> list[list]:
@@ -413,15 +464,24 @@ def predict(
 
 
 def _predict_file(predict: Predictor, source: Path, target: Path, slab: int = SLAB) -> None:
-    """Predict one volume slab by slab into the mask file `target` (its grid, atomically)."""
-    from microseg.data.volumes import SlabReader, volume_writer
-
-    with SlabReader(source, "image") as image:
+    """Predict one volume slab by slab into the mask file `target` (its grid, atomically): as
+    `_score_case` predicts, a slab per task on torch's threads with torch itself on one (the same
+    masks), written in order."""
+    with contextlib.ExitStack() as stack:
+        image = stack.enter_context(SlabReader(source, "image"))
         geometry = image.geometry
-        with volume_writer(target, geometry.shape, np.uint8, geometry.affine, image.header) as write:
-            for start in range(0, geometry.shape[0], slab):
-                write(binary(predict, image.read(start, start + slab)))
-            image.finish()
+        write = stack.enter_context(volume_writer(target, geometry.shape, np.uint8, geometry.affine, image.header))
+        threads = torch.get_num_threads()
+        pool = stack.enter_context(ThreadPoolExecutor(threads))
+        stack.enter_context(_torch_threads(1))
+        pending: collections.deque[Future] = collections.deque()
+        for start in range(0, geometry.shape[0], slab):
+            pending.append(pool.submit(binary, predict, image.read(start, start + slab)))
+            if len(pending) > threads:
+                write(pending.popleft().result())
+        while pending:
+            write(pending.popleft().result())
+        image.finish()
 
 
 def _prediction_plan(source: Path, out: Path) -> tuple[list[Path], list[Path]]:

@@ -1,18 +1,19 @@
 """Benchmark `microseg evaluate` on one native-size volume against medpy scoring, in one run.
 
 One test patient of a phantom at 962 x 1372 (`--data`, else one of `--slices` slices, default
-250, is simulated first: a few minutes) is evaluated end to end by `microseg.evaluate.evaluate`
-in a child process: the six NIfTI files read, the tiny model's forward (random weights, its output
-bias set so that about 30 % of the pixels are foreground), the probabilities back to native size,
-the prediction written, the model and the four other annotators scored, the hard region and the
-expert's descriptors; everything evaluate computes. The reference, in another child process, is
-MicroSegNet's test-script scoring of one annotation of the same volume: medpy `dc` and `hd95` per
-slice where both masks are non-empty (the non-expert against the expert, arrays already in memory).
-Each child's peak resident memory is its VmHWM (/proc/self/status); evaluate's seconds are timed inside its
-child (imports and model loading excluded; the whole command's wall time is printed beside).
+250, is simulated first with one training patient: a few minutes) is evaluated end to end by
+`microseg.evaluate.evaluate` in a child process: the six NIfTI files read, the tiny model's
+forward (trained 2 epochs on the training patient, or `--random-weights`: ragged masks, HD95's
+worst case), the probabilities back to native size, the prediction written, the model and the
+four other annotators scored, the hard region and the expert's descriptors; everything
+evaluate computes. The reference, in another child process, is MicroSegNet's test-script
+scoring of one annotation of the same volume: medpy `dc` and `hd95` per slice where both masks
+are non-empty (the non-expert against the expert, arrays already in memory). Each child's peak
+resident memory is its VmHWM (/proc/self/status); evaluate's seconds are timed inside its
+child (imports excluded; the whole command's wall time is printed beside).
 
     python scripts/bench_evaluate.py                          # simulate, then measure
-    python scripts/bench_evaluate.py --data /tmp/native       # reuse a phantom with a test/ patient
+    python scripts/bench_evaluate.py --data /tmp/native       # reuse a phantom with one test/ patient
     python scripts/bench_evaluate.py --slices 8 --size 240 343  # a quick check
 """
 
@@ -76,18 +77,27 @@ def child(code: str, *args: str) -> tuple[dict, float]:
     return json.loads(done.stdout.strip().splitlines()[-1]), time.perf_counter() - start
 
 
-def tiny_run(data: Path, run: Path, size: int) -> None:
-    """A run folder holding the tiny model with random weights, its output bias at the 70th
-    percentile of its logits on the test volume (about 30 % foreground)."""
+def tiny_run(data: Path, run: Path, size: int, trained: bool = True) -> None:
+    """A run folder holding the tiny model at `size` px: trained 2 epochs on the phantom's train
+    split (a prediction shaped like a segmentation, ~2k border pixels per slice), or with random
+    weights and its output bias at the 70th percentile of its logits on the test volume (about
+    30 % foreground in ragged blobs, ~60k border pixels per slice: HD95's worst case)."""
     import numpy as np
     import torch
 
-    from microseg.data.cache import resize_image
+    from microseg.checkpoint import Checkpoint, save_checkpoint
+    from microseg.config import TrainConfig
     from microseg.data.volumes import read_volume
     from microseg.models import build_model
-    from microseg.preprocess import Preprocess
-    from microseg.checkpoint import Checkpoint, save_checkpoint
+    from microseg.prepare import prepare_cache
+    from microseg.preprocess import Preprocess, resize_image
+    from microseg.train import train
 
+    if trained:
+        cache = prepare_cache(data, run.parent / "bench_cache.h5", size=size)
+        config = dict(cache=str(cache), run=str(run), model="tiny", epochs=2, batch_size=8, lr=3e-3)
+        train(TrainConfig(**config, optimizer="adam", augment=False, device="cpu", seed=0))
+        return
     torch.manual_seed(0)
     model = build_model("tiny", img_size=size).eval()
     image = read_volume(sorted((data / "test" / "micro_ultrasound_scans").glob("*.nii*"))[0]).array
@@ -111,6 +121,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, nargs=2, default=[962, 1372], metavar=("H", "W"))
     parser.add_argument("--model-size", type=int, default=224, help="the tiny model's input size (default 224)")
     parser.add_argument("--device", default="cpu", help="evaluate's device (cpu, cuda)")
+    parser.add_argument(
+        "--random-weights", action="store_true", help="the untrained tiny model (ragged masks) instead of 2 epochs"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data
@@ -124,7 +137,7 @@ def main() -> None:
         if len(cases) != 1:
             raise SystemExit(f"{data}/test must hold exactly one patient (found {len(cases)})")
         run = Path(tmp) / "run"
-        tiny_run(data, run, args.model_size)
+        tiny_run(data, run, args.model_size, trained=not args.random_weights)
         case_id = cases[0].name.split("_")[-1].split(".")[0]
         masks = [
             data / "test" / f"{kind}_annotations" / f"{name}_annotation_test_{case_id}.nii.gz"
@@ -136,7 +149,7 @@ def main() -> None:
     ratio = ours["evaluate"] / reference["score"]
     print(
         f"\n{hardware(torch.device(args.device))}; one volume of {' x '.join(map(str, shape))}, tiny model at "
-        f"{args.model_size} px, evaluate on {args.device}\n"
+        f"{args.model_size} px ({'random weights' if args.random_weights else 'trained 2 epochs'}), evaluate on {args.device}\n"
     )
     print("| stage | seconds per volume | peak memory (MB) |")
     print("| --- | ---: | ---: |")

@@ -201,12 +201,21 @@ class SlabReader:
         return np.rint(array).astype(np.uint8) if array.dtype.kind == "f" else array.astype(np.uint8)
 
     def _as_mask(self, array: np.ndarray) -> np.ndarray:
+        """0/1 bytes of a mask slab; MicrosegError unless every non-zero voxel of the volume has one label.
+
+        Counted, not gathered: the slab is binary iff it holds as many voxels equal to its label
+        (the first non-zero value seen) as non-zero voxels. A uint8 slab of 0s and 1s is its own answer.
+        """
+        top = array.max() if array.dtype == np.uint8 and array.size and self._label in (None, 1) else None
+        if top is not None and top <= 1:
+            self._label = 1 if top else self._label
+            return array
         nonzero = array != 0
-        values = array[nonzero]
-        if values.size:
-            label = values[0] if self._label is None else self._label
-            if (values != label).any():
-                found = np.unique(np.append(values, label))[:4].tolist()
+        n = np.count_nonzero(nonzero)
+        if n:
+            label = array.flat[np.argmax(nonzero)] if self._label is None else self._label
+            if np.count_nonzero(array == label) != n:
+                found = np.unique(np.append(array[nonzero], label))[:4].tolist()
                 raise MicrosegError(
                     f"{self.path}: mask is not binary (non-zero values {found}...; expected 0 and one label)"
                 )

@@ -164,6 +164,29 @@ def test_jobs_give_the_outputs_of_one_job(run, phantom, tmp_path):
     assert masks_1.keys() == masks_2.keys() and all(np.array_equal(masks_1[k], masks_2[k]) for k in masks_1)
 
 
+def test_outputs_do_not_depend_on_the_threads(run, phantom):
+    """The forward runs on one torch thread per task whatever the process's share of the cores (a
+    convolution's sums depend on how its threads split them), and predict writes evaluate's masks."""
+    import torch
+
+    from microseg.evaluate import predict
+
+    outputs, before = [], torch.get_num_threads()
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)  # the size of evaluate's and predict's thread pools
+            evaluate(run, phantom, device="cpu", batch_size=2)
+            masks = {p.name: zyx(p) for p in sorted((run / "predictions").iterdir())}
+            images = phantom / "test" / "micro_ultrasound_scans"
+            predicted = predict(run, images, run / f"predict{threads}", device="cpu")
+            assert all(np.array_equal(zyx(p), masks[p.name]) for p in predicted)
+            outputs.append(((run / "metrics" / "per_slice.csv").read_bytes(), masks))
+    finally:
+        torch.set_num_threads(before)
+    (csv_1, masks_1), (csv_3, masks_3) = outputs
+    assert csv_1 == csv_3 and all(np.array_equal(masks_1[k], masks_3[k]) for k in masks_1)
+
+
 def test_prepare_jobs_write_the_cache_of_one_job(phantom, tmp_path):
     import h5py
 

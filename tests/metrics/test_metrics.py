@@ -55,6 +55,12 @@ def _mask_pairs():
     vol[:, 3:15, 0:10] = True  # 3D, touching the z and x edges
     cases.append(("3d-border-box", vol, _ellipse(vol.shape, (4, 10, 11), (5, 8, 9)), (2.0, 0.1, 0.1)))
     cases.append(("1d", np.arange(30) % 7 < 3, np.arange(30) % 5 == 0, (0.4,)))
+    noise = [rng.random((60, 90)) < 0.4 for _ in range(2)]  # ragged borders on square pixels
+    cases.append(("ragged-vs-ragged", noise[0], noise[1], (0.033586, 0.033586)))
+    cases.append(("ragged-vs-smooth", noise[0], _ellipse((60, 90), (30, 40), (20, 30)), (0.5, 0.5)))
+    far = np.zeros((300, 400), bool)
+    far[290:, 390:] = rng.random((10, 10)) < 0.6
+    cases.append(("ragged-far-apart", far, _ellipse((300, 400), (20, 30), (15, 25)), (0.1, 0.1)))
     return cases
 
 
