@@ -1,14 +1,14 @@
 """Benchmark the host stages at the real dataset's scale: check, prepare and evaluate with --jobs.
 
 A phantom at 962 x 1372 (`--data`: a folder with train/ and test/ patients, else `--train` +
-`--test` patients of `--slices` slices are simulated first) goes through `microseg check`,
-`microseg prepare` and `microseg evaluate` (the tiny model, random weights, on the CPU; see
-bench_evaluate.py) as separate commands, with `--jobs 1` and `--jobs N` (default: the number
-of cores). Each command runs under `/usr/bin/time`: its wall seconds and the peak resident
+`--test` patients of `--slices` slices are simulated, with `--jobs 1` and `--jobs N`, and timed)
+goes through `microseg check`, `microseg prepare` and `microseg evaluate` (the tiny model
+trained 2 epochs on the training patients, on the CPU; see bench_evaluate.py) as separate
+commands, with `--jobs 1` and `--jobs N` (default: the number of cores). Each command runs under `/usr/bin/time`: its wall seconds and the peak resident
 memory of its largest process (the command or one of its workers). Per-patient seconds divide
-the wall time by the patients the stage reads (check: train + test; prepare: train, plus the
-test split's check; evaluate: test); the extrapolation multiplies them by the real dataset's
-55 training and 20 test patients.
+the wall time by the patients the stage reads (simulate and check: train + test; prepare: train,
+plus the test split's check; evaluate: test); the extrapolation multiplies them by the real
+dataset's 55 training and 20 test patients.
 
     python scripts/bench_scale.py --data /tmp/native              # an existing native-size phantom
     python scripts/bench_scale.py --train 2 --test 2 --slices 250   # simulate first (minutes per patient)
@@ -44,6 +44,11 @@ def timed(command: list[str]) -> tuple[float, float]:
     return float(wall), float(kb) / 1024
 
 
+def row(stage: str, jobs: int, n: int, wall: float, peak: float, real: int) -> str:
+    """A table row: `n` patients in `wall` seconds, extrapolated to `real` patients."""
+    return f"| {stage} | {jobs} | {n} | {wall:.1f} | {wall / n:.1f} | {peak:.0f} | {real * wall / n / 60:.1f} |"
+
+
 def main() -> None:
     from bench_evaluate import tiny_run
 
@@ -56,25 +61,18 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=250, help="slices per simulated patient (default 250)")
     parser.add_argument("--jobs", type=int, default=default_jobs(), help="the parallel run's --jobs (default: cores)")
     args = parser.parse_args()
+    rows, notes = [], []
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data
         if data is None:
-            data = Path(tmp) / "phantom"
-            timed(
-                [
-                    "simulate",
-                    "--out",
-                    str(data),
-                    "--train",
-                    str(args.train),
-                    "--test",
-                    str(args.test),
-                    "--slices",
-                    str(args.slices),
-                    "--jobs",
-                    str(args.jobs),
-                ]
-            )
+            for jobs in dict.fromkeys((1, args.jobs)):
+                data = Path(tmp) / f"phantom{jobs}"
+                split = ["--train", str(args.train), "--test", str(args.test), "--slices", str(args.slices)]
+                wall, peak = timed(["simulate", "--out", str(data), *split, "--jobs", str(jobs)])
+                rows.append(row("simulate", jobs, args.train + args.test, wall, peak, sum(REAL.values())))
+                notes.append(
+                    f"simulate --jobs {jobs}: {wall / ((args.train + args.test) * args.slices):.3f} s per slice"
+                )
         patients = {split: len(list((data / split / "micro_ultrasound_scans").glob("*.nii*"))) for split in REAL}
         run = Path(tmp) / "run"
         tiny_run(data, run, 224)
@@ -83,19 +81,18 @@ def main() -> None:
             "prepare": (["prepare", "--data", str(data), "--out", str(Path(tmp) / "cache.h5")], ("train",)),
             "evaluate": (["evaluate", "--run", str(run), "--data", str(data), "--device", "cpu"], ("test",)),
         }
-        rows = []
         for jobs in dict.fromkeys((1, args.jobs)):
             for stage, (command, splits) in stages.items():
                 (Path(tmp) / "cache.h5").unlink(missing_ok=True)
                 (Path(tmp) / "cache.check.json").unlink(missing_ok=True)
                 wall, peak = timed([*command, "--jobs", str(jobs)])
                 n = sum(patients[s] for s in splits)
-                real = sum(REAL[s] for s in splits) * wall / n
-                rows.append(f"| {stage} | {jobs} | {n} | {wall:.1f} | {wall / n:.1f} | {peak:.0f} | {real / 60:.1f} |")
+                rows.append(row(stage, jobs, n, wall, peak, sum(REAL[s] for s in splits)))
     print(f"\n{patients['train']} + {patients['test']} patients of {data}; {default_jobs()} cores\n")
-    print("| stage | --jobs | patients | wall s | s per patient | peak MB (largest process) | 55 + 20 patients, min |")
+    print("| stage | --jobs | patients | wall s | s per patient | peak MB (largest process) | real dataset, min |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     print("\n".join(rows))
+    print("\n" + "\n".join(notes))
 
 
 if __name__ == "__main__":

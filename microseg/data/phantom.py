@@ -16,7 +16,9 @@ Image model:
 2. scatterers ``n ~ N(0, 1)`` with amplitude ``sqrt(E)``, attenuated two-way along each scan
    line ``exp(-2 * cumsum(alpha) dr)`` and amplified by a time-gain compensation that corrects
    90 % of the tissue attenuation (calcifications thus cast acoustic shadows away from the
-   probe, fluid an enhancement); white electronic noise per scan line;
+   probe, fluid an enhancement); electronic noise 40 dB under tissue, drawn with the scatterers
+   (one N(0, 1) field per slice: its power joins E, so it is correlated across lines like them;
+   it lies below the display's floor except in the fluid);
 3. RF lines = scatterers convolved with the PSF: across lines a Gaussian beam, along depth a
    pulse ``cos(2 pi k / 4) exp(-k^2 / (2 sigma_a^2))`` (carrier at a quarter of the radial
    sampling rate); the pulse and the analytic-signal filter are applied together in the
@@ -66,12 +68,13 @@ from __future__ import annotations
 
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
 import numpy as np
 from scipy import fft
-from scipy.ndimage import gaussian_filter, gaussian_filter1d
+from scipy.ndimage import gaussian_filter
 
 from microseg.atomic import atomic_folder, write_text
 from microseg.data.layout import EXPERT, IMAGES, NON_EXPERT, RATERS, file_name, rater_kind
@@ -166,6 +169,7 @@ class ScanGeometry:
         self.map_r = ((rc - r0) / dr - 0.5).astype(np.float32) / 2  # the envelope keeps every 2nd sample
         self.map_t = ((tc + FAN_HALF_ANGLE) / dt - 0.5).astype(np.float32)
         self.fov = (rc >= r0) & (rc <= r1) & (np.abs(tc) <= FAN_HALF_ANGLE)
+        self.outside = ~self.fov
         self.xc, self.yc = np.broadcast_to(xc, self.shape), np.broadcast_to(yc, self.shape)
         # PSF in samples: axial sigma 2 samples (1 pixel), carrier period 4 samples; beam sigma 1.5 px.
         k = np.arange(-8, 9, dtype=np.float32)
@@ -179,6 +183,11 @@ class ScanGeometry:
         self.beam_sigma = 1.5 * sp / (0.5 * (r0 + r1) * dt)
         beam = np.exp(-0.5 * (np.arange(-20, 21) / self.beam_sigma) ** 2)
         self.rf_rms = math.sqrt(float((pulse**2).sum() * ((beam / beam.sum()) ** 2).sum()))  # tissue, E = 1
+        radius = int(4.0 * self.beam_sigma + 0.5)  # scipy's gaussian_filter1d kernel (truncate 4), in float32
+        beam = np.exp(-0.5 * (np.arange(-radius, radius + 1) / self.beam_sigma) ** 2)
+        self.beam = (beam / beam.sum()).astype(np.float32)[:, None]
+        # electronic noise: RF amplitude 1 % of tissue's after the PSF, as a scatterer power before it
+        self.noise_power = 0.01**2 * self.rf_rms**2 / (self.pulse_energy * float((self.beam**2).sum()))
         self.reference = math.sqrt(2.0) * self.rf_rms * 10 ** (0.45 * DYNAMIC_RANGE_DB / 20)  # tissue at 55 % grey
         d = self.depth
         wall = 1.8 * _bump(d, 0.3, 0.25) - 0.6 * _bump(d, 1.2, 0.5) + 0.8 * _bump(d, 2.1, 0.3)
@@ -188,6 +197,12 @@ class ScanGeometry:
             grid: ((self.x + self.width_mm / 2) / grid + 1, self.y / grid + 1)
             for grid in (TEXTURE_GRID_MM, FINE_GRID_MM)
         }
+
+    def box(self, x: float, y: float, half_mm: float) -> tuple[slice, slice]:
+        """The (rows, columns) of image pixels whose centres lie within ``half_mm`` of (x, y) in each axis."""
+        rows = np.searchsorted(self.yc[:, 0], (y - half_mm, y + half_mm), side="right")
+        cols = np.searchsorted(self.xc[0], (x - half_mm, x + half_mm), side="right")
+        return slice(max(0, int(rows[0]) - 1), int(rows[1]) + 1), slice(max(0, int(cols[0]) - 1), int(cols[1]) + 1)
 
     def window(self, x: float, y: float, half_mm: float) -> tuple[slice, slice]:
         """The (lines, depth) block of anatomy-grid samples within about ``half_mm`` of the point (x, y)."""
@@ -367,19 +382,27 @@ def _echogenicity(
     return echo, alpha
 
 
+_ONE = np.ones((1, 1), np.float32)
+
+
 def _polar_image(geo: ScanGeometry, echo: np.ndarray, alpha: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Image one slice: scatterers, attenuation and TGC, PSF, envelope, log compression (grey, polar)."""
     gain = np.exp(2 * 0.9 * TISSUE_ALPHA * geo.depth - 2 * geo.dr * np.cumsum(alpha, axis=1))
-    amplitude = cv2.resize(np.sqrt(echo * gain * gain), geo.rf_shape[::-1], interpolation=cv2.INTER_LINEAR)
-    rf = rng.standard_normal(geo.rf_shape, dtype=np.float32) * amplitude
-    rf = gaussian_filter1d(rf, geo.beam_sigma, axis=0)
-    rf += (0.01 * geo.rf_rms / math.sqrt(geo.pulse_energy)) * rng.standard_normal(rf.shape, dtype=np.float32)
+    power = echo * gain * gain + geo.noise_power
+    amplitude = cv2.resize(np.sqrt(power), geo.rf_shape[::-1], interpolation=cv2.INTER_LINEAR)
+    rf = rng.standard_normal(geo.rf_shape, dtype=np.float32)
+    rf *= amplitude
+    rf = cv2.sepFilter2D(rf, -1, _ONE, geo.beam, borderType=cv2.BORDER_REFLECT)  # the beam, across lines
     half = geo.n_fft // 2
     # analytic RF at every second depth sample: the positive half of its spectrum, inverse-transformed at half length
     analytic = fft.ifft(fft.rfft(rf, n=geo.n_fft, axis=1)[:, :half] * geo.analytic_pulse, axis=1)[:, : rf.shape[1] // 2]
-    power = analytic.real**2 + analytic.imag**2
-    db = 10 * np.log10(np.maximum(power * (0.25 / geo.reference**2), 1e-12))
-    return (INTENSITY_MAX * np.clip(1 + db / DYNAMIC_RANGE_DB, 0, 1)).astype(np.float32)
+    envelope = np.square(analytic.real)
+    envelope += np.square(analytic.imag)
+    envelope *= 0.25 / geo.reference**2  # (envelope / ref)^2
+    np.log10(np.maximum(envelope, 1e-12, out=envelope), out=envelope)
+    envelope *= INTENSITY_MAX * 10 / DYNAMIC_RANGE_DB  # 254 * (1 + 20 log10(env / ref) / DR), clipped
+    envelope += INTENSITY_MAX
+    return np.clip(envelope, 0, INTENSITY_MAX, out=envelope)
 
 
 def _textures(geo: ScanGeometry, rng: np.random.Generator, n_slices: int) -> dict[str, np.ndarray]:
@@ -402,31 +425,43 @@ def _textures(geo: ScanGeometry, rng: np.random.Generator, n_slices: int) -> dic
 
 
 def simulate_case(
-    geo: ScanGeometry, rng: np.random.Generator, n_slices: int, raters: tuple[str, ...]
+    geo: ScanGeometry, rng: np.random.Generator, n_slices: int, raters: tuple[str, ...], threads: int = 1
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """One patient: image ``[Z, H, W]`` uint8 0..254 and masks ``{"expert", *raters}`` uint8 {0, 1}."""
+    """One patient: image ``[Z, H, W]`` uint8 0..254 and masks ``{"expert", *raters}`` uint8 {0, 1}.
+
+    The patient's anatomy, raters and textures come from `rng`; each slice's scatterers from its
+    own stream (``rng.spawn``), so slices are imaged `threads` at a time (OpenCV, NumPy and
+    scipy.fft release the GIL) with the same result whatever `threads` is.
+    """
     anat = Anatomy(rng)
     shared = (rng.choice([-1.0, 1.0]), [_smooth_field(rng, range(1, 4)) for _ in range(2)])
     rater_models = {name: Rater(rng, RATER_ERRORS[name], shared) for name in raters}
     textures = _textures(geo, rng, n_slices)
+    streams = rng.spawn(n_slices)
     grids = {"tissue": TEXTURE_GRID_MM, "gland": TEXTURE_GRID_MM, "streaks": FINE_GRID_MM, "acini": FINE_GRID_MM}
     image = np.zeros((n_slices, *geo.shape), dtype=np.uint8)
     masks = {name: np.zeros_like(image) for name in ("expert", *raters)}
-    for z in range(n_slices):
+
+    def simulate_slice(z: int) -> None:
         s = 2 * z / (n_slices - 1) - 1
         tex = {
             name: cv2.remap(t[z], *geo.texture_maps[grids[name]], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
             for name, t in textures.items()
         }
-        polar = _polar_image(geo, *_echogenicity(geo, anat, s, tex), rng)
+        polar = _polar_image(geo, *_echogenicity(geo, anat, s, tex), streams[z])
         frame = cv2.remap(polar, geo.map_r, geo.map_t, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-        image[z] = np.where(geo.fov, np.rint(np.clip(frame, 0, INTENSITY_MAX)), 0)
-        cx, cy = anat.centre(s)
-        dx, dy = geo.xc - cx, geo.yc - cy
+        np.rint(np.clip(frame, 0, INTENSITY_MAX, out=frame), out=frame)
+        frame[geo.outside] = 0
+        image[z] = frame
+        (cx, cy), radii = anat.centre(s), [anat.radius(s)] + [r.radius(anat, s) for r in rater_models.values()]
+        box = geo.box(cx, cy, max(float(r.max()) for r in radii))  # no contour reaches beyond it
+        dx, dy = geo.xc[box] - cx, geo.yc[box] - cy
         rho, idx = np.hypot(dx, dy), _angle_index(dx, dy)
-        radii = {"expert": anat.radius(s)} | {name: r.radius(anat, s) for name, r in rater_models.items()}
-        for name, radius in radii.items():
-            masks[name][z] = (rho < radius[idx]) & geo.fov
+        for mask, radius in zip(masks.values(), radii):
+            mask[z][box] = (rho < radius[idx]) & geo.fov[box]
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(simulate_slice, range(n_slices)))
     return image, masks
 
 
@@ -459,7 +494,7 @@ def _simulate_one(job: tuple) -> None:
     size, n_slices, seed, split, case_id, files = job
     geo = ScanGeometry(*size)
     rng = np.random.default_rng([seed, ("train", "test").index(split), int(case_id)])
-    image, masks = simulate_case(geo, rng, n_slices, tuple(name for name, _ in files[2:]))
+    image, masks = simulate_case(geo, rng, n_slices, tuple(name for name, _ in files[2:]), cv2.getNumThreads())
     spacing = (slice_spacing(n_slices), geo.spacing, geo.spacing)
     for name, path in files:
         write_volume(path, image if name == "image" else masks[name], spacing)

@@ -218,3 +218,14 @@ def test_jobs_write_the_files_of_one_job(tmp_path):
         assert np.array_equal(np.asarray(one.dataobj), np.asarray(two.dataobj)) and np.array_equal(
             one.affine, two.affine
         )
+
+
+def test_slices_imaged_in_parallel_give_the_images_of_one_thread():
+    """Each slice draws from its own stream: the case does not depend on how many threads image it,
+    and no two slices share their speckle."""
+    geo = ScanGeometry(48, 64)
+    (one, masks_one), (three, masks_three) = (
+        simulate_case(geo, np.random.default_rng([4, 1, 2]), 6, ("clinician",), threads) for threads in (1, 3)
+    )
+    assert np.array_equal(one, three) and all(np.array_equal(masks_one[k], masks_three[k]) for k in masks_one)
+    assert not any(np.array_equal(one[z], one[z + 1]) for z in range(5))
