@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -63,9 +64,9 @@ from microseg.runtime import autocast_context
 from microseg.tables import SUMMARY_ROWS, markdown_table, write_csv
 
 SLICE_HEADER = ["case_id", "z", "dsc", "hd95_mm", "area_mm2", "roughness", "gamma_msa"]
-SLAB = 8
-"""Slices read, predicted (one forward) and scored at a time: 8 native 962 x 1372 slices are 11 MB
-per uint8 volume and 42 MB of float32 probabilities; about three slabs are in flight."""
+SLAB = 4
+"""Slices read, predicted (one forward) and scored at a time: 4 native 962 x 1372 slices are 5 MB per
+uint8 volume and 21 MB of float32 probabilities; about three slabs are in flight."""
 
 
 Predictor = Callable[[np.ndarray], torch.Tensor]
@@ -330,6 +331,12 @@ def _score_case(
         def read(start: int) -> dict[str, Future]:
             return {name: pool.submit(reader.read, start, start + slab) for name, reader in readers.items()}
 
+        forward = threading.Lock()
+
+        def predict_slab(image: np.ndarray) -> np.ndarray:
+            with forward:  # one slab's activations in memory at a time
+                return binary(predict, image)
+
         def submit_scoring(pred: np.ndarray, slabs: dict[str, np.ndarray]) -> list[Future]:
             expert = slabs["expert"]
             scored = {"model": pred} | {name: slabs[name] for name in others}
@@ -352,7 +359,7 @@ def _score_case(
             slabs = {name: task.result() for name, task in upcoming.items()}
             if start + slab < z:
                 upcoming = read(start + slab)
-            predicted = pool.submit(binary, predict, slabs.pop("image"))
+            predicted = pool.submit(predict_slab, slabs.pop("image"))
             if previous is not None:  # slab k - 1 is scored while slab k is predicted
                 scoring = score_slab(*previous, scoring)
             previous = (predicted, slabs)

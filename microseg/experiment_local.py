@@ -129,9 +129,11 @@ def _work(path: str, cell_id: str, device: str) -> tuple[bool, str]:
 
 
 def _printer(stream):
-    """Progress lines go to `stream` (the command's stdout), whatever a cell redirects meanwhile."""
+    """Progress lines go to `stream` (the command's stdout), whatever a cell redirects meanwhile;
+    each line is one write, so the lines of processes sharing the stream do not interleave."""
 
     def event(line: str) -> None:
-        print(line, file=stream, flush=True)
+        stream.write(line + "\n")
+        stream.flush()
 
     return event

@@ -73,6 +73,12 @@ def _bbox(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.array([h[0] for h in hits]), np.array([h[-1] + 1 for h in hits])
 
 
+_CROSS = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
+TREE_POINT_NS, QUERY_NS, TRANSFORM_PIXEL_NS = 120, 600, 5
+"""Measured costs (ns, one core) of `_distances`' two ways: a k-d tree per target point and per
+query point (scipy cKDTree), OpenCV's exact distance transform per pixel of the box."""
+
+
 def _border(mask: np.ndarray) -> np.ndarray:
     """medpy's border, mask XOR erosion(mask, cross-shaped structure), with False outside the array.
 
@@ -90,12 +96,6 @@ def _border(mask: np.ndarray) -> np.ndarray:
             shifted[ax] = slice(start, start + mask.shape[ax])
             interior &= padded[tuple(shifted)]
     return mask & ~interior
-
-
-_CROSS = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
-TREE_POINT_NS, QUERY_NS, TRANSFORM_PIXEL_NS = 120, 600, 5
-"""Measured costs (ns, one core) of `_distances`' two ways: a k-d tree per target point and per
-query point (scipy cKDTree), OpenCV's exact distance transform per pixel of the box."""
 
 
 def _points(mask: np.ndarray) -> np.ndarray:

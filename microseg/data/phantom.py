@@ -390,9 +390,9 @@ def _polar_image(geo: ScanGeometry, echo: np.ndarray, alpha: np.ndarray, rng: np
     gain = np.exp(2 * 0.9 * TISSUE_ALPHA * geo.depth - 2 * geo.dr * np.cumsum(alpha, axis=1))
     power = echo * gain * gain + geo.noise_power
     amplitude = cv2.resize(np.sqrt(power), geo.rf_shape[::-1], interpolation=cv2.INTER_LINEAR)
-    rf = rng.standard_normal(geo.rf_shape, dtype=np.float32)
-    rf *= amplitude
-    rf = cv2.sepFilter2D(rf, -1, _ONE, geo.beam, borderType=cv2.BORDER_REFLECT)  # the beam, across lines
+    scatterers = rng.standard_normal(geo.rf_shape, dtype=np.float32)
+    scatterers *= amplitude
+    rf = cv2.sepFilter2D(scatterers, -1, _ONE, geo.beam, borderType=cv2.BORDER_REFLECT)  # the beam, across lines
     half = geo.n_fft // 2
     # analytic RF at every second depth sample: the positive half of its spectrum, inverse-transformed at half length
     analytic = fft.ifft(fft.rfft(rf, n=geo.n_fft, axis=1)[:, :half] * geo.analytic_pulse, axis=1)[:, : rf.shape[1] // 2]
