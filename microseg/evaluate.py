@@ -337,21 +337,18 @@ def _score_case(
             with forward:  # one slab's activations in memory at a time
                 return binary(predict, image)
 
-        def submit_scoring(pred: np.ndarray, slabs: dict[str, np.ndarray]) -> list[Future]:
-            expert = slabs["expert"]
-            scored = {"model": pred} | {name: slabs[name] for name in others}
-            tasks = [pool.submit(write, pred), pool.submit(described.add, expert)]
-            tasks += [pool.submit(scores[name].add, scored[name], expert) for name in scores]
-            if others:
-                hard.append(pool.submit(_hard_counts, pred, expert, [slabs[name] for name in others], kernel))
-            return tasks
-
         def score_slab(predicted: Future, slabs: dict[str, np.ndarray], scoring: list[Future]) -> list[Future]:
-            """Submit a slab's scoring once its prediction and the previous slab's scoring are done."""
+            """Submit a slab's writing and scoring once its prediction and the previous slab's scoring are done."""
             pred = predicted.result()
             for task in scoring:
                 task.result()
-            return submit_scoring(pred, {name: m.view(bool) for name, m in slabs.items()})
+            masks = {name: m.view(bool) for name, m in slabs.items()}  # the files' own 0/1 bytes
+            expert, scored = masks["expert"], {"model": pred} | {name: masks[name] for name in others}
+            tasks = [pool.submit(write, pred), pool.submit(described.add, expert)]
+            tasks += [pool.submit(scores[name].add, scored[name], expert) for name in scores]
+            if others:
+                hard.append(pool.submit(_hard_counts, pred, expert, [masks[name] for name in others], kernel))
+            return tasks
 
         scoring: list[Future] = []
         upcoming, previous = read(0), None
