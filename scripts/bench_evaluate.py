@@ -77,7 +77,7 @@ def child(code: str, *args: str) -> tuple[dict, float]:
     return json.loads(done.stdout.strip().splitlines()[-1]), time.perf_counter() - start
 
 
-def tiny_run(data: Path, run: Path, size: int, trained: bool = True) -> None:
+def tiny_run(data: Path, run: Path, size: int, trained: bool = True, device: str = "cpu") -> None:
     """A run folder holding the tiny model at `size` px: trained 2 epochs on the phantom's train
     split (a prediction shaped like a segmentation, ~2k border pixels per slice), or with random
     weights and its output bias at the 70th percentile of its logits on the test volume (about
@@ -96,7 +96,7 @@ def tiny_run(data: Path, run: Path, size: int, trained: bool = True) -> None:
     if trained:
         cache = prepare_cache(data, run.parent / "bench_cache.h5", size=size)
         config = dict(cache=str(cache), run=str(run), model="tiny", epochs=2, batch_size=8, lr=3e-3)
-        train(TrainConfig(**config, optimizer="adam", augment=False, device="cpu", seed=0))
+        train(TrainConfig(**config, optimizer="adam", augment=False, device=device, seed=0))
         return
     torch.manual_seed(0)
     model = build_model("tiny", img_size=size).eval()
@@ -137,7 +137,7 @@ def main() -> None:
         if len(cases) != 1:
             raise SystemExit(f"{data}/test must hold exactly one patient (found {len(cases)})")
         run = Path(tmp) / "run"
-        tiny_run(data, run, args.model_size, trained=not args.random_weights)
+        tiny_run(data, run, args.model_size, trained=not args.random_weights, device=args.device)
         case_id = cases[0].name.split("_")[-1].split(".")[0]
         masks = [
             data / "test" / f"{kind}_annotations" / f"{name}_annotation_test_{case_id}.nii.gz"
