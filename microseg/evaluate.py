@@ -50,10 +50,10 @@ from microseg.analysis import (
     hard_region_kernel,
     hard_region_mask,
 )
-from microseg.atomic import atomic_folder, make_folder, write_text
+from microseg.atomic import atomic_files_into, atomic_folder, make_folder, require_writable, write_text
 from microseg.checkpoint import Checkpoint, load_run_model
-from microseg.data.layout import Case
-from microseg.data.volumes import SlabReader, require_same_geometry, volume_writer
+from microseg.data.layout import NIFTI_SUFFIXES, Case, find_cases, nifti_files, visible_entries
+from microseg.data.volumes import SlabReader, read_geometry, require_same_geometry, volume_writer
 from microseg.ensemble import load_ensemble
 from microseg.errors import MicrosegError, OptionError, warn
 from microseg.jobs import check_jobs, run_jobs
@@ -173,8 +173,6 @@ def _evaluate_locked(
 ) -> Path:
     """`evaluate` while it holds the run's lock: the checkpoint it reads and the metrics it writes
     belong together (no `train` writes the run meanwhile)."""
-    from microseg.data.layout import find_cases
-
     record: dict[str, object] = {}
     if ensemble:
         model, preprocess, members = load_ensemble(ensemble, device, resize)
@@ -449,8 +447,6 @@ def predict(
     volume that turns out truncated stops the command with nothing half-written. `run` may be a list
     of runs: their ensemble (`microseg.ensemble`).
     """
-    from microseg.atomic import atomic_files_into
-
     source, out = Path(source), Path(out)
     inputs, targets = _prediction_plan(source, out)
     predictor, _ = run_predictor(run if isinstance(run, Path | str) else tuple(run), device, resize)
@@ -490,9 +486,6 @@ def _predict_file(predict: Predictor, source: Path, target: Path, slab: int = SL
 
 def _prediction_plan(source: Path, out: Path) -> tuple[list[Path], list[Path]]:
     """(inputs, outputs) of a predict, after checking every input's header and that the outputs can be written."""
-    from microseg.atomic import require_writable
-    from microseg.data.layout import NIFTI_SUFFIXES, nifti_files, visible_entries
-    from microseg.data.volumes import read_geometry
 
     if source.is_dir():
         inputs = nifti_files(source)

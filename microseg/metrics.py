@@ -118,8 +118,12 @@ def _distances(src: np.ndarray, dst: np.ndarray, spacing: np.ndarray) -> np.ndar
     if square and TRANSFORM_PIXEL_NS * src.size < TREE_POINT_NS * n_dst + QUERY_NS * n_src:
         d = cv2.distanceTransform((~dst).view(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[src].astype(np.float64)
         return np.sqrt(np.rint(d * d)) * spacing[0]
-    tree = cKDTree(_points(dst) * spacing, balanced_tree=False, compact_nodes=False)
-    return tree.query(_points(src) * spacing)[0]
+    return _nearest(_points(src) * spacing, _points(dst) * spacing)
+
+
+def _nearest(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """For every point of `src` (rows), the distance to the nearest point of `dst` (a k-d tree)."""
+    return cKDTree(dst, balanced_tree=False, compact_nodes=False).query(src)[0]
 
 
 def _percentile95(d_ab: np.ndarray, d_ba: np.ndarray, combine: str) -> float:
@@ -335,8 +339,7 @@ class CaseScorer:
         for i in range(2):
             self._borders(i, end, self.shape[0])
         a, b = ((np.concatenate(points) - self.lo) * self.spacing for points in self.borders)
-        trees = [cKDTree(p, balanced_tree=False, compact_nodes=False) for p in (a, b)]
-        return _percentile95(trees[1].query(a)[0], trees[0].query(b)[0], "pooled")
+        return _percentile95(_nearest(a, b), _nearest(b, a), "pooled")
 
 
 def summarize(values: Sequence[float]) -> dict[str, float]:

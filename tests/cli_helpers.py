@@ -1,4 +1,5 @@
-"""What the CLI tests share: run the CLI in-process, read its one error line, list what a folder holds."""
+"""What the CLI tests share: run the CLI in-process, read its one error line, list what a folder holds
+or snapshot its files."""
 
 from __future__ import annotations
 
@@ -28,3 +29,8 @@ def one_error(code: int, err: str, *needles: str) -> str:
 def tree(folder: Path) -> list[str]:
     """Every path under ``folder`` (hidden ones included), relative, sorted."""
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (relative path) with its bytes: to show that nothing changed."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -26,3 +27,11 @@ def cache(phantom, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def trained_run(cache, tmp_path_factory) -> Path:
     return train_tiny(cache, tmp_path_factory.mktemp("runs") / "tiny_af")
+
+
+@pytest.fixture
+def copied_run(trained_run, tmp_path) -> Path:
+    """A copy of the trained run that a test may change."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    return run

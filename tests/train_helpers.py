@@ -15,6 +15,13 @@ TINY_TRAIN = dict(
 )
 
 
+def tiny_train_argv(cache: Path, run: Path, *options: str) -> list[str]:
+    """`microseg train` arguments: the tiny model, one epoch, no loader workers, `cache` into `run`;
+    `options` come last (argparse keeps the last of a repeated option)."""
+    tiny = "--model tiny --epochs 1 --num-workers 0".split()
+    return ["train", "--cache", str(cache), "--run", str(run), *tiny, *options]
+
+
 def train_tiny(cache: Path, run: Path, trainer: type[Trainer] | None = None, **options) -> Path:
     """Train the tiny run (TINY_TRAIN, `options` win) on `cache` into `run`, with `trainer` if given."""
     return train(

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from train_helpers import TINY_TRAIN
-from cli_helpers import one_error, run_cli
+from cli_helpers import one_error, run_cli, snapshot
 
 
 class SystemPayload:
@@ -80,17 +80,6 @@ def tiny_argv(cache: Path, run: Path, *extra) -> list:
     for key, value in TINY_TRAIN.items():
         argv += ["--" + key.replace("_", "-"), value]
     return argv + list(extra)
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture
-def copied_run(trained_run, tmp_path) -> Path:
-    run = tmp_path / "run"
-    shutil.copytree(trained_run, run)
-    return run
 
 
 def entry_points(run: Path, cache: Path, phantom: Path, tmp_path: Path) -> dict[str, tuple[str, list]]:

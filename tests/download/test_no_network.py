@@ -17,6 +17,8 @@ import urllib.request
 
 import pytest
 
+from train_helpers import tiny_train_argv
+
 
 @pytest.fixture
 def refused_network(monkeypatch) -> list:
@@ -70,26 +72,9 @@ def test_no_command_but_download_attempts_a_connection(refused_network, fresh_im
     for loss in ("ag_bce", "dice"):
         assert (
             main(
-                [
-                    "train",
-                    "--cache",
-                    str(cache),
-                    "--run",
-                    str(runs / loss),
-                    "--loss",
-                    loss,
-                    "--model",
-                    "tiny",
-                    "--epochs",
-                    "1",
-                    "--batch-size",
-                    "4",
-                    "--num-workers",
-                    "0",
-                    "--augment",
-                    "--optimizer",
-                    "adam",
-                ]
+                tiny_train_argv(
+                    cache, runs / loss, "--loss", loss, "--batch-size", "4", "--augment", "--optimizer", "adam"
+                )
             )
             == 0
         )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from train_helpers import TINY_TRAIN
+from train_helpers import TINY_TRAIN, tiny_train_argv
 from microseg.cli import build_parser, main
 from microseg.config import TrainConfig, resolve_train_config
 from microseg.models.configs import resolve_config
@@ -95,27 +95,18 @@ def test_the_recipe_is_recorded_in_the_run(cache, tmp_path):
     from microseg.checkpoint import load_checkpoint
 
     run = tmp_path / "msn"
-    argv = [
-        "train",
+    argv = tiny_train_argv(
+        cache,
+        run,
         "--recipe",
         "microsegnet",
-        "--cache",
-        str(cache),
-        "--run",
-        str(run),
-        "--model",
-        "tiny",
         "--weights",
         "",
-        "--epochs",
-        "1",
         "--batch-size",
         "4",
-        "--num-workers",
-        "0",
         "--val-fraction",
         str(TINY_TRAIN["val_fraction"]),
-    ]
+    )
     assert main(argv) == 0
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["recipe"] == "microsegnet"

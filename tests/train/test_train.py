@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train_helpers import TINY_TRAIN, faulty_trainer, train_tiny, train_until_ctrl_c
+from train_helpers import TINY_TRAIN, faulty_trainer, tiny_train_argv, train_tiny, train_until_ctrl_c
 from microseg.cli import main
 from microseg.config import resolve_train_config
 from microseg.errors import MicrosegError
@@ -149,19 +149,7 @@ def test_bad_train_inputs_give_one_line(case, trained_run, cache, phantom, tmp_p
         capsys.readouterr()  # what preparing the cache printed is not the train command's
         args = ["train", "--run", str(run), "--resume"]
     elif case == "other_model":  # weights from a checkpoint of another model config
-        args = [
-            "train",
-            "--cache",
-            str(cache),
-            "--run",
-            str(tmp_path / "r"),
-            "--model",
-            "small",
-            "--weights",
-            str(trained_run / "last.pt"),
-            "--epochs",
-            "1",
-        ]
+        args = tiny_train_argv(cache, tmp_path / "r", "--model", "small", "--weights", str(trained_run / "last.pt"))
     elif case == "no_cache":
         args[2] = str(tmp_path / "missing.h5")
         args[4] = str(tmp_path / "new")
@@ -194,21 +182,7 @@ def test_torchrun_two_cpu_processes_write_one_run(cache, tmp_path):
         "-m",
         "microseg",
         "--",
-        "train",
-        "--cache",
-        str(cache),
-        "--run",
-        str(run),
-        "--model",
-        "tiny",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "2",
-        "--num-workers",
-        "0",
-        "--device",
-        "cpu",
+        *tiny_train_argv(cache, run, "--batch-size", "2", "--device", "cpu"),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)

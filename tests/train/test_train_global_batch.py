@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from cli_helpers import one_error, run_cli
+from train_helpers import tiny_train_argv
 from torch.utils.data.distributed import DistributedSampler
 
 from microseg.data.order import EpochSampler
@@ -50,24 +51,7 @@ def test_a_resumed_position_starts_at_its_step():
 def test_global_batch_smaller_than_the_processes_is_refused(cache, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "3")
     monkeypatch.setenv("RANK", "0")
-    code, _, err = run_cli(
-        [
-            "train",
-            "--cache",
-            str(cache),
-            "--run",
-            str(tmp_path / "r"),
-            "--model",
-            "tiny",
-            "--batch-size",
-            "2",
-            "--num-workers",
-            "0",
-            "--device",
-            "cpu",
-        ],
-        capsys,
-    )
+    code, _, err = run_cli(tiny_train_argv(cache, tmp_path / "r", "--batch-size", "2", "--device", "cpu"), capsys)
     one_error(code, err, "--batch-size 2 is the global batch", "3 processes")
     assert not (tmp_path / "r").exists()
 
@@ -79,20 +63,6 @@ def test_options_that_cannot_work_on_several_processes_are_refused(option, cache
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    code, _, err = run_cli(
-        [
-            "train",
-            "--cache",
-            str(cache),
-            "--run",
-            str(tmp_path / "r"),
-            "--model",
-            "tiny",
-            "--num-workers",
-            "0",
-            *option,
-        ],
-        capsys,
-    )
+    code, _, err = run_cli(tiny_train_argv(cache, tmp_path / "r", *option), capsys)
     one_error(code, err, option[0])
     assert not (tmp_path / "r").exists()

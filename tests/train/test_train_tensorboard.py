@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from train_helpers import TINY_TRAIN, train_tiny
+from train_helpers import tiny_train_argv, train_tiny
 from microseg.cli import main
 from microseg.tensorboard_log import EXPERT_RGB, PREDICTION_RGB, overlay
 
@@ -53,21 +53,6 @@ def test_overlay_draws_both_contours_over_the_grey_image():
 
 def test_without_tensorboard_one_line_names_the_extra(cache, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard -> ImportError
-    code = main(
-        [
-            "train",
-            "--cache",
-            str(cache),
-            "--run",
-            str(tmp_path / "r"),
-            "--model",
-            TINY_TRAIN["model"],
-            "--epochs",
-            "1",
-            "--num-workers",
-            "0",
-            "--tensorboard",
-        ]
-    )
+    code = main(tiny_train_argv(cache, tmp_path / "r", "--tensorboard"))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "pip install -e '.[tensorboard]'" in err[0]
