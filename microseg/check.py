@@ -33,7 +33,7 @@ from microseg.atomic import write_text
 from microseg.data.layout import Case, find_cases
 from microseg.data.volumes import Volume, read_mask_for, read_volume, require_same_geometry
 from microseg.errors import MicrosegError, OptionError, warn
-from microseg.jobs import check_jobs, iterate_jobs, run_jobs
+from microseg.jobs import iterate_jobs, resolve_jobs, run_jobs
 from microseg.metrics import PROTOCOLS, score_case, summarize
 
 SPLITS = ("train", "test")
@@ -132,7 +132,7 @@ def _bar(cases: list[Case], desc: str, progress: bool | None) -> tqdm:
     return tqdm(cases, desc=desc, unit="case", leave=False, disable=None if progress is None else not progress)
 
 
-def check_split(root: Path, split: str, protocol: str = "microsegnet", jobs: int | None = 1) -> dict:
+def check_split(root: Path, split: str, protocol: str = "microsegnet", jobs: int = 1) -> dict:
     """Every number and problem of one split (a layout error ends the split's check with that error);
     `jobs` cases at once, one per process (`microseg.jobs`)."""
     problems: list[dict] = []
@@ -174,10 +174,11 @@ def split_report(records: list[dict], problems: list[dict]) -> dict:
 
 
 def check_dataset(root: str | Path, protocol: str = "microsegnet", jobs: int | None = 1) -> dict:
-    """The check of every split present under ``root`` (train/, test/), `jobs` cases at once."""
+    """The check of every split present under ``root`` (train/, test/), `jobs` cases at once (None:
+    the default, `microseg.jobs.resolve_jobs`)."""
     if protocol not in PROTOCOLS:
         raise OptionError(f"`protocol` {protocol!r} is not one of {', '.join(PROTOCOLS)}")
-    jobs = check_jobs(jobs)
+    jobs = resolve_jobs(jobs, "check")
     root = Path(root)
     if not root.is_dir():
         raise MicrosegError(f"data folder {root} does not exist")
@@ -295,7 +296,7 @@ def checked_train_cases(
     train: list[Case],
     test: list[Case],
     convert: Callable[[Case, Volume, list[Volume]], T],
-    jobs: int | None = 1,
+    jobs: int = 1,
 ) -> Iterator[T]:
     """prepare's reader: ``convert(case, image, [expert, non-expert])`` of each training case, in
     order, the volumes checked on the way; `jobs` cases at once, one per process (`microseg.jobs`),

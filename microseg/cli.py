@@ -67,7 +67,7 @@ def _add_simulate(verbs: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--preview", action="store_true", help="also write preview.png: slices with both contours")
-    _add_jobs_option(p)
+    _add_jobs_option(p, "the number of cores")
 
     def run(args: argparse.Namespace) -> int:
         from microseg.data.phantom import simulate_dataset
@@ -94,7 +94,7 @@ def _add_prepare(verbs: argparse._SubParsersAction) -> None:
         default=224,
         help=f"slice size in the cache, a multiple of {SIZE_MULTIPLE} (the models' patch stride; default 224)",
     )
-    _add_jobs_option(p)
+    _add_jobs_option(p, "the number of cores")
 
     def run(args: argparse.Namespace) -> int:
         from microseg.prepare import prepare_cache
@@ -166,13 +166,14 @@ def _add_config_options(p: argparse.ArgumentParser | argparse._ArgumentGroup, sk
         p.add_argument(flag, dest=field.name, help=text, **extra)
 
 
-def _add_jobs_option(p: argparse.ArgumentParser) -> None:
+def _add_jobs_option(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument(
         "--jobs",
         type=int,
         default=None,
         metavar="N",
-        help="patients processed at once, one per process (default: the number of cores; 1: in this process)",
+        help=f"patients processed at once, one per process (default: $MICROSEG_JOBS, else {default}; 1: in "
+        "this process)",
     )
 
 
@@ -225,7 +226,7 @@ def _add_evaluate(verbs: argparse._SubParsersAction) -> None:
         help="evaluate even if the run's training cache's source files changed since it was prepared",
     )
     _add_inference_options(p)
-    _add_jobs_option(p)
+    _add_jobs_option(p, "one per visible GPU, else 1")
 
     def run(args: argparse.Namespace) -> int:
         from microseg.evaluate import evaluate
@@ -395,7 +396,7 @@ def _add_check(verbs: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--protocol", default="microsegnet", choices=PROTOCOLS, help="rater scoring protocol (default microsegnet)"
     )
-    _add_jobs_option(p)
+    _add_jobs_option(p, "the number of cores")
 
     def run(args: argparse.Namespace) -> int:
         from microseg.check import check_dataset, format_check, require_clean, write_check
@@ -448,9 +449,9 @@ def _add_experiment(verbs: argparse._SubParsersAction) -> None:
     run.add_argument(
         "--jobs",
         type=int,
-        default=1,
         metavar="N",
-        help="local workers (default 1): one GPU each when there are GPUs, else the CPU cores divided",
+        help="local workers (default: $MICROSEG_JOBS, else 1): one GPU each when there are GPUs, else the CPU "
+        "cores divided",
     )
     run.add_argument(
         "--device",
@@ -475,6 +476,7 @@ def _add_experiment(verbs: argparse._SubParsersAction) -> None:
         from microseg.config import TrainConfig
         from microseg.experiment import read_plan_file
         from microseg.experiment_run import run_experiment
+        from microseg.jobs import resolve_jobs
 
         values = read_plan_file(args.plan)
         given = vars(args)
@@ -489,7 +491,8 @@ def _add_experiment(verbs: argparse._SubParsersAction) -> None:
         if options:
             values["base"] = {**values.get("base", {}), **options}
         slurm_options = {"partition": args.partition, "time": args.time, "gpus": args.gpus, "extra": args.sbatch}
-        run_experiment(args.out, values, args.add, args.executor, args.jobs, args.device, slurm_options)
+        jobs = resolve_jobs(args.jobs, "experiment", args.device)
+        run_experiment(args.out, values, args.add, args.executor, jobs, args.device, slurm_options)
         return 0
 
     status = what.add_parser("status", help="every cell's state, read from its run folder")

@@ -56,7 +56,7 @@ from microseg.data.layout import NIFTI_SUFFIXES, Case, find_cases, nifti_files, 
 from microseg.data.volumes import SlabReader, read_geometry, require_same_geometry, volume_writer
 from microseg.ensemble import load_ensemble
 from microseg.errors import MicrosegError, OptionError, warn
-from microseg.jobs import check_jobs, run_jobs
+from microseg.jobs import resolve_jobs, run_jobs, visible_gpus
 from microseg.metrics import CaseScorer, check_protocol, summarize
 from microseg.preprocess import Preprocess, resize_image, resize_prediction, scale_intensity
 from microseg.run import RunFolder, file_sha256
@@ -136,7 +136,7 @@ def evaluate(
     (`microseg.analysis`; the training's main-output dilation kernel scaled to native pixels).
     `resize` (bilinear, nearest) overrides the run's prediction resize. Prints the checkpoint
     used first and the mean DSC and HD95 at the end. `jobs` patients are evaluated at once, one
-    per process (`microseg.jobs`; None: one per core), each with the model on `device`. With
+    per process (`microseg.jobs`; None: the default, `resolve_jobs`), each with the model on `device`. With
     `source_check`, a run whose training cache is on disk is refused when the cache's source
     files changed since it was prepared.
     `cases` restricts the split to those patient ids (an experiment's held-out fold); `into` names
@@ -149,7 +149,7 @@ def evaluate(
     if split not in SPLITS:
         raise OptionError(f"`split` {split!r} is not one of {', '.join(SPLITS)}")
     check_protocol(protocol)
-    jobs = check_jobs(jobs)
+    jobs = resolve_jobs(jobs, "evaluate", device)
     folder = RunFolder(run, into)
     if ensemble:
         return _evaluate_locked(folder, data, split, protocol, resize, device, batch_size, jobs, False, cases, ensemble)
@@ -209,7 +209,8 @@ def _evaluate_locked(
     _PREDICTORS[source, device, resize] = slab_predictor(model, preprocess, amp), preprocess
     with atomic_folder(folder.predictions) as predictions:  # replaces predictions/ once the metrics are written
         jobs_ = [_CaseJob(source, device, resize, case, protocol, predictions, batch_size) for case in cases]
-        scored = run_jobs(_evaluate_case, jobs_, jobs, desc=f"evaluate {split}")
+        gpus = visible_gpus(device) if jobs > 1 and device in ("auto", "cuda") else []  # worker k: GPU k mod n
+        scored = run_jobs(_evaluate_case, jobs_, jobs, desc=f"evaluate {split}", gpus=gpus)
         for message in (message for _, _, messages in scored for message in messages):
             warn(message)  # here, in case order: a worker's stderr is not this process's
         patients = [row for row, _, _ in scored]

@@ -20,23 +20,8 @@ from pathlib import Path
 from microseg.errors import MicrosegError
 from microseg.experiment import Cell, Experiment, load_experiment
 from microseg.experiment_cell import lock_holder, run_cell
+from microseg.jobs import cores, visible_gpus
 from microseg.run import RunLock
-
-
-def available_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def visible_gpus(device: str) -> list[str]:
-    """The GPU ids workers may take: CUDA_VISIBLE_DEVICES's, else every GPU torch sees; none on the CPU."""
-    if device == "cpu":
-        return []
-    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if listed is not None:
-        return [g for g in listed.split(",") if g.strip()]
-    import torch
-
-    return [str(i) for i in range(torch.cuda.device_count())]
 
 
 def run_local(experiment: Experiment, cells: list[Cell], jobs: int, device: str = "auto") -> list[str]:
@@ -48,7 +33,7 @@ def run_local(experiment: Experiment, cells: list[Cell], jobs: int, device: str 
     lock.acquire()
     try:
         gpus = visible_gpus(device)
-        threads = max(1, available_cpus() // jobs) if not gpus else 0
+        threads = max(1, cores() // jobs) if not gpus else 0
         where = f"{len(gpus)} GPU(s)" if gpus else f"the CPU, {threads} thread(s) each"
         print(f"running {len(cells)} cell(s) of {experiment.path} in {jobs} worker(s) on {where}", flush=True)
         if jobs == 1:

@@ -18,7 +18,7 @@ from microseg.check import checked_train_cases
 from microseg.data.cache import cache_entry, cached_fingerprint, fingerprint, source_records, test_record, write_cache
 from microseg.data.layout import find_cases
 from microseg.errors import OptionError
-from microseg.jobs import check_jobs
+from microseg.jobs import resolve_jobs
 from microseg.preprocess import SIZE_MULTIPLE
 
 
@@ -26,13 +26,14 @@ def prepare_cache(data_root: str | Path, out: str | Path, size: int = 224, jobs:
     """Build (or reuse, when up to date) the slice cache of ``data_root`` at ``out``; returns ``out``.
 
     `jobs` patients are read, checked and resized at once, one per process (`microseg.jobs`);
-    this process writes them in order, so the cache is the same whatever `jobs` is.
+    this process writes them in order, so the cache is the same whatever `jobs` is (None: the
+    default, `microseg.jobs.resolve_jobs`).
     """
     if size < SIZE_MULTIPLE or size % SIZE_MULTIPLE:
         raise OptionError(
             f"`size` must be a positive multiple of {SIZE_MULTIPLE}, the models' patch stride (got {size})"
         )
-    jobs = check_jobs(jobs)
+    jobs = resolve_jobs(jobs, "prepare")
     root, out = Path(data_root).resolve(), Path(out)
     require_writable(out)
     train = find_cases(root, "train")

@@ -52,14 +52,14 @@ def row(stage: str, jobs: int, n: int, wall: float, peak: float, real: int) -> s
 def main() -> None:
     from bench_evaluate import tiny_run
 
-    from microseg.jobs import default_jobs
+    from microseg.jobs import cores
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, help="phantom folder with train/ and test/ (default: simulate)")
     parser.add_argument("--train", type=int, default=2, help="training patients to simulate (default 2)")
     parser.add_argument("--test", type=int, default=2, help="test patients to simulate (default 2)")
     parser.add_argument("--slices", type=int, default=250, help="slices per simulated patient (default 250)")
-    parser.add_argument("--jobs", type=int, default=default_jobs(), help="the parallel run's --jobs (default: cores)")
+    parser.add_argument("--jobs", type=int, default=cores(), help="the parallel run's --jobs (default: cores)")
     args = parser.parse_args()
     rows, notes = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,7 +88,7 @@ def main() -> None:
                 wall, peak = timed([*command, "--jobs", str(jobs)])
                 n = sum(patients[s] for s in splits)
                 rows.append(row(stage, jobs, n, wall, peak, sum(REAL[s] for s in splits)))
-    print(f"\n{patients['train']} + {patients['test']} patients of {data}; {default_jobs()} cores\n")
+    print(f"\n{patients['train']} + {patients['test']} patients of {data}; {cores()} cores\n")
     print("| stage | --jobs | patients | wall s | s per patient | peak MB (largest process) | real dataset, min |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     print("\n".join(rows))

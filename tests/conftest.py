@@ -35,3 +35,14 @@ def copied_run(trained_run, tmp_path) -> Path:
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
     return run
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_job_by_default():
+    """Every `--jobs` defaults to 1 (`$MICROSEG_JOBS`, inherited by CLI subprocesses): a test pays for
+    worker processes only where it asks for them with `--jobs`."""
+    from microseg.jobs import JOBS_VARIABLE
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(JOBS_VARIABLE, "1")
+        yield

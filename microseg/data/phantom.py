@@ -79,7 +79,7 @@ from scipy.ndimage import gaussian_filter
 from microseg.atomic import atomic_folder, write_text
 from microseg.data.layout import EXPERT, IMAGES, NON_EXPERT, RATERS, file_name, rater_kind
 from microseg.data.volumes import write_volume
-from microseg.jobs import check_jobs, run_jobs
+from microseg.jobs import resolve_jobs, run_jobs
 from microseg.errors import OptionError
 from microseg.preprocess import INTENSITY_MAX
 
@@ -522,7 +522,7 @@ def simulate_dataset(
         raise OptionError(f"`seed` must be >= 0 (got {seed})")
     if n_slices < 3:
         raise OptionError(f"`slices` must be >= 3 (got {n_slices})")
-    check_jobs(jobs)
+    jobs = resolve_jobs(jobs, "simulate")
     if min(size) < 32:
         raise OptionError(f"`size` must be at least 32 x 32 (got {size[0]} x {size[1]})")
     _check_out(out)
