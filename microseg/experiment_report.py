@@ -87,20 +87,31 @@ def read_splits(experiment: Experiment) -> dict:
 
 def read_oof(experiment: Experiment) -> dict[tuple[str, str], dict[str, dict[str, float]]]:
     """EXP/oof/per_patient.csv (written with folds): (loss, "seed S") -> patient -> metric; nothing
-    when absent. A patient twice for one loss and seed is refused (each is out of fold once)."""
-    from microseg.tables import number, read_csv
+    when absent. Refused, naming the file: a last line cut short, a row of more or fewer fields than
+    the header, no loss, seed (an integer), case_id, dsc or hd95_mm column, a metric that is not a
+    number (empty: NaN), a patient twice for one loss and seed (each is out of fold once), or a loss
+    and seed whose patients are not exactly those of the folds."""
+    import csv
 
     source = experiment.oof_file
     if not source.is_file():
         return {}
     try:
-        rows = read_csv(source)
+        text = source.read_text()
     except (OSError, UnicodeDecodeError):
         raise MicrosegError(f"{source} is not readable") from None
+    if not text.endswith("\n"):
+        raise MicrosegError(f"{source} is truncated: its last line is cut (remove it; `experiment run` rewrites it)")
+    header, *rows = list(csv.reader(text.splitlines())) or [[]]
+    if not {"loss", "seed", "case_id", *(key for key, *_ in METRICS)} <= set(header):
+        raise MicrosegError(f"{source} needs loss, seed, case_id, dsc and hd95_mm columns")
     found: dict[tuple[str, str], dict[str, dict[str, float]]] = {}
-    for row in rows:
-        if not {"loss", "seed", "case_id"} <= set(row) or not (row["seed"] or "").lstrip("-").isdigit():
-            raise MicrosegError(f"{source} needs loss, seed (an integer) and case_id columns")
+    for line, fields in enumerate(rows, start=2):
+        if len(fields) != len(header):
+            raise MicrosegError(f"{source}: line {line} has {len(fields)} fields, the header {len(header)}")
+        row = dict(zip(header, fields))
+        if not row["seed"].lstrip("-").isdigit():
+            raise MicrosegError(f"{source}: line {line}: seed {row['seed']!r} is not an integer")
         if row["case_id"] in SUMMARY_ROWS:
             continue
         patients = found.setdefault((row["loss"], f"seed {int(row['seed'])}"), {})
@@ -109,7 +120,25 @@ def read_oof(experiment: Experiment) -> dict[tuple[str, str], dict[str, dict[str
                 f"{source}: patient {row['case_id']} appears twice for loss {row['loss']}, "
                 f"seed {row['seed']}; each training patient is out of fold once"
             )
-        patients[row["case_id"]] = {k: number(v) for k, v in row.items() if k not in ("loss", "seed", "case_id")}
+        patients[row["case_id"]] = {}
+        for key, value in row.items():
+            if key in ("loss", "seed", "case_id"):
+                continue
+            try:
+                patients[row["case_id"]][key] = float(value) if value else math.nan
+            except ValueError:
+                raise MicrosegError(f"{source}: line {line}: {key} {value!r} is not a number") from None
+    if not found:
+        raise MicrosegError(f"{source} holds no patient")
+    held_out = {patient for fold in experiment.splits().folds for patient in fold}
+    for (loss, seed), patients in found.items():
+        if set(patients) != held_out:
+            missing, extra = sorted(held_out - set(patients)), sorted(set(patients) - held_out)
+            raise MicrosegError(
+                f"{source}: loss {loss}, {seed} holds {len(patients)} of the folds' {len(held_out)} patients"
+                + (f" (missing {', '.join(missing)})" if missing else "")
+                + (f" (not in the folds: {', '.join(extra)})" if extra else "")
+            )
     return found
 
 

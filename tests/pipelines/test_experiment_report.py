@@ -355,6 +355,48 @@ def test_a_patient_out_of_fold_twice_is_refused(tmp_path, capsys):
     assert "per_patient.csv: patient 22 appears twice for loss low, seed 2" in line
 
 
+def _cut_mid_line(text: str) -> str:
+    return text[: text.rindex(",") + 3]  # the last row ends inside its last value
+
+
+def _drop_column(text: str) -> str:
+    return "\n".join(",".join(line.split(",")[:-1]) for line in text.splitlines()) + "\n"
+
+
+def _short_row(text: str) -> str:
+    lines = text.splitlines()
+    return "\n".join([*lines[:3], ",".join(lines[3].split(",")[:-1]), *lines[4:]]) + "\n"
+
+
+def _replace_value(old: str, new: str):
+    return lambda text: text.replace(old, new, 1)
+
+
+OOF_DAMAGE = {
+    "cut mid-line": (_cut_mid_line, "last line is cut"),
+    "last row lost": (lambda text: "".join(text.splitlines(keepends=True)[:-1]), "holds 3 of the folds' 4 patients"),
+    "a column missing": (_drop_column, "needs loss, seed, case_id, dsc and hd95_mm"),
+    "a row missing a field": (_short_row, "line 4 has 4 fields, the header 5"),
+    "a row with an extra field": (lambda t: t.replace("\n", ",1\n", 2).replace(",1\n", "\n", 1), "line 2 has 6"),
+    "a metric not a number": (_replace_value(",0.86,", ",0.8x6,"), "dsc '0.8x6' is not a number"),
+    "a seed not an integer": (_replace_value("good,2,", "good,two,"), "seed 'two' is not an integer"),
+    "a patient not in the folds": (_replace_value("good,1,21,", "good,1,29,"), "not in the folds: 29"),
+    "empty": (lambda text: "", "last line is cut"),
+    "the header alone": (lambda text: text.splitlines(keepends=True)[0], "holds no patient"),
+}
+
+
+@pytest.mark.parametrize("damage", OOF_DAMAGE)
+def test_a_damaged_out_of_fold_file_is_refused_naming_it(damage, tmp_path, capsys):
+    exp = write_experiment(tmp_path / "exp", chosen_scores(("good", "low"), (1, 2), (0, 1)), folds=2)
+    write_oof(exp)
+    oof = exp / "oof" / "per_patient.csv"
+    change, needle = OOF_DAMAGE[damage]
+    oof.write_text(change(oof.read_text().replace("\r\n", "\n")))
+    line = refused(["compare", exp, "--out", tmp_path / "r"], capsys, tmp_path / "r")
+    assert str(oof) in line and needle in line, line
+
+
 def test_two_experiments_of_the_same_splits_make_one_report(experiment, report, tmp_path, capsys):
     scores = chosen_scores()
     first = write_experiment(tmp_path / "a", {k: v for k, v in scores.items() if k[0] != "low"})
