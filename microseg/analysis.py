@@ -343,11 +343,11 @@ def disagreement_slices(preds: Mapping[str, np.ndarray], expert: np.ndarray, n: 
         for m in bool_volumes(expert=expert, **{f"prediction of {run}": p for run, p in preds.items()})
     )
     n_e = e.sum(1)
-    scores = []
+    per_run = []
     for p in masks:
         total = p.sum(1) + n_e
-        scores.append(np.where(total > 0, 2.0 * (p & e).sum(1) / np.maximum(total, 1), 1.0))
-    scores = np.stack(scores)
+        per_run.append(np.where(total > 0, 2.0 * (p & e).sum(1) / np.maximum(total, 1), 1.0))
+    scores = np.stack(per_run)
     union = np.logical_or.reduce(masks)
     if len(masks) > 1:
         key, tie = scores.max(0) - scores.min(0), union.sum(1) - np.logical_and.reduce(masks).sum(1)

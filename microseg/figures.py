@@ -175,7 +175,9 @@ def plot_overlays(
             raise MicrosegError(f"slice index {z!r} is outside the volume (0..{len(image) - 1})")
     slices = [int(z) for z in slices]
     colours = colours or run_colours(list(preds))
-    runs = [(run, mask, colours[run]) for run, mask in zip(preds, masks)]
+    runs: list[tuple[str, np.ndarray | None, str | None]] = [
+        (run, mask, colours[run]) for run, mask in zip(preds, masks)
+    ]
     full = (slice(0, image.shape[1]), slice(0, image.shape[2]))
     boxes = [_crop([expert[z]] + [m[z] for m in masks], image.shape[1:]) if crop else full for z in slices]
     aspect = np.mean([(b[0].stop - b[0].start) / (b[1].stop - b[1].start) for b in boxes])

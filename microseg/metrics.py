@@ -254,7 +254,8 @@ class CaseScorer:
         self.counts = np.zeros(3, np.int64)  # volume protocol: |P|, |R|, |P n R|
         self.lo = np.array(self.shape)
         tail = np.zeros((1, *self.shape[1:]), bool)  # the slice before z = 0 (outside: False, as medpy)
-        self.tails, self.borders = [tail, tail], [[], []]
+        self.tails = [tail, tail]
+        self.borders: list[list[np.ndarray]] = [[], []]
 
     def add(self, pred: np.ndarray, ref: np.ndarray) -> None:
         """Score the next slab of both masks ([n,H,W], non-zero = object)."""
@@ -264,7 +265,7 @@ class CaseScorer:
                 f"slab of shape {pred.shape} does not continue a volume of shape {self.shape} at slice {self.z}"
             )
         z0, self.z = self.z, self.z + len(pred)
-        has_p, has_r = pred.reshape(len(pred), -1).any(1), ref.reshape(len(ref), -1).any(1)
+        has_p, has_r = np.any(pred, axis=(1, 2)), np.any(ref, axis=(1, 2))
         self.has_p[z0 : self.z], self.has_r[z0 : self.z] = has_p, has_r
         if self.protocol == "volume":
             self._add_volume(pred, ref, z0)

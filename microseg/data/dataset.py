@@ -77,7 +77,7 @@ class SliceDataset(Dataset):
         self.epoch = epoch
 
     def _open(self) -> tuple:
-        if self._pid != os.getpid():
+        if self._pid != os.getpid() or self._arrays is None:
             file = h5py.File(self.path, "r")
             if self.in_memory:
                 self._arrays = tuple(file[key][()] for key in SLICE_KEYS)

@@ -21,7 +21,8 @@ whichever worker loads it.
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from collections.abc import Sized
+from typing import Iterator, Protocol
 
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -31,7 +32,7 @@ class EpochSampler(Sampler):
     """A batch sampler: this process's (epoch, index) pairs of each step of the current epoch, from
     the current step on (`set_position` before each epoch)."""
 
-    def __init__(self, dataset: Dataset, world: int, rank: int, seed: int, batch_size: int):
+    def __init__(self, dataset: Sized, world: int, rank: int, seed: int, batch_size: int):
         self.size, self.world, self.rank, self.seed = len(dataset), world, rank, seed
         self.batch_size = batch_size
         self.epoch, self.step = 0, 0
@@ -68,10 +69,20 @@ class EpochSampler(Sampler):
             yield [(self.epoch, index) for index in self.share(order, step)]
 
 
+class EpochDataset(Protocol):
+    """A map-style dataset whose items depend on the epoch set before reading them."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> dict: ...
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+
 class EpochItems(Dataset):
     """A dataset with `set_epoch`, indexed by (epoch, index) pairs."""
 
-    def __init__(self, dataset: Dataset):
+    def __init__(self, dataset: EpochDataset):
         self.dataset = dataset
 
     def __len__(self) -> int:

@@ -36,13 +36,15 @@ import numpy.typing as npt
 from isal import igzip, isal_zlib
 from nibabel.arrayproxy import ArrayProxy
 from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import SpatialHeader, SpatialImage
 
 from microseg.atomic import atomic_path
 from microseg.data.layout import NIFTI_SUFFIXES
 from microseg.errors import MicrosegError, warn
 from microseg.preprocess import INTENSITY_MAX
 
-READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, isal_zlib.error, ImageFileError)
+_ISAL_ERROR: type[Exception] = isal_zlib.error  # type: ignore[assignment]  # isal's stub: an instance; it is the class
+READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, _ISAL_ERROR, ImageFileError)
 GEOMETRY_TOLERANCE = {"spacing": 1e-4, "origin": 1e-2, "direction": 1e-4}
 """How far a mask's grid may differ from its image's: spacing relative, origin in units of the
 smallest voxel size, axis directions as differences of direction cosines (1e-4 ~ 0.006 degrees);
@@ -75,7 +77,7 @@ class Volume:
     array: np.ndarray  # [Z, H, W]
     spacing: tuple[float, float, float]  # (sz, sy, sx) in mm
     affine: np.ndarray  # 4x4, nibabel (x, y, z) convention
-    header: nib.Nifti1Header
+    header: SpatialHeader
     path: Path
 
     @property
@@ -83,7 +85,7 @@ class Volume:
         return Geometry(self.path, self.array.shape, self.spacing, self.affine)
 
 
-def _load(path: Path) -> nib.Nifti1Image:
+def _load(path: Path) -> SpatialImage:
     if not path.is_file():
         raise MicrosegError(f"{path}: file not found")
     try:
@@ -92,6 +94,8 @@ def _load(path: Path) -> nib.Nifti1Image:
         raise MicrosegError(f"{path}: not a readable NIfTI file (corrupt, truncated or another format)") from None
     except READ_ERRORS as err:
         raise MicrosegError(f"{path}: not a readable NIfTI file ({_one_line(err)})") from None
+    if not isinstance(img, SpatialImage):
+        raise MicrosegError(f"{path}: not a NIfTI volume (a {type(img).__name__})")
     if len(img.shape) != 3:
         raise MicrosegError(f"{path}: expected a 3D volume, got shape {tuple(img.shape)}")
     return img
@@ -110,7 +114,7 @@ def read_geometry(path: str | Path) -> Geometry:
     return Geometry(path, (z, y, x), _spacing(path, img), img.affine.copy())
 
 
-def _spacing(path: Path, img: nib.Nifti1Image) -> tuple[float, float, float]:
+def _spacing(path: Path, img: SpatialImage) -> tuple[float, float, float]:
     zooms = [float(v) for v in img.header.get_zooms()[:3]]
     if not all(np.isfinite(zooms)) or min(zooms) <= 0:
         raise MicrosegError(f"{path}: invalid voxel spacing {tuple(zooms)} in the header")
@@ -136,9 +140,12 @@ class SlabReader:
         self.header = img.header.copy()
         self._file = (igzip.open if self.path.name.endswith(".gz") else open)(self.path, "rb")
         stored = img.dataobj  # the file's own layout (an image's header has its data offset reset)
+        if not isinstance(stored, ArrayProxy):
+            raise MicrosegError(f"{self.path}: not a NIfTI volume (a {type(img).__name__})")
         spec = (stored.shape, stored.dtype, stored.offset, stored.slope, stored.inter)
         self._proxy = ArrayProxy(self._file, spec, mmap=False)
-        self._next, self._lo, self._hi, self._label = 0, math.inf, -math.inf, None
+        self._next, self._lo, self._hi = 0, math.inf, -math.inf
+        self._label: float | None = None  # the mask's one non-zero value, once seen
 
     @property
     def empty(self) -> bool:
@@ -285,7 +292,7 @@ def volume_writer(
     shape_zyx: tuple[int, int, int],
     dtype: npt.DTypeLike,
     affine: np.ndarray,
-    header: nib.Nifti1Header | None = None,
+    header: SpatialHeader | None = None,
 ) -> Iterator[Callable[[np.ndarray], None]]:
     """Write a ``[Z, H, W]`` volume slab by slab, z ascending: yields ``write(slab)``; atomic.
 
@@ -320,7 +327,7 @@ def volume_writer(
             raise ValueError(f"{path}: {written} of {z} slices written")
 
 
-def _save(path: Path, array_zyx: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header | None) -> None:
+def _save(path: Path, array_zyx: np.ndarray, affine: np.ndarray, header: SpatialHeader | None) -> None:
     with volume_writer(path, array_zyx.shape, array_zyx.dtype, affine, header) as write:
         write(array_zyx)
 

@@ -51,7 +51,7 @@ def mean_gradient_magnitude(mask: Tensor) -> Tensor:
     axes = [d for d in range(2, mask.ndim) if mask.shape[d] > 1]
     if not axes:
         return mask.new_zeros(mask.shape[:1] + (1,) * (mask.ndim - 1))
-    squared = sum(g * g for g in torch.gradient(mask, dim=axes))
+    squared = sum((g * g for g in torch.gradient(mask, dim=axes)), mask.new_zeros(()))
     return torch.sqrt(squared).mean(dims, keepdim=True)
 
 
@@ -108,7 +108,10 @@ class AFL(SegLoss):
                     "or use afl:stats=slice"
                 )
             zero = target.new_zeros(shape)
-            return tuple(given[k].reshape(shape) if k in needed else zero for k in (FG_FRACTION, GAMMA_MSA))
+            fg_fraction, gamma_msa = (
+                given[k].reshape(shape) if k in needed else zero for k in (FG_FRACTION, GAMMA_MSA)
+            )
+            return fg_fraction, gamma_msa
         fg_fraction = (target > 0.5).to(target.dtype).mean(tuple(range(1, target.ndim)), keepdim=True)
         gamma_msa = mean_gradient_magnitude(target) if self.use_gamma_msa else target.new_zeros(shape)
         return fg_fraction, gamma_msa

@@ -50,7 +50,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.layers import GroupNormAct, HybridEmbed, StdConv2d, StdConv2dSame
-from timm.models.resnetv2 import ResNetV2
+from timm.models.resnetv2 import DownsampleConv, ResNetV2
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
@@ -99,7 +99,7 @@ def build_backbone(config: ModelConfig) -> ResNetV2:
     port = config.variant == "port"
     w = config.resnet_width
     backbone = ResNetV2(
-        layers=config.resnet_layers,
+        layers=list(config.resnet_layers),
         channels=(4 * w, 8 * w, 16 * w),
         stem_chs=w,
         num_classes=0,
@@ -111,13 +111,10 @@ def build_backbone(config: ModelConfig) -> ResNetV2:
     )
     if port:
         backbone.stem.pool = nn.MaxPool2d(kernel_size=3, stride=2, padding=0)
-        for stage in backbone.stages:
-            for block in stage.blocks:
-                if block.downsample is not None:
-                    channels = block.downsample.conv.out_channels
-                    block.downsample.norm = GroupNormAct(
-                        channels, num_groups=channels, eps=PORT_PROJ_NORM_EPS, apply_act=False
-                    )
+        for downsample in backbone.stages.modules():  # each block's projection shortcut
+            if isinstance(downsample, DownsampleConv):
+                channels = downsample.conv.out_channels
+                downsample.norm = GroupNormAct(channels, num_groups=channels, eps=PORT_PROJ_NORM_EPS, apply_act=False)
     return backbone
 
 
@@ -140,7 +137,7 @@ def build_encoder(config: ModelConfig) -> VisionTransformer:
         embed_layer=partial(HybridEmbed, backbone=backbone),
     )
     for block in encoder.blocks:  # timm drops the attention output at the MLP rate; the reference does not
-        block.attn.proj_drop = nn.Dropout(config.attn_dropout)
+        block.get_submodule("attn").proj_drop = nn.Dropout(config.attn_dropout)
     # The ViT's init re-initialises the backbone with zero last-GN gammas (a timm recipe that stalls
     # every residual branch's first step); the reference starts them at 1.
     backbone.init_weights(zero_init_last=False)

@@ -99,6 +99,10 @@ def test_unreadable_files_name_the_file(tmp_path):
     nib.save(nib.Nifti1Image(np.zeros((4, 4), np.uint8), np.eye(4)), tmp_path / "flat.nii")
     with pytest.raises(MicrosegError, match="flat.nii: expected a 3D volume"):
         read_volume(tmp_path / "flat.nii")
+    nib.save(nib.gifti.GiftiImage(), tmp_path / "surface.gii")  # readable by nibabel, but not a voxel grid
+    for read in (read_geometry, read_volume):
+        with pytest.raises(MicrosegError, match="surface.gii: not a NIfTI volume"):
+            read(tmp_path / "surface.gii")
 
 
 def test_write_mask_keeps_the_source_geometry(tmp_path):
