@@ -42,11 +42,17 @@ def run_experiment(
 
         check_slurm()
     experiment = open_experiment(out, plan_values, add)
-    active = {}
+    active: dict[str, str] = {}
     if executor == "slurm":
-        from microseg.experiment_slurm import active_jobs
+        from microseg.experiment_slurm import queue_state
 
-        active = active_jobs(experiment)
+        queue = queue_state(experiment)
+        if queue.unknown:
+            raise MicrosegError(
+                f"cannot tell which cells of {experiment.path} are still queued in SLURM ({queue.reason}): "
+                "nothing submitted; run the plan again once squeue answers"
+            )
+        active = queue.active
     states = {}
     for cell in experiment.cells:
         if cell.id not in active:
@@ -83,19 +89,20 @@ def run_experiment(
 def experiment_status(path: str) -> str:
     """Every cell's state, read from its run folder (and SLURM's queue when cells were submitted)."""
     experiment = load_experiment(path)
-    active: dict[str, str] = {}
-    if (experiment.path / "slurm").is_dir():
-        from microseg.experiment_slurm import active_jobs
+    from microseg.experiment_slurm import QueueState, queue_state
 
-        active = active_jobs(experiment, required=False)
+    queue = queue_state(experiment) if (experiment.path / "slurm").is_dir() else QueueState()
     rows: list[str] = []
     counts: Counter[str] = Counter()
     for cell in experiment.cells:
         state = cell_state(experiment, cell)
-        described = state.describe()
-        if cell.id in active and state.name not in ("done", "running"):
-            described = f"{active[cell.id]} in SLURM" + (f" ({described})" if state.name != "pending" else "")
-        counts[state.name if cell.id not in active or state.name in ("done", "running") else "queued"] += 1
+        described, counted = state.describe(), state.name
+        if state.name not in ("done", "running") and cell.id in queue.active:
+            described = f"{queue.active[cell.id]} in SLURM" + (f" ({described})" if state.name != "pending" else "")
+            counted = "queued"
+        elif state.name not in ("done", "running") and cell.id in queue.unknown:
+            described, counted = f"unknown ({queue.reason})", "unknown"
+        counts[counted] += 1
         fold = "-" if cell.fold is None else str(cell.fold)
         rows.append(f"  {cell.id:<40} {cell.loss:<24} {cell.seed:>6} {fold:>4}  {described}")
     plan = experiment.plan

@@ -8,16 +8,25 @@ task's output goes to its cell's log. Which cells are queued or running comes fr
 (without accounting SLURM has no `sacct` history): a cell not in the queue is judged by its
 run folder, so a failed or timed-out cell is resubmitted by running the plan again (SIGTERM at
 the time limit saves the position inside the epoch in `last.pt` first).
+
+The scheduler's answers are parsed strictly, never guessed: sbatch's output must be one line
+`<job>` or `<job>;<cluster>` (digits), else nothing is recorded; squeue is asked for the recorded
+jobs only, in an explicit format, and every line must read `<job>_<task>|<STATE>` (or a pending
+range `<job>_[0-3,5%2]`); when squeue fails, times out or prints anything else, the cells'
+states are unknown (`QueueState.reason`), never "not queued"; jobs.json must map cells of the
+experiment to `<digits>_<digits>`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from microseg.atomic import write_text
@@ -25,6 +34,11 @@ from microseg.errors import MicrosegError
 from microseg.experiment import Cell, Experiment
 
 ACTIVE_STATES = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED")
+SQUEUE_TIMEOUT = 120
+"""Seconds squeue may take (it retries an unreachable controller) before the queue is unknown."""
+_SBATCH_LINE = re.compile(r"(\d+)(;[^;\s]+)?")
+_TASK = re.compile(r"\d+_\d+")
+_QUEUE_LINE = re.compile(r"(\d+)_(\d+|\[[\d,%-]+\])\|([A-Z_]+)")
 
 
 def check_slurm() -> None:
@@ -39,55 +53,108 @@ def _jobs_file(experiment: Experiment) -> Path:
 
 
 def submitted(experiment: Experiment) -> dict[str, str]:
-    """{cell id: SLURM task id ('<job>_<index>')} of the latest submission of each cell."""
+    """{cell id: SLURM task id ('<job>_<index>')} of the latest submission of each cell; MicrosegError
+    naming the file (and the entry) unless it maps cells of this experiment to '<digits>_<digits>'."""
     path = _jobs_file(experiment)
     if not path.is_file():
         return {}
     try:
-        return {str(k): str(v) for k, v in json.loads(path.read_text()).items()}
-    except (ValueError, AttributeError):
-        raise MicrosegError(f"{path} is not a readable SLURM job record") from None
+        record = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        record = None
+    if not isinstance(record, dict):
+        raise MicrosegError(f"{path} is not a SLURM job record (a JSON mapping of cell id -> <job>_<task>)")
+    cells = {cell.id for cell in experiment.cells}
+    for cell_id, task in record.items():
+        if cell_id not in cells:
+            raise MicrosegError(f"{path}: entry {cell_id!r} is not a cell of {experiment.plan_file}")
+        if not isinstance(task, str) or not _TASK.fullmatch(task):
+            raise MicrosegError(f"{path}: entry {cell_id!r}: {task!r} is not a SLURM task id (<job>_<task>)")
+    return record
 
 
-def active_jobs(experiment: Experiment, required: bool = True) -> dict[str, str]:
-    """{cell id: state} of the cells whose latest task is still in SLURM's queue (pending, running...).
+@dataclass(frozen=True)
+class QueueState:
+    """What squeue says of the submitted cells: `active` {cell id: state, lower case} of those still
+    queued or running; when squeue could not be read, `reason` ("squeue failed: ...") and every
+    submitted cell in `unknown`."""
 
-    `required` False (status): without a reachable squeue, no cell is reported as queued.
-    """
+    active: dict[str, str] = field(default_factory=dict)
+    unknown: tuple[str, ...] = ()
+    reason: str = ""
+
+
+def queue_state(experiment: Experiment) -> QueueState:
+    """The `QueueState` of the experiment's submitted cells (none submitted: nothing queued)."""
     tasks = submitted(experiment)
     if not tasks:
-        return {}
-    if shutil.which("squeue") is None:
-        if required:
-            check_slurm()
-        return {}
-    result = subprocess.run(["squeue", "--noheader", "--array", "--format=%i|%T"], capture_output=True, text=True)
-    if result.returncode != 0:
-        if not required:
-            return {}
-        raise MicrosegError(f"squeue failed: {(result.stderr or result.stdout).strip().splitlines()[0]}")
-    queue = dict(line.strip().split("|", 1) for line in result.stdout.splitlines() if "|" in line)
-    array_jobs = {task.split("_")[0] for task in tasks.values()}
-    pending = {job: state for job, state in queue.items() if "_[" in job and job.split("_")[0] in array_jobs}
+        return QueueState()
+    try:
+        queue = _squeue(sorted({task.split("_")[0] for task in tasks.values()}, key=int))
+    except _Unreadable as err:
+        return QueueState(unknown=tuple(tasks), reason=f"squeue failed: {err}")
     active = {}
     for cell_id, task in tasks.items():
-        job, index = task.split("_")
-        state = queue.get(task) or next(
-            (s for j, s in pending.items() if j.split("_")[0] == job and _in_range(int(index), j.split("_", 1)[1])),
-            None,
-        )
+        job, index = map(int, task.split("_"))
+        state = next((s for j, spec, s in queue if j == job and _in_range(index, spec)), None)
         if state in ACTIVE_STATES:
             active[cell_id] = state.lower()
-    return active
+    return QueueState(active)
+
+
+class _Unreadable(Exception):
+    """squeue could not be run or its answer could not be read."""
+
+
+def _squeue(jobs: list[str]) -> list[tuple[int, str, str]]:
+    """(job, task or '[range]', STATE) of every task of `jobs` squeue lists; _Unreadable otherwise.
+
+    A lone job id is given twice: squeue exits 1 ("Invalid job id specified") when its only job
+    has left the controller's memory, and lists nothing for it among others."""
+    command = ["squeue", "--noheader", "--array", "--states=all", "--format=%i|%T"]
+    command.append(f"--jobs={','.join(jobs * 2 if len(jobs) == 1 else jobs)}")
+    if shutil.which("squeue") is None:
+        raise _Unreadable("not found on the PATH")
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=SQUEUE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise _Unreadable(f"no answer in {SQUEUE_TIMEOUT} s") from None
+    except OSError as err:
+        raise _Unreadable(str(err)) from None
+    if result.returncode != 0:
+        message = (result.stderr.strip() or result.stdout.strip() or "no message").splitlines()[-1]
+        raise _Unreadable(f"exit status {result.returncode}: {message}")
+    rows = []
+    for line in filter(None, (line.strip() for line in result.stdout.splitlines())):
+        match = _QUEUE_LINE.fullmatch(line)
+        if match is None:
+            raise _Unreadable(f"it printed {line[:120]!r}, not <job>_<task>|<STATE>")
+        rows.append((int(match[1]), match[2], match[3]))
+    return rows
 
 
 def _in_range(index: int, spec: str) -> bool:
-    """Whether `index` is in squeue's pending-array spec ('[0-3,5%2]')."""
+    """Whether `index` is squeue's task `spec`: '3', or a pending range '[0-3,5%2]'."""
+    if spec.isdigit():
+        return int(spec) == index
     for part in spec.strip("[]").split("%")[0].split(","):
         low, _, high = part.partition("-")
         if low.isdigit() and int(low) <= index <= int(high or low):
             return True
     return False
+
+
+def parse_sbatch(output: str) -> str:
+    """The job id of `sbatch --parsable`'s output: exactly one non-empty line `<job>` or
+    `<job>;<cluster>`, the job all digits; MicrosegError naming what it printed otherwise."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    match = _SBATCH_LINE.fullmatch(lines[0]) if len(lines) == 1 else None
+    if match is None:
+        raise MicrosegError(
+            f"sbatch --parsable printed {output[:200]!r}, not a job id (<digits> or <digits>;<cluster>): "
+            "nothing recorded; if it queued a job array, cancel it (squeue --me) before running the plan again"
+        )
+    return match[1]
 
 
 def submit(
@@ -98,11 +165,13 @@ def submit(
     gpus: int | None = None,
     extra: list[str] | tuple[str, ...] = (),
 ) -> str:
-    """Submit `cells` as one job array; returns the job id."""
+    """Submit `cells` as one job array; returns the job id. Refused by sbatch, or answered with
+    anything but a job id, its script is removed and jobs.json is left as it was."""
     check_slurm()
+    earlier = submitted(experiment)
     folder = experiment.path / "slurm"
-    number = len(list(folder.glob("array-*.sh"))) + 1 if folder.is_dir() else 1
-    script = folder / f"array-{number}.sh"
+    numbers = [int(p.stem[6:]) for p in folder.glob("array-*.sh") if p.stem[6:].isdigit()]
+    script = folder / f"array-{max(numbers, default=0) + 1}.sh"
     options = [
         f"--job-name=microseg-{experiment.path.resolve().name}",
         f"--array=0-{len(cells) - 1}",
@@ -114,13 +183,18 @@ def submit(
     options += list(extra)
     write_text(script, _script(experiment, cells, options))
     (experiment.path / "logs").mkdir(parents=True, exist_ok=True)
-    result = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
-    if result.returncode != 0:
+    try:
+        result = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
+        if result.returncode != 0:
+            message = (result.stderr or result.stdout).strip().splitlines()
+            raise MicrosegError(f"sbatch refused the job array: {message[-1] if message else 'no message'}")
+        job = parse_sbatch(result.stdout)
+    except BaseException:
         script.unlink(missing_ok=True)
-        message = (result.stderr or result.stdout).strip().splitlines()
-        raise MicrosegError(f"sbatch refused the job array: {message[-1] if message else 'no message'}")
-    job = result.stdout.strip().split(";")[0]
-    tasks = submitted(experiment) | {cell.id: f"{job}_{i}" for i, cell in enumerate(cells)}
+        if not any(folder.iterdir()):
+            folder.rmdir()
+        raise
+    tasks = earlier | {cell.id: f"{job}_{i}" for i, cell in enumerate(cells)}
     write_text(_jobs_file(experiment), json.dumps(tasks, indent=1) + "\n")
     print(
         f"submitted {len(cells)} cell(s) as SLURM job array {job} ({script}); follow them with "
