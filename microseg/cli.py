@@ -412,7 +412,7 @@ def _add_check(verbs: argparse._SubParsersAction) -> None:
 
 
 def _add_experiment(verbs: argparse._SubParsersAction) -> None:
-    from microseg.experiment import SET_BY_EXPERIMENT
+    from microseg.experiment_plan import SET_BY_EXPERIMENT
 
     p = verbs.add_parser("experiment", help="losses x seeds x folds as one resumable plan, locally or on SLURM")
     what = p.add_subparsers(dest="what", metavar="WHAT", required=True)
@@ -473,23 +473,11 @@ def _add_experiment(verbs: argparse._SubParsersAction) -> None:
     _add_config_options(base, skip=SET_BY_EXPERIMENT)
 
     def run_verb(args: argparse.Namespace) -> int:
-        from microseg.config import TrainConfig
-        from microseg.experiment import read_plan_file
+        from microseg.experiment_plan import given_plan
         from microseg.experiment_run import run_experiment
         from microseg.jobs import resolve_jobs
 
-        values = read_plan_file(args.plan)
-        given = vars(args)
-        for name in ("losses", "seeds", "folds", "cache", "data", "protocol"):
-            if given[name] is not None:
-                values[name] = given[name]
-        options = {
-            f: given[f]
-            for f in TrainConfig.__dataclass_fields__
-            if f not in SET_BY_EXPERIMENT and given.get(f) is not None
-        }
-        if options:
-            values["base"] = {**values.get("base", {}), **options}
+        values = given_plan(args.plan, vars(args))
         slurm_options = {"partition": args.partition, "time": args.time, "gpus": args.gpus, "extra": args.sbatch}
         jobs = resolve_jobs(args.jobs, "experiment", args.device)
         run_experiment(args.out, values, args.add, args.executor, jobs, args.device, slurm_options)

@@ -170,6 +170,7 @@ def _run(experiment: Experiment, cell: Cell, event: Callable[[str], None], devic
     from microseg.train import train
 
     started = time.perf_counter()
+    experiment.check_cache()  # trained on the cache the experiment recorded, or not at all
     config = dataclasses.replace(experiment.cell_config(cell), device=device)
     folder = RunFolder(cell.run)
     done, epochs = _epochs(folder)

@@ -14,6 +14,7 @@ from typing import Any
 from microseg.errors import MicrosegError
 from microseg.experiment import Experiment, load_experiment, open_experiment
 from microseg.experiment_cell import cell_state, check_cell_folder, write_oof
+from microseg.runtime import device_name, resolve_device
 
 EXECUTORS = ("local", "slurm")
 
@@ -37,6 +38,7 @@ def run_experiment(
         raise MicrosegError(f"--executor {executor!r} is not one of {', '.join(EXECUTORS)}")
     if jobs < 1:
         raise MicrosegError(f"--jobs must be >= 1, got {jobs}")
+    (resolve_device if executor == "local" else device_name)(device)  # train's rule; SLURM's nodes are not this one
     if executor == "slurm":
         from microseg.experiment_slurm import check_slurm
 

@@ -15,14 +15,25 @@ import torch.distributed as dist
 from microseg.errors import MicrosegError, OptionError
 
 
-def resolve_device(name: str) -> torch.device:
-    """ "auto" (CUDA when present, else the CPU) or a torch device name, checked to exist."""
+def device_name(name: str) -> torch.device | None:
+    """A device name checked as a name only (what a machine other than this one runs on): None for "auto",
+    else the cpu or cuda torch device it names; OptionError otherwise."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return None
     try:
         device = torch.device(name)
-    except RuntimeError:
+    except (RuntimeError, TypeError):
         raise OptionError(f"`device` {name!r} is not a torch device (try cpu, cuda, cuda:1)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise OptionError(f"`device` {name!r}: microseg runs on cpu or cuda")
+    return device
+
+
+def resolve_device(name: str) -> torch.device:
+    """ "auto" (CUDA when present, else the CPU) or a torch device name, checked to exist."""
+    device = device_name(name)
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise OptionError(f"`device` {name}: CUDA is not available on this machine")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
@@ -30,8 +41,6 @@ def resolve_device(name: str) -> torch.device:
             f"`device` {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
             f"cuda:0 to cuda:{torch.cuda.device_count() - 1}"
         )
-    if device.type not in ("cpu", "cuda"):
-        raise OptionError(f"`device` {name!r}: microseg runs on cpu or cuda")
     return device
 
 

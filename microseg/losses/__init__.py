@@ -13,7 +13,7 @@ from microseg.losses.base import LOSSES, SAMPLE_STAT_KEYS, SegLoss, WeightedSum,
 from microseg.losses.calf import CalfStats, calf_stats
 from microseg.losses.deep_supervision import DeepSupervisedLoss, DeepSupervision
 from microseg.losses.hard_region import dilate, hard_region
-from microseg.losses.registry import build_loss, check_spec, dataset_statistics, parse_spec
+from microseg.losses.registry import build_loss, canonical_spec, check_spec, dataset_statistics, parse_spec
 
 __all__ = [
     "LOSSES",
@@ -25,6 +25,7 @@ __all__ = [
     "WeightedSum",
     "build_loss",
     "calf_stats",
+    "canonical_spec",
     "check_spec",
     "dataset_statistics",
     "dilate",

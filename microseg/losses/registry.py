@@ -11,6 +11,7 @@ dilation kernel (`scale_kernel_size`).
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from collections.abc import Callable
@@ -95,12 +96,7 @@ def _term_class(name: str) -> type[SegLoss]:
 def _build_term(term: Term, dataset_stats: Any, keywords: dict[str, Any], scale_kernel_size: int | None) -> SegLoss:
     """One term: spec options (by the key the user wrote), keyword options and the deep-supervision kernel."""
     cls = _term_class(term.name)
-    options: dict[str, Any] = {}
-    for key, value in term.options.items():
-        param = _option_name(cls, key)
-        if param in options:
-            raise MicrosegError(f"repeated option {key!r} ({param}) for loss {term.name!r}")
-        options[param] = check_option(term.name, key, value, cls.option_rules[param])
+    options = _checked_options(term)
     for key, value in keywords.items():
         param = cls.aliases.get(key, key)
         if param not in cls.option_rules:
@@ -173,13 +169,64 @@ def dataset_statistics(spec: str, foreground_fractions: Callable[[], np.ndarray]
     return found[0]
 
 
+def _checked_options(term: Term) -> dict[str, Any]:
+    """A term's options by constructor parameter (aliases resolved), each checked against its rule and converted."""
+    cls = _term_class(term.name)
+    options: dict[str, Any] = {}
+    for key, value in term.options.items():
+        param = _option_name(cls, key)
+        if param in options:
+            raise MicrosegError(f"repeated option {key!r} ({param}) for loss {term.name!r}")
+        options[param] = check_option(term.name, key, value, cls.option_rules[param])
+    return options
+
+
+def _spelled(value: Any) -> str:
+    """An option value or weight as the canonical spec writes it; `parse_value` reads it back to the same value."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "none"
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
+    return str(value)
+
+
+def _canonical_term(term: Term, options: dict[str, Any]) -> str:
+    """`[weight*]name[:option=value,...]`: full option names, sorted, default values left out, weight 1 left out."""
+    cls = _term_class(term.name)
+    defaults = inspect.signature(cls).parameters
+    kept = []
+    for param, value in sorted(options.items()):
+        default, rule = defaults[param].default, cls.option_rules[param]
+        if not (rule.accepts(default) and (rule.convert(default), type(rule.convert(default))) == (value, type(value))):
+            kept.append(f"{param}={_spelled(value)}")
+    weight = "" if term.weight == 1 else f"{_spelled(float(term.weight))}*"
+    return weight + term.name + (":" + ",".join(kept) if kept else "")
+
+
+def canonical_spec(spec: str) -> str:
+    """The one spelling of a loss spec, after the checks of `check_spec`: two specs that build the same loss
+    have the same canonical spec, whatever their whitespace, option order, option aliases or explicit defaults.
+
+    Each term is written `[weight*]name[:option=value,...]`: options by their constructor name
+    (`ag_bce:w=4` -> `ag_bce:hard_weight=4`), sorted, an option equal to its default left out
+    (`dice:smooth=1e-5` -> `dice`: it builds the same loss), numbers in their shortest form
+    (`1.0` -> `1`, `0.00001` -> `1e-05`), booleans `true`/`false`; a weight of 1 is left out. The
+    terms, a sum, are sorted. Terms are not merged (`dice+dice` stays two terms). `canonical_spec`
+    of a canonical spec is itself.
+    """
+    terms = parse_spec(spec)
+    spelled = []
+    for term in terms:
+        options = _checked_options(term)
+        if _term_class(term.name).dataset_stats_param is None:
+            _build_term(term, None, {}, scale_kernel_size=1)  # what the constructor checks across options
+        spelled.append(_canonical_term(term, options))
+    return "+".join(sorted(spelled))
+
+
 def check_spec(spec: str) -> None:
     """Refuse, without building anything heavy, a spec that deep supervision would refuse (for config validation
     before a run folder exists): names, options and their ranges; CALF's statistics are not needed."""
-    for term in parse_spec(spec):
-        cls = _term_class(term.name)
-        if cls.dataset_stats_param is None:
-            _build_term(term, None, {}, scale_kernel_size=1)
-            continue
-        for key, value in term.options.items():
-            check_option(term.name, key, value, cls.option_rules[_option_name(cls, key)])
+    canonical_spec(spec)

@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from microseg.errors import MicrosegError
-from microseg.losses import LOSSES, DeepSupervision, build_loss, check_spec, parse_spec
+from microseg.losses import LOSSES, DeepSupervision, build_loss, canonical_spec, check_spec, parse_spec
 from microseg.preprocess import resize_target
 from microseg.losses.ag_bce import AGBCE
 from microseg.losses.focal import Focal
@@ -321,6 +321,48 @@ def test_every_option_of_every_loss_has_a_rule_and_its_default_satisfies_it():
 def test_out_of_range_options_are_refused_naming_loss_and_option(spec, message):
     with pytest.raises(MicrosegError, match=message):
         build_loss(spec)
+
+
+def _terms(loss) -> list:
+    """A built loss as (weight, name, every option's value) per term."""
+    pairs = zip(getattr(loss, "weights", [1.0]), getattr(loss, "terms", [loss]))
+    return [(w, t.name, sorted((k, getattr(t, k)) for k in t.option_rules)) for w, t in pairs]
+
+
+@pytest.mark.parametrize(
+    "spellings, canonical",
+    [
+        (["dice", " dice ", "1*dice", "dice:smooth=1e-5", "dice:smooth=0.00001", "dice:batch=false"], "dice"),
+        (
+            [
+                "dice:smooth=1,batch=true",
+                "dice:smooth=1, batch=true",
+                "dice:batch=true,smooth=1",
+                "dice:smooth=1.0,batch=TRUE",
+            ],
+            "dice:batch=true,smooth=1",
+        ),
+        (["ag_bce:w=2", "ag_bce:hard_weight=2.0", " ag_bce : hard_weight = 2 "], "ag_bce:hard_weight=2"),
+        (["focal+0.5*dice", "0.5 * dice + focal:gamma=2,alpha=0.25", "5e-1*dice+1.0*focal"], "0.5*dice+focal"),
+        (["focal:alpha=none", "focal:gamma=2.0,alpha=none"], "focal:alpha=none"),
+        (["calf", "calf:include_empty=true"], "calf"),
+    ],
+)
+def test_equivalent_spellings_have_one_canonical_spec(spellings, canonical):
+    assert {canonical_spec(spec) for spec in spellings} == {canonical}
+    assert canonical_spec(canonical) == canonical
+    for spec in spellings:  # the canonical spec builds the loss the spelling builds (same terms, weights, options)
+        if "calf" in spec:
+            continue  # needs training-set statistics to build
+        assert sorted(_terms(build_loss(spec)), key=str) == sorted(_terms(build_loss(canonical)), key=str)
+
+
+def test_different_losses_keep_different_canonical_specs_and_bad_ones_are_refused():
+    specs = ["dice", "dice:batch=true", "dice:smooth=1", "2*dice", "dice+focal", "focal:alpha=none", "iou"]
+    assert len({canonical_spec(spec) for spec in specs}) == len(specs)
+    for spec, message in [("dice:smooth=-1", "smooth=-1"), ("ag_bce:k=3", "deep supervision"), ("dcie", "unknown")]:
+        with pytest.raises(MicrosegError, match=message):
+            canonical_spec(spec)
 
 
 def test_check_spec_refuses_what_deep_supervision_would_before_any_statistics():

@@ -90,7 +90,7 @@ def test_cells_are_run_folders_of_each_loss_and_seed_on_the_fixed_split(plain, p
         ("ag_bce", 2, None),
     ]
     record = json.loads((plain / "experiment.json").read_text())
-    assert record["version"] == 1 and record["plan"]["folds"] == 0 and record["plan"]["base"]["epochs"] == 1
+    assert record["version"] == 2 and record["plan"]["folds"] == 0 and record["plan"]["base"]["epochs"] == 1
     assert [c["run"] for c in record["cells"]] == [f"runs/{c.id}" for c in experiment.cells]
     splits = json.loads((plain / "splits.json").read_text())
     assert splits == {"folds": [], "test": ["01", "02"]}  # the phantom's two test patients
