@@ -152,7 +152,8 @@ def _checked_base(value: Any, cache: str, losses: list[str], seed: int, folds: i
                 f"base option {name} is set by the experiment for each cell "
                 f"({'give losses / seeds' if name in ('loss', 'seed') else 'leave it out'})"
             )
-    for loss in losses or [None]:  # every option of base, once per loss (its spec and the options together)
+    specs: list[str | None] = [*losses] or [None]  # None: the default loss
+    for loss in specs:  # every option of base, once per loss (its spec and the options together)
         config = resolve_train_config(None, {**value, "cache": cache, "run": "cell", "loss": loss, "seed": seed})
     if folds and config.val_fraction > 0:
         raise MicrosegError("base val_fraction must be 0 with folds: each cell validates on its held-out fold")
