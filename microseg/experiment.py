@@ -339,13 +339,13 @@ def make_cells(root: Path, plan: Plan, existing: Sequence[Cell] = ()) -> list[Ce
             for fold in range(plan.folds) if plan.folds else [None]:
                 if (canonical_spec(loss), seed, fold) in known:
                     continue
-                cell = Cell(cell_id(loss, seed, fold), loss, seed, fold, root / "runs" / cell_id(loss, seed, fold))
-                if cell.id in taken:
+                name = cell_id(loss, seed, fold)
+                if name in taken:  # two specs whose hashes agree in their first 8 hex digits
                     raise MicrosegError(
-                        f"losses {taken[cell.id].loss} and {loss} give one cell id {cell.id}: rename one (e.g. "
-                        "spell an option out) or run it in another experiment"
+                        f"losses {taken[name].loss} and {loss} would share the cell id {name}: run one of them "
+                        "in another experiment"
                     )
-                taken[cell.id] = cell
+                cell = taken[name] = Cell(name, loss, seed, fold, root / "runs" / name)
                 cells.append(cell)
     return cells
 

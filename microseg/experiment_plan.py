@@ -126,15 +126,16 @@ def check_plan(values: Mapping[str, Any], strict: bool = False) -> Plan:
 
 
 def _canonical_losses(losses: list[str]) -> list[str]:
-    """Each spec checked and canonical; MicrosegError naming two spellings of one loss."""
+    """Each spec (distinct as written) checked and canonical; MicrosegError naming two spellings of one loss."""
     from microseg.losses import canonical_spec
 
     canonical = [canonical_spec(loss) for loss in losses]
     first: dict[str, str] = {}
     for spelled, loss in zip(losses, canonical):
         if loss in first:
-            same = f" ({first[loss]!r} and {spelled!r} are one loss)" if first[loss] != spelled else ""
-            raise MicrosegError(f"duplicate loss(es) in the plan: {loss}{same}")
+            raise MicrosegError(
+                f"duplicate loss(es) in the plan: {loss} ({first[loss]!r} and {spelled!r} are one loss)"
+            )
         first[loss] = spelled
     return canonical
 

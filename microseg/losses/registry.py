@@ -198,7 +198,8 @@ def _canonical_term(term: Term, options: dict[str, Any]) -> str:
     defaults = inspect.signature(cls).parameters
     kept = []
     for param, value in sorted(options.items()):
-        default, rule = defaults[param].default, cls.option_rules[param]
+        default = defaults[param].default if param in defaults else inspect.Parameter.empty
+        rule = cls.option_rules[param]
         if not (rule.accepts(default) and (rule.convert(default), type(rule.convert(default))) == (value, type(value))):
             kept.append(f"{param}={_spelled(value)}")
     weight = "" if term.weight == 1 else f"{_spelled(float(term.weight))}*"

@@ -292,10 +292,13 @@ def test_a_version_1_record_is_read_and_the_next_run_records_its_cache(made, cap
     record = json.loads((made / "experiment.json").read_text())
     identity = record.pop("cache_identity")
     record["version"] = 1
+    record["plan"]["losses"][1] = "ag_bce: w=4"  # format 1 kept specs as written (4 is ag_bce's default w)
+    for cell in record["cells"]:
+        cell["loss"] = "ag_bce: w=4" if cell["loss"] == "ag_bce" else cell["loss"]
     (made / "experiment.json").write_text(json.dumps(record))
     code, out, err = run_cli(["experiment", "status", made], capsys)
     assert code == 0 and "2 fold(s) = 4 cell(s)" in out, err
-    experiment = open_experiment(made, {})
+    experiment = open_experiment(made, {"losses": ["ag_bce", "focal"]})  # the same losses, spelled anew
     assert "had recorded no cache identity" in capsys.readouterr().out
     again = json.loads((made / "experiment.json").read_text())
     assert again["version"] == 2 and again["cache_identity"] == identity and again["cells"] == record["cells"]
@@ -309,3 +312,12 @@ def test_given_plan_takes_options_over_the_file_field_by_field(tmp_path):
     file.write_text(yaml.safe_dump({"losses": ["focal"], "seeds": [1], "base": {"model": "tiny", "epochs": 3}}))
     options = {"losses": None, "seeds": [4], "epochs": 5, "batch_size": None, "device": "cpu", "out": "x"}
     assert given_plan(file, options) == {"losses": ["focal"], "seeds": [4], "base": {"model": "tiny", "epochs": 5}}
+
+
+def test_two_losses_whose_cell_ids_would_agree_are_refused_before_any_write(cache, phantom, tmp_path, monkeypatch):
+    import microseg.experiment
+
+    monkeypatch.setattr(microseg.experiment, "cell_id", lambda loss, seed, fold: f"same__s{seed}")
+    with pytest.raises(MicrosegError, match="would share the cell id same__s1"):
+        open_experiment(tmp_path / "exp", plan(cache, phantom))
+    assert not (tmp_path / "exp").exists()
