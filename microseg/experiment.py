@@ -34,7 +34,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -223,7 +223,8 @@ def _experiment_from(record: Any, path: Path) -> Experiment:
     plan_values = record.get("plan")
     if not isinstance(plan_values, dict):
         raise MicrosegError(f"plan must be a mapping of plan field: value, got {plan_values!r}")
-    missing = [name for name in PLAN_FIELDS if name not in plan_values and name not in ("protocol", "base")]
+    required = [f.name for f in fields(Plan) if f.default is MISSING and f.default_factory is MISSING]
+    missing = [name for name in required if name not in plan_values]
     unknown = sorted(set(plan_values) - set(PLAN_FIELDS), key=str)
     if missing or unknown:
         raise MicrosegError(f"plan {'lacks ' + ', '.join(missing) if missing else 'has unknown ' + ', '.join(unknown)}")

@@ -22,7 +22,7 @@ folder, the evaluation protocol, and `base`: any train option shared by every ce
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -221,14 +221,10 @@ def continued_plan(stored: Plan, given: Mapping[str, Any], add: bool, where: Pat
     from microseg.losses import canonical_spec
 
     known = {canonical_spec(loss) for loss in stored.losses}
-    return Plan(
-        stored.losses + [loss for loss in plan.losses if loss not in known],
-        stored.seeds + [seed for seed in plan.seeds if seed not in stored.seeds],
-        stored.folds,
-        stored.cache,
-        stored.data,
-        stored.protocol,
-        stored.base,
+    return replace(
+        stored,
+        losses=stored.losses + [loss for loss in plan.losses if loss not in known],
+        seeds=stored.seeds + [seed for seed in plan.seeds if seed not in stored.seeds],
     )
 
 
