@@ -308,6 +308,12 @@ def _add_compare(verbs: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--cases", help="overlay these cases (and slices): e.g. 01,03:12,03:40 (default: where runs differ most)"
     )
+    p.add_argument(
+        "--missing",
+        choices=("worst", "drop"),
+        help="experiments: a score that is not there (empty prediction, failed or unevaluated cell) counts as "
+        "the metric's worst value (worst, the default: DSC 0, HD95 the image diagonal) or is dropped (drop)",
+    )
 
     def run(args: argparse.Namespace) -> int:
         from microseg.experiment_report import compare_experiments, is_experiment
@@ -326,8 +332,10 @@ def _add_compare(verbs: argparse._SubParsersAction) -> None:
                     "--overlays and --cases draw run folders: compare an experiment's cells "
                     "(its runs/ folders) for overlays"
                 )
-            print(f"report: {compare_experiments(args.runs, args.out)}")
+            print(f"report: {compare_experiments(args.runs, args.out, args.missing or 'worst')}")
             return 0
+        if args.missing:
+            raise MicrosegError("--missing applies to experiment folders: run folders are compared patient by patient")
         print(f"report: {compare(args.runs, args.out, args.overlays or bool(args.cases), args.cases)}")
         return 0
 
@@ -440,6 +448,7 @@ def _add_experiment(verbs: argparse._SubParsersAction) -> None:
     plan.add_argument("--cache", help="slice cache from `microseg prepare`")
     plan.add_argument("--data", help="dataset folder (its test split, and the held-out patients with folds)")
     plan.add_argument("--protocol", help="evaluation protocol (default microsegnet)")
+    plan.add_argument("--primary", help="the metric the report's verdict rests on: dsc (default) or hd95_mm")
     run.add_argument("--add", action="store_true", help="add the given --losses / --seeds to the experiment")
     run.add_argument(
         "--executor",
@@ -510,6 +519,33 @@ def _add_experiment(verbs: argparse._SubParsersAction) -> None:
     run.set_defaults(func=run_verb)
     status.set_defaults(func=status_verb)
     cell.set_defaults(func=cell_verb)
+    _add_experiment_power(what)
+
+
+def _add_experiment_power(what: argparse._SubParsersAction) -> None:
+    power = what.add_parser(
+        "power",
+        help="the seeds a planned experiment needs to resolve a difference, from a pilot experiment",
+        description="From the pilot EXP's primary-metric differences (their patient, seed and residual variance, "
+        "pooled over its pairs of losses), simulate the report's test for each design: one line per design "
+        "with its power at --delta and the smallest difference it detects with 80%% power, then the fewest "
+        "seeds that resolve --delta.",
+    )
+    power.add_argument("experiment", help="the pilot experiment folder (evaluated cells)")
+    power.add_argument("--delta", type=float, required=True, help="the difference to resolve, in the metric's unit")
+    power.add_argument("--patients", type=int, metavar="N", help="test patients of the planned experiment")
+    power.add_argument(
+        "--seeds", type=int, nargs="+", metavar="S", help="designs: numbers of seeds (default 1x, 2x, 4x the pilot's)"
+    )
+    power.add_argument("--losses", type=int, metavar="K", help="losses of the planned experiment (its Holm family)")
+
+    def power_verb(args: argparse.Namespace) -> int:
+        from microseg.experiment_planner import power_lines
+
+        print("\n".join(power_lines(args.experiment, args.delta, args.patients, args.seeds, args.losses)))
+        return 0
+
+    power.set_defaults(func=power_verb)
 
 
 # Each entry adds one verb: add(subparsers) registers a parser whose `func` runs it.

@@ -3,7 +3,10 @@ compared with the plan an experiment already holds.
 
 A plan names the losses (loss specs), the training seeds, the folds (k-fold cross-validation of
 the training patients, k >= 2, or 0: the fixed train/test split), the slice cache and dataset
-folder, the evaluation protocol, and `base`: any train option shared by every cell.
+folder, the evaluation protocol, `base`: any train option shared by every cell, and `primary`: the
+metric the experiment report's verdict rests on (dsc, the default, or hd95_mm; a stored plan from
+before it has none and means dsc). Fixed before anything trains, like the other fields: a rerun
+that names another primary metric is refused, as choosing it after the results would bias the verdict.
 
 - Given: the plan file's fields, each replaced by its command-line option when that is given; a
   train option given on the command line sets that one base option, over the file's.
@@ -32,7 +35,7 @@ from microseg.config import RULES, TrainConfig, resolve_train_config
 from microseg.errors import MicrosegError
 from microseg.rules import check_value
 
-PLAN_FIELDS = ("losses", "seeds", "folds", "cache", "data", "protocol", "base")
+PLAN_FIELDS = ("losses", "seeds", "folds", "cache", "data", "protocol", "base", "primary")
 SET_BY_EXPERIMENT = ("run", "loss", "seed", "cache", "patients", "val_patients", "device")
 """Train options each cell gets from the experiment (the device: from the executor), never from `base`."""
 GROWN_BY_ADD = ("losses", "seeds")
@@ -48,6 +51,7 @@ class Plan:
     data: str
     protocol: str = "microsegnet"
     base: dict[str, Any] = field(default_factory=dict)
+    primary: str = "dsc"
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in PLAN_FIELDS}
@@ -122,7 +126,17 @@ def check_plan(values: Mapping[str, Any], strict: bool = False) -> Plan:
     cache, data = (_path_text(values.get(name), name) for name in ("cache", "data"))
     protocol = _protocol(values.get("protocol", "microsegnet"))
     base = _checked_base(values.get("base"), cache, [] if strict else canonical, seeds[0], folds, strict)
-    return Plan(canonical, seeds, folds, cache, data, protocol, base)
+    return Plan(canonical, seeds, folds, cache, data, protocol, base, _primary(values.get("primary", "dsc")))
+
+
+def _primary(value: Any) -> str:
+    """The primary metric: a key of the experiment report's metrics."""
+    from microseg.experiment_statistics import METRICS
+
+    keys = [m.key for m in METRICS]
+    if value not in keys:
+        raise MicrosegError(f"primary must be one of the report's metrics ({', '.join(keys)}), got {value!r}")
+    return str(value)
 
 
 def _canonical_losses(losses: list[str]) -> list[str]:

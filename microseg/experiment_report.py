@@ -7,30 +7,41 @@ folder per cell, whose `metrics/` is its evaluation on the test split. Several e
 one report when they split the patients alike and were evaluated alike (an experiment per loss,
 say); a cell present in two is refused.
 
-Every evaluated cell is a run of its loss; the runs of one loss (its seeds, and with folds each
-seed's fold models) are its replicates, replicate "seed s, fold f" being the same slot for every
-loss. `microseg.experiment_statistics` turns each metric into per-patient means over a loss's runs
-(the patient stays the statistical unit), ranks, the bootstrap over patients and seeds, Holm-adjusted
-paired Wilcoxon tests and the variance share. `DIR/` receives:
-- `report.md`: what was compared, the results paragraph (`experiment_paragraph`), every table below
-  and the figures;
-- `losses.csv`: per loss its runs, mean DSC and HD95 with the seed-to-seed sd of the run means,
-  ranks and the share of resamples in which it ranks first; the raters' means beside them;
+The design: every loss x every replicate slot ("seed s" or "seed s fold f", the same slot for
+every loss) x every test patient, one value per metric. Slots that some loss has no cell in (only
+possible across experiments) are left out with a warning. Missing is worst (challengeR's default;
+`microseg.experiment_statistics`): a patient a cell left without a score (empty prediction), and
+every patient of a cell with no evaluation (failed, not trained or not evaluated yet), counts as
+the metric's worst value, DSC 0 and HD95 the largest image diagonal (mm) of the test patients,
+read from the headers of the dataset's test images (`hd95_cap`); `--missing drop` drops instead.
+On that complete grid: per-loss means, challengeR's two rankings with their bootstrap stability
+(`microseg.experiment_ranking`), the crossed-effects test of every pair with Holm-matched CIs
+(`microseg.experiment_differences`), the ANOVA of the run means, and the smallest difference the
+design resolves (`microseg.experiment_power`). The plan's `primary` metric (default DSC) carries
+the verdict; the other is secondary. `DIR/` receives:
+- `report.md`: what was compared (a note at the top when cells or scores are missing), the
+  results paragraph (`experiment_paragraph`), every table below and the figures;
+- `losses.csv`: per loss its cells, evaluated cells, missing scores, and per metric the mean, the
+  sd of the run means, both ranks and the share of resamples in which it ranks first; the
+  raters' means beside them;
 - `curves.png` + `curves.csv`: own loss, common-ruler BCE and validation DSC per epoch, the mean
   over a loss's runs with a min-max band (and n, sd);
-- `per_patient.csv` + `dot_box.png`: per-patient DSC and HD95 per loss (means over its runs);
-- `ranking.csv` + `ranking.png`: how often each loss takes each rank (blob plot);
-- `significance.csv` + `significance.png`: every pair x metric: mean difference, its bootstrap CI
-  over patients and seeds, Wilcoxon p, Holm-adjusted p, seed noise;
-- `variance.csv`: the share of the variance of the run means the loss explains;
+- `per_patient.csv` + `dot_box.png`: per-patient DSC and HD95 per loss (means over its slots);
+- `ranking.csv` + `ranking.png`: both rankings, how often each loss takes each rank, Kendall's tau;
+- `significance.csv` + `significance.png`: every pair x metric: the difference, SE, df, p, Holm's
+  p, the CI at the matching level, the variance components, the Wilcoxon check;
+- `variance.csv`: the ANOVA of the run means (loss, seed, fold, residual);
+- `power.csv`: the smallest primary difference detectable with 80% power, at this design and with
+  2x and 4x the seeds;
 - `oof.csv` (with folds): per loss the mean, seed sd and rank of the out-of-fold scores of the
-  training patients (`EXP/oof/per_patient.csv`);
+  training patients (`EXP/oof/per_patient.csv`; NaN scores left out);
 - `cells.csv`: every cell and its state.
 The folder is written whole or not at all (a temporary folder renamed into place); it replaces an
 earlier report there, and an --out holding anything else is refused.
 Refused (one line, nothing written): a folder that is not an experiment, a corrupt experiment.json
-or splits.json, run folders and experiments mixed, experiments of different splits, cells
-evaluated on different splits, protocols or patients, an experiment with no evaluated cell.
+or splits.json, run folders and experiments mixed, experiments of different splits or primary
+metrics, cells evaluated on different splits, protocols or patients, an experiment with no
+evaluated cell, `--missing drop` leaving no complete grid.
 """
 
 from __future__ import annotations
@@ -45,26 +56,37 @@ import numpy as np
 from microseg.atomic import atomic_folder, write_text
 from microseg.errors import MicrosegError, warn
 from microseg.experiment import Cell, Experiment, Plan, load_experiment
+from microseg.experiment_differences import LossDifference, loss_differences
+from microseg.experiment_power import (
+    MAX_SEEDS,
+    POWER,
+    Components,
+    family_alpha,
+    pooled_components,
+    seeds_needed,
+    simulate_test,
+)
+from microseg.experiment_ranking import SCHEMES, Ranking, rankings, ranks
 from microseg.experiment_statistics import (
-    LossDifference,
+    METRICS,
+    Metric,
     Scores,
-    VarianceShare,
-    bootstrap_means,
+    VarianceSource,
     build_scores,
-    loss_differences,
-    rank_frequencies,
-    ranks,
-    variance_share,
+    drop_incomplete,
+    fill_worst,
+    metric,
+    variance_table,
 )
 from microseg.figures import plot_curve_bands, plot_dot_box, plot_rank_blobs, plot_significance_map, run_colours
 from microseg.report import rater_names, require_same_evaluation
 from microseg.run_record import RunRecord, load_run
-from microseg.significance import ALPHA, BOOTSTRAP_RESAMPLES, min_wilcoxon_p
+from microseg.significance import ALPHA, BOOTSTRAP_RESAMPLES
 from microseg.tables import SUMMARY_ROWS, markdown_table, write_csv
 
 SPLITS_FILE = "splits.json"
-METRICS = (("dsc", "DSC", True, 4), ("hd95_mm", "HD95 (mm)", False, 3))
-"""(per-patient key, title, higher is better, decimals) of the metrics ranked and tested."""
+MISSING_RULES = ("worst", "drop")
+"""How a score that is not there enters the statistics: as the metric's worst value, or dropped."""
 CURVES = (("loss", "own loss"), ("bce", "BCE"), ("val_dsc", "val DSC"))
 BAND = "min-max over seeds and folds"
 
@@ -76,7 +98,11 @@ def is_experiment(path: str | Path) -> bool:
 
 def replicate(cell: Cell) -> str:
     """The replicate slot a cell fills for its loss: "seed S" or "seed S fold F"."""
-    return f"seed {cell.seed}" + ("" if cell.fold is None else f" fold {cell.fold}")
+    return slot_label((cell.seed, cell.fold))
+
+
+def slot_label(slot: tuple[int, int | None]) -> str:
+    return f"seed {slot[0]}" + ("" if slot[1] is None else f" fold {slot[1]}")
 
 
 def read_splits(experiment: Experiment) -> dict:
@@ -103,7 +129,7 @@ def read_oof(experiment: Experiment) -> dict[tuple[str, str], dict[str, dict[str
     if not text.endswith("\n"):
         raise MicrosegError(f"{source} is truncated: its last line is cut (remove it; `experiment run` rewrites it)")
     header, *rows = list(csv.reader(text.splitlines())) or [[]]
-    if not {"loss", "seed", "case_id", *(key for key, *_ in METRICS)} <= set(header):
+    if not {"loss", "seed", "case_id", *(m.key for m in METRICS)} <= set(header):
         raise MicrosegError(f"{source} needs loss, seed, case_id, dsc and hd95_mm columns")
     found: dict[tuple[str, str], dict[str, dict[str, float]]] = {}
     for line, fields in enumerate(rows, start=2):
@@ -214,7 +240,7 @@ def read_experiments(paths: list[Path]) -> Experiments:
     return experiments
 
 
-def require_comparable(experiments: Experiments) -> None:
+def require_comparable(experiments: Experiments, missing: str = "worst") -> None:
     """MicrosegError unless some cell is evaluated and every evaluated cell was evaluated on the same
     split, protocol and patients (the test split's patients of splits.json when the split is test)."""
     evaluated = experiments.evaluated
@@ -242,13 +268,117 @@ def require_comparable(experiments: Experiments) -> None:
             f"cell {first.run} was evaluated on {len(patients)} patients that are not the "
             f"{len(test)} test patients of {experiments.paths[0] / SPLITS_FILE}"
         )
-    missing = [c for c in experiments.cells if c not in evaluated]
-    if missing:
+    missing_cells = [c for c in experiments.cells if c not in evaluated]
+    if missing_cells:
         warn(
-            f"{len(missing)} of {len(experiments.cells)} cells are left out, not evaluated yet: "
-            + ", ".join(c.id for c in missing[:6])
-            + (" ..." if len(missing) > 6 else "")
+            f"{len(missing_cells)} of {len(experiments.cells)} cells are not evaluated ("
+            + ", ".join(c.id for c in missing_cells[:6])
+            + (" ..." if len(missing_cells) > 6 else "")
+            + ("): each counts as the worst value of every metric" if missing == "worst" else "): dropped")
         )
+
+
+def primary_metric(plans: Sequence[Plan]) -> str:
+    """The plans' primary metric; MicrosegError when the compared experiments name different ones."""
+    named = list(dict.fromkeys(plan.primary for plan in plans))
+    if len(named) > 1:
+        raise MicrosegError(
+            f"the experiments name different primary metrics ({', '.join(named)}): compare experiments of one"
+        )
+    return named[0]
+
+
+@dataclass
+class Design:
+    """The complete design of a report: every loss x the replicate slots every loss has a cell in."""
+
+    losses: list[str]
+    slots: list[tuple[int, int | None]]  # (seed, fold), by seed then fold
+    folds: int  # slots per seed: the folds, 1 without
+    left_out: list[Cell]  # cells of a slot that some loss has no cell in
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(dict.fromkeys(seed for seed, _ in self.slots))
+
+
+def make_design(experiments: Experiments) -> Design:
+    """The losses (in the order of their first cell), the slots common to every loss (a seed only
+    with all its folds, so seeds and folds stay crossed) and the cells left out."""
+    losses = experiments.losses
+    per_loss = [{(c.seed, c.fold) for c in experiments.cells if c.loss == loss} for loss in losses]
+    common = set.intersection(*per_loss)
+    folds = max(1, len(experiments.splits["folds"]))
+    by_seed: dict[int, list] = {}
+    for slot in sorted(common, key=lambda s: (s[0], -1 if s[1] is None else s[1])):
+        by_seed.setdefault(slot[0], []).append(slot)
+    slots = [slot for seed_slots in by_seed.values() if len(seed_slots) == folds for slot in seed_slots]
+    left_out = [c for c in experiments.cells if (c.seed, c.fold) not in slots]
+    if left_out:
+        warn(
+            f"{len(left_out)} cell(s) are left out, their seed or fold is not a cell of every loss: "
+            + ", ".join(c.id for c in left_out[:6])
+            + (" ..." if len(left_out) > 6 else "")
+        )
+    return Design(losses, slots, folds, left_out)
+
+
+def image_diagonal(geometry, volume: bool) -> float:
+    """sqrt((H sy)^2 + (W sx)^2) in mm, the slice's diagonal (with `volume` the box's: + (Z sz)^2)."""
+    (z, h, w), (sz, sy, sx) = geometry.shape, geometry.spacing
+    return math.sqrt((h * sy) ** 2 + (w * sx) ** 2 + (volume * z * sz) ** 2)
+
+
+def hd95_cap(evaluation: dict, patients: Sequence[str], observed: np.ndarray) -> tuple[float, str]:
+    """HD95's worst value and where it comes from: the largest image diagonal (mm) of the patients'
+    images in the evaluated dataset (headers only), at least the largest HD95 scored; when the images
+    cannot be read, the largest HD95 scored. MicrosegError when neither is known."""
+    from microseg.data.layout import find_cases
+    from microseg.data.volumes import read_geometry
+
+    largest = float(np.nanmax(observed)) if np.any(~np.isnan(observed)) else math.nan
+    data, split, volume = (
+        evaluation.get("data"),
+        evaluation.get("split", "test"),
+        evaluation.get("protocol") == "volume",
+    )
+    try:
+        cases = {case.case_id: case for case in find_cases(Path(str(data)), str(split), require_non_expert=False)}
+        diagonal = max(image_diagonal(read_geometry(cases[p].image), volume) for p in patients)
+    except (MicrosegError, OSError, KeyError, TypeError, ValueError):
+        if math.isnan(largest):
+            raise MicrosegError(
+                f"HD95 has no worst value: the images of {data} cannot be read for their diagonal and no "
+                "patient has an HD95; compare with --missing drop"
+            ) from None
+        return largest, f"the largest HD95 scored in this comparison (the images of {data} are not readable)"
+    text = f"the largest {'volume' if volume else 'image'} diagonal of the {len(patients)} patients' images in {data}"
+    if largest > diagonal:
+        return largest, f"the largest HD95 scored, above {text} ({diagonal:.1f} mm)"
+    return diagonal, text
+
+
+@dataclass
+class MetricResults:
+    """One metric's statistics: the scores as found, the complete grid, rankings and variance table."""
+
+    metric: Metric
+    raw: Scores  # NaN where there is no score (every patient of a cell with no evaluation)
+    grid: Scores  # completed (missing is worst) or reduced (--missing drop): no NaN
+    worst: float  # the value a missing score takes (NaN with --missing drop)
+    rankings: dict[str, Ranking]
+    variance: list[VarianceSource]
+
+
+@dataclass
+class Power:
+    """What the design resolves on the primary metric (`microseg.experiment_power`)."""
+
+    components: Components
+    alpha: float  # alpha / m
+    pairs: int  # m
+    rows: list[tuple[str, int, int, int, float]]  # (design, seeds, replicate slots, patients, detectable)
+    target: tuple[LossDifference, int | None] | None  # the largest unresolved pair and the seeds resolving it
 
 
 @dataclass
@@ -256,178 +386,302 @@ class Analysis:
     """Everything the experiment report states."""
 
     experiments: Experiments
-    losses: list[str]
-    replicates: list[str]
+    design: Design
     patients: list[str]
-    scores: dict[str, Scores]  # metric key -> scores
-    boot: dict[str, np.ndarray]  # metric key -> bootstrap means [B, loss]
+    primary: str
+    missing: str
+    evaluated: np.ndarray  # [loss, slot]: the cell has an evaluation
+    cap_source: str  # where HD95's worst value comes from ("" with --missing drop)
+    results: dict[str, MetricResults]
     differences: list[LossDifference]
-    variance: dict[str, VarianceShare]
+    power: Power | None
 
-    def title(self, key: str) -> str:
-        return next(t for k, t, _, _ in METRICS if k == key)
+    @property
+    def losses(self) -> list[str]:
+        return self.design.losses
+
+    @property
+    def replicates(self) -> list[str]:
+        return [slot_label(slot) for slot in self.design.slots]
+
+    def scores(self, key: str) -> Scores:
+        return self.results[key].grid
 
 
-def analyse(paths: list[Path]) -> Analysis:
+def analyse(paths: list[Path], missing: str = "worst") -> Analysis:
     """Read, check and analyse experiment folders (nothing is written)."""
+    if missing not in MISSING_RULES:
+        raise MicrosegError(f"--missing must be one of {', '.join(MISSING_RULES)}, got {missing!r}")
     experiments = read_experiments(paths)
-    require_comparable(experiments)
-    evaluated = experiments.evaluated
-    losses = list(dict.fromkeys(c.loss for c in evaluated))
-    replicates = list(dict.fromkeys(replicate(c) for c in sorted(evaluated, key=lambda c: (c.seed, c.fold or 0))))
-    patients = sorted(experiments.records[evaluated[0].id].patients, key=lambda c: (len(c), c))
-    per_run = {(c.loss, replicate(c)): experiments.records[c.id].patients for c in evaluated}
-    scores = {key: build_scores(per_run, key, higher, losses, replicates, patients) for key, _, higher, _ in METRICS}
-    boot = {key: bootstrap_means(s) for key, s in scores.items()}
-    return Analysis(
-        experiments,
-        losses,
-        replicates,
-        patients,
-        scores,
-        boot,
-        loss_differences(scores, boot),
-        {key: variance_share(s.run_means()) for key, s in scores.items()},
+    require_comparable(experiments, missing)
+    primary = primary_metric(experiments.plans)
+    design = make_design(experiments)
+    labels = [slot_label(slot) for slot in design.slots]
+    first = experiments.records[experiments.evaluated[0].id]
+    patients = sorted(first.patients, key=lambda c: (len(c), c))
+    per_run = {
+        (c.loss, replicate(c)): experiments.records[c.id].patients
+        for c in experiments.evaluated
+        if (c.seed, c.fold) in design.slots
+    }
+    evaluated = np.array([[(loss, label) in per_run for label in labels] for loss in design.losses])
+    raw = {m.key: build_scores(per_run, m.key, m.higher_is_better, design.losses, labels, patients) for m in METRICS}
+    cap, cap_source = hd95_cap(first.evaluation, patients, raw["hd95_mm"].values) if missing == "worst" else (0, "")
+    worst = {"dsc": 0.0, "hd95_mm": cap} if missing == "worst" else {m.key: math.nan for m in METRICS}
+    results = {m.key: _metric_results(m, raw[m.key], worst[m.key], design) for m in METRICS}
+    drop = missing == "drop"
+    differences = loss_differences({k: (raw[k] if drop else r.grid) for k, r in results.items()}, primary, drop)
+    analysis = Analysis(
+        experiments, design, patients, primary, missing, evaluated, cap_source, results, differences, None
     )
+    analysis.power = power_summary(analysis)
+    return analysis
+
+
+def _metric_results(m: Metric, raw: Scores, worst: float, design: Design) -> MetricResults:
+    """The grid (worst-filled, or with NaN dropped seed by seed then patient by patient) and its statistics."""
+    if math.isnan(worst):
+        seeds = design.seeds
+        blocks = [[i for i, slot in enumerate(design.slots) if slot[0] == seed] for seed in seeds]
+        grid = drop_incomplete(raw, blocks)
+        if not grid.values.size:
+            raise MicrosegError(
+                f"--missing drop leaves no complete grid of {m.short} (no seed with a score for every loss, "
+                "or no patient scored by all of them): compare with --missing worst"
+            )
+    else:
+        grid = fill_worst(raw, worst)
+    n_losses, n_slots, _ = grid.values.shape
+    run_means = grid.run_means().reshape(n_losses, n_slots // design.folds, design.folds)
+    return MetricResults(m, raw, grid, worst, rankings(grid), variance_table(run_means))
+
+
+def power_summary(analysis: Analysis) -> Power | None:
+    """The smallest primary difference detectable with 80% power at this design and with 2x and 4x
+    the seeds, and the seeds that would resolve the largest unresolved primary difference."""
+    pairs = [d for d in analysis.differences if d.family == "primary"]
+    components = pooled_components(pairs)
+    if components is None:
+        return None
+    alpha, m = family_alpha(len(analysis.losses), ALPHA)
+    folds = analysis.design.folds
+    n_reps, n_patients = analysis.scores(analysis.primary).values.shape[1:]
+    seeds = n_reps // folds
+    rows = []
+    for name, factor in (("this design", 1), ("2x the seeds", 2), ("4x the seeds", 4)):
+        test = simulate_test(components, factor * seeds * folds, n_patients, alpha)
+        rows.append((name, factor * seeds, factor * seeds * folds, n_patients, test.detectable()))
+    unresolved = [d for d in pairs if not d.significant and abs(d.mean) > 0]
+    target = None
+    if unresolved:
+        largest = max(unresolved, key=lambda d: abs(d.mean))
+        target = (largest, seeds_needed(components, abs(largest.mean), folds, n_patients, alpha))
+    return Power(components, alpha, m, rows, target)
 
 
 def _fmt(value: float, digits: int) -> str:
     return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
 
 
-def _difference_text(d: LossDifference, analysis: Analysis) -> str:
-    digits = next(n for k, _, _, n in METRICS if k == d.metric)
-    unit = " mm" if d.metric == "hd95_mm" else ""
-    lo, hi = d.ci95
+def _amount(m: Metric, value: float) -> str:
+    """A difference in the metric's unit: "0.0123 DSC", "0.412 mm"."""
+    return f"{_fmt(value, m.digits)}{m.unit or ' ' + m.title}"
+
+
+def _level(level: float) -> str:
+    return f"{100 * level:.4g}%"
+
+
+def _verdict(d: LossDifference, analysis: Analysis) -> str:
+    """ "a is better than b by X (CI, adjusted p)", or "a vs b: not resolved ..." for one pair."""
+    m = metric(d.metric)
+    lo, hi = d.ci if m.higher_is_better else (-d.ci[1], -d.ci[0])  # of a's gain over b
+    gain = d.mean if m.higher_is_better else -d.mean
+    better, worse = (d.a, d.b) if gain >= 0 else (d.b, d.a)
+    lo, hi = (lo, hi) if gain >= 0 else (-hi, -lo)
+    interval = f"{_level(d.ci_level)} CI {_fmt(lo, m.digits)} to {_fmt(hi, m.digits)}, adjusted p {d.p_holm:.3g}"
+    if d.significant:
+        return f"{better} is better than {worse} by {_amount(m, abs(gain))} ({interval})"
+    text = f"{better} vs {worse}: not resolved at this design ({better} ahead by {_amount(m, abs(gain))}, {interval})"
+    power = analysis.power
+    if d.family == "primary" and power is not None:
+        text += f"; the smallest difference it can detect is {_amount(m, power.rows[0][4])}"
+    return text
+
+
+def _design_sentence(analysis: Analysis) -> str:
+    design, seeds = analysis.design, len(analysis.design.seeds)
+    folds = f" x {design.folds} folds" if design.folds > 1 else ""
+    cells = len(design.losses) * len(design.slots)
+    primary = metric(analysis.primary)
+    secondary = ", ".join(m.short for m in METRICS if m.key != analysis.primary)
     return (
-        f"{d.a} - {d.b} on {analysis.title(d.metric).split(' ')[0]} {d.mean:+.{digits}f}{unit} (95% CI "
-        f"{lo:+.{digits}f} to {hi:+.{digits}f}, adjusted p = {d.p_holm:.3g}, seed sd {_fmt(d.seed_noise, digits)})"
+        f"{len(design.losses)} loss(es) x {seeds} seed(s){folds} = {cells} cells ({int(analysis.evaluated.sum())} "
+        f"evaluated), {len(analysis.patients)} test patients; primary metric {primary.short}, secondary {secondary}."
     )
 
 
-def experiment_paragraph(analysis: Analysis) -> str:
-    """The results in a few sentences: the ranking on each metric with its bootstrap stability,
-    which differences survive Holm's correction over the family (every pair of losses x DSC and
-    HD95) and which are within seed noise (smaller than one seed sd of the run means of either
-    loss), the variance share of the loss, and the smallest p the patients allow."""
-    n_losses, n_patients = len(analysis.losses), len(analysis.patients)
-    runs = analysis.scores["dsc"].runs()
-    sentences = [
-        f"{n_losses} loss(es), {int(runs.min())}-{int(runs.max())} evaluated run(s) each"
-        if runs.min() != runs.max()
-        else f"{n_losses} loss(es), {int(runs.min())} evaluated run(s) each"
+def _missing_sentence(analysis: Analysis) -> str:
+    """What was missing and how it entered the statistics."""
+    cells = _missing_cells(analysis)
+    scores = {m.key: _missing_scores(analysis, m.key) for m in METRICS}
+    if analysis.missing == "drop":
+        kept = [
+            f"{r.metric.short} {r.grid.values.shape[1]} of {len(analysis.design.slots)} replicate slots and "
+            f"{r.grid.values.shape[2]} of {len(analysis.patients)} patients"
+            for r in analysis.results.values()
+        ]
+        return "Missing values dropped (--missing drop): the statistics use " + "; ".join(kept) + "."
+    if not cells and not any(s.sum() for s in scores.values()):
+        return "No score is missing."
+    parts = []
+    if cells:
+        parts.append(f"{len(cells)} cell(s) without an evaluation ({', '.join(cells)})")
+    for m in METRICS:
+        if scores[m.key].sum():
+            per_loss = ", ".join(f"{loss} {n}" for loss, n in zip(analysis.losses, scores[m.key]) if n)
+            parts.append(f"{int(scores[m.key].sum())} patient(s) without a {m.short} ({per_loss})")
+    worst = " and ".join(f"{m.short} {_fmt(analysis.results[m.key].worst, m.digits)}{m.unit}" for m in METRICS)
+    return f"Missing is worst: {'; '.join(parts)} count as the worst value ({worst})."
+
+
+def _missing_cells(analysis: Analysis) -> list[str]:
+    """'loss seed s' of every design cell with no evaluation."""
+    return [
+        f"{loss} {slot_label(slot)}"
+        for i, loss in enumerate(analysis.losses)
+        for j, slot in enumerate(analysis.design.slots)
+        if not analysis.evaluated[i, j]
     ]
-    sentences[0] += f", {n_patients} patients (per-patient means over a loss's runs)."
-    for key, title, higher, digits in METRICS:
-        s = analysis.scores[key]
-        means, sd = s.loss_means(), s.seed_sd()
-        order = np.argsort(ranks(means, higher), kind="stable")
-        first = rank_frequencies(analysis.boot[key], higher)[:, 0]
-        listed = ", ".join(f"{s.losses[i]} {_fmt(means[i], digits)} (seed sd {_fmt(sd[i], digits)})" for i in order)
+
+
+def _missing_scores(analysis: Analysis, key: str) -> np.ndarray:
+    """[loss]: patients without a score in the loss's evaluated cells."""
+    missing = np.isnan(analysis.results[key].raw.values) & analysis.evaluated[:, :, None]
+    return missing.sum(axis=(1, 2))
+
+
+def _ranking_sentence(analysis: Analysis, key: str) -> str:
+    r = analysis.results[key]
+    parts = []
+    for scheme in SCHEMES:
+        ranking = r.rankings[scheme]
+        order = np.argsort(ranking.rank, kind="stable")
+        digits = r.metric.digits if scheme == SCHEMES[0] else 2
+        listed = ", ".join(f"{analysis.losses[i]} {_fmt(ranking.score[i], digits)}" for i in order)
         best = order[0]
-        sentences.append(
-            f"By mean {title}: {listed}"
-            + (
-                f"; {s.losses[best]} ranks first in {100 * first[best]:.0f}% of {BOOTSTRAP_RESAMPLES:,} bootstrap "
-                "resamples of patients and seeds."
-                if n_losses > 1
-                else "."
-            )
+        median, q25, q75 = ranking.tau_summary()
+        parts.append(
+            f"{scheme} {listed} ({analysis.losses[best]} first in {100 * ranking.frequencies[best, 0]:.0f}% of the "
+            f"resamples; Kendall's tau with this ranking median {_fmt(median, 2)}, IQR {_fmt(q25, 2)} to {_fmt(q75, 2)})"
         )
-    if n_losses > 1:
-        diffs = analysis.differences
-        tested = [d for d in diffs if not math.isnan(d.p_value)]
-        family = (
-            f"The family: {n_losses * (n_losses - 1) // 2} pair(s) of losses x DSC and HD95, {len(tested)} "
-            "paired Wilcoxon tests on the per-patient means, Holm-adjusted"
+    return (
+        f"Ranking on {r.metric.short} (mean; mean rank), over {BOOTSTRAP_RESAMPLES:,} bootstrap resamples of seeds "
+        "then patients: " + "; ".join(parts) + "."
+    )
+
+
+def _family_sentence(analysis: Analysis, key: str) -> str:
+    pairs = [d for d in analysis.differences if d.metric == key]
+    m = metric(key)
+    if key == analysis.primary:
+        head = (
+            f"On {m.short} (primary; a t test of the paired differences with patients and seeds as crossed random "
+            f"effects, Holm over its {len(pairs)} pair(s), each CI at the matching level): "
         )
-        surviving = [d for d in tested if d.significant]
-        if surviving:
-            real = [d for d in surviving if d.seed_noise <= abs(d.mean)]
-            unknown = [d for d in surviving if math.isnan(d.seed_noise)]
-            noisy = [d for d in surviving if d.within_seed_noise]
-            text = f"{family}; {len(surviving)} survive the correction"
-            if real:
-                text += ", beyond seed noise: " + "; ".join(_difference_text(d, analysis) for d in real)
-            if unknown:
-                text += ", with the seed noise unknown (one run per loss): " + "; ".join(
-                    _difference_text(d, analysis) for d in unknown
-                )
-            if noisy:
-                text += (
-                    ", but within seed noise (smaller than one seed sd of either loss, so another seed could "
-                    "reverse them): " + "; ".join(_difference_text(d, analysis) for d in noisy)
-                )
-            sentences.append(text + ".")
-        else:
-            sentences.append(
-                f"{family}; none survives the correction (smallest adjusted p "
-                f"{min((d.p_holm for d in tested), default=math.nan):.3g})."
-            )
-        rest = [d for d in tested if not d.significant]
-        if rest and surviving:
-            sentences.append(
-                "Not surviving it: "
-                + "; ".join(
-                    _difference_text(d, analysis) + (", within seed noise" if d.within_seed_noise else "") for d in rest
-                )
-                + "."
-            )
-        noise = [d for d in rest if d.within_seed_noise]
-        if noise and not surviving:
-            sentences.append(
-                "Within seed noise (smaller than one seed sd of either loss): "
-                + "; ".join(_difference_text(d, analysis) for d in noise)
-                + "."
-            )
-        if np.all(np.isnan([d.seed_noise for d in diffs])):
-            sentences.append(
-                "With one run per loss the seed noise is unknown: train more seeds before trusting any difference."
-            )
-        floor = min_wilcoxon_p(n_patients)
-        sentences.append(
-            f"With {n_patients} patients no Wilcoxon p can be below 2 / 2^{n_patients} = {floor:.3g}, "
-            f"and after Holm over {len(tested)} tests no adjusted p below {len(tested) * floor:.3g}"
-            + (": no difference can reach significance, however large." if len(tested) * floor >= ALPHA else ".")
+    else:
+        head = f"Secondary, {m.short} (the same test, Holm over its own {len(pairs)} pair(s)): "
+    return head + "; ".join(_verdict(d, analysis) for d in pairs) + "."
+
+
+def _variance_sentence(analysis: Analysis) -> str:
+    r = analysis.results[analysis.primary]
+    rows = {v.source: v for v in r.variance}
+    if rows["residual"].df < 1:
+        return ""
+    parts = []
+    for source in ("loss", "seed", "fold"):
+        v = rows.get(source)
+        if v is not None:
+            sd = "" if source == "loss" else f"; {source} sd {_fmt(v.sd, r.metric.digits)}"
+            parts.append(f"{100 * v.share:.0f}% is the {source}'s (F test p {v.p:.3g}{sd})")
+    return (
+        f"Of the variance of the run means on {r.metric.short}, "
+        + ", ".join(parts)
+        + f", {100 * rows['residual'].share:.0f}% the residual's (interactions)."
+    )
+
+
+def _power_sentence(analysis: Analysis) -> str:
+    power = analysis.power
+    if power is None:
+        return ""
+    m = metric(analysis.primary)
+    (_, seeds, _, patients, now), *more = power.rows
+    text = (
+        f"At this design ({seeds} seed(s) x {patients} patients) the smallest {m.short} difference detectable with "
+        f"{POWER:.0%} power at alpha {power.alpha:.3g} ({ALPHA} / {power.pairs}, Holm's first step) is "
+        f"{_amount(m, now)}; " + ", ".join(f"with {s} seeds {_amount(m, d)}" for _, s, _, _, d in more) + "."
+    )
+    if power.target is not None:
+        d, needed = power.target
+        size = f"a difference of {_amount(m, abs(d.mean))} (the size of {d.a} - {d.b}, the largest unresolved one)"
+        text += (
+            f" To resolve {size} at {POWER:.0%} power with these {patients} patients, run {needed} seeds."
+            if needed is not None
+            else f" No number of seeds up to {MAX_SEEDS} resolves {size} with these {patients} patients "
+            "(`microseg experiment power EXP --delta D --patients N` plans more)."
         )
-    shares = [
-        f"{100 * v.loss_share:.0f}% on {analysis.title(k).split(' ')[0]} (chance level {100 * v.chance_share:.0f}%)"
-        for k, v in analysis.variance.items()
-        if not math.isnan(v.loss_share)
-    ]
-    replicated = all(v.n_runs > v.n_losses for v in analysis.variance.values())
-    if shares and n_losses > 1 and replicated:
-        sentences.append(
-            "The loss explains " + " and ".join(shares) + " of the variance of the run means; the "
-            "rest is between seeds (and folds)."
-        )
-    return " ".join(sentences)
+    return text
+
+
+def experiment_paragraph(analysis: Analysis) -> str:
+    """The results in a few sentences: the design, what was missing, the verdict on the primary
+    metric (each pair better by X with its CI and adjusted p, or not resolved with the smallest
+    difference the design detects), both rankings, the secondary metric, the variance table and
+    what more seeds would resolve."""
+    sentences = [_design_sentence(analysis), _missing_sentence(analysis)]
+    if len(analysis.losses) > 1:
+        sentences.append(_family_sentence(analysis, analysis.primary))
+    sentences.append(_ranking_sentence(analysis, analysis.primary))
+    if len(analysis.losses) > 1:
+        sentences += [_family_sentence(analysis, m.key) for m in METRICS if m.key != analysis.primary]
+        sentences += [_variance_sentence(analysis), _power_sentence(analysis)]
+        if len(analysis.design.slots) == 1:
+            sentences.append(
+                "With one run per loss the seed's variation is unknown and the tests are over patients only: "
+                "train more seeds before trusting any difference."
+            )
+    return " ".join(s for s in sentences if s)
 
 
 def summary_table(analysis: Analysis) -> tuple[list[str], list[list]]:
-    """Per loss: runs, mean and seed sd, rank and P(rank 1) of each metric; then the raters' means."""
-    header = ["loss", "runs"]
-    for _, title, _, _ in METRICS:
-        header += [f"{title} mean", f"{title} seed sd", f"{title} rank", f"{title} P(rank 1)"]
-    columns = []
-    for key, _, higher, _ in METRICS:
-        s = analysis.scores[key]
-        means = s.loss_means()
-        columns.append((means, s.seed_sd(), ranks(means, higher), rank_frequencies(analysis.boot[key], higher)[:, 0]))
+    """Per loss: its cells, evaluated cells and cells without an evaluation; per metric the patients
+    without a score in its evaluated cells, the mean, the sd of the run means, the aggregate-then-rank
+    rank, the mean rank and rank-then-aggregate rank, P(rank 1) of the first; then the raters' means."""
+    header = ["loss", "cells", "evaluated", "missing cells"]
+    for m in METRICS:
+        header += [f"{m.title} {name}" for name in ("missing scores", "mean", "seed sd", "rank", "mean rank")]
+        header += [f"{m.title} rank-then-aggregate rank", f"{m.title} P(rank 1)"]
     rows = []
     for i, loss in enumerate(analysis.losses):
-        row = [loss, int(analysis.scores["dsc"].runs()[i])]
-        for means, sd, rank, first in columns:
-            row += [float(means[i]), float(sd[i]), int(rank[i]), float(first[i])]
+        done = int(analysis.evaluated[i].sum())
+        row: list = [loss, len(analysis.design.slots), done, len(analysis.design.slots) - done]
+        for m in METRICS:
+            r = analysis.results[m.key]
+            aggregate, by_patient = r.rankings[SCHEMES[0]], r.rankings[SCHEMES[1]]
+            row += [int(_missing_scores(analysis, m.key)[i]), float(r.grid.loss_means()[i])]
+            row += [float(r.grid.seed_sd()[i]), int(aggregate.rank[i]), float(by_patient.score[i])]
+            row += [int(by_patient.rank[i]), float(aggregate.frequencies[i, 0])]
         rows.append(row)
     records = [analysis.experiments.records[c.id] for c in analysis.experiments.evaluated]
     source = records[0]
     for rater in rater_names(records):
-        row = [f"rater {rater}", "-"]
-        for key, _, _, _ in METRICS:
-            values = [p.get(f"{rater}_{key}", math.nan) for p in source.patients.values()]
+        row = [f"rater {rater}", "-", "-", "-"]
+        for m in METRICS:
+            values = [p.get(f"{rater}_{m.key}", math.nan) for p in source.patients.values()]
             valid = [v for v in values if not math.isnan(v)]
-            row += [float(np.mean(valid)) if valid else math.nan, "-", "-", "-"]
+            row += ["-", float(np.mean(valid)) if valid else math.nan, "-", "-", "-", "-", "-"]
         rows.append(row)
     return header, rows
 
@@ -476,62 +730,120 @@ def epoch_table(csv_rows: list[list]) -> tuple[list[str], list[list]]:
 
 
 def patient_table(analysis: Analysis) -> tuple[list[str], list[list]]:
-    """One row per patient: each loss's DSC and HD95 averaged over its runs; mean, std and median rows."""
+    """One row per patient: each loss's DSC and HD95, the mean over the replicate slots of the
+    completed grid (missing scores at the worst value; with --missing drop, blank where dropped);
+    mean, std and median rows."""
     from microseg.metrics import summarize
 
-    header = ["case_id"] + [f"{loss} {title}" for loss in analysis.losses for _, title, _, _ in METRICS]
-    means = {key: s.patient_means() for key, s in analysis.scores.items()}
+    header = ["case_id"] + [f"{loss} {m.title}" for loss in analysis.losses for m in METRICS]
+    means = {}
+    for m in METRICS:
+        grid = analysis.scores(m.key)
+        kept = grid.patient_means()
+        means[m.key] = {case: kept[:, p] for p, case in enumerate(grid.patients)}
+    blank = np.full(len(analysis.losses), math.nan)
     rows: list[list] = [
-        [case] + [float(means[key][i, p]) for i in range(len(analysis.losses)) for key, _, _, _ in METRICS]
-        for p, case in enumerate(analysis.patients)
+        [case] + [float(means[m.key].get(case, blank)[i]) for i in range(len(analysis.losses)) for m in METRICS]
+        for case in analysis.patients
     ]
     stats = [summarize([row[j] for row in rows]) for j in range(1, len(header))]
     return header, rows + [[name] + [st[name] for st in stats] for name in SUMMARY_ROWS]
 
 
 def ranking_table(analysis: Analysis) -> tuple[list[str], list[list]]:
+    """Per metric, scheme and loss: the score ranked (mean, or mean rank over patients), its rank,
+    the share of resamples with each rank, and the scheme's Kendall's tau median and quartiles."""
     n = len(analysis.losses)
-    header = ["metric", "loss", "observed rank"] + [f"P(rank {r})" for r in range(1, n + 1)]
+    header = ["metric", "scheme", "loss", "score", "rank"] + [f"P(rank {r})" for r in range(1, n + 1)]
+    header += ["tau median", "tau q25", "tau q75"]
     rows = []
-    for key, title, higher, _ in METRICS:
-        observed = ranks(analysis.scores[key].loss_means(), higher)
-        freq = rank_frequencies(analysis.boot[key], higher)
-        rows += [[title, loss, int(observed[i]), *map(float, freq[i])] for i, loss in enumerate(analysis.losses)]
+    for key, r in analysis.results.items():
+        for scheme, ranking in r.rankings.items():
+            tau = ranking.tau_summary()
+            rows += [
+                [r.metric.title, scheme, loss, float(ranking.score[i]), int(ranking.rank[i])]
+                + [float(f) for f in ranking.frequencies[i]]
+                + list(tau)
+                for i, loss in enumerate(analysis.losses)
+            ]
     return header, rows
 
 
+SIGNIFICANCE_HEADER = [
+    "metric",
+    "family",
+    "loss_a",
+    "loss_b",
+    "replicates",
+    "patients",
+    "mean_diff",
+    "se",
+    "df",
+    "t",
+    "p_value",
+    "p_holm",
+    "significant",
+    "ci_level",
+    "ci_low",
+    "ci_high",
+    "patient_sd",
+    "replicate_sd",
+    "residual_sd",
+    "wilcoxon_statistic",
+    "wilcoxon_p",
+    "wilcoxon_p_holm",
+]
+
+
 def significance_table(analysis: Analysis) -> tuple[list[str], list[list]]:
-    header = [
-        "metric",
-        "loss_a",
-        "loss_b",
-        "n",
-        "mean_diff",
-        "ci95_low",
-        "ci95_high",
-        "statistic",
-        "p_value",
-        "p_holm",
-        "significant",
-        "seed_noise",
-        "within_seed_noise",
-    ]
     rows = [
         [
-            analysis.title(d.metric),
+            metric(d.metric).title,
+            d.family,
             d.a,
             d.b,
-            d.n,
+            d.replicates,
+            d.patients,
             d.mean,
-            *d.ci95,
-            d.statistic,
+            d.se,
+            d.df,
+            d.t,
             d.p_value,
             d.p_holm,
             "yes" if d.significant else "no",
-            d.seed_noise,
-            "yes" if d.within_seed_noise else "no",
+            d.ci_level,
+            *d.ci,
+            *(math.sqrt(v) for v in (d.s2_pat, d.s2_rep, d.s2_res)),
+            d.wilcoxon_statistic,
+            d.wilcoxon_p,
+            d.wilcoxon_p_holm,
         ]
         for d in analysis.differences
+    ]
+    return list(SIGNIFICANCE_HEADER), rows
+
+
+def variance_rows(analysis: Analysis) -> tuple[list[str], list[list]]:
+    header = ["metric", "source", "df", "SS", "MS", "share", "F", "p", "sd"]
+    rows = [
+        [r.metric.title, v.source, v.df, v.ss, v.ms, v.share, v.f, v.p, v.sd]
+        for r in analysis.results.values()
+        for v in r.variance
+    ]
+    return header, rows
+
+
+def power_table(analysis: Analysis) -> tuple[list[str], list[list]] | None:
+    power = analysis.power
+    if power is None:
+        return None
+    header = ["metric", "design", "seeds", "replicate slots", "patients", "alpha", "power", "detectable difference"]
+    header += ["patient_sd", "replicate_sd", "residual_sd", "pairs pooled"]
+    title = metric(analysis.primary).title
+    rows = [
+        [title, name, seeds, slots, patients, power.alpha, POWER, detectable, *power.components.sds()]
+        + [power.components.pairs]
+        for name, seeds, slots, patients, detectable in power.rows
     ]
     return header, rows
 
@@ -547,11 +859,11 @@ def oof_table(experiments: Experiments) -> tuple[list[str], list[list]] | None:
     patients = sorted(set().union(*experiments.oof.values()), key=lambda c: (len(c), c))
     header = ["loss", "seeds", "patients"]
     columns = []
-    for key, title, higher, _ in METRICS:
-        scores = build_scores(experiments.oof, key, higher, losses, seeds, patients)
+    for m in METRICS:
+        scores = build_scores(experiments.oof, m.key, m.higher_is_better, losses, seeds, patients)
         means = scores.loss_means()
-        columns.append((means, scores.seed_sd(), ranks(means, higher)))
-        header += [f"{title} mean", f"{title} seed sd", f"{title} rank"]
+        columns.append((means, scores.seed_sd(), ranks(means, m.higher_is_better)))
+        header += [f"{m.title} mean", f"{m.title} seed sd", f"{m.title} rank"]
     rows = []
     for i, loss in enumerate(losses):
         runs = [seed for (name, seed) in experiments.oof if name == loss]
@@ -559,15 +871,6 @@ def oof_table(experiments: Experiments) -> tuple[list[str], list[list]] | None:
         for means, sd, rank in columns:
             row += [float(means[i]), float(sd[i]), int(rank[i])]
         rows.append(row)
-    return header, rows
-
-
-def variance_table(analysis: Analysis) -> tuple[list[str], list[list]]:
-    header = ["metric", "losses", "runs", "SS_loss", "SS_seed", "SS_total", "loss share", "chance share"]
-    rows = [
-        [analysis.title(key), v.n_losses, v.n_runs, v.ss_loss, v.ss_seed, v.ss_total, v.loss_share, v.chance_share]
-        for key, v in analysis.variance.items()
-    ]
     return header, rows
 
 
@@ -602,12 +905,25 @@ def _significance_cells(analysis: Analysis) -> dict[str, dict[tuple[int, int], t
     index = {loss: i for i, loss in enumerate(analysis.losses)}
     cells: dict[str, dict[tuple[int, int], tuple[float, float]]] = {}
     for d in analysis.differences:
-        higher = next(h for k, _, h, _ in METRICS if k == d.metric)
-        gain = d.mean if higher else -d.mean
-        pairs = cells.setdefault(analysis.title(d.metric), {})
+        m = metric(d.metric)
+        gain = d.mean if m.higher_is_better else -d.mean
+        pairs = cells.setdefault(f"{m.title}, {d.family}", {})
         pairs[index[d.a], index[d.b]] = (gain, d.p_holm)
         pairs[index[d.b], index[d.a]] = (-gain, d.p_holm)
     return cells
+
+
+def _missing_note(analysis: Analysis) -> list[str]:
+    """The note at the top of report.md when a cell or a score is missing (or dropped)."""
+    cells = _missing_cells(analysis)
+    scores = sum(int(_missing_scores(analysis, m.key).sum()) for m in METRICS)
+    if not cells and not scores:
+        return []
+    what = f"{len(cells)} cell(s) of the design have no evaluation" + (f" ({', '.join(cells)})" if cells else "")
+    what += f", and {scores} per-patient score(s) of evaluated cells are missing"
+    if analysis.missing == "drop":
+        return [f"**Missing values dropped** (`--missing drop`): {what}; {_missing_sentence(analysis)}", ""]
+    return [f"**Missing is worst**: {what}; each counts as its metric's worst value (see below).", ""]
 
 
 def _compared(analysis: Analysis) -> list[str]:
@@ -623,6 +939,12 @@ def _compared(analysis: Analysis) -> list[str]:
             + (f"; base options: {options}" if options else "")
         )
     folds = len(experiments.splits["folds"])
+    cap = analysis.results["hd95_mm"].worst
+    rule = (
+        f"Missing is worst: a score that is not there counts as DSC 0 or HD95 {cap:.3f} mm ({analysis.cap_source})."
+        if analysis.missing == "worst"
+        else "Missing values are dropped (--missing drop): see the results."
+    )
     lines += [
         "",
         f"Replicates of each loss: {'; '.join(analysis.replicates)}"
@@ -632,6 +954,7 @@ def _compared(analysis: Analysis) -> list[str]:
         f"{len(analysis.patients)} patients ({', '.join(analysis.patients)}); "
         f"{len(experiments.evaluated)} of {len(experiments.cells)} cells evaluated "
         f"(every cell in [cells.csv](cells.csv)).",
+        f"Primary metric: {metric(analysis.primary).title} (the plan's `primary`); the other is secondary. {rule}",
         "",
     ]
     return lines
@@ -691,24 +1014,60 @@ def write_report(analysis: Analysis, out: Path) -> Path:
 
 
 def _write_report(analysis: Analysis, out: Path) -> None:
-    colours = run_colours(analysis.losses)
     report = _Writer(out)
-    report.add(
-        "# Experiment comparison", "", *_compared(analysis), "## Results", "", experiment_paragraph(analysis), ""
-    )
+    report.add("# Experiment comparison", "", *_missing_note(analysis), *_compared(analysis))
+    report.add("## Results", "", experiment_paragraph(analysis), "")
     report.table(
         "losses",
-        "Losses: mean over patients of the per-patient means over runs, seed-to-seed sd of the run means, rank",
+        "Losses: mean over patients and replicate slots, sd of the run means, both ranks",
         *summary_table(analysis),
         [
-            "Ranks: aggregate-then-rank (1 = best, ties share the smallest). P(rank 1): the share of "
-            f"{BOOTSTRAP_RESAMPLES:,} bootstrap resamples of patients and seeds in which the loss ranks first. "
-            "Seed sd: the sd of the loss's run means (with folds every fold's model is a run, so it spans seeds "
-            "and folds). Raters: the other annotators against the expert, on the same patients."
+            "Cells: the loss's replicate slots; missing cells: those without an evaluation; missing scores: "
+            "patients without a score in its evaluated cells (empty predictions). The statistics run on the "
+            "completed grid (see What was compared). Mean: over patients of the per-patient means over the slots. "
+            "Seed sd: the sd (ddof 1) of the loss's run means (with folds every fold's model is a run). Rank: "
+            "aggregate-then-rank of the means; mean rank: the loss's rank per patient averaged over the patients, "
+            "ranked by rank-then-aggregate (ties share the smallest rank). P(rank 1): the share of "
+            f"{BOOTSTRAP_RESAMPLES:,} bootstrap resamples in which the loss ranks first by its mean. Raters: the "
+            "other annotators against the expert, on the same patients."
         ],
     )
+    _write_curves(analysis, report)
+    _write_rankings(analysis, report)
+    if len(analysis.losses) > 1:
+        _write_significance(analysis, report)
+    report.table(
+        "variance",
+        "How much of the spread is the loss, the seed, the fold",
+        *variance_rows(analysis),
+        [
+            "Additive ANOVA of the run means u[loss, seed, fold] (mean over patients of a run), the residual being "
+            "every interaction: SS of each factor from its level means, share = SS / SS_total, F = MS / MS_res with "
+            "its p. sd: the random-effect sd of the seed or fold, sqrt(max(0, (MS - MS_res) / n)) with n the runs "
+            "per level (loss x fold runs per seed, loss x seed per fold); the residual's: sqrt(MS_res)."
+        ],
+    )
+    power = power_table(analysis)
+    if power:
+        report.table(
+            "power",
+            f"What this design resolves on {metric(analysis.primary).short}",
+            *power,
+            [
+                f"The smallest difference detectable with {POWER:.0%} power by the significance test at alpha / m "
+                "(Holm's first step over the m primary pairs), simulated from the variance components of the paired "
+                "differences averaged over the primary pairs (patient, replicate and residual sd)."
+            ],
+        )
+    _write_oof(analysis, report)
+    report.table("cells", "Cells", *cells_table(analysis.experiments))
+    write_text(out / "report.md", "\n".join(report.lines))
+
+
+def _write_curves(analysis: Analysis, report: _Writer) -> None:
+    colours = run_colours(analysis.losses)
     bands, rows = curve_rows(analysis)
-    plot_curve_bands(bands, out / "curves.png", BAND, colours)
+    plot_curve_bands(bands, report.out / "curves.png", BAND, colours)
     report.table(
         "curves",
         f"Loss curves per epoch (mean ± sd over runs; band in the figure: {BAND})",
@@ -723,63 +1082,73 @@ def _write_report(analysis: Analysis, out: Path) -> None:
     )
     plot_dot_box(
         analysis.losses,
-        {title: analysis.scores[key].patient_means() for key, title, _, _ in METRICS},
-        out / "dot_box.png",
+        {m.title: analysis.scores(m.key).patient_means() for m in METRICS},
+        report.out / "dot_box.png",
         colours,
     )
     report.table(
         "per_patient",
-        "Per-patient DSC and HD95 per loss (mean over its runs)",
+        "Per-patient DSC and HD95 per loss (mean over its replicate slots)",
         *patient_table(analysis),
         ["![dot-and-box plot](dot_box.png)", "", "Each point is a patient; a patient's points are joined."],
     )
-    titles = {key: title for key, title, _, _ in METRICS}
+
+
+def _write_rankings(analysis: Analysis, report: _Writer) -> None:
+    panels = {f"{r.metric.short}, {s}": r.rankings[s] for r in analysis.results.values() for s in SCHEMES}
     plot_rank_blobs(
         analysis.losses,
-        {titles[k]: rank_frequencies(analysis.boot[k], h) for k, _, h, _ in METRICS},
-        {titles[k]: ranks(analysis.scores[k].loss_means(), h) for k, _, h, _ in METRICS},
-        out / "ranking.png",
-        colours,
+        {title: ranking.frequencies for title, ranking in panels.items()},
+        {title: ranking.rank for title, ranking in panels.items()},
+        report.out / "ranking.png",
+        run_colours(analysis.losses),
     )
     report.table(
         "ranking",
-        "Ranking stability",
+        "Ranking stability: aggregate-then-rank and rank-then-aggregate",
         *ranking_table(analysis),
         [
             "![ranking stability](ranking.png)",
             "",
-            f"{BOOTSTRAP_RESAMPLES:,} resamples; each draws the "
-            "patients and the seed (and fold) slots with replacement, the same draws for every loss, and "
-            "ranks the losses by their recomputed means.",
+            "Score: the mean (aggregate-then-rank) or the mean over patients of the loss's rank on each patient's "
+            "mean over the slots (rank-then-aggregate, lower is better; ties take the smallest rank, as "
+            f"challengeR). {BOOTSTRAP_RESAMPLES:,} resamples each draw the replicate slots, then the patients, with "
+            "replacement, the same draws for every loss, and rank the losses again; P(rank k): the share of "
+            "resamples with rank k. Kendall's tau-b between each resample's ranking and the ranking above: its "
+            "median and quartiles (1: every resample agrees).",
         ],
     )
-    if len(analysis.losses) > 1:
-        plot_significance_map(analysis.losses, _significance_cells(analysis), out / "significance.png", ALPHA)
-        report.table(
-            "significance",
-            "Significance map: every pair of losses",
-            *significance_table(analysis),
-            [
-                "![significance map](significance.png)",
-                "",
-                "Paired Wilcoxon signed-rank test (scipy) of the per-patient means over runs, loss_a - loss_b; "
-                "p_holm: Holm-adjusted over the family of every pair of losses x DSC and HD95. CI: percentile "
-                "bootstrap of the difference of the means over patients and seeds. seed_noise: the larger "
-                "seed-to-seed sd of the two losses' run means; within it, another seed could reverse the "
-                "difference.",
-            ],
-        )
+
+
+def _write_significance(analysis: Analysis, report: _Writer) -> None:
+    plot_significance_map(
+        analysis.losses,
+        _significance_cells(analysis),
+        report.out / "significance.png",
+        ALPHA,
+        "crossed-effects t test (patients and seeds random), Holm-adjusted p",
+    )
     report.table(
-        "variance",
-        "How much of the spread is the loss, how much the seed",
-        *variance_table(analysis),
+        "significance",
+        "Significance map: every pair of losses",
+        *significance_table(analysis),
         [
-            "Run means u_lr (run r of loss l, mean over patients), ubar_l their mean per loss, ubar the grand "
-            "mean of all N runs: SS_loss = sum_l n_l (ubar_l - ubar)^2, SS_seed = sum_lr (u_lr - ubar_l)^2, "
-            "SS_total = SS_loss + SS_seed; loss share = SS_loss / SS_total (eta squared, one-way). With k "
-            "losses and no loss effect at all it is still (k - 1) / (N - 1) on average (chance share)."
+            "![significance map](significance.png)",
+            "",
+            "D[r, p] = loss_a - loss_b on replicate slot r and patient p, modelled as mean_diff + patient + "
+            "replicate + residual (crossed random effects, REML; in this balanced design the two-way ANOVA's mean "
+            "squares, a negative variance component set to 0 by pooling its sum of squares into the residual). "
+            "se: sqrt((L_rep + L_pat - L_res) / (R P)) of the fitted expected mean squares; df: Satterthwaite's; "
+            "t = mean_diff / se, p_value two-sided. p_holm: Holm over the pairs of the metric's family (primary: "
+            "the plan's metric; secondary: the other). The CI is the t interval at ci_level = 1 - 0.05 p_value / "
+            "p_holm, so it excludes 0 exactly when p_holm < 0.05 (significant). patient_sd, replicate_sd, "
+            "residual_sd: the fitted components. wilcoxon_*: the paired Wilcoxon signed-rank test of the per-patient "
+            "means over slots (seed variation ignored; a check), Holm over the same family.",
         ],
     )
+
+
+def _write_oof(analysis: Analysis, report: _Writer) -> None:
     oof = oof_table(analysis.experiments)
     if oof:
         report.table(
@@ -788,16 +1157,14 @@ def _write_report(analysis: Analysis, out: Path) -> None:
             *oof,
             [
                 "Each training patient scored once per loss and seed, by the fold model that did not train on "
-                "it (EXP/oof/per_patient.csv); per-patient means over seeds, then the mean over patients, as "
-                "on the test split. A fold model's best.pt was chosen on those same patients, so these scores "
+                "it (EXP/oof/per_patient.csv); per-patient means over seeds, then the mean over patients (NaN "
+                "scores left out). A fold model's best.pt was chosen on those same patients, so these scores "
                 "lean optimistic; the tests and the ranking stability above are on the test split."
             ],
         )
-    report.table("cells", "Cells", *cells_table(analysis.experiments))
-    write_text(out / "report.md", "\n".join(report.lines))
 
 
-def compare_experiments(paths: Sequence[str | Path], out: str | Path) -> Path:
+def compare_experiments(paths: Sequence[str | Path], out: str | Path, missing: str = "worst") -> Path:
     """`microseg compare EXP... --out DIR`: check, analyse and report experiment folders; report.md's path."""
     require_report_target(Path(out))
-    return write_report(analyse([Path(p) for p in paths]), Path(out))
+    return write_report(analyse([Path(p) for p in paths], missing), Path(out))

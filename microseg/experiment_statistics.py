@@ -1,37 +1,68 @@
-"""Statistics of one metric over losses x replicate runs x patients: what an experiment's report states.
+"""One metric over losses x replicate slots x patients: the completed grid, its means and its variance table.
 
-An experiment trains every loss l several times -- its replicates r: the seeds, and with
-cross-validation each seed's fold models -- and scores every run on the same patients p.
-`Scores.values[l, r, p]` holds one per-patient metric (NaN where a run is missing or did not
-score the patient; replicate r is the same (seed, fold) for every loss). From it:
-- per-patient means over replicates m[l, p] = mean_r x[l, r, p]: the patient stays the unit;
-- a loss's mean M[l] = mean_p m[l, p];
-- run means u[l, r] = mean_p x[l, r, p] and their seed-to-seed sd over r (ddof 1);
-- aggregate-then-rank: the ranks of M, 1 the best, ties sharing the smallest rank (challengeR:
-  Wiesenfarth et al., "Methods and open-source toolkit for analyzing and visualizing challenge
-  results", Scientific Reports 2021);
-- a two-level bootstrap: each of B resamples draws the P patients and the R replicate slots with
-  replacement -- the same draws for every loss, since the patients are paired and loss a's and
-  loss b's runs of one seed share their initialisation and data order -- and recomputes M from
-  the resampled x as above. Its ranks give how often each loss takes each rank (the blob plot);
-  its differences M_a - M_b the percentile 95% CI of a difference over patients and seeds;
-- paired Wilcoxon signed-rank tests (`scipy.stats.wilcoxon`) of m[a, p] - m[b, p] over the
-  patients, for every pair of losses and every metric, Holm-adjusted over that whole family
-  (`microseg.significance.holm`);
-- the share of the variance of the run means that the loss explains, a one-way sum-of-squares
-  decomposition of the N runs u[l, r] into k loss groups (`variance_share`).
+An experiment trains every loss l several times -- its replicate slots r: the seeds, and with
+cross-validation each seed's fold models, slot "seed s, fold f" being the same for every loss --
+and scores every run on the same test patients p. `Scores.values[l, r, p]` holds one per-patient
+metric; NaN where there is no score: a patient the run left empty (under the reference protocol
+an empty prediction has no DSC or HD95), or a whole slot when the cell failed, is not trained or
+not evaluated yet.
+
+Missing is worst (challengeR's default: Wiesenfarth et al., "Methods and open-source toolkit for
+analyzing and visualizing challenge results", Scientific Reports 2021): `fill_worst` gives every
+NaN the worst value of its metric (DSC 0; HD95 a stated cap, the largest image diagonal in mm),
+so a loss that fails is not flattered by its surviving runs and the grid is complete (a balanced
+design for every statistic). `drop_incomplete` is the alternative (`compare --missing drop`):
+drop the replicate slots (with folds: whole seeds, so seeds and folds stay crossed) that hold no
+score at all, then the patients with any NaN left.
+
+On a complete grid x[l, r, p]:
+- per-patient means over replicates m[l, p] = mean_r x[l, r, p] (the patient stays the unit);
+- a loss's mean M[l] = mean_p m[l, p] = mean_rp x[l, r, p];
+- run means u[l, r] = mean_p x[l, r, p] and their sd over r (ddof 1): how far one run moves;
+- the variance of the run means (`variance_table`): an additive two- or three-way ANOVA
+  u[l, s, f] = mu + loss_l + seed_s (+ fold_f) + residual, the residual being every interaction.
+  Runs that share a seed share their initialisation and data order, so the seed is a block
+  factor. In the balanced grid SS_loss = S F sum_l (ubar_l.. - ubar)^2, SS_seed = L F sum_s
+  (ubar_.s. - ubar)^2, SS_fold = L S sum_f (ubar_..f - ubar)^2, SS_res = SS_total - the others,
+  with df L - 1, S - 1, F - 1 and the rest; each factor's share is SS_factor / SS_total and its
+  F test F = MS_factor / MS_res on (df_factor, df_res) (normal, independent residuals of equal
+  variance). The seed and fold sds are the random-effect sds from the expected mean squares,
+  sigma_seed^2 = max(0, (MS_seed - MS_res) / (L F)) and sigma_fold^2 = max(0, (MS_fold - MS_res)
+  / (L S)) (method of moments, a negative estimate set to 0), reported apart.
+Out-of-fold tables reuse the NaN-aware means (NaN left out) of `Scores`.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from microseg.significance import ALPHA, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CI_LEVEL, holm, wilcoxon_test
+
+@dataclass(frozen=True)
+class Metric:
+    """A per-patient metric the experiment report ranks and tests."""
+
+    key: str
+    title: str
+    higher_is_better: bool
+    digits: int
+    unit: str
+
+    @property
+    def short(self) -> str:
+        """The title without its unit: "HD95"."""
+        return self.title.split(" ")[0]
+
+
+METRICS = (Metric("dsc", "DSC", True, 4, ""), Metric("hd95_mm", "HD95 (mm)", False, 3, " mm"))
+"""The metrics of an experiment report; the plan's `primary` is one of their keys."""
+
+
+def metric(key: str) -> Metric:
+    return next(m for m in METRICS if m.key == key)
 
 
 @dataclass
@@ -93,137 +124,75 @@ def build_scores(
     return Scores(list(losses), list(replicates), list(patients), values, higher_is_better)
 
 
-def ranks(means: np.ndarray, higher_is_better: bool) -> np.ndarray:
-    """Ranks of the last axis, 1 the best; ties share the smallest rank; NaN ranks last."""
-    from scipy.stats import rankdata
-
-    key = np.where(np.isnan(means), math.inf, -means if higher_is_better else means)
-    return rankdata(key, method="min", axis=-1).astype(int)
+def fill_worst(scores: Scores, worst: float) -> Scores:
+    """The grid completed by missing-is-worst: every NaN becomes `worst`."""
+    values = np.where(np.isnan(scores.values), worst, scores.values)
+    return Scores(scores.losses, scores.replicates, scores.patients, values, scores.higher_is_better)
 
 
-def bootstrap_means(scores: Scores, n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> np.ndarray:
-    """M[l] of B resamples of the patients and the replicate slots (with replacement), [B, loss].
-
-    One generator draws the replicate indices [B, R] then the patient indices [B, P]; a resample's
-    M is computed from the multiplicities of the drawn indices (a patient drawn twice counts twice).
-    """
-    _, n_reps, n_patients = scores.values.shape
-    rng = np.random.default_rng(seed)
-    reps = rng.integers(0, n_reps, (n_resamples, n_reps))
-    patients = rng.integers(0, n_patients, (n_resamples, n_patients))
-    rep_count = np.stack([np.bincount(row, minlength=n_reps) for row in reps]).astype(np.float64)
-    patient_count = np.stack([np.bincount(row, minlength=n_patients) for row in patients]).astype(np.float64)
-    valid = ~np.isnan(scores.values)
-    x = np.where(valid, scores.values, 0.0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        m = np.einsum("br,lrp->blp", rep_count, x) / np.einsum("br,lrp->blp", rep_count, valid.astype(np.float64))
-        m_valid = ~np.isnan(m)
-        return np.einsum("bp,blp->bl", patient_count, np.where(m_valid, m, 0.0)) / np.einsum(
-            "bp,blp->bl", patient_count, m_valid.astype(np.float64)
-        )
-
-
-def rank_frequencies(boot_means: np.ndarray, higher_is_better: bool) -> np.ndarray:
-    """[loss, rank - 1]: the share of resamples in which each loss takes each rank."""
-    boot_ranks = ranks(boot_means, higher_is_better)
-    n_losses = boot_means.shape[1]
-    return np.stack([(boot_ranks == r).mean(axis=0) for r in range(1, n_losses + 1)], axis=1)
+def drop_incomplete(scores: Scores, blocks: Sequence[Sequence[int]] | None = None) -> Scores:
+    """The grid made complete by dropping: first every block of replicate slots (default: each slot
+    alone; with folds a seed's slots) in which some loss has a slot with no score at all, then
+    every patient with a NaN left in the kept slots. May leave no slot or no patient."""
+    x = scores.values
+    blocks = [[r] for r in range(x.shape[1])] if blocks is None else blocks
+    empty_slot = np.isnan(x).all(axis=2).any(axis=0)  # [replicate]: some loss has no score there
+    kept = [r for block in blocks if not empty_slot[list(block)].any() for r in block]
+    patients = [p for p in range(x.shape[2]) if not np.isnan(x[:, kept, p]).any()] if kept else []
+    return Scores(
+        scores.losses,
+        [scores.replicates[r] for r in kept],
+        [scores.patients[p] for p in patients],
+        x[:, kept][:, :, patients],
+        scores.higher_is_better,
+    )
 
 
 @dataclass
-class LossDifference:
-    """Loss a - loss b on one metric: the difference of the means, its tests and its seed noise."""
+class VarianceSource:
+    """One row of the ANOVA of the run means: a factor, the residual or the total."""
 
-    metric: str
-    a: str
-    b: str
-    n: int  # patients with both per-patient means
-    mean: float  # M_a - M_b
-    ci95: tuple[float, float]  # percentile bootstrap over patients and replicates
-    statistic: float
-    p_value: float
-    p_holm: float
-    seed_noise: float  # max of the two losses' seed-to-seed sd of run means (NaN with one run each)
+    source: str  # loss, seed, fold, residual, total
+    df: int
+    ss: float
+    share: float  # ss / SS_total
+    f: float = math.nan  # MS / MS_res (factors)
+    p: float = math.nan  # P(F(df, df_res) > f)
+    sd: float = math.nan  # seed and fold: the random-effect sd; residual: sqrt(MS_res)
 
     @property
-    def significant(self) -> bool:
-        """The adjusted p is below ALPHA."""
-        return self.p_holm < ALPHA
-
-    @property
-    def within_seed_noise(self) -> bool:
-        """|M_a - M_b| is smaller than what another seed moves either loss's mean by (one seed sd)."""
-        return abs(self.mean) < self.seed_noise
+    def ms(self) -> float:
+        return self.ss / self.df if self.df > 0 else math.nan
 
 
-def loss_differences(all_scores: Mapping[str, Scores], boot: Mapping[str, np.ndarray]) -> list[LossDifference]:
-    """Every pair of losses (in order, a before b) x every metric of `all_scores` ({metric: Scores},
-    `boot` its `bootstrap_means`): the paired Wilcoxon test of the per-patient means, Holm-adjusted
-    over the whole family (pairs x metrics; tests with no defined p left out), and the bootstrap CI."""
-    lo_q, hi_q = 50 * (1 - CI_LEVEL), 50 * (1 + CI_LEVEL)
-    found = []
-    for metric, scores in all_scores.items():
-        m, means, sd = scores.patient_means(), scores.loss_means(), scores.seed_sd()
-        for a, b in itertools.combinations(range(len(scores.losses)), 2):
-            both = ~(np.isnan(m[a]) | np.isnan(m[b]))
-            stat, p = wilcoxon_test(m[a][both] - m[b][both])
-            diffs = boot[metric][:, a] - boot[metric][:, b]
-            diffs = diffs[~np.isnan(diffs)]
-            lo, hi = np.percentile(diffs, [lo_q, hi_q]) if diffs.size else (math.nan, math.nan)
-            noise = float(np.nanmax(sd[[a, b]])) if not np.isnan(sd[[a, b]]).all() else math.nan
-            found.append(
-                LossDifference(
-                    metric,
-                    scores.losses[a],
-                    scores.losses[b],
-                    int(both.sum()),
-                    float(means[a] - means[b]),
-                    (float(lo), float(hi)),
-                    stat,
-                    p,
-                    math.nan,
-                    noise,
-                )
-            )
-    for difference, adjusted in zip(found, holm([d.p_value for d in found])):
-        difference.p_holm = float(adjusted)
-    return found
+def variance_table(run_means: np.ndarray) -> list[VarianceSource]:
+    """The additive ANOVA of the complete run means u[l, s, f] (loss, seed, fold; F = 1 without
+    folds, when the fold is no factor): rows loss, seed, (fold,) residual, total."""
+    from scipy.stats import f as f_distribution
 
-
-@dataclass
-class VarianceShare:
-    """One-way decomposition of the run means by loss.
-
-    With n_l runs of loss l, their mean ubar_l and the grand mean ubar of all N runs:
-    SS_loss = sum_l n_l (ubar_l - ubar)^2, SS_seed = sum_l sum_r (u_lr - ubar_l)^2 and
-    SS_total = sum_lr (u_lr - ubar)^2 = SS_loss + SS_seed; the loss's share is
-    eta^2 = SS_loss / SS_total. With k losses and no loss effect at all (runs independent and
-    normal) eta^2 is still (k - 1) / (N - 1) on average (its Beta((k-1)/2, (N-k)/2) mean): a share
-    near that says nothing.
-    """
-
-    ss_loss: float
-    ss_seed: float
-    ss_total: float
-    n_losses: int
-    n_runs: int
-
-    @property
-    def loss_share(self) -> float:
-        return self.ss_loss / self.ss_total if self.ss_total > 0 else math.nan
-
-    @property
-    def chance_share(self) -> float:
-        """E[eta^2] with no loss effect: (k - 1) / (N - 1)."""
-        return (self.n_losses - 1) / (self.n_runs - 1) if self.n_runs > 1 else math.nan
-
-
-def variance_share(run_means: np.ndarray) -> VarianceShare:
-    """`VarianceShare` of the run means u[l, r] (NaN = no such run)."""
-    groups = [row[~np.isnan(row)] for row in run_means]
-    groups = [g for g in groups if g.size]
-    every = np.concatenate(groups) if groups else np.empty(0)
-    grand = every.mean() if every.size else math.nan
-    ss_loss = float(sum(g.size * (g.mean() - grand) ** 2 for g in groups))
-    ss_seed = float(sum(((g - g.mean()) ** 2).sum() for g in groups))
-    return VarianceShare(ss_loss, ss_seed, float(((every - grand) ** 2).sum()), len(groups), int(every.size))
+    u = np.asarray(run_means, dtype=np.float64)
+    n_loss, n_seed, n_fold = u.shape
+    grand = u.mean()
+    total = float(((u - grand) ** 2).sum())
+    factors = [("loss", (1, 2), n_seed * n_fold), ("seed", (0, 2), n_loss * n_fold)]
+    if n_fold > 1:
+        factors.append(("fold", (0, 1), n_loss * n_seed))
+    rows = []
+    for name, other_axes, weight in factors:
+        means = u.mean(axis=other_axes)
+        rows.append(VarianceSource(name, means.size - 1, float(weight * ((means - grand) ** 2).sum()), math.nan))
+    residual = VarianceSource(
+        "residual", u.size - 1 - sum(r.df for r in rows), max(0.0, total - sum(r.ss for r in rows)), 0
+    )
+    ms_res = residual.ms
+    for row, (_, _, weight) in zip(rows, factors):
+        if residual.df > 0 and row.df > 0 and ms_res > 0:
+            row.f = row.ms / ms_res
+            row.p = float(f_distribution.sf(row.f, row.df, residual.df))
+        if row.source != "loss" and residual.df > 0 and row.df > 0:
+            row.sd = math.sqrt(max(0.0, (row.ms - ms_res) / weight))
+    residual.sd = math.sqrt(ms_res) if residual.df > 0 else math.nan
+    rows += [residual, VarianceSource("total", u.size - 1, total, 1.0 if total > 0 else math.nan)]
+    for row in rows[:-1]:
+        row.share = row.ss / total if total > 0 else math.nan
+    return rows

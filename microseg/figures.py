@@ -281,12 +281,13 @@ def plot_rank_blobs(
     path: Path,
     colours: Mapping[str, str] | None = None,
 ) -> None:
-    """challengeR's blob plot (Wiesenfarth et al. 2021), one panel per metric: for each loss (x, in
+    """challengeR's blob plot (Wiesenfarth et al. 2021), one panel per ranking: for each loss (x, in
     the order of its observed rank) a disc at every rank it took in the bootstrap, its area the
     share of resamples; the observed rank as a black cross, the median and the 2.5-97.5 percentile
     range of the bootstrap ranks as a black dot and line.
 
-    `frequencies`: metric title -> [loss, rank - 1] shares; `observed`: metric title -> ranks.
+    `frequencies`: panel title (the metric and ranking) -> [loss, rank - 1] shares; `observed`: panel
+    title -> ranks.
     """
     plt = pyplot()
     colours = colours or run_colours(list(losses))
@@ -313,7 +314,7 @@ def plot_rank_blobs(
         ax.set_yticks(range(1, n + 1))
         ax.set_ylim(n + 0.6, 0.4)
         ax.set_ylabel("rank (1 = best)")
-        ax.set_title(f"rank by mean {title}", fontsize=10)
+        ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     fig.suptitle(
         "Ranking stability: bootstrap over patients and seeds (disc area = share of resamples; x observed rank)",
@@ -326,11 +327,12 @@ def plot_significance_map(
     losses: Sequence[str],
     cells: Mapping[str, Mapping[tuple[int, int], tuple[float, float]]],
     path: Path,
-    alpha: float = 0.05,
+    alpha: float,
+    method: str,
 ) -> None:
     """challengeR's significance map, one panel per metric: cell (row a, column b) holds the mean
-    difference a - b, signed so that positive means a is better, and its Holm-adjusted p;
-    coloured when the adjusted p < `alpha` (green: row better; red: row worse), grey otherwise.
+    difference a - b, signed so that positive means a is better, and its adjusted p (the test:
+    `method`); coloured when the adjusted p < `alpha` (green: row better; red: row worse), grey otherwise.
 
     `cells`: metric title -> {(a, b): (a better by this much, adjusted p)} for every ordered pair.
     """
@@ -358,7 +360,7 @@ def plot_significance_map(
         ax.set_xticks(range(n), losses, rotation=20, ha="right", fontsize=8)
         ax.set_yticks(range(n), losses, fontsize=8)
         ax.set_title(f"{title}: row better than column by", fontsize=9)
-    fig.suptitle(f"Paired Wilcoxon on per-patient means, Holm-adjusted p (coloured: p < {alpha})", fontsize=9)
+    fig.suptitle(f"{method[:1].upper()}{method[1:]} (coloured: p < {alpha})", fontsize=9)
     save_png(fig, path)
 
 

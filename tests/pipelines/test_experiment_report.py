@@ -12,8 +12,12 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
-from scipy.stats import wilcoxon
+import statsmodels.formula.api as smf
+from scipy.stats import kendalltau, rankdata, ttest_rel, wilcoxon
+from scipy.stats import t as t_distribution
+from statsmodels.stats.anova import anova_lm
 from statsmodels.stats.multitest import multipletests
 
 from microseg.cli import main
@@ -178,6 +182,7 @@ def test_report_files_and_sections(report):
         "significance.csv",
         "significance.png",
         "variance.csv",
+        "power.csv",
         "cells.csv",
     ):
         assert (report / name).is_file(), name
@@ -192,11 +197,13 @@ def test_report_files_and_sections(report):
         "## Ranking stability",
         "## Significance map",
         "## How much of the spread",
+        "## What this design resolves on DSC",
         "## Cells",
     ):
         assert heading in text, heading
     assert "Replicates of each loss: seed 1; seed 2; seed 3." in text
     assert "split test, protocol microsegnet; 10 patients" in text
+    assert "Primary metric: DSC" in text and "Missing is worst**" not in text  # nothing is missing
 
 
 def test_per_loss_means_seed_sd_and_ranks_recomputed_from_the_cells(experiment, report):
@@ -205,11 +212,19 @@ def test_per_loss_means_seed_sd_and_ranks_recomputed_from_the_cells(experiment, 
         arrays = per_loss_arrays(experiment, key)
         means = {loss: a.mean(axis=0).mean() for loss, a in arrays.items()}  # per-patient means, then patients
         order = sorted(means, key=means.get, reverse=higher)
-        for loss, a in arrays.items():
+        stacked = np.array([arrays[loss].mean(axis=0) for loss in LOSSES])  # [loss, patient]
+        per_patient = rankdata(-stacked if higher else stacked, method="min", axis=0)
+        for i, loss in enumerate(LOSSES):
+            a = arrays[loss]
             assert float(rows[loss][f"{title} mean"]) == pytest.approx(means[loss], abs=1e-12)
             assert float(rows[loss][f"{title} seed sd"]) == pytest.approx(np.std(a.mean(axis=1), ddof=1), abs=1e-12)
             assert int(rows[loss][f"{title} rank"]) == order.index(loss) + 1
-            assert rows[loss]["runs"] == "3"
+            assert float(rows[loss][f"{title} mean rank"]) == pytest.approx(per_patient[i].mean())
+            assert rows[loss][f"{title} missing scores"] == "0"
+        mean_ranks = per_patient.mean(axis=1)
+        expected = rankdata(mean_ranks, method="min")
+        assert [int(rows[loss][f"{title} rank-then-aggregate rank"]) for loss in LOSSES] == list(expected)
+    assert [(rows[x]["cells"], rows[x]["evaluated"], rows[x]["missing cells"]) for x in LOSSES] == [("3", "3", "0")] * 3
     assert rows["good"]["DSC rank"] == "1" and float(rows["good"]["DSC P(rank 1)"]) == 1.0
     rater = rows["rater non_expert"]
     assert float(rater["DSC mean"]) == pytest.approx(np.mean([0.85 - 0.001 * i for i in range(N_PATIENTS)]))
@@ -224,28 +239,83 @@ def test_per_patient_table_is_the_mean_over_runs(experiment, report):
     assert float(rows["mean"]["low DSC"]) == pytest.approx(arrays["low"].mean(), abs=1e-12)
 
 
-def test_significance_is_wilcoxon_on_patient_means_holm_adjusted_over_pairs_and_metrics(experiment, report):
-    rows = read_rows(report / "significance.csv")
-    assert [(r["metric"], r["loss_a"], r["loss_b"]) for r in rows] == [
-        (m, a, b) for m in ("DSC", "HD95 (mm)") for a, b in (("good", "mid"), ("good", "low"), ("mid", "low"))
+def reference_fit(d: np.ndarray) -> dict[str, float]:
+    """The documented method, written out for one pair: the two-way ANOVA of D[r, p], the REML
+    candidate (both components, s2_rep = 0, s2_pat = 0, neither) with the largest restricted
+    likelihood among those with non-negative components, Var = (L_rep + L_pat - L_res) / (R P),
+    Satterthwaite's df, the two-sided t test."""
+    n_rep, n_pat = d.shape
+    grand, rep, pat = d.mean(), d.mean(axis=1), d.mean(axis=0)
+    ss = [n_pat * ((rep - grand) ** 2).sum(), n_rep * ((pat - grand) ** 2).sum()]
+    ss.append(((d - rep[:, None] - pat[None, :] + grand) ** 2).sum())
+    df = [n_rep - 1, n_pat - 1, (n_rep - 1) * (n_pat - 1)]
+    ms = [s / f for s, f in zip(ss, df)]
+    pooled_rep = (ss[0] + ss[2]) / (df[0] + df[2])
+    pooled_pat = (ss[1] + ss[2]) / (df[1] + df[2])
+    pooled = sum(ss) / sum(df)
+    satterthwaite = (ms[0] + ms[1] - ms[2]) ** 2 / (ms[0] ** 2 / df[0] + ms[1] ** 2 / df[1] + ms[2] ** 2 / df[2])
+    candidates = [  # (L_rep, L_pat, L_res, var * n, df, allowed)
+        (ms[0], ms[1], ms[2], ms[0] + ms[1] - ms[2], satterthwaite, ms[0] >= ms[2] and ms[1] >= ms[2]),
+        (pooled_rep, ms[1], pooled_rep, ms[1], df[1], ms[1] >= pooled_rep),
+        (ms[0], pooled_pat, pooled_pat, ms[0], df[0], ms[0] >= pooled_pat),
+        (pooled, pooled, pooled, pooled, sum(df), True),
     ]
-    raw = []
-    for r in rows:
-        arrays = per_loss_arrays(experiment, "dsc" if r["metric"] == "DSC" else "hd95_mm")
-        d = arrays[r["loss_a"]].mean(axis=0) - arrays[r["loss_b"]].mean(axis=0)
-        raw.append(wilcoxon(d).pvalue)
-        assert float(r["mean_diff"]) == pytest.approx(d.mean(), abs=1e-12) and r["n"] == "10"
-        sd = max(np.std(arrays[x].mean(axis=1), ddof=1) for x in (r["loss_a"], r["loss_b"]))
-        assert float(r["seed_noise"]) == pytest.approx(sd, abs=1e-12)
-        assert r["within_seed_noise"] == ("yes" if abs(d.mean()) < sd else "no")
-        assert float(r["ci95_low"]) <= float(r["mean_diff"]) <= float(r["ci95_high"])
-    assert [float(r["p_value"]) for r in rows] == pytest.approx(raw)
-    adjusted = multipletests(raw, method="holm")[1]
-    assert [float(r["p_holm"]) for r in rows] == pytest.approx(adjusted)
-    assert [r["significant"] for r in rows] == ["yes" if p < 0.05 else "no" for p in adjusted]
+
+    def loglik(c):
+        return -sum(f * math.log(lam) + s / lam for f, lam, s in zip(df, c[:3], ss))
+
+    best = max((c for c in candidates if c[5]), key=loglik)
+    var, dof = best[3] / d.size, best[4]
+    p = 2 * t_distribution.sf(abs(d.mean()) / math.sqrt(var), dof)
+    return {
+        "mean": d.mean(),
+        "se": math.sqrt(var),
+        "df": dof,
+        "p": p,
+        "patient_sd": math.sqrt((best[1] - best[2]) / n_rep),
+        "replicate_sd": math.sqrt((best[0] - best[2]) / n_pat),
+        "residual_sd": math.sqrt(best[2]),
+    }
+
+
+def test_significance_is_the_crossed_effects_test_with_holm_and_matching_cis(experiment, report):
+    rows = read_rows(report / "significance.csv")
+    assert [(r["metric"], r["family"], r["loss_a"], r["loss_b"]) for r in rows] == [
+        (m, f, a, b)
+        for m, f in (("DSC", "primary"), ("HD95 (mm)", "secondary"))
+        for a, b in (("good", "mid"), ("good", "low"), ("mid", "low"))
+    ]
+    for family in (rows[:3], rows[3:]):
+        raw, wilcoxon_raw = [], []
+        for r in family:
+            arrays = per_loss_arrays(experiment, "dsc" if r["metric"] == "DSC" else "hd95_mm")
+            d = arrays[r["loss_a"]] - arrays[r["loss_b"]]  # [seed, patient]
+            expected = reference_fit(d)
+            for column in ("mean", "se", "df", "patient_sd", "replicate_sd", "residual_sd"):
+                got = float(r["mean_diff" if column == "mean" else column])
+                assert got == pytest.approx(expected[column], rel=1e-9, abs=1e-12), column
+            assert float(r["p_value"]) == pytest.approx(expected["p"], rel=1e-9)
+            assert (r["replicates"], r["patients"]) == ("3", "10")
+            raw.append(expected["p"])
+            wilcoxon_raw.append(wilcoxon(d.mean(axis=0)).pvalue)
+            assert float(r["wilcoxon_p"]) == pytest.approx(wilcoxon_raw[-1])
+        adjusted = multipletests(raw, method="holm")[1]
+        assert [float(r["p_holm"]) for r in family] == pytest.approx(adjusted)
+        assert [float(r["wilcoxon_p_holm"]) for r in family] == pytest.approx(
+            multipletests(wilcoxon_raw, method="holm")[1]
+        )
+        for r, p, p_holm in zip(family, raw, adjusted):
+            level = 1 - 0.05 * p / p_holm
+            half = t_distribution.ppf((1 + level) / 2, float(r["df"])) * float(r["se"])
+            assert float(r["ci_level"]) == pytest.approx(level)
+            assert (float(r["ci_low"]), float(r["ci_high"])) == pytest.approx(
+                (float(r["mean_diff"]) - half, float(r["mean_diff"]) + half)
+            )
+            assert r["significant"] == ("yes" if p_holm < 0.05 else "no")
+            assert (r["significant"] == "yes") == (float(r["ci_low"]) > 0 or float(r["ci_high"]) < 0)
     by_pair = {(r["metric"], r["loss_a"], r["loss_b"]): r for r in rows}
-    assert by_pair["DSC", "good", "low"]["significant"] == "yes"  # every patient better: p = 2 / 2^10, x 6
-    assert by_pair["DSC", "mid", "low"]["within_seed_noise"] == "yes"
+    assert by_pair["DSC", "good", "low"]["significant"] == "yes"
+    assert by_pair["DSC", "mid", "low"]["significant"] == "no"
 
 
 def test_curves_are_mean_sd_and_min_max_over_the_runs_histories(experiment, report):
@@ -268,43 +338,111 @@ def test_curves_are_mean_sd_and_min_max_over_the_runs_histories(experiment, repo
     assert f"{mean:.4f} ± {sd:.4f}" in text
 
 
-def test_variance_share_recomputed_from_the_run_means(experiment, report):
-    rows = {r["metric"]: r for r in read_rows(report / "variance.csv")}
+def test_variance_table_is_the_anova_of_the_run_means_with_seed_as_a_block(experiment, report):
+    rows = {(r["metric"], r["source"]): r for r in read_rows(report / "variance.csv")}
     for key, title in (("dsc", "DSC"), ("hd95_mm", "HD95 (mm)")):
-        run_means = {loss: a.mean(axis=1) for loss, a in per_loss_arrays(experiment, key).items()}
-        every = np.concatenate(list(run_means.values()))
-        ss_loss = sum(len(u) * (u.mean() - every.mean()) ** 2 for u in run_means.values())
-        ss_total = ((every - every.mean()) ** 2).sum()
-        assert float(rows[title]["loss share"]) == pytest.approx(ss_loss / ss_total, abs=1e-12)
-        assert float(rows[title]["chance share"]) == pytest.approx((3 - 1) / (9 - 1))
+        arrays = per_loss_arrays(experiment, key)
+        frame = pd.DataFrame(
+            [(loss, seed, u) for loss in LOSSES for seed, u in zip(SEEDS, arrays[loss].mean(axis=1))],
+            columns=["loss", "seed", "u"],
+        )
+        reference = anova_lm(smf.ols("u ~ C(loss) + C(seed)", frame).fit())
+        total = reference["sum_sq"].sum()
+        ms_res = reference.loc["Residual", "sum_sq"] / reference.loc["Residual", "df"]
+        for source, name in (("loss", "C(loss)"), ("seed", "C(seed)"), ("residual", "Residual")):
+            row = rows[title, source]
+            assert float(row["SS"]) == pytest.approx(reference.loc[name, "sum_sq"], rel=1e-9)
+            assert float(row["df"]) == reference.loc[name, "df"]
+            assert float(row["share"]) == pytest.approx(reference.loc[name, "sum_sq"] / total, rel=1e-9)
+        assert float(rows[title, "loss"]["p"]) == pytest.approx(reference.loc["C(loss)", "PR(>F)"], rel=1e-7)
+        assert float(rows[title, "seed"]["F"]) == pytest.approx(reference.loc["C(seed)", "F"], rel=1e-9)
+        ms_seed = reference.loc["C(seed)", "sum_sq"] / 2
+        assert float(rows[title, "seed"]["sd"]) == pytest.approx(math.sqrt(max(0, (ms_seed - ms_res) / 3)), abs=1e-12)
+        assert float(rows[title, "total"]["SS"]) == pytest.approx(total)
 
 
-def test_ranking_frequencies_sum_to_one_per_loss(report):
-    for r in read_rows(report / "ranking.csv"):
-        assert sum(float(r[f"P(rank {k})"]) for k in (1, 2, 3)) == pytest.approx(1.0)
-        if r["loss"] == "good" and r["metric"] == "DSC":
-            assert r["observed rank"] == "1" and float(r["P(rank 1)"]) == 1.0
+def bootstrap_ranks(values: np.ndarray, higher: bool, n: int = 10_000, seed: int = 0) -> dict[str, np.ndarray]:
+    """The documented resamples (one generator: replicate indices [n, R], then patient indices [n, P]),
+    materialised, and each scheme's ranks of every resample [n, loss]."""
+    rng = np.random.default_rng(seed)
+    n_reps, n_patients = values.shape[1:]
+    reps, patients = rng.integers(0, n_reps, (n, n_reps)), rng.integers(0, n_patients, (n, n_patients))
+    sample = values[:, reps[:, :, None], patients[:, None, :]]  # [loss, n, R, P]
+    sign = -1 if higher else 1
+    patient_means = sample.mean(axis=2)  # [loss, n, P]
+    per_patient = rankdata(sign * patient_means, method="min", axis=0)
+    return {
+        "aggregate-then-rank": rankdata(sign * patient_means.mean(axis=2), method="min", axis=0).T,
+        "rank-then-aggregate": rankdata(per_patient.mean(axis=2), method="min", axis=0).T,
+    }
 
 
-def test_results_paragraph_says_what_survives_and_what_is_within_seed_noise(report):
+def test_ranking_table_recomputed_with_kendall_tau(experiment, report):
+    rows = read_rows(report / "ranking.csv")
+    assert len(rows) == 2 * 2 * 3
+    for key, title, higher in (("dsc", "DSC", True), ("hd95_mm", "HD95 (mm)", False)):
+        arrays = per_loss_arrays(experiment, key)
+        values = np.array([arrays[loss] for loss in LOSSES])
+        boot = bootstrap_ranks(values, higher)
+        for scheme in ("aggregate-then-rank", "rank-then-aggregate"):
+            these = {r["loss"]: r for r in rows if r["metric"] == title and r["scheme"] == scheme}
+            observed = np.array([int(these[loss]["rank"]) for loss in LOSSES])
+            for i, loss in enumerate(LOSSES):
+                shares = [float(these[loss][f"P(rank {k})"]) for k in (1, 2, 3)]
+                assert shares == pytest.approx([(boot[scheme][:, i] == k).mean() for k in (1, 2, 3)])
+            distinct, which = np.unique(boot[scheme], axis=0, return_inverse=True)  # scipy once per ranking
+            tau = np.array([kendalltau(row, observed).statistic for row in distinct])[which.ravel()]
+            tau = tau[~np.isnan(tau)]
+            quartiles = (np.median(tau), np.percentile(tau, 25), np.percentile(tau, 75))
+            row = these["good"]
+            assert (float(row["tau median"]), float(row["tau q25"]), float(row["tau q75"])) == pytest.approx(quartiles)
+        mean = {
+            r["loss"]: float(r["score"]) for r in rows if r["metric"] == title and r["scheme"] == "aggregate-then-rank"
+        }
+        assert [mean[loss] for loss in LOSSES] == pytest.approx(values.mean(axis=(1, 2)))
+
+
+def test_results_paragraph_gives_the_primary_verdict_rankings_variance_and_power(report):
     text = (report / "report.md").read_text()
     paragraph = text.split("## Results\n\n", 1)[1].split("\n", 1)[0]
-    assert paragraph.startswith("3 loss(es), 3 evaluated run(s) each, 10 patients")
-    assert re.search(r"By mean DSC: good [\d.]+ \(seed sd [\d.]+\), ", paragraph)
-    assert "good ranks first in 100% of 10,000 bootstrap resamples" in paragraph
-    assert "The family: 3 pair(s) of losses x DSC and HD95, 6 paired Wilcoxon tests" in paragraph
-    assert re.search(
-        r"; 4 survive the correction, beyond seed noise: good - mid on DSC \+0\.05\d+ \(95% CI "
-        r"\+0\.0\d+ to \+0\.0\d+, adjusted p = 0\.0117, seed sd 0\.00\d+\); good - low on DSC",
-        paragraph,
+    assert paragraph.startswith(
+        "3 loss(es) x 3 seed(s) = 9 cells (9 evaluated), 10 test patients; primary metric DSC, secondary HD95. "
+        "No score is missing. On DSC (primary;"
     )
-    assert re.search(
-        r"Not surviving it: mid - low on DSC [+-]0\.00\d+ \(.*seed sd 0\.00\d+\), within seed noise; "
-        r"mid - low on HD95",
-        paragraph,
+    significance = {(r["metric"], r["loss_a"], r["loss_b"]): r for r in read_rows(report / "significance.csv")}
+    good_low = significance["DSC", "good", "low"]
+    level = 100 * float(good_low["ci_level"])
+    assert (
+        f"good is better than low by {float(good_low['mean_diff']):.4f} DSC ({level:.4g}% CI "
+        f"{float(good_low['ci_low']):.4f} to {float(good_low['ci_high']):.4f}, adjusted p "
+        f"{float(good_low['p_holm']):.3g})" in paragraph
     )
-    assert "after Holm over 6 tests no adjusted p below 0.0117." in paragraph
-    assert "The loss explains" in paragraph and "(chance level 25%)" in paragraph
+    power = read_rows(report / "power.csv")
+    detectable = float(power[0]["detectable difference"])
+    assert re.search(r"mid vs low: not resolved at this design \(mid ahead by 0\.00\d+ DSC, [\d.]+% CI ", paragraph)
+    assert f"the smallest difference it can detect is {detectable:.4f} DSC" in paragraph
+    assert "Secondary, HD95 (the same test, Holm over its own 3 pair(s)): " in paragraph
+    assert "Ranking on DSC (mean; mean rank)" in paragraph and "rank-then-aggregate good" in paragraph
+    assert re.search(r"Of the variance of the run means on DSC, \d+% is the loss's \(F test p ", paragraph)
+    assert "At this design (3 seed(s) x 10 patients) the smallest DSC difference detectable with 80% power" in paragraph
+    assert "at alpha 0.0167 (0.05 / 3, Holm's first step)" in paragraph
+    assert "within seed noise" not in paragraph.lower()
+
+
+def test_power_table_pools_the_primary_pairs_components(report):
+    significance = [r for r in read_rows(report / "significance.csv") if r["family"] == "primary"]
+    rows = read_rows(report / "power.csv")
+    assert [(r["design"], r["seeds"], r["replicate slots"], r["patients"]) for r in rows] == [
+        ("this design", "3", "3", "10"),
+        ("2x the seeds", "6", "6", "10"),
+        ("4x the seeds", "12", "12", "10"),
+    ]
+    for column in ("patient_sd", "replicate_sd", "residual_sd"):
+        pooled = math.sqrt(np.mean([float(r[column]) ** 2 for r in significance]))
+        assert [float(r[column]) for r in rows] == pytest.approx([pooled] * 3)
+    assert float(rows[0]["alpha"]) == pytest.approx(0.05 / 3)
+    detectable = [float(r["detectable difference"]) for r in rows]
+    assert detectable[0] > detectable[1] > detectable[2] > 0
 
 
 TRAINING = ["21", "22", "23", "24"]
@@ -335,7 +473,8 @@ def test_folds_are_replicates_of_their_seed_and_the_out_of_fold_scores_are_summa
     assert code == 0 and not err, err
     text = (tmp_path / "r" / "report.md").read_text()
     assert "Replicates of each loss: seed 1 fold 0; seed 1 fold 1; seed 2 fold 0; seed 2 fold 1 (2-fold" in text
-    assert [r["runs"] for r in read_rows(tmp_path / "r" / "losses.csv")] == ["4", "4", "-"]  # the rater: -
+    rows = read_rows(tmp_path / "r" / "losses.csv")
+    assert [(r["cells"], r["evaluated"]) for r in rows] == [("4", "4"), ("4", "4"), ("-", "-")]  # the rater: -
     assert {r["n"] for r in read_rows(tmp_path / "r" / "curves.csv")} == {"4"}
     oof = {r["loss"]: r for r in read_rows(tmp_path / "r" / "oof.csv")}
     for loss in ("good", "low"):
@@ -404,19 +543,6 @@ def test_two_experiments_of_the_same_splits_make_one_report(experiment, report, 
     code, _, err = run_cli(["compare", first, second, "--out", tmp_path / "r"], capsys)
     assert code == 0 and not err
     assert read_rows(tmp_path / "r" / "significance.csv") == read_rows(report / "significance.csv")
-
-
-def test_an_unevaluated_cell_is_left_out_with_a_warning(tmp_path, capsys):
-    scores = chosen_scores()
-    exp = write_experiment(tmp_path / "exp", scores, unevaluated=[("mid", 2, None)])
-    code, _, err = run_cli(["compare", exp, "--out", tmp_path / "r"], capsys)
-    assert code == 0 and len(err) == 1 and err[0].startswith("microseg: warning: 1 of 9 cells are left out")
-    rows = {r["loss"]: r for r in read_rows(tmp_path / "r" / "losses.csv")}
-    assert rows["mid"]["runs"] == "2"
-    mid = np.array([scores["mid", s, None]["dsc"] for s in (1, 3)])
-    assert float(rows["mid"]["DSC mean"]) == pytest.approx(mid.mean())
-    cells = {r["cell"]: r for r in read_rows(tmp_path / "r" / "cells.csv")}
-    assert cells["mid__s2"]["state"] == "trained, not evaluated"
 
 
 def refused(args, capsys, out: Path) -> str:
@@ -508,13 +634,17 @@ def test_compare_of_single_runs_keeps_working(experiment, tmp_path, capsys):
     assert math.isclose(min(float(r["p_holm"]) for r in rows), min(1.0, 2 * smallest))
 
 
-def test_with_one_run_per_loss_the_paragraph_says_the_seed_noise_is_unknown(tmp_path):
+def test_with_one_run_per_loss_the_test_is_the_paired_t_test_over_patients(tmp_path):
     from microseg.experiment_report import analyse, experiment_paragraph
 
-    text = experiment_paragraph(analyse([write_experiment(tmp_path / "exp", chosen_scores(("good", "low"), (1,)))]))
-    assert "2 survive the correction, with the seed noise unknown (one run per loss): good - low on DSC" in text
-    assert "beyond seed noise" not in text and "train more seeds before trusting any difference" in text
-    assert "The loss explains" not in text  # no run to compare within a loss: no variance share
+    scores = chosen_scores(("good", "low"), (1,))
+    analysis = analyse([write_experiment(tmp_path / "exp", scores)])
+    text = experiment_paragraph(analysis)
+    dsc = next(d for d in analysis.differences if d.metric == "dsc")
+    reference = ttest_rel(scores["good", 1, None]["dsc"], scores["low", 1, None]["dsc"])
+    assert dsc.p_value == pytest.approx(reference.pvalue) and dsc.df == N_PATIENTS - 1
+    assert "good is better than low by" in text and "train more seeds before trusting any difference" in text
+    assert "Of the variance of the run means" not in text  # one seed: no residual to test against
 
 
 def test_a_cell_retrained_since_its_evaluation_is_refused(tmp_path, capsys):
