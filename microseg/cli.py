@@ -179,6 +179,12 @@ def _add_jobs_option(p: argparse.ArgumentParser, default: str) -> None:
 
 def _add_inference_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
+        "--no-source-check",
+        dest="source_check",
+        action="store_false",
+        help="use the run(s) even if a training cache's source files changed since it was prepared",
+    )
+    p.add_argument(
         "--resize",
         help="how probabilities return to native size: bilinear or nearest (the reference's) "
         "(default: the run's, bilinear)",
@@ -218,12 +224,6 @@ def _add_evaluate(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test", help="split to evaluate: train or test (default test)")
     p.add_argument(
         "--protocol", default=PROTOCOLS[0], help=f"scoring protocol: {', '.join(PROTOCOLS)} (default %(default)s)"
-    )
-    p.add_argument(
-        "--no-source-check",
-        dest="source_check",
-        action="store_false",
-        help="evaluate even if the run's training cache's source files changed since it was prepared",
     )
     _add_inference_options(p)
     _add_jobs_option(p, "one per visible GPU, else 1")
@@ -276,7 +276,7 @@ def _add_predict(verbs: argparse._SubParsersAction) -> None:
     def run(args: argparse.Namespace) -> int:
         from microseg.evaluate import predict
 
-        written = predict(_run_or_ensemble(args), args.input, args.out, args.device, args.resize)
+        written = predict(_run_or_ensemble(args), args.input, args.out, args.device, args.resize, args.source_check)
         print(f"wrote {len(written)} mask(s) to {args.out}")
         return 0
 

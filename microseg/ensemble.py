@@ -34,25 +34,33 @@ class Ensemble(torch.nn.Module):
         return SegOutput(torch.logit(p))
 
 
-def load_ensemble(
-    runs: Sequence[str | Path], device: str = "auto", resize: str | None = None
-) -> tuple[torch.nn.Module, Preprocess, list[RunModel]]:
-    """The runs' networks (best.pt, else last.pt, each) as one Ensemble on `device`, their common
-    Preprocess (`resize` replacing the prediction resize), and each member; refuses members trained
-    on other grids."""
+def check_members(runs: Sequence[str | Path]) -> None:
+    """MicrosegError unless `runs` are at least two distinct runs."""
     if len(runs) < 2:
         raise MicrosegError("--ensemble needs at least two runs")
     if len({Path(r).resolve() for r in runs}) < len(runs):
         raise MicrosegError("--ensemble names a run twice")
-    members: list[RunModel] = []
-    for run in runs:
-        member = load_run_model(run, device, resize)
-        if members and member.preprocess != members[0].preprocess:
+
+
+def ensemble_of(runs: Sequence[str | Path], members: Sequence[RunModel]) -> tuple[torch.nn.Module, Preprocess]:
+    """The loaded `members` of `runs` as one Ensemble and their common Preprocess; refuses members
+    trained on other grids."""
+    for run, member in zip(runs, members):
+        if member.preprocess != members[0].preprocess:
             first, this = dataclasses.asdict(members[0].preprocess), dataclasses.asdict(member.preprocess)
             key = next(k for k in first if first[k] != this[k])
             raise MicrosegError(
                 f"--ensemble: {run} was trained with {key} {this[key]}, {runs[0]} with "
                 f"{first[key]}: ensemble members must share their preprocessing"
             )
-        members.append(member)
-    return Ensemble([m.model for m in members]).eval(), members[0].preprocess, members
+    return Ensemble([m.model for m in members]).eval(), members[0].preprocess
+
+
+def load_ensemble(
+    runs: Sequence[str | Path], device: str = "auto", resize: str | None = None
+) -> tuple[torch.nn.Module, Preprocess, list[RunModel]]:
+    """The runs' networks (best.pt, else last.pt, each) as one Ensemble on `device`, their common
+    Preprocess (`resize` replacing the prediction resize), and each member (`ensemble_of`)."""
+    check_members(runs)
+    members = [load_run_model(run, device, resize) for run in runs]
+    return *ensemble_of(runs, members), members

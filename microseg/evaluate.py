@@ -51,10 +51,10 @@ from microseg.analysis import (
     hard_region_mask,
 )
 from microseg.atomic import atomic_files_into, atomic_folder, make_folder, require_writable, write_text
-from microseg.checkpoint import Checkpoint, load_run_model
+from microseg.checkpoint import Checkpoint, RunModel, load_run_model
 from microseg.data.layout import NIFTI_SUFFIXES, Case, find_cases, nifti_files, visible_entries
 from microseg.data.volumes import SlabReader, read_geometry, require_same_geometry, volume_writer
-from microseg.ensemble import load_ensemble
+from microseg.ensemble import check_members, ensemble_of, load_ensemble
 from microseg.errors import MicrosegError, OptionError, warn
 from microseg.jobs import resolve_jobs, run_jobs, visible_gpus
 from microseg.metrics import CaseScorer, check_protocol, summarize
@@ -142,7 +142,8 @@ def evaluate(
     `cases` restricts the split to those patient ids (an experiment's held-out fold); `into` names
     the folder of the run written (`metrics`, or `heldout`). With `ensemble` (run folders), their
     averaged probability maps are the prediction (`microseg.ensemble`) and `run` is the folder the
-    evaluation is written into (no run, so no lock).
+    evaluation is written into (no run, so not locked); every member gets the run's checks
+    (`checked_runs`) and `evaluation.json` records each member's checkpoint.
     """
     from microseg.check import SPLITS
 
@@ -152,10 +153,46 @@ def evaluate(
     jobs = resolve_jobs(jobs, "evaluate", device)
     folder = RunFolder(run, into)
     if ensemble:
-        return _evaluate_locked(folder, data, split, protocol, resize, device, batch_size, jobs, False, cases, ensemble)
-    folder.checkpoint_path()  # the run folder and a checkpoint exist before its lock is taken
-    with folder.locked():
-        return _evaluate_locked(folder, data, split, protocol, resize, device, batch_size, jobs, source_check, cases)
+        check_members(ensemble)
+    with checked_runs(ensemble or [folder.path], device, resize, source_check) as members:
+        return _evaluate_locked(folder, data, split, protocol, device, resize, batch_size, jobs, members, cases)
+
+
+@contextlib.contextmanager
+def checked_runs(
+    runs: Sequence[str | Path], device: str = "auto", resize: str | None = None, source_check: bool = True
+) -> Iterator[list[RunModel]]:
+    """The runs' models (a run, or an ensemble's members) loaded under evaluate's checks, each run's
+    lock held for the block: its checkpoint (best.pt, else last.pt) exists; its lock is free
+    (refused, naming the pid, while `train` or another evaluate writes it); the checkpoint passes
+    `load_checkpoint`'s trust checks; with `source_check`, the source files of its training cache,
+    when the cache is on disk, are unchanged since the cache was prepared (`check_sources`)."""
+    from microseg.data.cache import check_sources
+
+    folders = [RunFolder(r) for r in runs]
+    for folder in folders:
+        folder.checkpoint_path()  # the run folder and a checkpoint exist before its lock is taken
+    with contextlib.ExitStack() as stack:
+        for folder in folders:
+            stack.enter_context(folder.locked())
+        members = [load_run_model(folder.path, device, resize) for folder in folders]
+        for member in members:
+            cache = Path(str(member.checkpoint.train_config.get("cache", "")))
+            if source_check and cache.is_file():
+                check_sources(cache)
+        yield members
+
+
+def _scored(member: RunModel) -> dict[str, object]:
+    """What evaluation.json records of a checkpoint scored: its file, epoch, step and sha256 (`compare`
+    refuses metrics whose checkpoint has changed since)."""
+    checkpoint = member.checkpoint
+    return {
+        "checkpoint": member.path.name,
+        "checkpoint_epoch": checkpoint.epoch,
+        "checkpoint_step": checkpoint.step,
+        "checkpoint_sha256": file_sha256(member.path),
+    }
 
 
 def _evaluate_locked(
@@ -163,40 +200,18 @@ def _evaluate_locked(
     data: Path,
     split: str,
     protocol: str,
-    resize: str | None,
     device: str,
+    resize: str | None,
     batch_size: int,
     jobs: int,
-    source_check: bool,
+    members: list[RunModel],
     cases: Sequence[str] | None = None,
-    ensemble: Sequence[Path] | None = None,
 ) -> Path:
-    """`evaluate` while it holds the run's lock: the checkpoint it reads and the metrics it writes
-    belong together (no `train` writes the run meanwhile)."""
-    record: dict[str, object] = {}
-    if ensemble:
-        model, preprocess, members = load_ensemble(ensemble, device, resize)
-        amp = members[0].amp
-        used = f"the ensemble of {', '.join(str(member.path) for member in members)}"
-        record |= {"checkpoint": "ensemble", "ensemble": [str(Path(r).resolve()) for r in ensemble]}
-    else:
-        loaded = load_run_model(folder.path, device, resize)
-        model, preprocess, checkpoint, checkpoint_file = loaded.model, loaded.preprocess, loaded.checkpoint, loaded.path
-        amp = loaded.amp
-        used = f"{checkpoint_file.name} ({_describe(checkpoint, checkpoint_file, folder)})"
-        record |= {
-            "checkpoint": checkpoint_file.name,
-            "checkpoint_epoch": checkpoint.epoch,
-            "checkpoint_step": checkpoint.step,
-            "checkpoint_sha256": file_sha256(checkpoint_file),
-        }
-        cache = Path(str(checkpoint.train_config.get("cache", "")))
-        if source_check and cache.is_file():
-            from microseg.data.cache import check_sources
-
-            check_sources(cache)
+    """`evaluate` while it holds the locks of the run or members it reads (`checked_runs`): the
+    checkpoints it reads and the metrics it writes belong together (no `train` writes them meanwhile)."""
+    model, preprocess, source, used, record = _model_of(folder, members)
+    amp = members[0].amp
     cases = _select(find_cases(Path(data), split, require_non_expert=False), cases, f"{data}/{split}")
-    source: Path | tuple[Path, ...] = tuple(Path(r) for r in ensemble) if ensemble else folder.path
     missing = [c.case_id for c in cases if c.expert is None]
     if missing:
         raise MicrosegError(f"{data}/{split} has no expert mask for case(s) {', '.join(missing)}: cannot score")
@@ -229,6 +244,27 @@ def _evaluate_locked(
     return folder.per_patient
 
 
+def _model_of(
+    folder: RunFolder, members: list[RunModel]
+) -> tuple[torch.nn.Module, Preprocess, Path | tuple[Path, ...], str, dict[str, object]]:
+    """The network evaluate predicts with (the run's, or the ensemble of several members), its
+    preprocessing, what a worker loads it from (the run, or the members' runs), how it is
+    described, and what evaluation.json records of its checkpoints."""
+    if len(members) == 1:
+        (member,) = members
+        used = f"{member.path.name} ({_describe(member.checkpoint, member.path)})"
+        return member.model, member.preprocess, folder.path, used, _scored(member)
+    runs = [member.path.parent for member in members]
+    model, preprocess = ensemble_of(runs, members)
+    used = "the ensemble of " + ", ".join(f"{m.path} ({_describe(m.checkpoint, m.path)})" for m in members)
+    record: dict[str, object] = {
+        "checkpoint": "ensemble",
+        "ensemble": [str(r.resolve()) for r in runs],
+        "members": [{"run": str(r.resolve()), **_scored(m)} for r, m in zip(runs, members)],
+    }
+    return model, preprocess, tuple(runs), used, record
+
+
 def _select(cases: list, wanted: Sequence[str] | None, where: str) -> list:
     """The cases whose ids are `wanted` (all when None); MicrosegError naming an id not found."""
     if wanted is None:
@@ -239,9 +275,9 @@ def _select(cases: list, wanted: Sequence[str] | None, where: str) -> list:
     return [c for c in cases if c.case_id in set(wanted)]
 
 
-def _describe(checkpoint: Checkpoint, path: Path, folder: RunFolder) -> str:
+def _describe(checkpoint: Checkpoint, path: Path) -> str:
     """'epoch 5, best validation DSC 0.8123' (best.pt), 'epoch 6' (last.pt; with its step if saved mid-epoch)."""
-    if path == folder.best:
+    if path.name == RunFolder(path.parent).best.name:
         return f"epoch {checkpoint.epoch}, best validation DSC {checkpoint.best_dsc:.4f}"
     return f"epoch {checkpoint.epoch}" + (f", step {checkpoint.step}" if checkpoint.step else "")
 
@@ -438,7 +474,12 @@ def _write_metrics(folder: RunFolder, patients: list[dict], slices: list[list], 
 
 
 def predict(
-    run: Path | Sequence[Path], source: Path, out: Path, device: str = "auto", resize: str | None = None
+    run: str | Path | Sequence[str | Path],
+    source: Path,
+    out: Path,
+    device: str = "auto",
+    resize: str | None = None,
+    source_check: bool = True,
 ) -> list[Path]:
     """Predict one volume (out = a .nii/.nii.gz file) or every visible .nii/.nii.gz in a folder (out = a folder).
 
@@ -446,21 +487,29 @@ def predict(
     A folder is all or nothing: its masks are written into a temporary folder beside `out` and
     move into `out` (other files there stay) only once every volume has been predicted, so a
     volume that turns out truncated stops the command with nothing half-written. `run` may be a list
-    of runs: their ensemble (`microseg.ensemble`).
+    of runs: their ensemble (`microseg.ensemble`). The run, or each member, gets evaluate's checks
+    and stays locked while it predicts (`checked_runs`).
     """
     source, out = Path(source), Path(out)
     inputs, targets = _prediction_plan(source, out)
-    predictor, _ = run_predictor(run if isinstance(run, Path | str) else tuple(run), device, resize)
-    created = [p for p in (out, *out.parents) if not p.exists()]
-    try:
-        with contextlib.nullcontext(out.parent) if not source.is_dir() else atomic_files_into(out) as folder:
-            for path, target in tqdm(list(zip(inputs, targets)), desc="predict", leave=False, disable=None):
-                _predict_file(predictor, path, folder / target.name)
-    except BaseException:
-        for folder in created:  # folders made on the way to a failed output, deepest first
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
-        raise
+    runs = [run] if isinstance(run, str | Path) else list(run)
+    if not isinstance(run, str | Path):
+        check_members(runs)
+    with checked_runs(runs, device, resize, source_check) as members:
+        model, preprocess = (
+            ensemble_of(runs, members) if len(members) > 1 else (members[0].model, members[0].preprocess)
+        )
+        predictor = slab_predictor(model, preprocess, members[0].amp)
+        created = [p for p in (out, *out.parents) if not p.exists()]
+        try:
+            with contextlib.nullcontext(out.parent) if not source.is_dir() else atomic_files_into(out) as folder:
+                for path, target in tqdm(list(zip(inputs, targets)), desc="predict", leave=False, disable=None):
+                    _predict_file(predictor, path, folder / target.name)
+        except BaseException:
+            for folder in created:  # folders made on the way to a failed output, deepest first
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
+            raise
     return targets
 
 

@@ -1,12 +1,18 @@
 """`evaluate` / `predict --ensemble`: the members' probability maps averaged before the 0.5 threshold,
-checked against the average computed by hand from each member's own network."""
+checked against the average computed by hand from each member's own network; every member checked
+as `evaluate --run` checks its run (its lock, its training cache's sources, its checkpoint's trust),
+and each member's checkpoint recorded in evaluation.json."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 
 import numpy as np
 import torch
+import pytest
 import torch.nn.functional as F
 
 from cli_helpers import one_error, run_cli
@@ -15,6 +21,7 @@ from microseg.data.layout import find_cases
 from microseg.data.volumes import read_volume
 from microseg.checkpoint import load_run_model
 from microseg.preprocess import resize_image
+from microseg.run import RunLock
 
 
 def averaged_by_hand(runs, image: np.ndarray) -> np.ndarray:
@@ -81,3 +88,81 @@ def test_ensemble_refusals(trained_run, phantom, tmp_path, capsys):
     )
     one_error(code, err, "either --run RUN or --ensemble")
     assert not (tmp_path / "e").exists()
+
+
+@pytest.fixture
+def members(trained_run, tmp_path):
+    """Two copies of the session's run, as two members a test may change."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    shutil.copytree(trained_run, first)
+    shutil.copytree(trained_run, second)
+    return first, second
+
+
+def ensemble_argv(verb: str, runs, phantom, tmp_path) -> list:
+    if verb == "evaluate":
+        return ["evaluate", "--ensemble", *runs, "--out", tmp_path / "out", "--data", phantom, "--device", "cpu"]
+    scan = find_cases(phantom, "test", require_non_expert=False)[0].image
+    return ["predict", "--ensemble", *runs, "--input", scan, "--out", tmp_path / "out" / "mask.nii.gz"]
+
+
+@pytest.mark.parametrize("verb", ["evaluate", "predict"])
+def test_a_member_that_train_writes_is_refused_naming_its_pid(verb, members, phantom, tmp_path, capsys):
+    first, second = members
+    lock = RunLock(second)
+    lock.acquire()  # as `train` holds it while it writes the run
+    try:
+        code, _, err = run_cli(ensemble_argv(verb, [first, second], phantom, tmp_path), capsys)
+        one_error(code, err, f"run {second} is being written", f"pid {os.getpid()}")
+    finally:
+        lock.release()
+    assert not (tmp_path / "out").exists()
+    assert not (first / ".lock").exists()  # the locks it took are given back
+
+
+def test_a_member_whose_sources_changed_is_refused_unless_told(trained_run, phantom, tmp_path, capsys):
+    from microseg.prepare import prepare_cache
+
+    data = tmp_path / "data"
+    shutil.copytree(phantom, data)
+    own = train_tiny(prepare_cache(data, tmp_path / "cache.h5", size=32), tmp_path / "own", epochs=1)
+    scans = sorted((data / "train" / "micro_ultrasound_scans").glob("*.nii.gz"))
+    shutil.copy(scans[0], scans[1])  # the member's training scan replaced by another patient's
+    for verb in ("evaluate", "predict"):
+        argv = ensemble_argv(verb, [trained_run, own], phantom, tmp_path)
+        code, _, err = run_cli(argv, capsys)
+        one_error(code, err, str(scans[1]), "changed since the cache")
+        assert not (tmp_path / "out").exists()
+        code, _, err = run_cli([*argv, "--no-source-check"], capsys)
+        assert code == 0, err
+        shutil.rmtree(tmp_path / "out")
+
+
+@pytest.mark.parametrize("verb", ["evaluate", "predict"])
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_a_member_checkpoint_that_cannot_be_trusted_is_refused(verb, damage, members, phantom, tmp_path, capsys):
+    first, second = members
+    best = second / "best.pt"
+    if damage == "truncated":
+        best.write_bytes(best.read_bytes()[: best.stat().st_size // 2])
+    else:
+        best.unlink()
+        (second / "last.pt").unlink()
+    code, _, err = run_cli(ensemble_argv(verb, [first, second], phantom, tmp_path), capsys)
+    one_error(code, err, str(best) if damage == "truncated" else f"{second} holds no checkpoint")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_evaluation_records_each_members_checkpoint(members, phantom, tmp_path, capsys):
+    first, second = members
+    code, printed, err = run_cli(ensemble_argv("evaluate", [first, second], phantom, tmp_path), capsys)
+    assert code == 0, err
+    record = json.loads((tmp_path / "out" / "metrics" / "evaluation.json").read_text())
+    assert [m["run"] for m in record["members"]] == [str(first.resolve()), str(second.resolve())]
+    for member, run in zip(record["members"], (first, second)):
+        checkpoint = run / member["checkpoint"]
+        assert member["checkpoint"] == "best.pt"
+        assert member["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+        assert member["checkpoint_epoch"] == torch.load(checkpoint, weights_only=True)["epoch"]
+        assert f"{checkpoint} (epoch {member['checkpoint_epoch']}" in printed
+    assert not (first / ".lock").exists() and not (second / ".lock").exists()
