@@ -293,9 +293,11 @@ def _add_compare(verbs: argparse._SubParsersAction) -> None:
         "Evaluated runs must share the split and protocol of their `microseg evaluate` "
         "(patients are paired by case). Given an experiment folder (one holding "
         "experiment.json; several when they split the patients alike), compare its "
-        "losses over their seeds and folds: curves with bands, per-loss means with the "
-        "seed sd, ranks and their bootstrap stability, a significance map, the "
-        "variance share of the loss.",
+        "losses over their seeds and folds, a missing score counting as the worst value: "
+        "the verdict on the plan's primary metric from a test with patients and seeds as "
+        "crossed random effects (Holm-adjusted, CIs at the matching level), challengeR's "
+        "two rankings and their bootstrap stability, the ANOVA of the run means, and the "
+        "smallest difference the design can detect.",
     )
     p.add_argument(
         "runs",

@@ -526,12 +526,7 @@ def _missing_sentence(analysis: Analysis) -> str:
     cells = _missing_cells(analysis)
     scores = {m.key: _missing_scores(analysis, m.key) for m in METRICS}
     if analysis.missing == "drop":
-        kept = [
-            f"{r.metric.short} {r.grid.values.shape[1]} of {len(analysis.design.slots)} replicate slots and "
-            f"{r.grid.values.shape[2]} of {len(analysis.patients)} patients"
-            for r in analysis.results.values()
-        ]
-        return "Missing values dropped (--missing drop): the statistics use " + "; ".join(kept) + "."
+        return f"Missing values dropped (--missing drop): {_kept(analysis)}."
     if not cells and not any(s.sum() for s in scores.values()):
         return "No score is missing."
     parts = []
@@ -543,6 +538,16 @@ def _missing_sentence(analysis: Analysis) -> str:
             parts.append(f"{int(scores[m.key].sum())} patient(s) without a {m.short} ({per_loss})")
     worst = " and ".join(f"{m.short} {_fmt(analysis.results[m.key].worst, m.digits)}{m.unit}" for m in METRICS)
     return f"Missing is worst: {'; '.join(parts)} count as the worst value ({worst})."
+
+
+def _kept(analysis: Analysis) -> str:
+    """What `--missing drop` kept of the design, per metric (the pairs' own grids are in significance.csv)."""
+    kept = [
+        f"{r.metric.short} {r.grid.values.shape[1]} of {len(analysis.design.slots)} replicate slots and "
+        f"{r.grid.values.shape[2]} of {len(analysis.patients)} patients"
+        for r in analysis.results.values()
+    ]
+    return "the statistics use " + "; ".join(kept)
 
 
 def _missing_cells(analysis: Analysis) -> list[str]:
@@ -916,14 +921,14 @@ def _significance_cells(analysis: Analysis) -> dict[str, dict[tuple[int, int], t
 def _missing_note(analysis: Analysis) -> list[str]:
     """The note at the top of report.md when a cell or a score is missing (or dropped)."""
     cells = _missing_cells(analysis)
-    scores = sum(int(_missing_scores(analysis, m.key).sum()) for m in METRICS)
-    if not cells and not scores:
+    scores = {m.short: int(_missing_scores(analysis, m.key).sum()) for m in METRICS}
+    if not cells and not any(scores.values()):
         return []
     what = f"{len(cells)} cell(s) of the design have no evaluation" + (f" ({', '.join(cells)})" if cells else "")
-    what += f", and {scores} per-patient score(s) of evaluated cells are missing"
+    what += ", and patients of evaluated cells have no score: " + ", ".join(f"{k} {n}" for k, n in scores.items())
     if analysis.missing == "drop":
-        return [f"**Missing values dropped** (`--missing drop`): {what}; {_missing_sentence(analysis)}", ""]
-    return [f"**Missing is worst**: {what}; each counts as its metric's worst value (see below).", ""]
+        return [f"**Missing values dropped** (`--missing drop`): {what}; {_kept(analysis)}.", ""]
+    return [f"**Missing is worst**: {what}; each missing score counts as its metric's worst value (see below).", ""]
 
 
 def _compared(analysis: Analysis) -> list[str]:
