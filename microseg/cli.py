@@ -318,7 +318,8 @@ def _add_compare(verbs: argparse._SubParsersAction) -> None:
     )
 
     def run(args: argparse.Namespace) -> int:
-        from microseg.experiment_report import compare_experiments, is_experiment
+        from microseg.experiment_analysis import is_experiment
+        from microseg.experiment_report import compare_experiments
         from microseg.report import compare
 
         experiments = [path for path in args.runs if is_experiment(path)]

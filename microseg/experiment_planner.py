@@ -17,7 +17,7 @@ from pathlib import Path
 
 from microseg.errors import MicrosegError
 from microseg.experiment_power import MAX_SEEDS, POWER, family_alpha, pooled_components, seeds_needed, simulate_test
-from microseg.experiment_report import analyse
+from microseg.experiment_analysis import analyse
 from microseg.experiment_statistics import metric
 from microseg.significance import ALPHA
 
@@ -42,7 +42,10 @@ def power_lines(
     m = metric(analysis.primary)
     components = pooled_components([d for d in analysis.differences if d.family == "primary"])
     if components is None:
-        raise MicrosegError(f"{pilot} has one loss: the pilot needs two or more to estimate the differences' variance")
+        raise MicrosegError(
+            f"{pilot} has one loss, or its losses' {m.short} differences have no variance at all (every score the "
+            "same): the pilot needs two or more losses whose differences vary to plan from"
+        )
     folds = analysis.design.folds
     n_patients = patients or len(analysis.patients)
     n_losses = losses or len(analysis.losses)

@@ -48,9 +48,10 @@ class Components:
 
 
 def pooled_components(differences: Sequence[LossDifference]) -> Components | None:
-    """The mean of the pairs' fitted components (None without a pair whose components are known)."""
+    """The mean of the pairs' fitted components (None without a pair whose components are known, or
+    when they are all 0: differences without variance, nothing to simulate)."""
     known = [d for d in differences if not any(math.isnan(v) for v in (d.s2_pat, d.s2_rep, d.s2_res))]
-    if not known:
+    if not known or all(d.s2_pat == d.s2_rep == d.s2_res == 0 for d in known):
         return None
     s2_pat, s2_rep, s2_res = (
         float(np.mean([getattr(d, name) for d in known])) for name in ("s2_pat", "s2_rep", "s2_res")

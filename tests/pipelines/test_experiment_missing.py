@@ -232,3 +232,34 @@ def test_experiment_power_refusals(tmp_path, capsys):
     one = write_experiment(tmp_path / "one", chosen_scores(("good",)))
     code, _, err = run_cli(["experiment", "power", one, "--delta", "0.01"], capsys)
     assert code == 2 and "has one loss" in err[-1]
+
+
+def test_cells_that_predict_nothing_score_the_worst_value(tmp_path, capsys):
+    blank = {"dsc": np.full(N_PATIENTS, math.nan), "hd95_mm": np.full(N_PATIENTS, math.nan)}
+    scores = chosen_scores(("good", "low"), (1, 2))
+    scores = {k: (v if k == ("good", 1, None) else blank) for k, v in scores.items()}
+    exp = write_experiment(tmp_path / "exp", scores)
+    assert run_cli(["compare", exp, "--out", tmp_path / "r"], capsys)[0] == 0
+    cap = scores["good", 1, None]["hd95_mm"].max()  # no images here: the largest HD95 scored
+    rows = {r["loss"]: r for r in read_rows(tmp_path / "r" / "losses.csv")}
+    assert float(rows["low"]["DSC mean"]) == 0 and float(rows["low"]["HD95 (mm) mean"]) == pytest.approx(cap)
+    assert rows["low"]["DSC missing scores"] == str(2 * N_PATIENTS) and rows["good"]["DSC missing scores"] == "10"
+    good = np.array([scores["good", 1, None]["dsc"], np.zeros(N_PATIENTS)])
+    assert float(rows["good"]["DSC mean"]) == pytest.approx(good.mean())
+    assert run_cli(["experiment", "power", exp, "--delta", "0.01"], capsys)[0] == 0
+    nothing = write_experiment(tmp_path / "nothing", {k: blank for k in scores})
+    code, _, err = run_cli(["compare", nothing, "--out", tmp_path / "n"], capsys)
+    assert code == 2 and "HD95 has no worst value" in err[-1] and "--missing drop" in err[-1]
+
+
+def test_losses_with_identical_scores_leave_no_variance_to_plan_from(tmp_path, capsys):
+    scores = chosen_scores(("good", "low"), (1, 2))
+    for seed in (1, 2):
+        scores["low", seed, None] = scores["good", seed, None]
+    exp = write_experiment(tmp_path / "exp", scores)
+    assert run_cli(["compare", exp, "--out", tmp_path / "r"], capsys)[0] == 0
+    (row, *_) = read_rows(tmp_path / "r" / "significance.csv")
+    assert (float(row["mean_diff"]), float(row["p_value"]), row["significant"]) == (0.0, 1.0, "no")
+    assert not (tmp_path / "r" / "power.csv").exists()
+    code, _, err = run_cli(["experiment", "power", exp, "--delta", "0.01"], capsys)
+    assert code == 2 and "differences have no variance at all" in err[-1]
