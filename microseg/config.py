@@ -56,7 +56,7 @@ class TrainConfig:
         "R50-ViT-B_16",
         "named model config: R50-ViT-B_16 (the paper's; without --weights it "
         "trains from scratch, not from the paper's ImageNet-21k encoder), "
-        "R50-ViT-B_16-port, R50-ViT-L_16, small, tiny: see the README",
+        "R50-ViT-B_16-port, R50-ViT-L_16, small, tiny: see docs/reference/models.md",
     )
     weights: str | None = option(
         None,

@@ -38,7 +38,7 @@ DEMO_DATA = PhantomSettings(n_train=16, n_test=8, n_slices=36, size=(240, 343), 
 # 3e-3 with poly decay (a 1-epoch warm-up and lr 5e-3 did not help). 36 slices a patient and
 # 5 epochs rather than 18 and 10 (the same steps): the microsegnet protocol averages per slice, and
 # with 18 the few small end slices a 2D model misses swung a patient's score. Measured results:
-# the README's Benchmarks.
+# docs/benchmarks.md.
 DEMO_TRAIN = dict(
     model="small", epochs=5, batch_size=4, optimizer="adam", lr=3e-3, val_fraction=0.0, augment=False, num_workers=0
 )

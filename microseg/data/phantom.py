@@ -44,7 +44,7 @@ W = ``1 - (1 - w)(1 - w_shadow)`` the hidden part of the contour, n a smooth in/
 systematic over- or under-reach of +-1, the same sign for every rater of a patient, plus smooth
 variation half of which they share: everyone finds the same places ambiguous) and m a smooth
 field for small errors elsewhere. ``RATER_ERRORS`` orders them by experience (their scores
-against the expert on the demo's test patients: the README's Benchmarks). The errors are in mm,
+against the expert on the demo's test patients: docs/benchmarks.md). The errors are in mm,
 so native-size phantoms score the same (three patients at 962 x 1372 and at 240 x 343: HD95
 within 0.05 mm, DSC within 0.001).
 

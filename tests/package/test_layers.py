@@ -1,4 +1,4 @@
-"""The package's layering, as the README's Architecture section states it, checked on the source.
+"""The package's layering, as docs/explanation/architecture.md states it, checked on the source.
 
 Every ``import`` / ``from ... import`` of a microseg module anywhere in a module (top level and
 inside functions alike) is an edge; an edge may only point to a lower layer, or stay inside one
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import fnmatch
+import re
 from pathlib import Path
 
 import microseg
@@ -32,7 +33,7 @@ LAYERS: list[tuple[bool, tuple[str, ...]]] = [
     (True, ("atomic", "preprocess", "patient_stats", "rules", "runtime", "torch_files", "jobs")),
     (True, ("errors",)),
 ]
-"""The layers, top first. The README's Architecture section lists the same."""
+"""The layers, top first. docs/explanation/architecture.md lists the same."""
 
 
 def module_files() -> dict[str, Path]:
@@ -92,7 +93,7 @@ def layer_of(module: str) -> int | None:
 
 def test_every_module_has_a_layer():
     unplaced = sorted(m for m in import_graph() if m and layer_of(m) is None)
-    assert not unplaced, f"modules in no layer (add them to LAYERS and the README): {unplaced}"
+    assert not unplaced, f"modules in no layer (add them to LAYERS and docs/explanation/architecture.md): {unplaced}"
 
 
 def test_imports_only_go_down():
@@ -150,3 +151,12 @@ def test_the_trainer_names_no_loss():
     compared = [c for node in ast.walk(tree) if isinstance(node, ast.Compare) for c in (node.left, *node.comparators)]
     named = {c.value for c in compared if isinstance(c, ast.Constant) and c.value in LOSSES}
     assert not named, f"train.py tells losses apart by name: {sorted(named)}"
+
+
+def test_the_architecture_page_lists_these_layers():
+    """docs/explanation/architecture.md's numbered list: the same modules per layer, top first, `|`
+    between the modules of an independent layer and `,` where they may import one another."""
+    page = (PACKAGE.parent / "docs" / "explanation" / "architecture.md").read_text()
+    listed = re.findall(r"^\d+\. (.*)$", page.split("## Layers", 1)[1], flags=re.M)
+    written = [("," not in line, tuple(name.rstrip("/") for name in re.findall(r"`([^`]+)`", line))) for line in listed]
+    assert written == LAYERS
