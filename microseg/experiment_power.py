@@ -7,14 +7,15 @@ shared by two pairs count in both), define the null and the alternatives. For a 
 the test sees D only through its mean and its three sums of squares, which under the model are
 independent (Cochran's theorem): Dbar ~ N(delta, (L_rep + L_pat - L_res) / (R P)) and SS_i ~ L_i
 chi^2(df_i) with L_rep = s2_res + P s2_rep, L_pat = s2_res + R s2_pat, L_res = s2_res. So each of
-`SIMULATIONS` simulated experiments draws those four numbers (seeded: the same numbers every
-time), fits them with the report's own REML fit and Satterthwaite t test, and rejects at the
-family's alpha: alpha / m, the Bonferroni level of Holm's first step over the m pairs of losses
-(a pair resolved at that level is resolved by Holm whatever the other pairs do). The power at
-delta is the share of rejections; the same draws serve every delta (common random numbers), so
-the power is a smooth function of delta and the smallest difference detectable with 80% power
-is found by bisection. With one replicate (R = 1) a seed's effect cannot be told from the loss's,
-so the planner's designs have at least 2 replicate slots.
+`SIMULATIONS` simulated experiments draws those four numbers (`numpy.random.default_rng(POWER_SEED)`:
+the standard normals of Dbar, then the chi-square draws of SS_rep, SS_pat and SS_res; the same
+numbers every time), fits them with the report's own REML fit and Satterthwaite t test, and
+rejects at the family's alpha: alpha / m, the Bonferroni level of Holm's first step over the m
+pairs of losses (a pair resolved at that level is resolved by Holm whatever the other pairs do).
+The power at delta is the share of rejections; the same draws serve every delta (common random
+numbers: no fresh noise between deltas), and the smallest difference detectable with 80% power is
+found by bisection on them. With one replicate (R = 1) a seed's effect cannot be told from the
+loss's, so `seeds_needed` starts at 2 replicate slots.
 """
 
 from __future__ import annotations

@@ -487,6 +487,27 @@ def test_folds_are_replicates_of_their_seed_and_the_out_of_fold_scores_are_summa
     assert "## Cross-validation: out-of-fold scores of the training patients" in text
 
 
+def test_with_folds_the_anova_has_seed_and_fold_apart_and_the_pairs_use_every_fold_model(tmp_path, capsys):
+    scores = chosen_scores(("good", "low"), (1, 2, 3), (0, 1))
+    exp = write_experiment(tmp_path / "exp", scores, folds=2)
+    assert run_cli(["compare", exp, "--out", tmp_path / "r"], capsys)[0] == 0
+    u = [(loss, seed, fold, scores[loss, seed, fold]["dsc"].mean()) for loss, seed, fold in scores]
+    reference = anova_lm(
+        smf.ols("u ~ C(loss) + C(seed) + C(fold)", pd.DataFrame(u, columns=["loss", "seed", "fold", "u"])).fit()
+    )
+    rows = {r["source"]: r for r in read_rows(tmp_path / "r" / "variance.csv") if r["metric"] == "DSC"}
+    ms_res = reference.loc["Residual", "sum_sq"] / reference.loc["Residual", "df"]
+    for source, runs_per_level in (("seed", 2 * 2), ("fold", 2 * 3)):
+        expected = reference.loc[f"C({source})"]
+        assert float(rows[source]["p"]) == pytest.approx(expected["PR(>F)"], rel=1e-7)
+        sd = math.sqrt(max(0.0, (expected["sum_sq"] / expected["df"] - ms_res) / runs_per_level))
+        assert float(rows[source]["sd"]) == pytest.approx(sd, abs=1e-12)
+    (dsc, *_) = read_rows(tmp_path / "r" / "significance.csv")
+    d = np.array([scores["good", s, f]["dsc"] - scores["low", s, f]["dsc"] for s in (1, 2, 3) for f in (0, 1)])
+    assert (dsc["replicates"], dsc["patients"]) == ("6", "10")
+    assert float(dsc["se"]) == pytest.approx(reference_fit(d)["se"], rel=1e-9)
+
+
 def test_a_patient_out_of_fold_twice_is_refused(tmp_path, capsys):
     exp = write_experiment(tmp_path / "exp", chosen_scores(("good", "low"), (1, 2), (0, 1)), folds=2)
     write_oof(exp, extra_row=["low", 2, "22", 0.8, 1.4])
