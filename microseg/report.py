@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 from microseg.atomic import atomic_folder, require_writable, write_text
@@ -69,7 +70,9 @@ def metric_table(records: list[RunRecord], columns: list[tuple[str, RunRecord, s
     """One row per patient, one column per (label, run, per-patient key); mean, std, median rows."""
     cases = sorted(set().union(*(r.patients for r in records)))
     header = ["case_id"] + [label for label, _, _ in columns]
-    rows = [[case] + [r.patients.get(case, {}).get(key, math.nan) for _, r, key in columns] for case in cases]
+    rows: list[list] = [
+        [case] + [r.patients.get(case, {}).get(key, math.nan) for _, r, key in columns] for case in cases
+    ]
     stats = [summarize([row[i] for row in rows]) for i in range(1, len(header))]
     return header, rows + [[name] + [st[name] for st in stats] for name in SUMMARY_ROWS]
 
@@ -211,7 +214,7 @@ def _finding(
     valid = {i: m["mean"] for i, m in means.items() if m["n"]}
     if not valid:
         return None
-    best = (max if higher else min)(valid, key=valid.get)
+    best = (max if higher else min)(valid, key=valid.__getitem__)
     run = records[best]
     sentence = (
         f"On {name} the best is {run.label} (mean {valid[best]:.{digits}f}{unit} over {means[best]['n']} patients)"
@@ -387,12 +390,13 @@ class _Report:
     """report.md's sections as they are written; each table also goes to `<out>/<stem>.csv`."""
 
     def __init__(self, out: Path):
-        self.out, self.sections = out, []
+        self.out = out
+        self.sections: list[str] = []
 
     def add(self, *lines: str) -> None:
         self.sections.extend(lines)
 
-    def table(self, stem: str, title: str, header: list[str], rows: list[list], notes: list[str] = ()) -> None:
+    def table(self, stem: str, title: str, header: list[str], rows: list[list], notes: Sequence[str] = ()) -> None:
         write_csv(self.out / f"{stem}.csv", header, rows)
         self.add(f"## {title}", "", markdown_table(header, rows), "", *notes, "", f"([{stem}.csv]({stem}.csv))", "")
 

@@ -42,7 +42,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -58,6 +58,10 @@ from microseg.config import TrainConfig, check_train_inputs, save_config
 from microseg.errors import MicrosegError, OptionError, warn
 from microseg.run import RunFolder
 from microseg.runtime import Distributed, ProcessStopped, StepInterrupts, autocast_context, configure_speed, resolve_amp
+
+if TYPE_CHECKING:
+    from microseg.losses import DeepSupervision
+    from microseg.models import TransUNet
 
 
 class NonFiniteLoss(MicrosegError):
@@ -78,7 +82,11 @@ class StepLosses:
     def as_tensor(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """[per-scale..., total, bce] in float64 on `device`: the layout of the epoch's running sums."""
         if isinstance(self.total, torch.Tensor):
-            parts = [torch.as_tensor(self.per_scale).reshape(-1), self.total.reshape(1), self.bce.reshape(1)]
+            parts = [
+                torch.as_tensor(self.per_scale).reshape(-1),
+                self.total.reshape(1),
+                torch.as_tensor(self.bce).reshape(1),
+            ]
             return torch.cat([p.to(device, torch.float64) for p in parts])
         return torch.tensor([*self.per_scale, self.total, self.bce], dtype=torch.float64, device=device)
 
@@ -172,21 +180,21 @@ def train(
             with env.together():  # rank 0 takes the run's lock: a refusal reaches every rank
                 if env.main:
                     claimed.enter_context(folder.claim(resume, force))
-            trainer = (trainer or Trainer)(config, env, resume, interrupts)
+            session = (trainer or Trainer)(config, env, resume, interrupts)
             try:
-                for epoch in range(trainer.epoch, config.epochs):
-                    row = trainer.run_epoch(epoch)
+                for epoch in range(session.epoch, config.epochs):
+                    row = session.run_epoch(epoch)
                     if on_epoch is not None and env.main:
                         on_epoch(row)
             except KeyboardInterrupt:
-                trainer.save_interrupted()
+                session.save_interrupted()
                 raise
             except RuntimeError as err:  # a collective broke: Ctrl-C reached another process first?
                 if env.lost_peer(err) and interrupts.pending:
-                    trainer.save_interrupted()
+                    session.save_interrupted()
                 raise
             finally:
-                trainer.close()
+                session.close()
             failed = False
         except RuntimeError as err:
             if not env.lost_peer(err):
@@ -310,17 +318,24 @@ def build_loader(
 class Trainer:
     """One run's model, loss, optimizer, schedule, data and position (epoch, step, history)."""
 
+    model: TransUNet
+    criterion: DeepSupervision
+    optimizer: torch.optim.Optimizer
+    loader: DataLoader | None  # None once closed
+    val_loader: DataLoader | None  # None without a validation split, and on ranks other than 0
+    overlay: tuple[np.ndarray, np.ndarray, np.ndarray] | None  # TensorBoard's (image, expert, prediction)
+    history: list[dict[str, Any]]
+
     def __init__(self, config: TrainConfig, env: Distributed, resume: bool, interrupts: StepInterrupts | None = None):
         config = dataclasses.replace(config, amp=resolve_amp(config.amp, env.device) or "none")  # saved resolved
         self.config, self.env, self.folder = config, env, RunFolder(config.run)
         self.device, self.interrupts = env.device, interrupts or StepInterrupts()
         with env.together():  # a failure on any rank (a checkpoint it cannot read, rank 0's writes) reaches all
             self._setup(resume)
-        step = ModelWithLoss(self.model, self.criterion)
+        if env.world > 1 and config.sync_bn:
+            nn.SyncBatchNorm.convert_sync_batchnorm(self.model)  # in place: the same module and parameters
+        step: nn.Module = ModelWithLoss(self.model, self.criterion)
         if env.world > 1:
-            if config.sync_bn:
-                self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)  # the same parameters
-                step = ModelWithLoss(self.model, self.criterion)
             ids = [self.device.index] if self.device.type == "cuda" else None
             step = nn.parallel.DistributedDataParallel(step, device_ids=ids)
         self.step_fn = compile_step(step) if config.compile else step
@@ -402,7 +417,7 @@ class Trainer:
         self.optimizer = self.build_optimizer([p for p in self.model.parameters() if p.requires_grad])
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.config.amp == "fp16")
 
-    def build_model(self, fresh: bool) -> torch.nn.Module:
+    def build_model(self, fresh: bool) -> TransUNet:
         """Hook: the network (seeded), with the pretrained weights on a fresh run, on the device."""
         from microseg.models import build_model
         from microseg.models.pretrained_files import resolve_weights
@@ -420,7 +435,7 @@ class Trainer:
             model.to(memory_format=torch.channels_last)
         return model
 
-    def build_loss(self, train_idx: list[int]) -> torch.nn.Module:
+    def build_loss(self, train_idx: list[int]) -> DeepSupervision:
         """Hook: the deep-supervised loss, given the training-set statistics it declares (saved with the run)."""
         from microseg.data.cache import foreground_areas
         from microseg.losses import DeepSupervision, dataset_statistics
@@ -445,14 +460,17 @@ class Trainer:
     def _restore(self, loaded: Checkpoint) -> None:
         """Continue from a checkpoint: weights, optimizer, scaler, schedule, position and the epoch's loss
         sums (rank 0 holds them; the others start at zero), on any number of processes."""
+        optimizer, scaler, accum = loaded.optimizer, loaded.scaler, loaded.accum
+        if optimizer is None or scaler is None or accum is None:  # as `resumed_config`, for a direct `train` call
+            raise MicrosegError(f"cannot resume from {self.folder.last}: a weights-only or damaged checkpoint")
         self.model.load_state_dict(loaded.model)
-        self.optimizer.load_state_dict(loaded.optimizer)
-        self.scaler.load_state_dict(loaded.scaler)
+        self.optimizer.load_state_dict(optimizer)
+        self.scaler.load_state_dict(scaler)
         self.epoch, self.step = loaded.epoch, loaded.step
         self.history, self.best_dsc = loaded.history, loaded.best_dsc
         counted = loaded.accum_count if loaded.accum_count is not None else float(loaded.step)  # earlier: 1 process
         if self.env.main:
-            self.monitor.restart(loaded.accum.to(self.device), self.step, counted)
+            self.monitor.restart(accum.to(self.device), self.step, counted)
         else:
             self.monitor.restart(None, self.step)
         if loaded.scheduler is not None:
@@ -586,14 +604,14 @@ class Trainer:
         row.update({f"loss_{s}": float(v) for s, v in zip(self.preprocess.scale_sizes, totals[:n])})
         row["bce"] = float(totals[-1])
         if self.val_loader is not None:
-            row["val_dsc"], row["val_hd95_mm"] = self.validate()
+            row["val_dsc"], row["val_hd95_mm"] = self.validate(self.val_loader)
         row["lr"] = lr
         row["seconds"] = round(time.perf_counter() - started, 2)
         return row
 
     @torch.inference_mode()
-    def validate(self) -> tuple[float, float]:
-        """Mean over validation patients of per-slice DSC / HD95 at the cache's size, in the training's
+    def validate(self, loader: DataLoader) -> tuple[float, float]:
+        """Mean over `loader`'s validation patients of per-slice DSC / HD95 at the cache's size, in the training's
         precision (autocast as `--amp`).
 
         Protocol "all-slices": every slice where the expert or the prediction is non-empty counts, a
@@ -607,7 +625,7 @@ class Trainer:
         preds: dict[str, list[np.ndarray]] = {}
         refs: dict[str, list[np.ndarray]] = {}
         seen = 0
-        for batch in self.val_loader:
+        for batch in loader:
             with autocast_context(self.device, self.config.amp):
                 logits = self.model(batch["image"].to(self.device, non_blocking=True)).logits
             pred = (logits.float() > 0).cpu().numpy()[:, 0]

@@ -36,7 +36,7 @@ class Case:
     case_id: str
     split: str
     image: Path
-    expert: Path | None
+    expert: Path
     non_expert: Path | None
     raters: dict[str, Path] = field(default_factory=dict)
 

@@ -81,9 +81,10 @@ class DeepSupervision(nn.Module):
             check_option("deep supervision", f"kernel_sizes[{i}]", k, KERNEL) for i, k in enumerate(kernel_sizes)
         ]
         self.spec, self.target_resize, self.weights = spec, target_resize, check_weights(weights)
-        self.losses = nn.ModuleList(build_loss(spec, dataset_stats=dataset_stats, scale_kernel_size=k) for k in kernels)
-        self.needs_non_expert = self.losses[0].needs_non_expert
-        self.sample_stat_keys = self.losses[0].sample_stat_keys
+        losses = [build_loss(spec, dataset_stats=dataset_stats, scale_kernel_size=k) for k in kernels]
+        self.losses = nn.ModuleList(losses)
+        self.needs_non_expert = losses[0].needs_non_expert
+        self.sample_stat_keys = losses[0].sample_stat_keys
 
     def forward(
         self,

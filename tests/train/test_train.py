@@ -127,6 +127,16 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(cache, tmp_path):
     assert len(read_history(run)) == 1
 
 
+@pytest.mark.parametrize("record", ["optimizer", "scaler", "accum"])
+def test_resume_from_a_checkpoint_without_a_resume_record_is_refused(record, copied_run, cache):
+    """`train(resume=True)` called directly (as an experiment cell does) on a `last.pt` lacking a record."""
+    state = torch.load(copied_run / "last.pt", weights_only=True)
+    torch.save({**state, record: None}, copied_run / "last.pt")
+    config = resolve_train_config(None, dict(TINY_TRAIN, cache=str(cache), run=str(copied_run)))
+    with pytest.raises(MicrosegError, match="cannot resume from .*last.pt: a weights-only or damaged checkpoint"):
+        train(config, resume=True)
+
+
 @pytest.mark.parametrize("case", ["exists", "cache_size", "other_model", "no_cache", "bad_loss"])
 def test_bad_train_inputs_give_one_line(case, trained_run, cache, phantom, tmp_path, capsys):
     args = ["train", "--cache", str(cache), "--run", str(trained_run), "--model", "tiny", "--num-workers", "0"]
