@@ -200,7 +200,7 @@ def dataset_report(root: Path, protocol: str, splits: dict[str, dict]) -> dict:
     }
 
 
-def _json_ready(value):
+def _json_ready(value: Any) -> Any:
     """NaN -> None (strict JSON), recursively."""
     if isinstance(value, float) and math.isnan(value):
         return None

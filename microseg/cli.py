@@ -12,6 +12,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from microseg import __version__
 from microseg.errors import MicrosegError, OptionError
@@ -33,7 +34,7 @@ EXAMPLES = """examples:
 class Parser(argparse.ArgumentParser):
     """argparse with the project's error form: one line `microseg: error: ...`, exit status 2."""
 
-    def error(self, message: str):
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"microseg: error: {message} (see '{self.prog} --help')\n")
 
 
@@ -192,7 +193,7 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
 
 
-def _run_or_ensemble(args: argparse.Namespace):
+def _run_or_ensemble(args: argparse.Namespace) -> str | list[str]:
     """--run RUN or --ensemble RUN...: exactly one of them."""
     if bool(args.run) == bool(args.ensemble):
         raise MicrosegError("give either --run RUN or --ensemble RUN RUN...")
@@ -231,7 +232,7 @@ def _add_evaluate(verbs: argparse._SubParsersAction) -> None:
     def run(args: argparse.Namespace) -> int:
         from microseg.evaluate import evaluate
 
-        target = _run_or_ensemble(args)
+        _run_or_ensemble(args)  # exactly one of them
         if args.ensemble and not args.out:
             raise MicrosegError("--ensemble needs --out DIR: the folder its evaluation is written into")
         if args.out and not args.ensemble:
@@ -239,7 +240,7 @@ def _add_evaluate(verbs: argparse._SubParsersAction) -> None:
         if args.ensemble and (Path(args.out) / "config.yaml").exists():
             raise MicrosegError(f"--out {args.out} is a trained run: give the ensemble's evaluation its own folder")
         path = evaluate(
-            args.out or target,
+            Path(args.out or args.run),
             args.data,
             args.split,
             args.protocol,

@@ -57,7 +57,7 @@ from microseg.data.volumes import SlabReader, read_geometry, require_same_geomet
 from microseg.ensemble import check_members, ensemble_of, load_ensemble
 from microseg.errors import MicrosegError, OptionError, warn
 from microseg.jobs import resolve_jobs, run_jobs, visible_gpus
-from microseg.metrics import CaseScorer, check_protocol, summarize
+from microseg.metrics import CaseScore, CaseScorer, check_protocol, summarize
 from microseg.preprocess import Preprocess, resize_image, resize_prediction, scale_intensity
 from microseg.run import RunFolder, file_sha256
 from microseg.runtime import autocast_context
@@ -329,7 +329,7 @@ def _evaluate_case(job: _CaseJob) -> tuple[dict, list[list], list[str]]:
 
 
 def _score_case(
-    case, predict: Predictor, preprocess: Preprocess, protocol: str, predictions: Path, slab: int = SLAB
+    case: Case, predict: Predictor, preprocess: Preprocess, protocol: str, predictions: Path, slab: int = SLAB
 ) -> tuple[dict, list[list], list[str]]:
     """Predict one case, write its mask, score it, its other annotators and its hard region, and
     describe its expert's slices: slab by slab, every file read once, memory independent of Z.
@@ -441,7 +441,7 @@ def _hard_counts(pred: np.ndarray, expert: np.ndarray, others: list[np.ndarray],
     return hard_region_counts(pred, expert, hard_region_mask(expert, others, kernel))
 
 
-def _slice_rows(case_id: str, score, described: list[dict]) -> list[list]:
+def _slice_rows(case_id: str, score: CaseScore, described: list[dict]) -> list[list]:
     """per_slice.csv rows of one case: every scored or expert-non-empty slice, with its descriptors."""
     scored = {s.z: s for s in score.per_slice}
     by_z = {d["z"]: d for d in described}

@@ -31,6 +31,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -53,6 +54,9 @@ from microseg.report import require_same_evaluation
 from microseg.run_record import RunRecord, load_run
 from microseg.significance import ALPHA
 from microseg.tables import SUMMARY_ROWS
+
+if TYPE_CHECKING:
+    from microseg.data.volumes import Geometry
 
 SPLITS_FILE = "splits.json"
 MISSING_RULES = ("worst", "drop")
@@ -291,7 +295,7 @@ def make_design(experiments: Experiments) -> Design:
     return Design(losses, slots, folds, left_out)
 
 
-def image_diagonal(geometry, volume: bool) -> float:
+def image_diagonal(geometry: Geometry, volume: bool) -> float:
     """sqrt((H sy)^2 + (W sx)^2) in mm, the slice's diagonal (with `volume` the box's: + (Z sz)^2)."""
     (z, h, w), (sz, sy, sx) = geometry.shape, geometry.spacing
     return math.sqrt((h * sy) ** 2 + (w * sx) ** 2 + (volume * z * sz) ** 2)

@@ -14,8 +14,11 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from multiprocessing.queues import Queue
 from pathlib import Path
+from typing import TextIO
 
 from microseg.errors import MicrosegError
 from microseg.experiment import Cell, Experiment, load_experiment
@@ -93,7 +96,7 @@ def _in_workers(
     return failed
 
 
-def _start_worker(slots, gpus: list[str], threads: int) -> None:
+def _start_worker(slots: Queue[int], gpus: list[str], threads: int) -> None:
     """A worker's setup, before torch: its GPU (by slot), or its share of the CPU threads."""
     slot = slots.get()
     if gpus:
@@ -113,7 +116,7 @@ def _work(path: str, cell_id: str, device: str) -> tuple[bool, str]:
         return False, str(err)
 
 
-def _printer(stream):
+def _printer(stream: TextIO) -> Callable[[str], None]:
     """Progress lines go to `stream` (the command's stdout), whatever a cell redirects meanwhile;
     each line is one write, so the lines of processes sharing the stream do not interleave."""
 

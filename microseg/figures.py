@@ -12,6 +12,8 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -23,6 +25,9 @@ from microseg.errors import MicrosegError
 from microseg.metrics import dice
 from microseg.preprocess import INTENSITY_MAX
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 EXPERT_COLOUR = "#00ff00"
 RUN_COLOURS = ("#1f77b4", "#ff7f0e", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
 
@@ -32,7 +37,7 @@ def run_colours(runs: Sequence[str]) -> dict[str, str]:
     return {run: RUN_COLOURS[i % len(RUN_COLOURS)] for i, run in enumerate(dict.fromkeys(runs))}
 
 
-def pyplot():
+def pyplot() -> ModuleType:
     """matplotlib.pyplot on the Agg backend (no display needed). A run name in a script the font lacks
     (CJK, say) is drawn as boxes, without matplotlib's warning for every glyph."""
     import matplotlib
@@ -44,7 +49,7 @@ def pyplot():
     return plt
 
 
-def save_png(fig, path: str | Path, dpi: int = 120) -> None:
+def save_png(fig: Figure, path: str | Path, dpi: int = 120) -> None:
     """Write `fig` as a PNG through a temporary name, then close it."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)

@@ -18,6 +18,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
+from multiprocessing.queues import Queue
 from typing import TypeVar
 
 from tqdm import tqdm
@@ -100,7 +101,7 @@ def set_threads(threads: int) -> None:
     cv2.setNumThreads(threads)
 
 
-def start_worker(slots, gpus: Sequence[str], threads: int) -> None:
+def start_worker(slots: Queue[int], gpus: Sequence[str], threads: int) -> None:
     """A worker's setup, before torch starts in it: its GPU (the slot it takes, mod the GPUs) and
     its share of the CPU threads."""
     slot = slots.get()

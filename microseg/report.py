@@ -307,7 +307,7 @@ def find_dataset_check(records: list[RunRecord]) -> tuple[Path, dict] | None:
 def check_table(report: dict) -> tuple[list[str], list[list]]:
     """Each split's raters against the expert from a dataset check: patients, DSC and HD95 mean and std."""
 
-    def value(v) -> float:
+    def value(v: float | None) -> float:
         return math.nan if v is None else float(v)
 
     header = ["split", "rater", "patients", "DSC mean", "DSC std", "HD95 mean (mm)", "HD95 std (mm)"]

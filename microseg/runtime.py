@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import threading
+from types import FrameType
 from typing import Any, Iterator
 
 import torch
@@ -78,7 +79,7 @@ def configure_speed(device: torch.device, deterministic: bool) -> None:
         torch.backends.cudnn.allow_tf32 = not deterministic
 
 
-def autocast_context(device: torch.device, amp: str | None):
+def autocast_context(device: torch.device, amp: str | None) -> contextlib.AbstractContextManager[None]:
     """bf16 autocast on CPU or GPU; fp16 on GPU only (with a grad scaler); none when amp is None or "none"."""
     amp = resolve_amp(amp, device)
     if amp is None:
@@ -200,12 +201,12 @@ class StepInterrupts:
             self.previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self.previous is not None:
             signal.signal(signal.SIGINT, self.previous)
             self.previous = None
 
-    def _handle(self, signum, frame) -> None:
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.deferring:
             self.pending = True
         else:

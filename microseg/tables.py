@@ -48,7 +48,7 @@ def number(text: str | None) -> float:
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence], digits: int = 4) -> str:
-    def cell(v) -> str:
+    def cell(v: object) -> str:
         if isinstance(v, float):
             return "n/a" if math.isnan(v) else f"{v:.{digits}f}"
         return str(v)

@@ -62,6 +62,7 @@ from microseg.runtime import Distributed, ProcessStopped, StepInterrupts, autoca
 if TYPE_CHECKING:
     from microseg.losses import DeepSupervision
     from microseg.models import TransUNet
+    from microseg.tensorboard_log import TrainingBoard
 
 
 class NonFiniteLoss(MicrosegError):
@@ -236,20 +237,29 @@ class ModelWithLoss(nn.Module):
         expert: torch.Tensor,
         non_expert: torch.Tensor,
         sample_stats: dict[str, torch.Tensor] | None = None,
-    ):
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         out = self.net(image)
         result = self.criterion(out.logits, out.aux, expert, non_expert, sample_stats=sample_stats)
         bce = F.binary_cross_entropy_with_logits(out.logits.detach().float(), expert)
         return result.total, result.per_scale, bce
 
 
-def compile_step(step: nn.Module):
+StepFunction = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+"""A training step's forward: (image, expert, non_expert, sample_stats) -> (total, per_scale, bce)."""
+
+
+def compile_step(step: nn.Module) -> StepFunction:
     """torch.compile of the model and its loss together, the batch dimension dynamic, so that an
     epoch's smaller last batch runs the same graph (torch specialises sizes 0 and 1: a last batch
     of one slice per process compiles once more)."""
     compiled = torch.compile(step)
 
-    def run(image, expert, non_expert, sample_stats=None):
+    def run(
+        image: torch.Tensor,
+        expert: torch.Tensor,
+        non_expert: torch.Tensor,
+        sample_stats: dict[str, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         for tensor in (image, expert, non_expert, *(sample_stats or {}).values()):
             torch._dynamo.mark_dynamic(tensor, 0)
         return compiled(image, expert, non_expert, sample_stats)
@@ -258,7 +268,14 @@ def compile_step(step: nn.Module):
 
 
 def train_step(
-    step, optimizer, scaler, batch, device, config: TrainConfig, stat_keys: Sequence[str] = (), weight: float = 1.0
+    step: StepFunction,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    batch: dict[str, Any],
+    device: torch.device,
+    config: TrainConfig,
+    stat_keys: Sequence[str] = (),
+    weight: float = 1.0,
 ) -> StepLosses:
     """One optimisation step on `batch` (`step`: a `ModelWithLoss`, maybe wrapped or compiled, given the
     batch's `stat_keys` statistics its loss reads; backward of the total times `weight`, the
@@ -379,7 +396,7 @@ class Trainer:
                 flush=True,
             )
 
-    def _open_board(self, loaded: Checkpoint | None):
+    def _open_board(self, loaded: Checkpoint | None) -> TrainingBoard | None:
         """The TensorBoard writer (rank 0, with --tensorboard), continuing at the checkpoint's position."""
         if self.config.tensorboard is None or not self.env.main:
             return None

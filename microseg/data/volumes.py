@@ -25,10 +25,10 @@ from __future__ import annotations
 import contextlib
 import math
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import nibabel as nib
 import numpy as np
@@ -189,7 +189,7 @@ class SlabReader:
     def __enter__(self) -> "SlabReader":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def _as_image(self, array: np.ndarray) -> np.ndarray:
@@ -239,7 +239,7 @@ def read_volume(path: str | Path, kind: Literal["image", "mask"] = "image") -> V
     return Volume(array, geometry.spacing, geometry.affine, reader.header, geometry.path)
 
 
-def _numbers(values) -> str:
+def _numbers(values: Iterable[Any]) -> str:
     """``(a, b, c)`` with 6 significant digits; nested sequences recursively."""
     items = [_numbers(v) if np.ndim(v) else f"{float(v):.6g}" for v in values]
     return f"({', '.join(items)})"
