@@ -68,7 +68,7 @@ def _add_simulate(verbs: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--preview", action="store_true", help="also write preview.png: slices with both contours")
-    _add_jobs_option(p, "the number of cores")
+    _add_jobs_option(p, "1 on up to 2 cores, else the number of cores")
 
     def run(args: argparse.Namespace) -> int:
         from microseg.data.phantom import simulate_dataset
@@ -95,7 +95,7 @@ def _add_prepare(verbs: argparse._SubParsersAction) -> None:
         default=224,
         help=f"slice size in the cache, a multiple of {SIZE_MULTIPLE} (the models' patch stride; default 224)",
     )
-    _add_jobs_option(p, "the number of cores")
+    _add_jobs_option(p, "1 on up to 2 cores, else the number of cores")
 
     def run(args: argparse.Namespace) -> int:
         from microseg.prepare import prepare_cache
@@ -408,7 +408,7 @@ def _add_check(verbs: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--protocol", default="microsegnet", choices=PROTOCOLS, help="rater scoring protocol (default microsegnet)"
     )
-    _add_jobs_option(p, "the number of cores")
+    _add_jobs_option(p, "1 on up to 2 cores, else the number of cores")
 
     def run(args: argparse.Namespace) -> int:
         from microseg.check import check_dataset, format_check, require_clean, write_check

@@ -49,19 +49,27 @@ def visible_gpus(device: str = "auto") -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-def machine_jobs(command: str, device: str = "auto") -> int:
-    """The `--jobs` measured fastest for `command` on this machine (README, Benchmarks).
+SMALL_MACHINE_CORES = 2
+"""Up to this many cores, one process is the fastest setting of every command (README, Benchmarks)."""
 
-    evaluate: one worker per visible GPU (each its own GPU), else 1; on 2 CPU cores one process
-    already keeps both cores busy with its pipelined slabs, and a second worker only adds its
-    imports and model load. simulate, check and prepare: one per core. experiment: 1 (its cells
-    one at a time).
+
+def machine_jobs(command: str, device: str = "auto") -> int:
+    """The `--jobs` measured fastest for `command` on this machine (README, Benchmarks: 2 shared cores,
+    each pair of --jobs 1 / 2 run back to back, twice).
+
+    evaluate: one worker per visible GPU (each on its own GPU), else 1: on the CPU one process
+    already keeps the cores busy with its pipelined slabs, and each further worker pays its imports
+    and the model's load (on 2 cores --jobs 2 took 31-36 s where --jobs 1 took 13-21 s).
+    simulate, check and prepare: 1 on up to `SMALL_MACHINE_CORES` cores, where a worker's start
+    (about 4 s of CPU importing torch, OpenCV and microseg) outweighs the second core (check 33-34 s
+    with --jobs 2 against 11-12 s with --jobs 1 on 2 + 2 native patients of 40 slices), else one
+    per core. experiment: 1 (its cells one at a time).
     """
     if command == "evaluate":
         return max(1, len(visible_gpus(device)))
     if command == "experiment":
         return 1
-    return cores()
+    return cores() if cores() > SMALL_MACHINE_CORES else 1
 
 
 def default_jobs(command: str, device: str = "auto") -> int:

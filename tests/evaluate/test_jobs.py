@@ -28,8 +28,10 @@ def test_without_the_variable_each_command_gets_the_machines_rule(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # one worker per visible GPU
     assert resolve_jobs(None, "evaluate") == 2 and resolve_jobs(None, "evaluate", "cpu") == 1
     assert resolve_jobs(None, "experiment") == 1
-    cores = len(os.sched_getaffinity(0))
-    assert [resolve_jobs(None, command) for command in ("simulate", "check", "prepare")] == [cores] * 3
+    for cores, jobs in ((1, 1), (2, 1), (3, 3), (16, 16)):  # one process up to 2 cores, then one per core
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        assert [resolve_jobs(None, command) for command in ("simulate", "check", "prepare")] == [jobs] * 3
+        assert resolve_jobs(None, "evaluate", "cpu") == 1
 
 
 def _argv(command: str, tmp_path, phantom, cache) -> list:
