@@ -48,6 +48,7 @@ class Checkpoint:
     calf_stats: dict | None = None
     world_size: int = 1  # processes that trained it; the position (epoch, step) is in global batches
     global_batch: int = 0  # the global batch (0: an earlier release's, whose --batch-size was per process)
+    last_lr: float | None = None  # the learning rate of the last step taken (None: an earlier release's)
 
     def to_dict(self) -> dict[str, Any]:
         values = {f.name: getattr(self, f.name) for f in fields(self)}

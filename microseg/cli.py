@@ -2,20 +2,20 @@
 
 Errors a user can cause (MicrosegError) and errors of the machine (OSError: a folder that cannot
 be written, a full disk) end with one line on stderr naming the file and exit status 2; Ctrl-C
-ends with status 130. Nothing else is caught: a traceback means a bug.
+ends with status 130 (SIGTERM or SIGHUP, where a command handles them: 128 + the signal's
+number). Nothing else is caught: a traceback means a bug.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 from pathlib import Path
 from typing import NoReturn
 
 from microseg import __version__
-from microseg.errors import MicrosegError, OptionError
+from microseg.errors import MicrosegError, OptionError, os_error_line
 
 
 EXAMPLES = """examples:
@@ -567,13 +567,6 @@ VERBS: list = [
 ]
 
 
-def _os_error_line(err: OSError) -> str:
-    """One line for an OSError: the file(s) it names, then its reason."""
-    reason = os.strerror(err.errno) if err.errno else " ".join(str(err).split())
-    files = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
-    return f"{files}: {reason}" if files else reason
-
-
 def flag_names(err: MicrosegError) -> str:
     """An error's message as the command line says it: an OptionError's `option` names become --option flags."""
     if not isinstance(err, OptionError):
@@ -590,8 +583,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"microseg: error: {flag_names(err)}", file=sys.stderr)
         return 2
     except OSError as err:
-        print(f"microseg: error: {_os_error_line(err)}", file=sys.stderr)
+        print(f"microseg: error: {os_error_line(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("microseg: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM / SIGHUP where the command handles them
+        from microseg.stop import exit_status
+
+        print("microseg: interrupted" + (f": {err}" if str(err) else ""), file=sys.stderr)
+        return exit_status(err)

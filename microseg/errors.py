@@ -6,6 +6,7 @@ input that is legitimate but suspicious (an expert mask empty on every slice) ge
 `microseg: warning: <message>` on stderr and the run goes on.
 """
 
+import os
 import sys
 
 
@@ -29,6 +30,13 @@ class MicrosegError(Exception):
 class OptionError(MicrosegError):
     """A refused option value, in the library's words: the message names each option as its parameter or config
     field in backticks (`` `ds_weights` must be >= 0, got -1 ``); the command line says its flag (``--ds-weights``)."""
+
+
+def os_error_line(err: OSError) -> str:
+    """One line for an OSError: the file(s) it names, then its reason."""
+    reason = os.strerror(err.errno) if err.errno else " ".join(str(err).split())
+    files = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
+    return f"{files}: {reason}" if files else reason
 
 
 def warn(message: str) -> None:

@@ -3,8 +3,9 @@
 A cell trains (or resumes from `last.pt`), then, with folds, evaluates its held-out patients
 into `heldout/`, then the test split into `metrics/` (exactly `microseg evaluate --split test`).
 Its output goes to `EXP/logs/<id>.log`, whose last line records how a cell that did not finish
-ended (`microseg: error: ...` or `microseg: interrupted`). SIGTERM (a SLURM time limit) stops
-training as Ctrl-C does: `last.pt` keeps the position inside the epoch.
+ended (`microseg: error: ...`, after the traceback of an unexpected exception, or `microseg:
+interrupted`). SIGTERM (a SLURM time limit) and SIGHUP stop training as Ctrl-C does: `last.pt`
+keeps the position inside the epoch, at a step's end.
 
 States, from the run folder itself: done (the evaluations are written), running (its run lock is
 held by a live process), trained (not yet evaluated), partial (epoch N of M in `last.pt`),
@@ -15,20 +16,22 @@ epoch N of M`, but the run folder is gone).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
-import signal
 import time
+import traceback
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import IO, Callable
 
-from microseg.errors import MicrosegError
+from microseg.errors import MicrosegError, os_error_line
 from microseg.experiment import Cell, Experiment
 from microseg.config import load_config
 from microseg.run import RunFolder, RunLock
+from microseg.stop import stop_signals
 from microseg.tables import SUMMARY_ROWS, read_csv, write_csv
 
 HELDOUT = "heldout"
@@ -78,11 +81,18 @@ def lock_holder(folder: Path) -> str | None:
 def cell_state(experiment: Experiment, cell: Cell) -> CellState:
     """What the cell's run folder (and its log) say about it."""
     folder = RunFolder(cell.run)
-    lines = _log_lines(experiment.log(cell))
-    last_line = lines[-1] if lines else ""
     holder = lock_holder(folder.path) if folder.path.is_dir() else None
     if holder is not None:
         return CellState("running", *_epochs(folder), detail=f"pid {holder}")
+    done, epochs = _epochs(folder) if folder.path.is_dir() else (0, 0)
+    evaluations = [folder.evaluation] + ([cell.run / HELDOUT / "evaluation.json"] if cell.fold is not None else [])
+    if folder.path.is_dir() and epochs and done >= epochs and all(p.is_file() for p in evaluations):
+        return CellState("done", done, epochs)
+    try:
+        lines = _log_lines(experiment.log(cell))
+    except OSError as err:  # a folder, or a file it may not read, where the log goes: running it fails too
+        return CellState("failed", done, epochs, f"its log cannot be read: {os_error_line(err)}")
+    last_line = lines[-1] if lines else ""
     if not folder.path.is_dir():
         if any(line.startswith(SAVED) for line in lines):
             return CellState("deleted", detail=f"{experiment.log(cell)} shows a saved epoch")
@@ -91,10 +101,6 @@ def cell_state(experiment: Experiment, cell: Cell) -> CellState:
         if lines:  # stopped before its first checkpoint
             return CellState("failed", detail=last_line.removeprefix(FAILED))
         return CellState("pending")
-    done, epochs = _epochs(folder)
-    evaluations = [folder.evaluation] + ([cell.run / HELDOUT / "evaluation.json"] if cell.fold is not None else [])
-    if epochs and done >= epochs and all(p.is_file() for p in evaluations):
-        return CellState("done", done, epochs)
     if last_line.startswith(FAILED):
         return CellState("failed", done, epochs, last_line[len(FAILED) :])
     if epochs and done >= epochs:
@@ -140,27 +146,57 @@ def check_cell_folder(experiment: Experiment, cell: Cell) -> None:
                 )
 
 
+class CellFailed(MicrosegError):
+    """A cell that ended with an error, whatever it was: its failure line (the details are in its log)."""
+
+
 def run_cell(experiment: Experiment, cell: Cell, event: Callable[[str], None], device: str = "auto") -> str:
     """Train (or resume) and evaluate one cell, its output appended to its log; returns its result line.
 
-    `event` gets one line per cell event (started, epoch N of M). MicrosegError and Ctrl-C / SIGTERM
-    are recorded as the log's last line and raised again.
+    `event` gets one line per cell event (started, epoch N of M). Any error (MicrosegError, an
+    OSError, an unexpected exception, whose traceback goes to the log only) is recorded as the log's
+    last line and raised as `CellFailed`; so is a log that cannot be written. A stop (Ctrl-C,
+    SIGTERM, SIGHUP: the position saved at a step's end) is recorded and raised again.
     """
     log = experiment.log(cell)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # a time limit saves like Ctrl-C
-    try:
-        with open(log, "a", buffering=1) as stream, redirect_stdout(stream), redirect_stderr(stream):
-            try:
+    with stop_signals() as stop:  # a time limit's SIGTERM saves like Ctrl-C
+        stop.check()
+        try:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            stream = open(log, "a", buffering=1)
+        except OSError as err:
+            raise CellFailed(f"cannot write its log: {os_error_line(err)}") from None
+        try:
+            with redirect_stdout(stream), redirect_stderr(stream):
                 return _run(experiment, cell, event, device)
-            except MicrosegError as err:
-                print(f"{FAILED}{err}")
-                raise
-            except KeyboardInterrupt:
-                print(INTERRUPTED)
-                raise
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        except KeyboardInterrupt:
+            _record(stream, INTERRUPTED)
+            raise
+        except Exception as err:  # whatever it is, it is this cell's failure
+            line = failure_line(err)
+            _record(stream, f"{FAILED}{line}", None if isinstance(err, (MicrosegError, OSError)) else err)
+            raise CellFailed(line) from None
+        finally:
+            with contextlib.suppress(OSError):
+                stream.close()
+
+
+def failure_line(err: BaseException) -> str:
+    """A cell's failure in one line: a MicrosegError's message, an OSError's file and reason, else the
+    exception's type and message (its traceback is in the log)."""
+    if isinstance(err, MicrosegError):
+        return str(err)
+    if isinstance(err, OSError):
+        return os_error_line(err)
+    return f"{type(err).__name__}: {' '.join(str(err).split())} (its traceback is in the cell's log)"
+
+
+def _record(stream: IO[str], last_line: str, err: BaseException | None = None) -> None:
+    """The log's last line (after `err`'s traceback); a log that no longer takes writes keeps what it has."""
+    with contextlib.suppress(OSError, ValueError):
+        if err is not None:
+            traceback.print_exception(err, file=stream)
+        stream.write(last_line + "\n")
 
 
 def _run(experiment: Experiment, cell: Cell, event: Callable[[str], None], device: str) -> str:

@@ -5,123 +5,274 @@ on the CPU the cores are divided between the workers (torch threads = cores // N
 Small models are per-operation overhead bound on the CPU, so several single-threaded trainings
 side by side make more optimiser steps per second than one using every core (the demo's
 measurement: three side by side on 2 cores, 1.4x). Cell events print as they happen, each
-finished or failed cell with the overall count; the experiment's lock (`EXP/.lock`) keeps a
-second runner out while this one runs.
+finished or failed cell with the overall count. A cell's failure, whatever its error, is its own:
+the others run on.
+
+Stopping: a cell starts only when a worker is free and no stop was asked. After Ctrl-C, SIGTERM
+or SIGHUP (the runner's `microseg.stop.StopSignals`) no cell starts; in-process, the running cell
+saves its position at its step's end; with workers, the runner sends each running worker one
+SIGTERM, and each saves at its step's end. The command then ends with one line naming the cells
+to resume (exit status 128 + the signal). A worker is one spawned process per cell; it ignores
+the terminal's SIGINT and SIGHUP (the runner relays a stop, once) and watches its runner: when
+the runner is gone, however it ended (kill -9 too), the worker stops as on SIGTERM and exits, so
+no worker outlives its runner.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
+import signal
 import sys
-from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from multiprocessing.queues import Queue
+import threading
+import time
+from dataclasses import dataclass, field
+from multiprocessing import resource_tracker
+from multiprocessing.connection import Connection, wait
+from multiprocessing.context import SpawnContext, SpawnProcess
 from pathlib import Path
-from typing import TextIO
+from typing import Callable, Iterable, TextIO
 
-from microseg.errors import MicrosegError
 from microseg.experiment import Cell, Experiment, load_experiment
-from microseg.experiment_cell import lock_holder, run_cell
+from microseg.experiment_cell import failure_line, run_cell
 from microseg.jobs import cores, visible_gpus
-from microseg.run import RunLock
+from microseg.stop import Interrupted, StopSignals, signal_name, signal_of, stop_signals
+
+POLL_S = 0.5
+"""How often the runner looks for a stop while its workers run, and a worker for its runner."""
+GRACE_S = 120.0
+"""A worker whose runner is gone exits by then even if its cell has not stopped (a step that hangs)."""
+RELAYED = (signal.SIGINT, signal.SIGHUP)
+"""What a worker ignores: a terminal sends them to every process of the command; the runner relays a stop."""
+
+
+@dataclass
+class Progress:
+    """The cells' outcomes as they come: one event line each, with the overall count."""
+
+    total: int
+    event: Callable[[str], None]
+    done: int = 0
+    failed: list[str] = field(default_factory=list)  # '<id>: <error>'
+    stopped: list[str] = field(default_factory=list)  # ids of the cells a stop interrupted
+
+    def finished(self, cell: Cell, line: str) -> None:
+        self.done += 1
+        self.event(f"{cell.id}: finished, {line} {self._count()}")
+
+    def fail(self, cell: Cell, line: str) -> None:
+        self.failed.append(f"{cell.id}: {line}")
+        self.event(f"{cell.id}: failed: {line} {self._count()}")
+
+    def interrupt(self, cell: Cell) -> None:
+        self.stopped.append(cell.id)
+        self.event(f"{cell.id}: interrupted")
+
+    def interruption(self, signum: int, not_started: int) -> Interrupted:
+        """The command's end after a stop: the cells to resume, those not started, the failed ones."""
+        parts = [f"{signal_name(signum)}; cell(s) to resume: {', '.join(self.stopped) or 'none'}"]
+        if not_started:
+            parts.append(f"{not_started} cell(s) not started")
+        if self.failed:
+            parts.append(f"{len(self.failed)} failed: {', '.join(line.split(':')[0] for line in self.failed)}")
+        return Interrupted(signum, "; ".join(parts) + "; run the plan again to continue")
+
+    def _count(self) -> str:
+        return f"[{self.done} of {self.total} done" + (f", {len(self.failed)} failed]" if self.failed else "]")
 
 
 def run_local(experiment: Experiment, cells: list[Cell], jobs: int, device: str = "auto") -> list[str]:
-    """Run `cells` in `jobs` workers; returns the failed cells' lines ('<id>: <error>')."""
-    holder = lock_holder(experiment.path)
-    if holder is not None:
-        raise MicrosegError(f"experiment {experiment.path} is being run by another microseg process (pid {holder})")
-    lock = RunLock(experiment.path)
-    lock.acquire()
-    try:
-        gpus = visible_gpus(device)
-        threads = max(1, cores() // jobs) if not gpus else 0
-        where = f"{len(gpus)} GPU(s)" if gpus else f"the CPU, {threads} thread(s) each"
-        print(f"running {len(cells)} cell(s) of {experiment.path} in {jobs} worker(s) on {where}", flush=True)
+    """Run `cells`, at most `jobs` at a time; returns the failed cells' lines ('<id>: <error>').
+
+    A stop signal ends it with `Interrupted`, whose message names the cells to resume."""
+    gpus = visible_gpus(device)
+    threads = max(1, cores() // jobs) if not gpus else 0
+    where = f"{len(gpus)} GPU(s)" if gpus else f"the CPU, {threads} thread(s) each"
+    print(f"running {len(cells)} cell(s) of {experiment.path} in {jobs} worker(s) on {where}", flush=True)
+    progress = Progress(len(cells), _printer(sys.stdout))
+    with stop_signals() as stop:
         if jobs == 1:
-            return _in_process(experiment, cells, device)
-        return _in_workers(experiment, cells, jobs, gpus, threads, device)
-    finally:
-        lock.release()
+            _in_process(experiment, cells, device, progress)
+        else:
+            _in_workers(experiment, cells, _Pool(jobs, gpus, threads, device), stop, progress)
+    return progress.failed
 
 
-def _finished(done: int, failed: int, total: int) -> str:
-    return f"[{done} of {total} done" + (f", {failed} failed]" if failed else "]")
-
-
-def _in_process(experiment: Experiment, cells: list[Cell], device: str) -> list[str]:
-    failed: list[str] = []
-    event = _printer(sys.stdout)
-    for i, cell in enumerate(cells):
-        try:
-            result = run_cell(experiment, cell, event, device)
-            event(f"{cell.id}: finished, {result} {_finished(i + 1 - len(failed), len(failed), len(cells))}")
-        except MicrosegError as err:
-            failed.append(f"{cell.id}: {err}")
-            event(f"{cell.id}: failed: {err} {_finished(i + 1 - len(failed), len(failed), len(cells))}")
-    return failed
-
-
-def _in_workers(
-    experiment: Experiment, cells: list[Cell], jobs: int, gpus: list[str], threads: int, device: str
-) -> list[str]:
-    context = multiprocessing.get_context("spawn")
-    slots = context.Queue()
-    for slot in range(jobs):
-        slots.put(slot)
-    failed: list[str] = []
-    event = _printer(sys.stdout)
-    with ProcessPoolExecutor(
-        jobs, mp_context=context, initializer=_start_worker, initargs=(slots, gpus, threads)
-    ) as pool:
-        pending = {pool.submit(_work, str(experiment.path), cell.id, device): cell for cell in cells}
-        done = 0
-        try:
-            while pending:
-                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    cell = pending.pop(future)
-                    ok, line = future.result()  # a worker's Ctrl-C (its cell saved last.pt) comes back here
-                    done += ok
-                    if not ok:
-                        failed.append(f"{cell.id}: {line}")
-                    event(
-                        f"{cell.id}: {'finished, ' if ok else 'failed: '}{line} "
-                        f"{_finished(done, len(failed), len(cells))}"
-                    )
-        except KeyboardInterrupt:  # start no other cell; the running ones got Ctrl-C too
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
-    return failed
-
-
-def _start_worker(slots: Queue[int], gpus: list[str], threads: int) -> None:
-    """A worker's setup, before torch: its GPU (by slot), or its share of the CPU threads."""
-    slot = slots.get()
-    if gpus:
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
-    import torch
-
-    if threads:
-        torch.set_num_threads(threads)
-
-
-def _work(path: str, cell_id: str, device: str) -> tuple[bool, str]:
-    """One cell in a worker: (True, result line) or (False, its error line); Ctrl-C propagates."""
-    experiment = load_experiment(Path(path))
+def _in_process(experiment: Experiment, cells: list[Cell], device: str, progress: Progress) -> None:
+    started = 0
     try:
-        return True, run_cell(experiment, experiment.cell(cell_id), _printer(sys.stdout), device)
-    except MicrosegError as err:
-        return False, str(err)
+        for cell in cells:
+            started += 1
+            try:
+                line = run_cell(experiment, cell, progress.event, device)
+            except KeyboardInterrupt:  # the cell saved its position; nothing else starts
+                progress.interrupt(cell)
+                raise
+            except Exception as err:  # whatever it is, this cell's own: the others run on
+                progress.fail(cell, failure_line(err))
+            else:
+                progress.finished(cell, line)
+    except KeyboardInterrupt as err:
+        raise progress.interruption(signal_of(err), len(cells) - started) from None
+
+
+@dataclass
+class _Pool:
+    """How workers start: how many at once, their GPUs or CPU threads, the device."""
+
+    jobs: int
+    gpus: list[str]
+    threads: int
+    device: str
+
+
+@dataclass
+class _Worker:
+    cell: Cell
+    process: SpawnProcess
+    result: Connection  # the receiving end of its Pipe
+    signalled: bool = False
+
+
+def _in_workers(experiment: Experiment, cells: list[Cell], pool: _Pool, stop: StopSignals, progress: Progress) -> None:
+    """Start a cell whenever a slot is free and no stop was asked; on a stop, SIGTERM each running worker
+    once and wait for them; any worker still running when this ends otherwise is stopped too."""
+    context = multiprocessing.get_context("spawn")
+    resource_tracker.ensure_running()  # now: starting it unblocks SIGINT, which must stay blocked in `_start`
+    waiting, running = list(cells), dict[int, _Worker]()  # slot -> its worker
+    try:
+        with stop.deferred(reraise=False):  # a stop is seen here, at the next look, not raised anywhere
+            while running or (waiting and stop.signum is None):
+                while waiting and len(running) < pool.jobs and stop.signum is None:
+                    slot = min(set(range(pool.jobs)) - set(running))
+                    running[slot] = _start(context, experiment, waiting.pop(0), slot, pool)
+                if stop.signum is not None:
+                    _signal(running.values())
+                for slot in _ended(running):
+                    worker = running.pop(slot)
+                    _report(worker, stop.signum is not None, progress)
+    finally:
+        _signal(running.values())
+        for worker in running.values():
+            worker.process.join()
+    if stop.signum is not None:
+        raise progress.interruption(stop.signum, len(waiting))
+
+
+def _start(context: SpawnContext, experiment: Experiment, cell: Cell, slot: int, pool: _Pool) -> _Worker:
+    """Spawn the worker of `cell` in `slot`, the terminal's SIGINT / SIGHUP blocked while it starts (its
+    interpreter inherits the mask; it ignores them, then unblocks)."""
+    receive, send = context.Pipe(duplex=False)
+    gpu = pool.gpus[slot % len(pool.gpus)] if pool.gpus else None
+    process = context.Process(
+        target=_work,
+        args=(send, str(experiment.path), cell.id, pool.device, gpu, pool.threads, os.getpid()),
+        name=f"microseg cell {cell.id}",
+    )
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, RELAYED)
+    try:
+        process.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        send.close()
+    return _Worker(cell, process, receive)
+
+
+def _signal(workers: Iterable[_Worker]) -> None:
+    """SIGTERM, once, to each running worker: it saves its position at its step's end and reports."""
+    for worker in workers:
+        if not worker.signalled and worker.process.exitcode is None:
+            worker.signalled = True
+            worker.process.terminate()  # SIGTERM (none to a process already gone)
+
+
+def _ended(running: dict[int, _Worker]) -> list[int]:
+    """The slots whose worker has ended, waiting up to POLL_S for one."""
+    if not running:
+        return []
+    ready = set(wait([w.process.sentinel for w in running.values()], timeout=POLL_S))
+    return [slot for slot, w in running.items() if w.process.sentinel in ready]
+
+
+def _report(worker: _Worker, stopping: bool, progress: Progress) -> None:
+    """A worker's outcome: what it sent, or how its process ended when it sent nothing (killed, crashed)."""
+    worker.process.join()
+    try:
+        outcome, line = worker.result.recv() if worker.result.poll() else ("", "")
+    except (EOFError, OSError):
+        outcome, line = "", ""
+    finally:
+        worker.result.close()
+    code = worker.process.exitcode
+    if outcome == "finished":
+        progress.finished(worker.cell, line)
+    elif stopping and (outcome == "interrupted" or (not outcome and code == -signal.SIGTERM)):
+        progress.interrupt(worker.cell)
+    elif outcome == "interrupted":  # its worker alone got a stop signal: the others run on
+        progress.fail(worker.cell, "interrupted (its worker was stopped); run the plan again to resume it")
+    else:
+        line = line or f"its worker process ended with {_exit_code(code)} and no result"
+        progress.fail(worker.cell, line)
+
+
+def _exit_code(code: int | None) -> str:
+    if code is not None and code < 0:
+        return f"signal {signal_name(-code)}"
+    return f"exit status {code}"
+
+
+def _work(result: Connection, path: str, cell_id: str, device: str, gpu: str | None, threads: int, runner: int) -> None:
+    """One cell in a worker process; sends (finished | failed | interrupted, line) to the runner.
+
+    SIGINT and SIGHUP ignored (the runner relays a stop as SIGTERM), SIGTERM handled as a stop; the
+    GPU or the CPU threads set before torch starts; a thread watching the runner."""
+    for signum in RELAYED:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, RELAYED)
+    with StopSignals((signal.SIGTERM,)) as stop:
+        _watch(runner)
+        try:
+            if gpu is not None:
+                os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+            import torch
+
+            if threads:
+                torch.set_num_threads(threads)
+            experiment = load_experiment(Path(path))
+            outcome = ("finished", run_cell(experiment, experiment.cell(cell_id), _printer(sys.stdout), device))
+        except KeyboardInterrupt:
+            outcome = ("interrupted", "")
+        except Exception as err:  # whatever it is, this cell's failure
+            outcome = ("failed", failure_line(err))
+        with stop.deferred(reraise=False), contextlib.suppress(OSError):  # OSError: the runner is gone
+            result.send(outcome)
+
+
+def _watch(runner: int) -> None:
+    """A daemon thread: once this process's parent is no longer `runner` (it ended, however), stop as on
+    SIGTERM (the cell saves its position at its step's end), and exit after GRACE_S whatever happens."""
+
+    def watch() -> None:
+        while os.getppid() == runner:
+            time.sleep(POLL_S)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(GRACE_S)
+        os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=watch, name="microseg runner watch", daemon=True).start()
 
 
 def _printer(stream: TextIO) -> Callable[[str], None]:
     """Progress lines go to `stream` (the command's stdout), whatever a cell redirects meanwhile;
-    each line is one write, so the lines of processes sharing the stream do not interleave."""
+    each line is one write, so the lines of processes sharing the stream do not interleave.
+    A stream that no longer takes writes (its reader gone) loses the line, not the cell."""
 
     def event(line: str) -> None:
-        stream.write(line + "\n")
-        stream.flush()
+        try:
+            stream.write(line + "\n")
+            stream.flush()
+        except (OSError, ValueError):
+            pass
 
     return event

@@ -4,17 +4,26 @@ A rerun of the same plan trains nothing for a finished cell (its files are not t
 an interrupted one from `last.pt`, evaluates a trained one, and retries a failed one. Before any
 cell runs, every cell's run folder is checked (`experiment_cell.check_cell_folder`): one deleted,
 locked by a live process or holding another config stops the command with one line.
+
+One owner: `experiment run` holds the experiment's lock (`EXP/.lock`, like a run's) from before
+its first write to its end, local run or SLURM submission alike; a second runner is refused
+naming the first one's pid (cells keep their own run locks). `status` and `compare` only read.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterator
 
+from microseg.atomic import make_folder
 from microseg.errors import MicrosegError
 from microseg.experiment import Experiment, load_experiment, open_experiment
 from microseg.experiment_cell import cell_state, check_cell_folder, write_oof
+from microseg.run import RunLock
 from microseg.runtime import device_name, resolve_device
+from microseg.stop import StopSignals
 
 EXECUTORS = ("local", "slurm")
 
@@ -30,9 +39,11 @@ def run_experiment(
 ) -> Experiment:
     """Open (or create) the experiment at `out` and run its unfinished cells; returns it.
 
-    Local: the cells run here, in `jobs` workers, and the command ends when they have; a failed
-    cell is one line at the end (exit status 2), the others still run. SLURM: the unfinished cells
-    not queued or running are submitted as one job array and the command returns.
+    The experiment's lock is held from before its first write to the end (`owned`). Local: the
+    cells run here, in `jobs` workers, and the command ends when they have; a failed cell is one
+    line at the end naming each failed cell (exit status 2), the others still run. SLURM: the
+    unfinished cells not queued or running are submitted as one job array and the command
+    returns. Ctrl-C, SIGTERM and SIGHUP stop it (`microseg.stop`): no new cell starts.
     """
     if executor not in EXECUTORS:
         raise MicrosegError(f"--executor {executor!r} is not one of {', '.join(EXECUTORS)}")
@@ -43,7 +54,13 @@ def run_experiment(
         from microseg.experiment_slurm import check_slurm
 
         check_slurm()
-    experiment = open_experiment(out, plan_values, add)
+    with StopSignals(), owned(Path(out)):
+        experiment = open_experiment(out, plan_values, add)
+        _run(experiment, executor, jobs, device, slurm)
+    return experiment
+
+
+def _run(experiment: Experiment, executor: str, jobs: int, device: str, slurm: dict[str, Any] | None) -> None:
     active: dict[str, str] = {}
     if executor == "slurm":
         from microseg.experiment_slurm import queue_state
@@ -73,7 +90,7 @@ def run_experiment(
 
         if todo:
             submit(experiment, todo, **(slurm or {}))
-        return experiment
+        return
     from microseg.experiment_local import run_local
 
     failed = run_local(experiment, todo, jobs, device) if todo else []
@@ -81,11 +98,48 @@ def run_experiment(
     if oof is not None and oof.is_file():
         print(f"out-of-fold per-patient scores: {oof}")
     if failed:
+        names = ", ".join(line.split(": ", 1)[0] for line in failed)
         raise MicrosegError(
-            f"{len(failed)} of {len(experiment.cells)} cells failed (first: {failed[0]}); their "
-            f"logs are in {experiment.path / 'logs'}; run the plan again to retry them"
+            f"{len(failed)} of {len(experiment.cells)} cells failed: {names}; their logs are in "
+            f"{experiment.path / 'logs'}; run the plan again to retry them"
         )
-    return experiment
+
+
+class ExperimentLock(RunLock):
+    """`EXP/.lock`, held by the one process running the experiment (an exclusive flock holding its pid)."""
+
+    def refusal(self, holder: str) -> str:
+        return (
+            f"experiment {self.run} is being run by another microseg process (pid {holder}); "
+            "wait for it to end (`microseg experiment status` reads it meanwhile)"
+        )
+
+
+@contextlib.contextmanager
+def owned(out: Path) -> Iterator[None]:
+    """Hold the experiment's lock while the block writes the experiment: `out` is created (if new) and
+    locked before anything is written in it, so a second runner, of any plan, is refused naming
+    this one's pid and writes nothing; the lock dies with its process (kill -9 too). The folders
+    this call created are removed again if the block leaves them empty (a refused plan)."""
+    created = [p for p in (out, *out.parents) if not p.exists()]
+    lock = ExperimentLock(out)
+    for attempt in range(3):  # a refused runner may remove the new folder just before our lock is in it
+        make_folder(out)
+        try:
+            lock.acquire()
+            break
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
+    try:
+        yield
+    finally:
+        lock.release()
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
 
 def experiment_status(path: str) -> str:

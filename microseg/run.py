@@ -112,12 +112,14 @@ class RunFolder:
             _remove_empty(created)
 
     def _remove_outputs(self) -> None:
+        """Best effort, on the way out of a failure: what cannot be removed stays (the failure is reported)."""
         for name in self.OUTPUTS:
             target = self.path / name
             if target.is_dir():
                 shutil.rmtree(target, ignore_errors=True)
             else:
-                target.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    target.unlink(missing_ok=True)
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
@@ -178,10 +180,7 @@ class RunLock:
                 os.close(fd)
                 if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                     raise
-                raise MicrosegError(
-                    f"run {self.run} is being written by another microseg process (pid {holder}); "
-                    "wait for it to end, or choose another --run"
-                ) from None
+                raise MicrosegError(self.refusal(holder)) from None
             try:
                 current = os.stat(self.path).st_ino
             except FileNotFoundError:
@@ -193,9 +192,19 @@ class RunLock:
         os.write(fd, f"{os.getpid()}\n".encode())
         self.fd = fd
 
+    def refusal(self, holder: str) -> str:
+        return (
+            f"run {self.run} is being written by another microseg process (pid {holder}); "
+            "wait for it to end, or choose another --run"
+        )
+
     def release(self) -> None:
+        """Unlink the file, then unlock. A folder that no longer accepts the unlink (made read-only
+        meanwhile) keeps an unlocked `.lock`, which the next holder takes over: the error being
+        raised, if any, stays the one that names the write that failed."""
         if self.fd is not None:
-            self.path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.path.unlink(missing_ok=True)
             os.close(self.fd)
             self.fd = None
 

@@ -1,14 +1,11 @@
 """Where a run computes: the torch device, its speed settings, mixed-precision autocast, torchrun's
-processes, and Ctrl-C held to a step's end."""
+processes (Ctrl-C held to a step's end: `microseg.stop`)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import threading
-from types import FrameType
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -178,47 +175,3 @@ class Distributed:
                 dist.distributed_c10d._abort_process_group()
             else:
                 dist.destroy_process_group()
-
-
-class StepInterrupts:
-    """Ctrl-C held to the end of a step: inside a `deferred` block SIGINT only marks itself
-    `pending` and the block's end raises KeyboardInterrupt; elsewhere it raises at once.
-
-    `with StepInterrupts() as interrupts:` installs the handler in the main thread when SIGINT has
-    Python's default one (an ignored SIGINT stays ignored) and restores it afterwards. A second
-    SIGINT (torchrun forwards the terminal's to its workers) is held in the same way.
-    """
-
-    def __init__(self) -> None:
-        self.pending = self.deferring = False
-        self.previous: Any = None  # the handler replaced
-
-    def __enter__(self) -> StepInterrupts:
-        if (
-            threading.current_thread() is threading.main_thread()
-            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-        ):
-            self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-            self.previous = None
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.deferring:
-            self.pending = True
-        else:
-            raise KeyboardInterrupt
-
-    @contextlib.contextmanager
-    def deferred(self, reraise: bool = True) -> Iterator[None]:
-        """SIGINT waits for the block's end (then KeyboardInterrupt, unless `reraise` is False)."""
-        outer, self.deferring = self.deferring, True
-        try:
-            yield
-        finally:
-            self.deferring = outer
-        if reraise and self.pending and not outer:
-            raise KeyboardInterrupt

@@ -39,6 +39,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -57,7 +58,8 @@ from microseg.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from microseg.config import TrainConfig, check_train_inputs, save_config
 from microseg.errors import MicrosegError, OptionError, warn
 from microseg.run import RunFolder
-from microseg.runtime import Distributed, ProcessStopped, StepInterrupts, autocast_context, configure_speed, resolve_amp
+from microseg.runtime import Distributed, ProcessStopped, autocast_context, configure_speed, resolve_amp
+from microseg.stop import StopSignals, stop_signals
 
 if TYPE_CHECKING:
     from microseg.losses import DeepSupervision
@@ -174,7 +176,7 @@ def train(
         warn(line)
     folder = RunFolder(config.run)
     configure_speed(env.device, config.deterministic)
-    with contextlib.ExitStack() as claimed, StepInterrupts() as interrupts:
+    with contextlib.ExitStack() as claimed, stop_signals((signal.SIGINT,)) as interrupts:
         env.start()
         failed = True
         try:
@@ -201,7 +203,7 @@ def train(
             if not env.lost_peer(err):
                 raise
             if interrupts.pending:
-                raise KeyboardInterrupt from None
+                raise interrupts.interrupted() from None
             raise ProcessStopped(
                 f"another process of this {env.world}-process run stopped (the connection to it "
                 f"was lost; its own message says why); process {env.rank} stops too"
@@ -343,10 +345,10 @@ class Trainer:
     overlay: tuple[np.ndarray, np.ndarray, np.ndarray] | None  # TensorBoard's (image, expert, prediction)
     history: list[dict[str, Any]]
 
-    def __init__(self, config: TrainConfig, env: Distributed, resume: bool, interrupts: StepInterrupts | None = None):
+    def __init__(self, config: TrainConfig, env: Distributed, resume: bool, interrupts: StopSignals | None = None):
         config = dataclasses.replace(config, amp=resolve_amp(config.amp, env.device) or "none")  # saved resolved
         self.config, self.env, self.folder = config, env, RunFolder(config.run)
-        self.device, self.interrupts = env.device, interrupts or StepInterrupts()
+        self.device, self.interrupts = env.device, interrupts or StopSignals()
         with env.together():  # a failure on any rank (a checkpoint it cannot read, rank 0's writes) reaches all
             self._setup(resume)
         if env.world > 1 and config.sync_bn:
@@ -490,16 +492,26 @@ class Trainer:
             self.monitor.restart(accum.to(self.device), self.step, counted)
         else:
             self.monitor.restart(None, self.step)
+        iteration = self.epoch * self.steps_per_epoch + self.step
         if loaded.scheduler is not None:
             self.scheduler.load_state_dict(loaded.scheduler)
         else:  # a first-release checkpoint: the closed form at its iteration
-            iteration = self.epoch * self.steps_per_epoch + self.step
             self.scheduler.last_epoch = iteration
             for group in self.optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * (1 - iteration / self.scheduler.total_iters) ** self.scheduler.power
+                group["lr"] = self._poly_lr(iteration, group["initial_lr"])
+        # the last step's lr: the epoch's history row needs it even when none of its steps is left
+        self.lr = loaded.last_lr if loaded.last_lr is not None else self._poly_lr(iteration - 1)
         if self.env.main:
             world = f" (written by {loaded.world_size} process(es))" if loaded.world_size != self.env.world else ""
             print(f"resuming {self.folder.path} at epoch {self.epoch + 1}, step {self.step}{world}")
+
+    def _poly_lr(self, iteration: int, initial: float | None = None) -> float:
+        """The poly schedule's closed form at 0-based `iteration`: lr (1 - i / max_iter)^power (NaN before
+        the first step); for checkpoints that did not record their last lr (an earlier release's)."""
+        if iteration < 0:
+            return math.nan
+        initial = self.optimizer.param_groups[0]["initial_lr"] if initial is None else initial
+        return initial * (1 - iteration / self.scheduler.total_iters) ** self.scheduler.power
 
     def run_epoch(self, epoch: int) -> dict[str, Any]:
         """Train one epoch (from `self.step` when resumed mid-epoch), log it and save the checkpoints."""
@@ -682,6 +694,7 @@ class Trainer:
             calf_stats=asdict(self.loss_stats) if self.loss_stats is not None else None,
             world_size=self.env.world,
             global_batch=self.config.batch_size,
+            last_lr=None if math.isnan(self.lr) else self.lr,
         )
 
     def save(self, improved: bool) -> None:

@@ -30,7 +30,7 @@ LAYERS: list[tuple[bool, tuple[str, ...]]] = [
     (True, ("config", "figures", "check", "download")),
     (True, ("analysis", "tables", "recipes", "tensorboard_log")),
     (True, ("data", "models", "losses", "metrics")),
-    (True, ("atomic", "preprocess", "patient_stats", "rules", "runtime", "torch_files", "jobs")),
+    (True, ("atomic", "preprocess", "patient_stats", "rules", "runtime", "stop", "torch_files", "jobs")),
     (True, ("errors",)),
 ]
 """The layers, top first. docs/explanation/architecture.md lists the same."""

@@ -115,6 +115,48 @@ def test_resume_after_ctrl_c_matches_uninterrupted_run(cache, tmp_path):
     ]
 
 
+@pytest.mark.parametrize("checkpoint", ["recorded", "earlier_release"])
+def test_a_run_interrupted_on_an_epochs_last_step_resumes_with_the_schedules_lr(
+    checkpoint, trained_run, cache, tmp_path, monkeypatch
+):
+    """Ctrl-C inside the last step of epoch 1: the position saved is (epoch 0, step = all of them), so
+    the resumed epoch 1 has no step left and its history row needs the lr of the step before."""
+    import signal
+
+    from microseg.train import Trainer
+
+    run, real_step, calls = tmp_path / "cut", Trainer.train_step, {"n": 0}
+    steps = 3  # 12 training slices (val_fraction 0.34 of 3 patients), batch 4
+
+    def ctrl_c_in_last_step(self, batch):
+        calls["n"] += 1
+        if calls["n"] == steps:
+            os.kill(os.getpid(), signal.SIGINT)  # a terminal's Ctrl-C, held to the step's end
+        return real_step(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", ctrl_c_in_last_step)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even in background
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_tiny(cache, run)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    state = torch.load(run / "last.pt", weights_only=True)
+    assert (state["epoch"], state["step"], len(state["history"])) == (0, steps, 0)
+    if checkpoint == "earlier_release":
+        del state["last_lr"]
+        torch.save(state, run / "last.pt")
+    assert main(["train", "--run", str(run), "--resume", "--num-workers", "0"]) == 0
+    max_iter = TINY_TRAIN["epochs"] * steps
+    # epoch e's row: the lr of its last step, lr (1 - i / max_iter)^0.9 at 0-based iteration i = (e + 1) steps - 1
+    expected = [TINY_TRAIN["lr"] * (1 - ((e + 1) * steps - 1) / max_iter) ** 0.9 for e in range(TINY_TRAIN["epochs"])]
+    resumed = [float(row["lr"]) for row in read_history(run)]
+    assert resumed == pytest.approx(expected, rel=1e-9)
+    if checkpoint == "recorded":  # the very lr an uninterrupted run logs
+        assert resumed == [float(row["lr"]) for row in read_history(trained_run)]
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(cache, tmp_path):
     run = tmp_path / "nan"
     nan_at_7 = faulty_trainer(nan_at=7)[0]  # epoch 2, step 2 (5 steps/epoch)
