@@ -6,7 +6,8 @@ them raises `Interrupted` in the main thread, as Ctrl-C raises KeyboardInterrupt
 saves the position and the command ends with status 128 + the signal's number (130, 143, 129);
 later ones are ignored (the command is already stopping; SLURM signals every process of a job).
 Inside a `deferred` block (a training step) the signal only marks itself `pending` and the
-block's end raises it, so a saved position is always a step boundary. Training uses the
+block's end raises it, so a saved position is always a step boundary; a stop that some library
+swallowed on its way is raised again there (and by `check`, before a cell starts). Training uses the
 command's `StopSignals` (`stop_signals`); alone (`microseg train`) it holds Ctrl-C only, and
 SIGTERM keeps its default action there (torchrun's agent ends the processes of a failed run with it).
 """
