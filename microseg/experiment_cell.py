@@ -191,6 +191,12 @@ def failure_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {' '.join(str(err).split())} (its traceback is in the cell's log)"
 
 
+def record_failure(log: Path, line: str) -> None:
+    """The failure of a cell whose process ended without a word (killed, crashed) as its log's last line."""
+    with contextlib.suppress(OSError), open(log, "a") as stream:
+        _record(stream, f"{FAILED}{line}")
+
+
 def _record(stream: IO[str], last_line: str, err: BaseException | None = None) -> None:
     """The log's last line (after `err`'s traceback); a log that no longer takes writes keeps what it has."""
     with contextlib.suppress(OSError, ValueError):

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Callable, Iterable, TextIO
 
 from microseg.experiment import Cell, Experiment, load_experiment
-from microseg.experiment_cell import failure_line, run_cell
+from microseg.experiment_cell import failure_line, record_failure, run_cell
 from microseg.jobs import cores, visible_gpus
 from microseg.stop import Interrupted, StopSignals, signal_name, signal_of, stop_signals
 
@@ -130,6 +130,7 @@ class _Pool:
 @dataclass
 class _Worker:
     cell: Cell
+    log: Path
     process: SpawnProcess
     result: Connection  # the receiving end of its Pipe
     signalled: bool = False
@@ -139,7 +140,7 @@ def _in_workers(experiment: Experiment, cells: list[Cell], pool: _Pool, stop: St
     """Start a cell whenever a slot is free and no stop was asked; on a stop, SIGTERM each running worker
     once and wait for them; any worker still running when this ends otherwise is stopped too."""
     context = multiprocessing.get_context("spawn")
-    resource_tracker.ensure_running()  # now: starting it unblocks SIGINT, which must stay blocked in `_start`
+    _start_tracker()
     waiting, running = list(cells), dict[int, _Worker]()  # slot -> its worker
     try:
         with stop.deferred(reraise=False):  # a stop is seen here, at the next look, not raised anywhere
@@ -160,6 +161,22 @@ def _in_workers(experiment: Experiment, cells: list[Cell], pool: _Pool, stop: St
         raise progress.interruption(stop.signum, len(waiting))
 
 
+def _start_tracker() -> None:
+    """Start multiprocessing's resource tracker now (starting it unblocks SIGINT, which `_start` keeps
+    blocked), its warning about what a killed worker left behind (a semaphore, which it removes)
+    silenced: the runner reports that worker's cell as failed, in its own line."""
+    previous = os.environ.get("PYTHONWARNINGS")
+    quiet = "ignore::UserWarning:multiprocessing.resource_tracker"
+    os.environ["PYTHONWARNINGS"] = f"{previous},{quiet}" if previous else quiet
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        if previous is None:
+            del os.environ["PYTHONWARNINGS"]
+        else:
+            os.environ["PYTHONWARNINGS"] = previous
+
+
 def _start(context: SpawnContext, experiment: Experiment, cell: Cell, slot: int, pool: _Pool) -> _Worker:
     """Spawn the worker of `cell` in `slot`, the terminal's SIGINT / SIGHUP blocked while it starts (its
     interpreter inherits the mask; it ignores them, then unblocks)."""
@@ -176,7 +193,7 @@ def _start(context: SpawnContext, experiment: Experiment, cell: Cell, slot: int,
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         send.close()
-    return _Worker(cell, process, receive)
+    return _Worker(cell, experiment.log(cell), process, receive)
 
 
 def _signal(workers: Iterable[_Worker]) -> None:
@@ -211,8 +228,11 @@ def _report(worker: _Worker, stopping: bool, progress: Progress) -> None:
         progress.interrupt(worker.cell)
     elif outcome == "interrupted":  # its worker alone got a stop signal: the others run on
         progress.fail(worker.cell, "interrupted (its worker was stopped); run the plan again to resume it")
+    elif outcome:
+        progress.fail(worker.cell, line)
     else:
-        line = line or f"its worker process ended with {_exit_code(code)} and no result"
+        line = f"its worker process ended with {_exit_code(code)} and no result"
+        record_failure(worker.log, line)
         progress.fail(worker.cell, line)
 
 

@@ -298,18 +298,7 @@ def test_workers_stop_with_their_runner_saving_their_position(signum, cache, pha
     third cell starts, both running cells save their position at a step's end, and no worker or
     resource tracker of the runner remains."""
     out = tmp_path / "exp"
-    args = experiment_args(cache, phantom, out, losses=("focal",), seeds=(1, 2, 3))
-    args = [*map(str, args), "--epochs", "1000", "--jobs", "2"]
-    stdout = tmp_path / "stdout"
-    runner = subprocess.Popen(
-        [sys.executable, "-m", "microseg", *args],
-        stdout=open(stdout, "w"),
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        start_new_session=True,  # its own process group, as a command started from a terminal
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a background pytest ignores SIGINT
-    )
+    runner, stdout = start_runner(experiment_args(cache, phantom, out, losses=("focal",), seeds=(1, 2, 3)), tmp_path)
     try:
         wait_for(lambda: stdout.read_text().count("epoch 1 of 1000") == 2, "both workers training")
         family = children(runner.pid)  # two workers and the resource tracker
@@ -335,6 +324,55 @@ def test_workers_stop_with_their_runner_saving_their_position(signum, cache, pha
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"microseg: interrupted: {signum.name}; cell(s) to resume: "), err
     assert ids[1].id in lines[0] and ids[2].id in lines[0] and "1 cell(s) not started" in lines[0]
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_its_cells_failure_and_its_slot_runs_the_next(cache, phantom, tmp_path):
+    """kill -9 of one worker (as the OOM killer does): its cell fails with one line, recorded in its log;
+    the free slot starts the third cell; a SIGTERM then stops the two running ones."""
+    import re
+
+    out = tmp_path / "exp"
+    runner, stdout = start_runner(experiment_args(cache, phantom, out, losses=("focal",), seeds=(1, 2, 3)), tmp_path)
+    try:
+        wait_for(lambda: stdout.read_text().count("epoch 1 of 1000") == 2, "both workers training")
+        ids = {c.seed: c for c in load_experiment(out).cells}
+        log = out / "logs" / f"{ids[1].id}.log"
+        worker = int(re.findall(rf"cell {re.escape(ids[1].id)} \(pid (\d+)\)", log.read_text())[0])
+        assert worker in children(runner.pid)
+        os.kill(worker, signal.SIGKILL)
+        wait_for(lambda: f"{ids[3].id}: epoch 1 of 1000" in stdout.read_text(), "the third cell training")
+        family = children(runner.pid)
+        runner.send_signal(signal.SIGTERM)
+        code = runner.wait(timeout=120)
+        wait_for(lambda: not any(alive(pid) for pid in family), "the workers and the tracker ending", 60)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+    killed = "its worker process ended with signal SIGKILL and no result"
+    assert f"{ids[1].id}: failed: {killed}" in stdout.read_text()
+    assert last_line(log) == f"microseg: error: {killed}"
+    for seed in (2, 3):
+        saved_position(out / "logs" / f"{ids[seed].id}.log", ids[seed].run)
+    err = runner.stderr.read() if runner.stderr else ""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 128 + signal.SIGTERM and len(lines) == 1, err
+    assert ids[2].id in lines[0] and ids[3].id in lines[0] and f"1 failed: {ids[1].id}" in lines[0]
+
+
+def start_runner(args: list, tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    """`microseg experiment run ARGS --epochs 1000 --jobs 2` in its own process group, its stdout in a file."""
+    stdout = tmp_path / "stdout"
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "microseg", *map(str, args), "--epochs", "1000", "--jobs", "2"],
+        stdout=open(stdout, "w"),
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        start_new_session=True,  # its own process group, as a command started from a terminal
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a background pytest ignores SIGINT
+    )
+    return runner, stdout
 
 
 @pytest.mark.slow
