@@ -126,6 +126,10 @@ class _Pool:
     threads: int
     device: str
 
+    def gpu(self, slot: int) -> str | None:
+        """The GPU of the worker in `slot`: GPU slot mod n; None on the CPU."""
+        return self.gpus[slot % len(self.gpus)] if self.gpus else None
+
 
 @dataclass
 class _Worker:
@@ -181,10 +185,9 @@ def _start(context: SpawnContext, experiment: Experiment, cell: Cell, slot: int,
     """Spawn the worker of `cell` in `slot`, the terminal's SIGINT / SIGHUP blocked while it starts (its
     interpreter inherits the mask; it ignores them, then unblocks)."""
     receive, send = context.Pipe(duplex=False)
-    gpu = pool.gpus[slot % len(pool.gpus)] if pool.gpus else None
     process = context.Process(
         target=_work,
-        args=(send, str(experiment.path), cell.id, pool.device, gpu, pool.threads, os.getpid()),
+        args=(send, str(experiment.path), cell.id, pool.device, pool.gpu(slot), pool.threads, os.getpid()),
         name=f"microseg cell {cell.id}",
     )
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, RELAYED)
@@ -253,12 +256,7 @@ def _work(result: Connection, path: str, cell_id: str, device: str, gpu: str | N
     with StopSignals((signal.SIGTERM,)) as stop:
         _watch(runner)
         try:
-            if gpu is not None:
-                os.environ["CUDA_VISIBLE_DEVICES"] = gpu
-            import torch
-
-            if threads:
-                torch.set_num_threads(threads)
+            claim_device(gpu, threads)
             experiment = load_experiment(Path(path))
             outcome = ("finished", run_cell(experiment, experiment.cell(cell_id), _printer(sys.stdout), device))
         except KeyboardInterrupt:
@@ -267,6 +265,16 @@ def _work(result: Connection, path: str, cell_id: str, device: str, gpu: str | N
             outcome = ("failed", failure_line(err))
         with stop.deferred(reraise=False), contextlib.suppress(OSError):  # OSError: the runner is gone
             result.send(outcome)
+
+
+def claim_device(gpu: str | None, threads: int) -> None:
+    """A worker's share, set before torch starts in it: its GPU (CUDA_VISIBLE_DEVICES), or its CPU threads."""
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def _watch(runner: int) -> None:

@@ -100,8 +100,8 @@ def _run(experiment: Experiment, executor: str, jobs: int, device: str, slurm: d
     if failed:
         names = ", ".join(line.split(": ", 1)[0] for line in failed)
         raise MicrosegError(
-            f"{len(failed)} of {len(experiment.cells)} cells failed: {names}; their logs are in "
-            f"{experiment.path / 'logs'}; run the plan again to retry them"
+            f"{len(failed)} of {len(experiment.cells)} cells failed: {names} (first: {failed[0]}); their logs "
+            f"are in {experiment.path / 'logs'}; run the plan again to retry them"
         )
 
 

@@ -3,7 +3,7 @@ GPU or a share of the cores each, progress lines, a failed cell reported as one 
 
 from __future__ import annotations
 
-import queue
+import os
 
 from cli_helpers import one_error, run_cli
 from microseg.demo import DEMO_JOBS, DEMO_LOSSES, DEMO_SEEDS
@@ -61,13 +61,12 @@ def test_a_failed_cell_is_one_line_the_others_finish_and_a_rerun_retries_it(
 
 
 def test_each_worker_takes_its_own_gpu(monkeypatch):
-    from microseg.experiment_local import _start_worker, visible_gpus
+    from microseg.experiment_local import _Pool, claim_device, visible_gpus
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     assert visible_gpus("auto") == ["3", "5"] and visible_gpus("cpu") == []
-    slots = queue.Queue()
-    slots.put(1)
-    _start_worker(slots, ["3", "5"], threads=0)
-    import os
-
+    pool = _Pool(jobs=3, gpus=["3", "5"], threads=0, device="auto")
+    assert [pool.gpu(slot) for slot in range(3)] == ["3", "5", "3"]  # worker i: GPU i mod n
+    assert _Pool(jobs=2, gpus=[], threads=1, device="cpu").gpu(1) is None
+    claim_device(pool.gpu(1), threads=0)
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "5"
