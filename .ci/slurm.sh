@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A single-node SLURM cluster on localhost for the SLURM executor's test (tests/pipelines/test_experiment_slurm.py):
+# A single-node SLURM cluster on localhost for the SLURM executor's test (tests/experiments/test_experiment_slurm.py):
 # Debian's slurm-wlm and munge, munged + slurmctld + slurmd, no accounting (squeue and scontrol
 # report states; sacct does not). Needs root; where it cannot start, the test skips with its reason.
 set -euo pipefail

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from microseg import __version__
-from microseg.errors import MicrosegError, OptionError, os_error_line
+from microseg.core.errors import MicrosegError, OptionError, os_error_line
 
 
 EXAMPLES = """examples:
@@ -72,7 +72,7 @@ def _add_simulate(verbs: argparse._SubParsersAction) -> None:
 
     def run(args: argparse.Namespace) -> int:
         from microseg.data.phantom import simulate_dataset
-        from microseg.figures import plot_case_preview
+        from microseg.reporting.figures import plot_case_preview
 
         out = simulate_dataset(args.out, args.train, args.test, args.slices, tuple(args.size), args.seed, args.jobs)
         if args.preview:
@@ -84,7 +84,7 @@ def _add_simulate(verbs: argparse._SubParsersAction) -> None:
 
 
 def _add_prepare(verbs: argparse._SubParsersAction) -> None:
-    from microseg.preprocess import SIZE_MULTIPLE
+    from microseg.core.preprocess import SIZE_MULTIPLE
 
     p = verbs.add_parser("prepare", help="build the HDF5 slice cache of a dataset folder")
     p.add_argument("--data", required=True, help="dataset folder holding train/ (and test/)")
@@ -98,7 +98,7 @@ def _add_prepare(verbs: argparse._SubParsersAction) -> None:
     _add_jobs_option(p, "1 on up to 2 cores, else the number of cores")
 
     def run(args: argparse.Namespace) -> int:
-        from microseg.prepare import prepare_cache
+        from microseg.data.prepare import prepare_cache
 
         prepare_cache(args.data, args.out, args.size, args.jobs)
         return 0
@@ -125,9 +125,9 @@ def _add_train(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="overwrite an existing run")
 
     def run(args: argparse.Namespace) -> int:
-        from microseg.config import resolve_train_config
-        from microseg.checkpoint import resumed_config
-        from microseg.train import train
+        from microseg.runs.config import resolve_train_config
+        from microseg.runs.checkpoint import resumed_config
+        from microseg.training.trainer import train
 
         options = {k: v for k, v in vars(args).items() if k not in ("verb", "func", "config", "resume", "force")}
         if args.resume:
@@ -145,7 +145,7 @@ def _add_config_options(p: argparse.ArgumentParser | argparse._ArgumentGroup, sk
     """One option per TrainConfig field (but `skip`): its help and default come from the field (None = not given)."""
     import dataclasses
 
-    from microseg.config import TrainConfig
+    from microseg.runs.config import TrainConfig
 
     defaults = TrainConfig()
     for field in dataclasses.fields(TrainConfig):
@@ -230,7 +230,7 @@ def _add_evaluate(verbs: argparse._SubParsersAction) -> None:
     _add_jobs_option(p, "one per visible GPU, else 1")
 
     def run(args: argparse.Namespace) -> int:
-        from microseg.evaluate import evaluate
+        from microseg.evaluation.evaluate import evaluate
 
         _run_or_ensemble(args)  # exactly one of them
         if args.ensemble and not args.out:
@@ -275,7 +275,7 @@ def _add_predict(verbs: argparse._SubParsersAction) -> None:
     _add_inference_options(p)
 
     def run(args: argparse.Namespace) -> int:
-        from microseg.evaluate import predict
+        from microseg.inference.predict import predict
 
         written = predict(_run_or_ensemble(args), args.input, args.out, args.device, args.resize, args.source_check)
         print(f"wrote {len(written)} mask(s) to {args.out}")
@@ -319,9 +319,9 @@ def _add_compare(verbs: argparse._SubParsersAction) -> None:
     )
 
     def run(args: argparse.Namespace) -> int:
-        from microseg.experiment_analysis import is_experiment
-        from microseg.experiment_report import compare_experiments
-        from microseg.report import compare
+        from microseg.reporting.experiment_analysis import is_experiment
+        from microseg.reporting.experiment_report import compare_experiments
+        from microseg.reporting.runs_report import compare
 
         experiments = [path for path in args.runs if is_experiment(path)]
         if experiments:
@@ -384,13 +384,13 @@ def _add_download(verbs: argparse._SubParsersAction) -> None:
     )
 
     def run_dataset(args: argparse.Namespace) -> int:
-        from microseg.download import download_dataset
+        from microseg.data.download import download_dataset
 
         download_dataset(args.out, args.api, args.keep_archive)
         return 0
 
     def run_weights(args: argparse.Namespace) -> int:
-        from microseg.pretrained import download_weights
+        from microseg.models.pretrained import download_weights
 
         download_weights(args.name, args.out, args.source)
         return 0
@@ -411,7 +411,7 @@ def _add_check(verbs: argparse._SubParsersAction) -> None:
     _add_jobs_option(p, "1 on up to 2 cores, else the number of cores")
 
     def run(args: argparse.Namespace) -> int:
-        from microseg.check import check_dataset, format_check, require_clean, write_check
+        from microseg.data.check import check_dataset, format_check, require_clean, write_check
 
         report = check_dataset(args.data, args.protocol, args.jobs)
         print(format_check(report))
@@ -424,7 +424,7 @@ def _add_check(verbs: argparse._SubParsersAction) -> None:
 
 
 def _add_experiment(verbs: argparse._SubParsersAction) -> None:
-    from microseg.experiment_plan import SET_BY_EXPERIMENT
+    from microseg.experiments.plan import SET_BY_EXPERIMENT
 
     p = verbs.add_parser("experiment", help="losses x seeds x folds as one resumable plan, locally or on SLURM")
     what = p.add_subparsers(dest="what", metavar="WHAT", required=True)
@@ -486,9 +486,9 @@ def _add_experiment(verbs: argparse._SubParsersAction) -> None:
     _add_config_options(base, skip=SET_BY_EXPERIMENT)
 
     def run_verb(args: argparse.Namespace) -> int:
-        from microseg.experiment_plan import given_plan
-        from microseg.experiment_run import run_experiment
-        from microseg.jobs import resolve_jobs
+        from microseg.experiments.plan import given_plan
+        from microseg.experiments.runner import run_experiment
+        from microseg.core.parallel import resolve_jobs
 
         values = given_plan(args.plan, vars(args))
         slurm_options = {"partition": args.partition, "time": args.time, "gpus": args.gpus, "extra": args.sbatch}
@@ -500,7 +500,7 @@ def _add_experiment(verbs: argparse._SubParsersAction) -> None:
     status.add_argument("experiment", help="experiment folder")
 
     def status_verb(args: argparse.Namespace) -> int:
-        from microseg.experiment_run import experiment_status
+        from microseg.experiments.runner import experiment_status
 
         print(experiment_status(args.experiment))
         return 0
@@ -511,8 +511,8 @@ def _add_experiment(verbs: argparse._SubParsersAction) -> None:
     cell.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
 
     def cell_verb(args: argparse.Namespace) -> int:
-        from microseg.experiment import load_experiment
-        from microseg.experiment_cell import run_cell, write_oof
+        from microseg.experiments.experiment import load_experiment
+        from microseg.experiments.cell import run_cell, write_oof
 
         experiment = load_experiment(args.experiment)
         result = run_cell(experiment, experiment.cell(args.cell), print, args.device)
@@ -544,7 +544,7 @@ def _add_experiment_power(what: argparse._SubParsersAction) -> None:
     power.add_argument("--losses", type=int, metavar="K", help="losses of the planned experiment (its Holm family)")
 
     def power_verb(args: argparse.Namespace) -> int:
-        from microseg.experiment_planner import power_lines
+        from microseg.reporting.planner import power_lines
 
         print("\n".join(power_lines(args.experiment, args.delta, args.patients, args.seeds, args.losses)))
         return 0
@@ -586,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"microseg: error: {os_error_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM / SIGHUP where the command handles them
-        from microseg.stop import exit_status
+        from microseg.core.stop import exit_status
 
         print("microseg: interrupted" + (f": {err}" if str(err) else ""), file=sys.stderr)
         return exit_status(err)

@@ -6,7 +6,7 @@ in three single-threaded worker processes, each cell evaluated on the test split
 experiment report (`microseg compare EXP`).
 Everything goes under one folder (default ./demo): the experiment is `<out>/experiment`, the
 report `<out>/report/report.md`, and the demo ends by printing its results paragraph
-(`microseg.experiment_report.experiment_paragraph`).
+(`microseg.reporting.experiment_report.experiment_paragraph`).
 """
 
 from __future__ import annotations
@@ -48,10 +48,10 @@ DEMO_SIZE = 80
 def run_demo(out: str | Path = "demo", epochs: int | None = None) -> Path:
     """Run the demo into `out`; returns the report path. Re-running replaces the demo's experiment."""
     from microseg.data.phantom import simulate_dataset
-    from microseg.experiment_run import run_experiment
-    from microseg.figures import plot_case_preview
-    from microseg.prepare import prepare_cache
-    from microseg.experiment_report import analyse, experiment_paragraph, write_report
+    from microseg.experiments.runner import run_experiment
+    from microseg.reporting.figures import plot_case_preview
+    from microseg.data.prepare import prepare_cache
+    from microseg.reporting.experiment_report import analyse, experiment_paragraph, write_report
 
     out = Path(out)
     started = time.perf_counter()

@@ -32,7 +32,7 @@ from microseg.data.dataset import SliceDataset, slice_tensors
 from microseg.data.layout import find_cases
 from microseg.data.phantom import simulate_dataset
 from microseg.data.volumes import read_volume
-from microseg.prepare import prepare_cache
+from microseg.data.prepare import prepare_cache
 
 SIZE = 224
 

@@ -2,7 +2,7 @@
 
 One test patient of a phantom at 962 x 1372 (`--data`, else one of `--slices` slices, default
 250, is simulated first with one training patient: a few minutes) is evaluated end to end by
-`microseg.evaluate.evaluate` in a child process: the six NIfTI files read, the tiny model's
+`microseg.evaluation.evaluate.evaluate` in a child process: the six NIfTI files read, the tiny model's
 forward (trained 2 epochs on the training patient, or `--random-weights`: ragged masks, HD95's
 worst case), the probabilities back to native size, the prediction written, the model and the
 four other annotators scored, the hard region and the expert's descriptors; everything
@@ -34,7 +34,7 @@ sys.path[:0] = [str(ROOT / "scripts"), str(ROOT)]
 EVALUATE = """
 import json, sys, time
 start = time.perf_counter()
-from microseg.evaluate import evaluate
+from microseg.evaluation.evaluate import evaluate
 imported = time.perf_counter()
 evaluate(sys.argv[1], sys.argv[2], device=sys.argv[3])
 print(json.dumps({"imports": imported - start, "evaluate": time.perf_counter() - imported, "peak_mb": peak_mb()}))
@@ -85,13 +85,13 @@ def tiny_run(data: Path, run: Path, size: int, trained: bool = True, device: str
     import numpy as np
     import torch
 
-    from microseg.checkpoint import Checkpoint, save_checkpoint
-    from microseg.config import TrainConfig
+    from microseg.runs.checkpoint import Checkpoint, save_checkpoint
+    from microseg.runs.config import TrainConfig
     from microseg.data.volumes import read_volume
     from microseg.models import build_model
-    from microseg.prepare import prepare_cache
-    from microseg.preprocess import Preprocess, resize_image
-    from microseg.train import train
+    from microseg.data.prepare import prepare_cache
+    from microseg.core.preprocess import Preprocess, resize_image
+    from microseg.training.trainer import train
 
     if trained:
         cache = prepare_cache(data, run.parent / "bench_cache.h5", size=size)

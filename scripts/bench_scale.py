@@ -52,7 +52,7 @@ def row(stage: str, jobs: int, n: int, wall: float, peak: float, real: int) -> s
 def main() -> None:
     from bench_evaluate import tiny_run
 
-    from microseg.jobs import cores
+    from microseg.core.parallel import cores
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, help="phantom folder with train/ and test/ (default: simulate)")

@@ -3,7 +3,7 @@
 All loops run in this run, on the same native-size (962 x 1372) phantom set, the same model
 (built once, copied), SGD with poly decay, the same batch size, workers and deep-supervised loss
 (4 scales; the adaptive focal loss by default), through the same step function
-(`microseg.train.train_step`):
+(`microseg.training.trainer.train_step`):
 (a) reference (MicroSegNet's way): one PNG per slice decoded with OpenCV and resized on every
     item (`bench_data.PngSlices`), a fresh DataLoader each epoch, fp32, the hard region on the
     host with OpenCV and device <-> host copies (`bench_losses.reference_hard_region`), torch's
@@ -53,15 +53,17 @@ from bench_data import PngSlices, write_pngs  # noqa: E402
 from bench_losses import HARD_REGION_LOSSES, hardware, reference_hard_region  # noqa: E402
 from bench_model import forward_gflops  # noqa: E402
 
-from microseg.config import TrainConfig  # noqa: E402
+from microseg.runs.config import TrainConfig  # noqa: E402
 from microseg.data.dataset import SliceDataset  # noqa: E402
 from microseg.data.order import EpochItems  # noqa: E402
 from microseg.data.phantom import NATIVE_SIZE, simulate_dataset  # noqa: E402
 from microseg.losses import DeepSupervision  # noqa: E402
 from microseg.models import build_model  # noqa: E402
-from microseg.prepare import prepare_cache  # noqa: E402
-from microseg.runtime import resolve_device  # noqa: E402
-from microseg.train import LossMonitor, ModelWithLoss, build_loader, build_optimizer, compile_step, train_step  # noqa: E402
+from microseg.data.prepare import prepare_cache  # noqa: E402
+from microseg.core.runtime import resolve_device  # noqa: E402
+from microseg.training.monitor import LossMonitor  # noqa: E402
+from microseg.training.step import ModelWithLoss, compile_step, train_step  # noqa: E402
+from microseg.training.trainer import build_loader, build_optimizer  # noqa: E402
 
 SIZES = {"small": 128, "tiny": 128}  # input size per config; the others at the paper's 224
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity, FP32 accumulate) from the vendors' data sheets,

@@ -31,9 +31,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from microseg.cli import main as microseg  # noqa: E402
-from microseg.runtime import resolve_amp  # noqa: E402
-from microseg.tables import read_csv  # noqa: E402
-from microseg.train import Trainer  # noqa: E402
+from microseg.core.runtime import resolve_amp  # noqa: E402
+from microseg.core.tables import read_csv  # noqa: E402
+from microseg.training.trainer import Trainer  # noqa: E402
 
 TINY = [
     "--model",
@@ -160,7 +160,7 @@ CHECKS = [
 
 
 def main() -> int:
-    from microseg.prepare import prepare_cache
+    from microseg.data.prepare import prepare_cache
     from microseg.data.phantom import simulate_dataset
 
     if not torch.cuda.is_available():

@@ -19,7 +19,7 @@ def phantom(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def cache(phantom, tmp_path_factory) -> Path:
-    from microseg.prepare import prepare_cache
+    from microseg.data.prepare import prepare_cache
 
     return prepare_cache(phantom, tmp_path_factory.mktemp("cache") / "cache.h5", size=32)
 
@@ -41,7 +41,7 @@ def copied_run(trained_run, tmp_path) -> Path:
 def one_job_by_default():
     """Every `--jobs` defaults to 1 (`$MICROSEG_JOBS`, inherited by CLI subprocesses): a test pays for
     worker processes only where it asks for them with `--jobs`."""
-    from microseg.jobs import JOBS_VARIABLE
+    from microseg.core.parallel import JOBS_VARIABLE
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(JOBS_VARIABLE, "1")

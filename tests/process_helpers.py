@@ -35,8 +35,8 @@ def install_recorder(record: dict, actions: dict, patch=setattr) -> None:
     """
     import torch
 
-    from microseg.errors import MicrosegError
-    from microseg.train import Trainer
+    from microseg.core.errors import MicrosegError
+    from microseg.training.trainer import Trainer
 
     real_step, real_validate = Trainer.train_step, Trainer.validate
     calls = {"n": 0}

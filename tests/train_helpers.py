@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from microseg.config import resolve_train_config
-from microseg.train import Trainer, train
+from microseg.runs.config import resolve_train_config
+from microseg.training.trainer import Trainer, train
 
 TINY_TRAIN = dict(
     model="tiny", epochs=2, batch_size=4, optimizer="adam", lr=3e-3, val_fraction=0.34, num_workers=0, seed=7

@@ -1,2 +1,3 @@
-"""The micro-US data layer: NIfTI volumes, the dataset layout, the phantom simulator,
-the HDF5 slice cache, the torch dataset and the augmentation."""
+"""The micro-US dataset: its layout, NIfTI volumes, the phantom simulator, the dataset check, its
+download, `prepare` and the HDF5 slice cache it writes, the torch dataset, the augmentation and the
+epoch order. Imports losses/, metrics/ and core/ (the layers below); models/ is independent of it."""

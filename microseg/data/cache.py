@@ -14,18 +14,18 @@ checksum per chunk, so a damaged chunk fails to read instead of yielding other v
     root attrs:  size, format_version, fingerprint, data_root, sources (JSON: [path, bytes, mtime_ns]
                  of every source file)
 
-A-FL per-patient statistics (`microseg.patient_stats`): the foreground fraction and
+A-FL per-patient statistics (`microseg.core.patient_stats`): the foreground fraction and
 the mean 3D gradient magnitude of the patient's cached expert stack (Z x S x S, the training-size
 slices, empty ones included), in voxel units of that grid (unit spacing on every axis, the grid
 the network trains on, as A-FL computes them on its resized volumes); the dataset hands them
 with each of the patient's slices.
 
-Slices are resized by ``microseg.preprocess.resize_image`` / ``resize_mask`` (area averaging;
+Slices are resized by ``microseg.core.preprocess.resize_image`` / ``resize_mask`` (area averaging;
 the reference thresholds its bilinear masks at > 0 once and truncates them once, dilating then
 eroding), the functions evaluation uses too.
 
 The fingerprint is sha256 over the format version, the size, and each source file's absolute
-path, byte size and mtime; ``microseg.prepare.prepare_cache`` reuses a cache whose fingerprint
+path, byte size and mtime; ``microseg.data.prepare.prepare_cache`` reuses a cache whose fingerprint
 matches and rebuilds it otherwise. `check_sources` (train and evaluate) compares the recorded
 files with the disk and refuses a cache whose sources changed since, naming the file. Only the train split is cached; the test split is checked
 from headers (``test_record``: files present, 3D, every mask on its image's grid: shape,
@@ -43,12 +43,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from microseg.atomic import atomic_path, require_free_space
+from microseg.core.atomic import atomic_path, require_free_space
 from microseg.data.layout import RATERS, Case
 from microseg.data.volumes import Volume, read_geometry, require_same_geometry
-from microseg.errors import MicrosegError, OptionError
-from microseg.patient_stats import PATIENT_STAT_KEYS, patient_statistics
-from microseg.preprocess import resize_image, resize_mask
+from microseg.core.errors import MicrosegError, OptionError
+from microseg.core.patient_stats import PATIENT_STAT_KEYS, patient_statistics
+from microseg.core.preprocess import resize_image, resize_mask
 
 FORMAT_VERSION = 4  # 3: per-patient A-FL statistics; 4: fletcher32 checksums, source records
 SLICE_KEYS = ("images", "expert", "non_expert")

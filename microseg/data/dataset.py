@@ -31,8 +31,8 @@ from torch.utils.data import Dataset
 
 from microseg.data.augment import Compose, build_augmentation
 from microseg.data.cache import SLICE_KEYS, read_cache_info
-from microseg.errors import MicrosegError, OptionError
-from microseg.preprocess import INTENSITY_MAX, scale_intensity
+from microseg.core.errors import MicrosegError, OptionError
+from microseg.core.preprocess import INTENSITY_MAX, scale_intensity
 
 
 class SliceDataset(Dataset):

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from microseg.errors import MicrosegError
+from microseg.core.errors import MicrosegError
 
 IMAGES = ("micro_ultrasound_scans", "microUS")
 EXPERT = ("expert_annotations", "expert_annotation")

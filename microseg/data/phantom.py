@@ -76,12 +76,12 @@ import numpy as np
 from scipy import fft
 from scipy.ndimage import gaussian_filter
 
-from microseg.atomic import atomic_folder, write_text
+from microseg.core.atomic import atomic_folder, write_text
 from microseg.data.layout import EXPERT, IMAGES, NON_EXPERT, RATERS, file_name, rater_kind
 from microseg.data.volumes import write_volume
-from microseg.jobs import resolve_jobs, run_jobs
-from microseg.errors import OptionError
-from microseg.preprocess import INTENSITY_MAX
+from microseg.core.parallel import resolve_jobs, run_jobs
+from microseg.core.errors import OptionError
+from microseg.core.preprocess import INTENSITY_MAX
 
 NATIVE_SIZE = (962, 1372)
 NATIVE_SPACING_MM = 0.033586
@@ -513,7 +513,7 @@ def simulate_dataset(
 
     Case ``(split, i)`` draws from ``np.random.default_rng([seed, split_index, i])``, so a case's
     arrays depend only on the seed, its id and the size/slice settings, not on the order or the
-    process (`jobs` patients at once, `microseg.jobs`) that simulates it.
+    process (`jobs` patients at once, `microseg.core.parallel`) that simulates it.
     """
     out = Path(out)
     if n_train < 1 or n_test < 0:

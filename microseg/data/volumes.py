@@ -9,7 +9,7 @@ Spacing is reported in the same order, ``(sz, sy, sx)`` in mm.
 
 Validation (every failure is a one-line ``MicrosegError`` naming the file):
 images must be finite with intensities in 0..INTENSITY_MAX (the dataset's pre-normalised
-range, ``microseg.preprocess``; any integer or float type, rounded to the nearest integer, so
+range, ``microseg.core.preprocess``; any integer or float type, rounded to the nearest integer, so
 values in [-0.5, INTENSITY_MAX + 0.5) pass) and are returned as uint8, which is also what the
 reference trains on (8-bit PNG slices). An image whose intensities span no more than 0..1 (a
 float export scaled to 0..1, a bool or 0/1 volume) or a constant image is refused: on the
@@ -38,10 +38,10 @@ from nibabel.arrayproxy import ArrayProxy
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import SpatialHeader, SpatialImage
 
-from microseg.atomic import atomic_path
+from microseg.core.atomic import atomic_path
 from microseg.data.layout import NIFTI_SUFFIXES
-from microseg.errors import MicrosegError, warn
-from microseg.preprocess import INTENSITY_MAX
+from microseg.core.errors import MicrosegError, warn
+from microseg.core.preprocess import INTENSITY_MAX
 
 _ISAL_ERROR: type[Exception] = isal_zlib.error  # type: ignore[assignment]  # isal's stub: an instance; it is the class
 READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, _ISAL_ERROR, ImageFileError)

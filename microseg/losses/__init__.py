@@ -2,8 +2,8 @@
 
 One module per loss family: focal, ag_bce, adaptive_focal, afl, calf, region (dice, iou,
 tversky), classic (bce, dice_ce, dice_focal); hard_region holds the XOR-dilated hard region
-shared by AG-BCE, the adaptive focal loss and the analyses; options holds the valid range of
-every option.
+shared by AG-BCE, the adaptive focal loss and the analyses; registry parses loss specs;
+deep_supervision weights the heads. Imports only core/ (metrics/ is independent of it).
 """
 
 from __future__ import annotations

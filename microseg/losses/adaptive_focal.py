@@ -37,8 +37,8 @@ from torch import Tensor
 
 from microseg.losses.base import SegLoss, register, signed_logits
 from microseg.losses.hard_region import hard_region
-from microseg.rules import GUARD, KERNEL, NON_NEGATIVE, POSITIVE, Choice, Flag, Number
-from microseg.preprocess import REFERENCE_KERNEL_SIZES
+from microseg.core.rules import GUARD, KERNEL, NON_NEGATIVE, POSITIVE, Choice, Flag, Number
+from microseg.core.preprocess import REFERENCE_KERNEL_SIZES
 
 
 @register("adaptive_focal")

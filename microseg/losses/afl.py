@@ -11,7 +11,7 @@ Whose statistics (`stats`):
 - "patient" (default): the paper computes the parameters "for each patient's tumor", from
   gradients "along the x, y, and z axes". A [B,1,D,H,W] volume is its own patient: its
   statistics come from its target. A [B,1,H,W] slice takes its patient's from `sample_stats`
-  (`afl_fg_fraction`, `afl_gamma_msa`: [B] tensors, see `microseg.patient_stats`; the trainer hands
+  (`afl_fg_fraction`, `afl_gamma_msa`: [B] tensors, see `microseg.core.patient_stats`; the trainer hands
   them from the slice cache); without them the loss refuses to guess.
 - "slice": every sample's own statistics from its target, whatever `sample_stats` holds (a
   slice is then its own patient, the per-slice reading).
@@ -38,11 +38,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from microseg.errors import MicrosegError
+from microseg.core.errors import MicrosegError
 from microseg.losses.base import SegLoss, register
 from microseg.losses.focal import class_weights, focal_terms
-from microseg.rules import NON_NEGATIVE, UNIT_INTERVAL, Choice, Flag
-from microseg.patient_stats import FG_FRACTION, GAMMA_MSA, PATIENT_STAT_KEYS
+from microseg.core.rules import NON_NEGATIVE, UNIT_INTERVAL, Choice, Flag
+from microseg.core.patient_stats import FG_FRACTION, GAMMA_MSA, PATIENT_STAT_KEYS
 
 
 def mean_gradient_magnitude(mask: Tensor) -> Tensor:
@@ -104,7 +104,7 @@ class AFL(SegLoss):
             if missing:
                 raise MicrosegError(
                     f"loss 'afl' (stats=patient) needs each slice's patient statistics {missing} in sample_stats "
-                    "([B] tensors, microseg.patient_stats; the trainer takes them from the cache), "
+                    "([B] tensors, microseg.core.patient_stats; the trainer takes them from the cache), "
                     "or use afl:stats=slice"
                 )
             zero = target.new_zeros(shape)

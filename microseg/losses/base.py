@@ -14,7 +14,7 @@ names no loss):
   `summary()` line, saved with the run. Inputs are checked
 on their shapes only (no host synchronisation) and half-precision logits are upcast to float32
 before any arithmetic, so bf16/fp16 autocast gives finite values. Every option has a rule
-(`option_rules`, see `microseg.rules`) checked at construction.
+(`option_rules`, see `microseg.core.rules`) checked at construction.
 """
 
 from __future__ import annotations
@@ -25,16 +25,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from microseg.errors import MicrosegError
-from microseg.rules import POSITIVE, Rule, check_option
-from microseg.patient_stats import PATIENT_STAT_KEYS
+from microseg.core.errors import MicrosegError
+from microseg.core.rules import POSITIVE, Rule, check_option
+from microseg.core.patient_stats import PATIENT_STAT_KEYS
 
 LOSSES: dict[str, type["SegLoss"]] = {}
 """Loss name -> class, filled by `@register`."""
 
 SAMPLE_STAT_KEYS = PATIENT_STAT_KEYS
 """Per-sample statistics a batch may carry, each a [B] tensor: the statistics of the patient's expert volume
-(`microseg.patient_stats`)."""
+(`microseg.core.patient_stats`)."""
 
 _L = TypeVar("_L", bound=type["SegLoss"])
 
@@ -73,7 +73,7 @@ class SegLoss(nn.Module):
     aliases: ClassVar[dict[str, str]] = {}
     """Short spec option names -> constructor parameter names (e.g. ag_bce `w` -> `hard_weight`)."""
     option_rules: ClassVar[dict[str, Rule]] = {}
-    """Every constructor option -> its valid range (`microseg.rules`)."""
+    """Every constructor option -> its valid range (`microseg.core.rules`)."""
 
     @classmethod
     def dataset_statistics(cls, options: Mapping[str, Any], foreground_fractions: np.ndarray) -> Any:

@@ -48,9 +48,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from microseg.errors import MicrosegError
+from microseg.core.errors import MicrosegError
 from microseg.losses.base import SegLoss, register
-from microseg.rules import GUARD, Flag, check_option
+from microseg.core.rules import GUARD, Flag, check_option
 from microseg.losses.region import Dice
 
 

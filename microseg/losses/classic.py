@@ -16,7 +16,7 @@ from torch import Tensor
 
 from microseg.losses.base import SegLoss, WeightedSum, register
 from microseg.losses.focal import Focal
-from microseg.rules import POSITIVE
+from microseg.core.rules import POSITIVE
 from microseg.losses.region import Dice
 
 

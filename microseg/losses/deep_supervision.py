@@ -9,7 +9,7 @@ finite and >= 0 with a positive sum. Aux outputs must come coarsest first, each 
 strictly below the next and the last below the main output's. Per-sample statistics
 (`sample_stats`, e.g. A-FL's per-patient ones) go unchanged to every scale's loss. Targets come
 at the main output's size and are resized on their device, staying binary
-(`microseg.preprocess.resize_target`: MicroSegNet's bilinear-then-truncate by default).
+(`microseg.core.preprocess.resize_target`: MicroSegNet's bilinear-then-truncate by default).
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from microseg.errors import MicrosegError
-from microseg.rules import KERNEL, NON_NEGATIVE, check_option
+from microseg.core.errors import MicrosegError
+from microseg.core.rules import KERNEL, NON_NEGATIVE, check_option
 from microseg.losses.registry import build_loss
-from microseg.preprocess import REFERENCE_KERNEL_SIZES, TARGET_RESIZES, resize_target
+from microseg.core.preprocess import REFERENCE_KERNEL_SIZES, TARGET_RESIZES, resize_target
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from microseg.losses.base import SegLoss, register, signed_logits
-from microseg.rules import NON_NEGATIVE, Flag, Number
+from microseg.core.rules import NON_NEGATIVE, Flag, Number
 
 
 def focal_terms(logits: Tensor, target: Tensor, gamma: float | Tensor) -> Tensor:

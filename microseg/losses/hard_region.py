@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from microseg.errors import MicrosegError
-from microseg.rules import KERNEL, check_option
+from microseg.core.errors import MicrosegError
+from microseg.core.rules import KERNEL, check_option
 
 
 def check_kernel_size(kernel_size: int) -> int:

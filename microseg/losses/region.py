@@ -20,9 +20,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from microseg.errors import MicrosegError
+from microseg.core.errors import MicrosegError
 from microseg.losses.base import SegLoss, register
-from microseg.rules import FLOAT32_TINY, NON_NEGATIVE, Flag, Number
+from microseg.core.rules import FLOAT32_TINY, NON_NEGATIVE, Flag, Number
 
 SMOOTH = Number(FLOAT32_TINY, text=f"> 0 (at least {FLOAT32_TINY:g})")
 

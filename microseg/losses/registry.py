@@ -2,7 +2,7 @@
 
 Examples: `adaptive_focal`, `ag_bce:w=4,k=3`, `adaptive_focal+dice`, `0.5*dice+focal:alpha=0.25,gamma=2`.
 Values read as int, float, bool (`true`/`false`) or `none`, else as strings. Term weights must
-be finite and > 0. Every option is checked against its rule (`microseg.rules`): an
+be finite and > 0. Every option is checked against its rule (`microseg.core.rules`): an
 unknown, repeated, mistyped or out-of-range option is refused with one line naming the loss and
 the option. Keyword options of `build_loss` are read as spec options are and refused when no
 term takes them; deep supervision's per-scale kernel goes, explicitly, only to the terms with a
@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from microseg.errors import MicrosegError
+from microseg.core.errors import MicrosegError
 from microseg.losses.base import LOSSES, SegLoss, WeightedSum
-from microseg.rules import check_option
+from microseg.core.rules import check_option
 
 _TERM = re.compile(r"^\s*(?:(?P<weight>[^*]+)\*)?\s*(?P<name>[A-Za-z_]\w*)\s*(?::(?P<options>.*))?$")
 _PLUS = re.compile(r"(?<!\d[eE])\+")  # a '+' that is not an exponent sign (1e+3)

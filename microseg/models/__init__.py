@@ -1,5 +1,6 @@
 """The segmentation model: TransUNet (timm R50-ViT hybrid + CUP decoder + deep-supervision heads),
-its named configs and local weight loading."""
+its named configs, local weight loading and the pretrained encoders (names -> files, fetch and
+verify). Imports losses/, metrics/ and core/ (the layers below); data/ is independent of it."""
 
 from __future__ import annotations
 

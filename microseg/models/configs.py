@@ -18,8 +18,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from microseg.errors import MicrosegError
-from microseg.preprocess import SIZE_MULTIPLE
+from microseg.core.errors import MicrosegError
+from microseg.core.preprocess import SIZE_MULTIPLE
 
 VARIANTS = ("google", "port")
 

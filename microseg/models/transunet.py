@@ -54,7 +54,7 @@ from timm.models.resnetv2 import DownsampleConv, ResNetV2
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from microseg.errors import MicrosegError
+from microseg.core.errors import MicrosegError
 from microseg.models.configs import ModelConfig, resolve_config
 
 STD_CONV_EPS = 1e-5

@@ -40,9 +40,9 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from torch import Tensor
 
-from microseg.errors import MicrosegError
+from microseg.core.errors import MicrosegError
 from microseg.models.transunet import TransUNet
-from microseg.torch_files import read_torch_file
+from microseg.core.torch_files import read_torch_file
 
 Source = dict[str, tuple[str, Tensor]]  # model key -> (name in the file, tensor in the model's layout)
 
@@ -164,7 +164,7 @@ def _read_npz(model: TransUNet, path: Path) -> tuple[Source, list[str]]:
 
 
 def _torch_load(path: Path) -> Any:
-    """The torch file's content, read without running code (`microseg.torch_files.read_torch_file`)."""
+    """The torch file's content, read without running code (`microseg.core.torch_files.read_torch_file`)."""
     return read_torch_file(path, "weights file", "not .npz, .safetensors, nor a torch state dict or checkpoint")
 
 
@@ -280,7 +280,7 @@ def load_weights(model: TransUNet, path: str | os.PathLike) -> LoadReport:
 
     A partial load (e.g. an encoder-only file) is allowed and reported: print
     `format_load_report(report)`. Unreadable files, shape mismatches and non-finite values raise.
-    A name (`R50-ViT-B_16`) is turned into its file by `microseg.models.pretrained_files.resolve_weights`.
+    A name (`R50-ViT-B_16`) is turned into its file by `microseg.models.pretrained.resolve_weights`.
     """
     path = Path(path)
     if not path.is_file():

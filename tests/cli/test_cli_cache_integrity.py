@@ -22,7 +22,7 @@ from train_helpers import TINY_TRAIN
 from cli_helpers import one_error, run_cli, tree
 from microseg.data.cache import SLICE_KEYS
 from microseg.data.dataset import SliceDataset
-from microseg.errors import MicrosegError
+from microseg.core.errors import MicrosegError
 
 
 def train_argv(cache: Path, run: Path, *extra) -> list:
@@ -102,7 +102,7 @@ def test_a_cache_of_the_previous_format_is_prepared_again(cache, tmp_path, capsy
 @pytest.fixture
 def own_data(phantom, tmp_path) -> tuple[Path, Path]:
     """A copy of the phantom set and its own cache."""
-    from microseg.prepare import prepare_cache
+    from microseg.data.prepare import prepare_cache
 
     data = tmp_path / "data"
     shutil.copytree(phantom, data)

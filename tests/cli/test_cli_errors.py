@@ -23,9 +23,9 @@ import pytest
 
 from cli_helpers import PROC_FOLDER, one_error, run_cli, tree
 from data_helpers import make_dataset
-from microseg.atomic import atomic_path, remove_stale_temporaries, write_text
+from microseg.core.atomic import atomic_path, remove_stale_temporaries, write_text
 from microseg.cli import main
-from microseg.errors import MicrosegError
+from microseg.core.errors import MicrosegError
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +153,7 @@ def test_simulate_on_a_full_disk_names_the_file(tmp_path, capsys, monkeypatch):
 
 
 def test_any_other_system_error_is_one_line_naming_its_file(capsys, monkeypatch):
-    import microseg.prepare as prepare_module
+    import microseg.data.prepare as prepare_module
 
     def unreadable(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied", "/data/train/micro_ultrasound_scans")
@@ -174,7 +174,7 @@ def test_any_other_system_error_is_one_line_naming_its_file(capsys, monkeypatch)
 
 KILLED_WRITER = """
 import os, signal, sys
-from microseg.atomic import atomic_path
+from microseg.core.atomic import atomic_path
 with atomic_path(sys.argv[1]) as tmp:
     tmp.write_bytes(b"half a cache")
     os.kill(os.getpid(), signal.SIGKILL)

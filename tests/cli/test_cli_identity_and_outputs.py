@@ -51,7 +51,7 @@ def test_predictions_get_the_mode_of_a_plain_folder(trained_run, phantom, tmp_pa
 
 
 def test_compare_builds_its_report_aside_and_replaces_it_whole(trained_run, phantom, tmp_path, capsys, monkeypatch):
-    import microseg.report as report_module
+    import microseg.reporting.runs_report as report_module
 
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)

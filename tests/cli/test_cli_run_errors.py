@@ -206,7 +206,7 @@ def test_config_file_gives_run_and_values_are_typed(cache, tmp_path, capsys):
 
 
 def test_yaml_numbers_written_as_yaml_reads_them(tmp_path):
-    from microseg.config import resolve_train_config
+    from microseg.runs.config import resolve_train_config
 
     config = tmp_path / "run.yaml"
     config.write_text(
@@ -255,7 +255,7 @@ def test_batch_larger_than_the_training_data_warns_and_trains(cache, tmp_path, c
 HOLDER = """
 import sys, time
 from pathlib import Path
-from microseg.run import RunLock
+from microseg.runs.folder import RunLock
 lock = RunLock(Path(sys.argv[1]))
 lock.acquire()
 print("locked", flush=True)
@@ -283,8 +283,8 @@ def test_a_second_train_into_a_run_being_written_is_refused(cache, tmp_path, cap
 
 
 def test_the_lock_is_exclusive_within_one_process_too(tmp_path):
-    from microseg.errors import MicrosegError
-    from microseg.run import RunLock
+    from microseg.core.errors import MicrosegError
+    from microseg.runs.folder import RunLock
 
     first, second = RunLock(tmp_path), RunLock(tmp_path)
     first.acquire()

@@ -53,7 +53,7 @@ def test_evaluate_and_train_force_are_refused_while_another_process_holds_the_lo
         [
             sys.executable,
             "-c",
-            "import sys, time; from pathlib import Path; from microseg.run import RunLock; "
+            "import sys, time; from pathlib import Path; from microseg.runs.folder import RunLock; "
             "RunLock(Path(sys.argv[1])).acquire(); print('held', flush=True); time.sleep(120)",
             str(run),
         ],
@@ -76,7 +76,7 @@ def test_evaluate_and_train_force_are_refused_while_another_process_holds_the_lo
 
 
 def test_train_force_during_an_evaluation_is_refused(run, cache, phantom, capsys, monkeypatch):
-    import microseg.evaluate as evaluate_module
+    import microseg.evaluation.evaluate as evaluate_module
 
     real, answers = evaluate_module._evaluate_case, []
 
@@ -96,7 +96,7 @@ def test_train_force_during_an_evaluation_is_refused(run, cache, phantom, capsys
 
 
 def test_evaluate_while_train_writes_the_run_is_refused(cache, phantom, tmp_path, capsys, monkeypatch):
-    from microseg.train import Trainer
+    from microseg.training.trainer import Trainer
 
     run, answers = tmp_path / "r", []
     real = Trainer.train_step

@@ -31,7 +31,7 @@ from data_helpers import nifti_path, write_zyx
 from microseg.data.cache import read_cache_info
 from microseg.data.dataset import SliceDataset
 from microseg.losses import SAMPLE_STAT_KEYS, DeepSupervision
-from microseg.prepare import prepare_cache
+from microseg.data.prepare import prepare_cache
 
 FG, GMSA = SAMPLE_STAT_KEYS
 HAND = {"01": (1 / 48, (44 + 2 * math.sqrt(2)) / 768), "02": (1 / 2, 1 / 16)}

@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader
 from data_helpers import nifti_path, write_zyx
 from microseg.data.augment import build_augmentation
 from microseg.data.dataset import SliceDataset, split_by_patient
-from microseg.errors import MicrosegError
-from microseg.prepare import prepare_cache
+from microseg.core.errors import MicrosegError
+from microseg.data.prepare import prepare_cache
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 
 from data_helpers import nifti_path
 from microseg.data.layout import find_cases, nifti_files
-from microseg.errors import MicrosegError
+from microseg.core.errors import MicrosegError
 
 
 def touch(root, split, kind, case_id, ext=".nii.gz"):

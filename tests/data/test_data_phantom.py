@@ -15,7 +15,7 @@ from microseg.cli import main
 from microseg.data import phantom
 from microseg.data.layout import find_cases
 from microseg.data.phantom import BLADDER_ANGLE_DEG, ScanGeometry, simulate_case, simulate_dataset
-from microseg.errors import MicrosegError
+from microseg.core.errors import MicrosegError
 
 SIZE, SLICES = (64, 96), 7
 

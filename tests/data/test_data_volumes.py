@@ -17,8 +17,8 @@ from microseg.data.volumes import (
     write_mask,
     write_volume,
 )
-from microseg.errors import MicrosegError
-from microseg.preprocess import INTENSITY_MAX
+from microseg.core.errors import MicrosegError
+from microseg.core.preprocess import INTENSITY_MAX
 
 
 def test_orientation_and_spacing_match_the_reference_convention(tmp_path):

@@ -10,7 +10,7 @@ import torch
 from medpy.metric import binary as medpy_binary
 from scipy import ndimage
 
-from microseg.errors import MicrosegError
+from microseg.core.errors import MicrosegError
 from microseg.metrics import PROTOCOLS, dice, hd95, score_case, summarize
 
 

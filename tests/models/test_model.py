@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 
-from microseg.errors import MicrosegError
+from microseg.core.errors import MicrosegError
 from microseg.models import CONFIGS, ModelConfig, SegOutput, build_model
 
 REFERENCE_PARAMS = 105_279_956  # reference TransUNet + MicroSegNet heads, 1 class

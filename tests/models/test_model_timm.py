@@ -15,7 +15,7 @@ from timm.models.resnetv2 import ResNetV2
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from microseg.errors import MicrosegError
+from microseg.core.errors import MicrosegError
 from microseg.models import CONFIGS, build_model
 from microseg.models.weights import check_npz_name_map, load_weights
 from model_helpers import DEPTH, GROUPS, HEADS, HIDDEN, MLP, WIDTH, fill_deterministic, google_npz

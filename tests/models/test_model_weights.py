@@ -15,7 +15,7 @@ from timm.layers import GroupNormAct, HybridEmbed, StdConv2dSame
 from timm.models.resnetv2 import ResNetV2
 from timm.models.vision_transformer import VisionTransformer, _load_weights
 
-from microseg.errors import MicrosegError
+from microseg.core.errors import MicrosegError
 from microseg.models import ModelConfig, build_model
 from microseg.models.weights import LoadReport, format_load_report, load_weights
 from model_helpers import DEPTH, HEADS, HIDDEN, LAYERS, MLP, WIDTH, google_npz
@@ -128,7 +128,7 @@ def test_timm_state_dict_as_safetensors(tmp_path):
 
 
 def checkpoint(model) -> dict:
-    """A microseg checkpoint as microseg.run writes it: state dict + config dict (+ anything else)."""
+    """A microseg checkpoint as microseg.runs.folder writes it: state dict + config dict (+ anything else)."""
     return {"model": model.state_dict(), "model_config": dataclasses.asdict(model.config), "epoch": 3}
 
 

@@ -19,19 +19,18 @@ import microseg
 PACKAGE = Path(microseg.__file__).parent
 
 LAYERS: list[tuple[bool, tuple[str, ...]]] = [
-    # (independent, modules), top first; a name stands for the module or the sub-package.
+    # (independent, modules), top first; a name stands for the module or the package.
     (True, ("__main__",)),
     (True, ("cli",)),
-    (False, ("demo", "experiment*")),
-    (True, ("train", "evaluate", "report", "prepare", "pretrained")),
-    (True, ("significance", "ensemble")),
-    (True, ("checkpoint", "run_record")),
-    (True, ("run",)),
-    (True, ("config", "figures", "check", "download")),
-    (True, ("analysis", "tables", "recipes", "tensorboard_log")),
-    (True, ("data", "models", "losses", "metrics")),
-    (True, ("atomic", "preprocess", "patient_stats", "rules", "runtime", "stop", "torch_files", "jobs")),
-    (True, ("errors",)),
+    (True, ("demo",)),
+    (True, ("reporting",)),
+    (True, ("experiments",)),
+    (True, ("training", "evaluation")),
+    (True, ("inference", "stats")),
+    (True, ("runs",)),
+    (True, ("data", "models")),
+    (True, ("losses", "metrics")),
+    (True, ("core",)),
 ]
 """The layers, top first. docs/explanation/architecture.md lists the same."""
 
@@ -144,13 +143,16 @@ def test_the_checker_sees_function_local_and_relative_imports(tmp_path):
 
 
 def test_the_trainer_names_no_loss():
-    """train.py hands every loss the statistics it declares (`microseg.losses.base`): no loss is named there."""
+    """training/ hands every loss the statistics it declares (`microseg.losses.base`): no loss is named there."""
     from microseg.losses import LOSSES
 
-    tree = ast.parse((PACKAGE / "train.py").read_text())
-    compared = [c for node in ast.walk(tree) if isinstance(node, ast.Compare) for c in (node.left, *node.comparators)]
-    named = {c.value for c in compared if isinstance(c, ast.Constant) and c.value in LOSSES}
-    assert not named, f"train.py tells losses apart by name: {sorted(named)}"
+    for path in sorted((PACKAGE / "training").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        compared = [
+            c for node in ast.walk(tree) if isinstance(node, ast.Compare) for c in (node.left, *node.comparators)
+        ]
+        named = {c.value for c in compared if isinstance(c, ast.Constant) and c.value in LOSSES}
+        assert not named, f"training/{path.name} tells losses apart by name: {sorted(named)}"
 
 
 def test_the_architecture_page_lists_these_layers():
@@ -160,3 +162,13 @@ def test_the_architecture_page_lists_these_layers():
     listed = re.findall(r"^\d+\. (.*)$", page.split("## Layers", 1)[1], flags=re.M)
     written = [("," not in line, tuple(name.rstrip("/") for name in re.findall(r"`([^`]+)`", line))) for line in listed]
     assert written == LAYERS
+
+
+def test_only_the_command_line_sits_at_the_top():
+    """microseg/ holds the command line (cli, demo, __main__) and packages; every other module is in a package."""
+    assert sorted(path.name for path in PACKAGE.glob("*.py")) == ["__init__.py", "__main__.py", "cli.py", "demo.py"]
+    assert all(
+        (folder / "__init__.py").is_file()
+        for folder in PACKAGE.iterdir()
+        if folder.is_dir() and folder.name != "__pycache__"
+    )
