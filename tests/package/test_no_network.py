@@ -41,11 +41,17 @@ def refused_network(monkeypatch) -> list:
 
 @pytest.fixture
 def fresh_imports(monkeypatch):
-    """microseg and albumentations leave sys.modules for the test (restored afterwards)."""
+    """microseg and albumentations leave sys.modules for the test (restored afterwards); a module the
+    test alone imported leaves too, so that no later test meets it beside the restored ones (its
+    classes, MicrosegError among them, would not be theirs)."""
     monkeypatch.delenv("NO_ALBUMENTATIONS_UPDATE", raising=False)
-    for name in list(sys.modules):
-        if name.split(".")[0] in ("microseg", "albumentations"):
-            monkeypatch.delitem(sys.modules, name)
+    before = [name for name in sys.modules if name.split(".")[0] in ("microseg", "albumentations")]
+    for name in before:
+        monkeypatch.delitem(sys.modules, name)
+    yield
+    for name in [name for name in sys.modules if name.split(".")[0] in ("microseg", "albumentations")]:
+        if name not in before:
+            del sys.modules[name]
 
 
 def test_the_recorder_sees_a_connection_and_albumentations_own_check(refused_network, fresh_imports):
