@@ -29,11 +29,10 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
 from microseg.runs.config import RULES, TrainConfig, resolve_train_config
 from microseg.core.errors import MicrosegError
 from microseg.core.rules import check_value
+from microseg.core.yaml_mapping import read_yaml_mapping
 
 PLAN_FIELDS = ("losses", "seeds", "folds", "cache", "data", "protocol", "base", "primary")
 SET_BY_EXPERIMENT = ("run", "loss", "seed", "cache", "patients", "val_patients", "device")
@@ -64,12 +63,7 @@ def read_plan_file(path: str | Path | None) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise MicrosegError(f"plan file not found: {path}")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except (yaml.YAMLError, UnicodeDecodeError):
-        raise MicrosegError(f"{path} is not a readable plan (YAML)") from None
-    if not isinstance(values, dict):
-        raise MicrosegError(f"{path} must hold a mapping of plan field: value")
+    values = read_yaml_mapping(path, "plan field: value")
     unknown = sorted(set(values) - set(PLAN_FIELDS), key=str)
     if unknown:
         raise MicrosegError(

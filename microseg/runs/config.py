@@ -30,6 +30,7 @@ from microseg.core.errors import MicrosegError, OptionError
 from microseg.core.preprocess import PREDICTION_RESIZES, REFERENCE_KERNEL_SIZES, SIZE_MULTIPLE, Preprocess
 from microseg.runs.recipes import DEFAULT_RECIPE, RECIPES, recipe_settings
 from microseg.core.rules import KERNEL, NON_NEGATIVE, POSITIVE, Number, Rule, check_value
+from microseg.core.yaml_mapping import read_yaml_mapping
 
 
 def option(default: Any = None, help: str = "", **cli: Any) -> Any:
@@ -183,15 +184,7 @@ def read_config_file(yaml_path: str) -> dict[str, Any]:
         raise MicrosegError(f"--config {path} is a folder, not a YAML file")
     if not path.is_file():
         raise MicrosegError(f"config file not found: {path}")
-    try:
-        loaded = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise MicrosegError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
-    except UnicodeDecodeError:
-        raise MicrosegError(f"{path} is not a text (YAML) file") from None
-    if not isinstance(loaded, dict):
-        raise MicrosegError(f"{path} must hold a mapping of option: value")
-    return _upgrade(loaded)
+    return _upgrade(read_yaml_mapping(path, "option: value"))
 
 
 def config_from_dict(values: dict[str, Any], source: str) -> TrainConfig:
@@ -344,10 +337,4 @@ def save_config(config: TrainConfig, path: Path) -> None:
 def load_config(path: Path) -> TrainConfig:
     if not path.is_file():
         raise MicrosegError(f"{path.parent} is not a microseg run: {path.name} is missing")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except (yaml.YAMLError, UnicodeDecodeError):
-        raise MicrosegError(f"{path} is not a readable run config (YAML)") from None
-    if not isinstance(values, dict):
-        raise MicrosegError(f"{path} must hold a mapping of option: value")
-    return config_from_dict(values, str(path))
+    return config_from_dict(read_yaml_mapping(path, "option: value"), str(path))
