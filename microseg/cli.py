@@ -237,8 +237,6 @@ def _add_evaluate(verbs: argparse._SubParsersAction) -> None:
             raise MicrosegError("--ensemble needs --out DIR: the folder its evaluation is written into")
         if args.out and not args.ensemble:
             raise MicrosegError("--out is for --ensemble; a run's evaluation goes into the run (--run)")
-        if args.ensemble and (Path(args.out) / "config.yaml").exists():
-            raise MicrosegError(f"--out {args.out} is a trained run: give the ensemble's evaluation its own folder")
         path = evaluate(
             Path(args.out or args.run),
             args.data,
@@ -411,11 +409,11 @@ def _add_check(verbs: argparse._SubParsersAction) -> None:
     _add_jobs_option(p, "1 on up to 2 cores, else the number of cores")
 
     def run(args: argparse.Namespace) -> int:
-        from microseg.data.check import check_dataset, format_check, require_clean, write_check
+        from microseg.data.check import check_dataset, data_check_path, format_check, require_clean, write_check
 
         report = check_dataset(args.data, args.protocol, args.jobs)
         print(format_check(report))
-        path = write_check(report, args.json or Path(args.data.rstrip("/\\") + ".check.json"))
+        path = write_check(report, args.json or data_check_path(args.data))
         print(f"report: {path}")
         require_clean(report, f"details in {path}")
         return 0

@@ -275,6 +275,11 @@ def format_check(report: dict) -> str:
     return "\n\n".join(screens) + f"\n\n{report['data']}: {report['errors']} error(s), {report['warnings']} warning(s)"
 
 
+def data_check_path(data: str | Path) -> Path:
+    """Where ``check`` writes its report by default: ``<data>.check.json`` beside the dataset folder."""
+    return Path(str(data).rstrip("/\\") + ".check.json")
+
+
 def check_path(cache: str | Path) -> Path:
     """Where ``prepare`` writes its dataset check: ``<cache>.check.json`` (``a.h5`` -> ``a.check.json``)."""
     return Path(cache).with_suffix(".check.json")

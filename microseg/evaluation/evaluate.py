@@ -80,7 +80,7 @@ def evaluate(
     jobs: int | None = 1,
     source_check: bool = True,
     cases: Sequence[str] | None = None,
-    into: str = "metrics",
+    heldout: bool = False,
     ensemble: Sequence[Path] | None = None,
 ) -> Path:
     """Predict and score every case of `split` (train or test); returns the per-patient CSV path.
@@ -94,19 +94,22 @@ def evaluate(
     per process (`microseg.core.parallel`; None: the default, `resolve_jobs`), each with the model on `device`. With
     `source_check`, a run whose training cache is on disk is refused when the cache's source
     files changed since it was prepared.
-    `cases` restricts the split to those patient ids (an experiment's held-out fold); `into` names
-    the folder of the run written (`metrics`, or `heldout`). With `ensemble` (run folders), their
-    averaged probability maps are the prediction (`microseg.inference.ensemble`) and `run` is the folder the
-    evaluation is written into (no run, so not locked); every member gets the run's checks
+    `cases` restricts the split to those patient ids (an experiment's held-out fold); `heldout` writes
+    the run's held-out evaluation (`RunFolder.held_out`: `heldout/`) instead of `metrics/`. With
+    `ensemble` (run folders), their averaged probability maps are the prediction
+    (`microseg.inference.ensemble`) and `run` is the folder the evaluation is written into (no run,
+    so not locked; a trained run's folder is refused); every member gets the run's checks
     (`checked_runs`) and `evaluation.json` records each member's checkpoint.
     """
     from microseg.data.check import SPLITS
 
+    folder = RunFolder(run, heldout)
+    if ensemble and folder.config.exists():
+        raise MicrosegError(f"--out {run} is a trained run: give the ensemble's evaluation its own folder")
     if split not in SPLITS:
         raise OptionError(f"`split` {split!r} is not one of {', '.join(SPLITS)}")
     check_protocol(protocol)
     jobs = resolve_jobs(jobs, "evaluate", device)
-    folder = RunFolder(run, into)
     if ensemble:
         check_members(ensemble)
     with checked_runs(ensemble or [folder.path], device, resize, source_check) as members:

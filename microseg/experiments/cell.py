@@ -34,7 +34,6 @@ from microseg.runs.folder import RunFolder, RunLock
 from microseg.core.stop import stop_signals
 from microseg.core.tables import SUMMARY_ROWS, read_csv, write_csv
 
-HELDOUT = "heldout"
 FAILED, INTERRUPTED, SAVED = "microseg: error: ", "microseg: interrupted", "== saved epoch"
 RESUME_MAY_CHANGE = (
     "run",
@@ -85,7 +84,7 @@ def cell_state(experiment: Experiment, cell: Cell) -> CellState:
     if holder is not None:
         return CellState("running", *_epochs(folder), detail=f"pid {holder}")
     done, epochs = _epochs(folder) if folder.path.is_dir() else (0, 0)
-    evaluations = [folder.evaluation] + ([cell.run / HELDOUT / "evaluation.json"] if cell.fold is not None else [])
+    evaluations = [folder.evaluation] + ([folder.held_out.evaluation] if cell.fold is not None else [])
     if folder.path.is_dir() and epochs and done >= epochs and all(p.is_file() for p in evaluations):
         return CellState("done", done, epochs)
     try:
@@ -229,7 +228,7 @@ def _run(experiment: Experiment, cell: Cell, event: Callable[[str], None], devic
     plan = experiment.plan
     if cell.fold is not None:
         _, held_out = experiment.splits().training(cell.fold)
-        evaluate(cell.run, Path(plan.data), "train", plan.protocol, device=device, cases=held_out, into=HELDOUT)
+        evaluate(cell.run, Path(plan.data), "train", plan.protocol, device=device, cases=held_out, heldout=True)
     evaluate(cell.run, Path(plan.data), "test", plan.protocol, device=device)
     mean = {row["case_id"]: row for row in read_csv(folder.per_patient)}["mean"]
     return (
@@ -254,11 +253,11 @@ def write_oof(experiment: Experiment) -> Path | None:
         header: list[str] = []
         rows = []
         for (loss, seed), cells in groups.items():
-            files = [c.run / HELDOUT / "per_patient.csv" for c in sorted(cells, key=lambda c: c.fold)]
-            if not all(f.is_file() and (f.parent / "evaluation.json").is_file() for f in files):
+            folders = [RunFolder(c.run).held_out for c in sorted(cells, key=lambda c: c.fold)]
+            if not all(f.per_patient.is_file() and f.evaluation.is_file() for f in folders):
                 continue
-            for file in files:
-                for row in read_csv(file):
+            for folder in folders:
+                for row in read_csv(folder.per_patient):
                     if row["case_id"] in SUMMARY_ROWS:
                         continue
                     header = header or ["loss", "seed", *row]

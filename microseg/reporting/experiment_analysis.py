@@ -51,6 +51,7 @@ from microseg.stats.replicates import (
     variance_table,
 )
 from microseg.reporting.runs_report import require_same_evaluation
+from microseg.runs.folder import RunFolder
 from microseg.runs.record import RunRecord, load_run
 from microseg.stats.paired import ALPHA
 from microseg.core.tables import SUMMARY_ROWS
@@ -207,7 +208,7 @@ def read_experiments(paths: list[Path]) -> Experiments:
                 )
             experiments.oof[loss, seed] = patients
     for cell in cells:
-        if (cell.run / "history.csv").is_file():
+        if RunFolder(cell.run).history.is_file():
             experiments.records[cell.id] = load_run(cell.run)
     return experiments
 

@@ -32,6 +32,7 @@ from microseg.core.atomic import atomic_folder, require_writable, write_text
 from microseg.core.errors import MicrosegError, OptionError, warn
 from microseg.reporting.figures import plot_loss_curves, plot_overlays, plot_stratified, run_colours
 from microseg.metrics import summarize
+from microseg.runs.folder import RunFolder
 from microseg.runs.record import RunRecord, load_run
 from microseg.reporting.paired_runs import family_differences, wilcoxon_table
 from microseg.stats.paired import ALPHA, BOOTSTRAP_RESAMPLES, PairedDifference, min_wilcoxon_p
@@ -281,12 +282,12 @@ def results_paragraph(records: list[RunRecord]) -> str:
 def find_dataset_check(records: list[RunRecord]) -> tuple[Path, dict] | None:
     """The dataset check JSON of the evaluated data folder: `<data>.check.json` (`microseg check`)
     or `<cache>.check.json` of a run's cache (`prepare`), if its `data` is that folder."""
-    from microseg.data.check import check_path
+    from microseg.data.check import check_path, data_check_path
 
     data = next((r.evaluation["data"] for r in records if "data" in r.evaluation), None)
     if data is None:
         return None
-    candidates = [Path(data + ".check.json")]
+    candidates = [data_check_path(data)]
     candidates += [check_path(r.config["cache"]) for r in records if r.config.get("cache")]
     for path in dict.fromkeys(candidates):
         try:
@@ -369,7 +370,7 @@ def write_overlays(
         expert = read_volume(case.expert, "mask").array
         preds = {}
         for r in evaluated:
-            path = r.path / "predictions" / case.image.name
+            path = RunFolder(r.path).predictions / case.image.name
             if not path.is_file():
                 raise MicrosegError(f"{r.path} has no prediction {path.name}: evaluate it on {source['split']} first")
             preds[r.label] = read_volume(path, "mask").array

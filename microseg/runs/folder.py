@@ -50,22 +50,28 @@ class RunFolder:
         "tensorboard",
     )
 
-    def __init__(self, path: str | Path, metrics: str = "metrics"):
-        """`metrics`: the evaluation's folder (`metrics`, the test split's; an experiment's fold cell also
-        has `heldout`, whose predictions go to `heldout/predictions`)."""
+    def __init__(self, path: str | Path, heldout: bool = False):
+        """`heldout`: the evaluation paths (`metrics`, `predictions`, `per_patient`, ...) are those of an
+        experiment fold cell's held-out evaluation (`heldout/`, its masks in `heldout/predictions/`), not
+        the test split's (`metrics/`, `predictions/`)."""
         self.path = Path(path)
         self.config = self.path / "config.yaml"
         self.calf_stats = self.path / "calf_stats.json"
         self.history = self.path / "history.csv"
         self.last = self.path / "last.pt"
         self.best = self.path / "best.pt"
-        self.metrics = self.path / metrics
-        self.predictions = self.path / "predictions" if metrics == "metrics" else self.metrics / "predictions"
+        self.metrics = self.path / ("heldout" if heldout else "metrics")
+        self.predictions = self.metrics / "predictions" if heldout else self.path / "predictions"
         self.tensorboard = self.path / "tensorboard"
         self.per_patient = self.metrics / "per_patient.csv"
         self.per_patient_md = self.metrics / "per_patient.md"
         self.per_slice = self.metrics / "per_slice.csv"
         self.evaluation = self.metrics / "evaluation.json"
+
+    @property
+    def held_out(self) -> RunFolder:
+        """The same run, its evaluation paths those of the held-out evaluation (`heldout/`)."""
+        return RunFolder(self.path, heldout=True)
 
     def prepare(self, resume: bool, force: bool) -> None:
         """--resume needs `last.pt`; otherwise refuse an existing run without --force, and with it clear its outputs."""

@@ -88,6 +88,12 @@ def test_ensemble_refusals(trained_run, phantom, tmp_path, capsys):
     )
     one_error(code, err, "either --run RUN or --ensemble")
     assert not (tmp_path / "e").exists()
+    before = sorted(p.name for p in trained_run.iterdir())
+    code, _, err = run_cli(
+        ["evaluate", "--ensemble", trained_run, trained_run, "--out", trained_run, "--data", phantom], capsys
+    )
+    one_error(code, err, f"--out {trained_run} is a trained run")
+    assert sorted(p.name for p in trained_run.iterdir()) == before
 
 
 @pytest.fixture
