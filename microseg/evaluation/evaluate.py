@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -260,9 +261,8 @@ def _score_case(
 
     The work is pipelined as tasks on as many threads as torch had (the process's share of the
     cores; torch, OpenCV, NumPy, ISA-L and the k-d tree release the GIL), torch itself set to
-    one thread meanwhile: while the model predicts slab k, slab k + 1 is read and slab k - 1
-    written and scored, one task per file and per scorer. Each consumer keeps its order (a
-    scorer's slab k - 1 is done before its slab k starts), so the results are a sequential run's.
+    one thread meanwhile (`_pipeline`). Each consumer keeps its order (a scorer's slab k - 1 is
+    done before its slab k starts), so the results are a sequential run's.
     """
     paths = {"expert": case.expert} | ({"non_expert": case.non_expert} if case.non_expert else {}) | case.raters
     with contextlib.ExitStack() as stack:
@@ -271,58 +271,131 @@ def _score_case(
         for mask in masks.values():
             require_same_geometry(mask.geometry, image.geometry)
         readers = {"image": image} | masks
-        (z, h, _), spacing = image.geometry.shape, image.geometry.spacing
-        others = [name for name in masks if name != "expert"]
-        scores = {name: CaseScorer(image.geometry.shape, spacing, protocol) for name in ["model", *others]}
-        described = ExpertDescriptors(spacing, preprocess.size)
-        kernel = hard_region_kernel(preprocess.main_kernel, preprocess.size, h)
-        hard: list[Future] = []
+        geometry = image.geometry
+        scoring = _CaseScoring.of(geometry.shape, geometry.spacing, protocol, preprocess, list(masks))
         write = stack.enter_context(
-            volume_writer(
-                predictions / case.image.name, image.geometry.shape, np.uint8, image.geometry.affine, image.header
-            )
+            volume_writer(predictions / case.image.name, geometry.shape, np.uint8, geometry.affine, image.header)
         )
-        threads = torch.get_num_threads()
-        pool = stack.enter_context(ThreadPoolExecutor(threads))
+        pool = stack.enter_context(ThreadPoolExecutor(torch.get_num_threads()))
         stack.enter_context(torch_threads(1))  # one per task: the tasks share the cores, not OpenMP
-
-        def read(start: int) -> dict[str, Future]:
-            return {name: pool.submit(reader.read, start, start + slab) for name, reader in readers.items()}
-
-        forward = threading.Lock()
-
-        def predict_slab(image: np.ndarray) -> np.ndarray:
-            with forward:  # one slab's activations in memory at a time
-                return binary(predict, image)
-
-        def score_slab(predicted: Future, slabs: dict[str, np.ndarray], scoring: list[Future]) -> list[Future]:
-            """Submit a slab's writing and scoring once its prediction and the previous slab's scoring are done."""
-            pred = predicted.result()
-            for task in scoring:
-                task.result()
-            masks = {name: m.view(bool) for name, m in slabs.items()}  # the files' own 0/1 bytes
-            expert, scored = masks["expert"], {"model": pred} | {name: masks[name] for name in others}
-            tasks = [pool.submit(write, pred), pool.submit(described.add, expert)]
-            tasks += [pool.submit(scores[name].add, scored[name], expert) for name in scores]
-            if others:
-                hard.append(pool.submit(_hard_counts, pred, expert, [masks[name] for name in others], kernel))
-            return tasks
-
-        scoring: list[Future] = []
-        upcoming, previous = read(0), None
-        for start in range(0, z, slab):
-            slabs = {name: task.result() for name, task in upcoming.items()}
-            if start + slab < z:
-                upcoming = read(start + slab)
-            predicted = pool.submit(predict_slab, slabs.pop("image"))
-            if previous is not None:  # slab k - 1 is scored while slab k is predicted
-                scoring = score_slab(*previous, scoring)
-            previous = (predicted, slabs)
-        for task in score_slab(*previous, scoring) if previous is not None else scoring:
-            task.result()
+        _pipeline(readers, geometry.shape[0], slab, pool, predict, functools.partial(scoring.submit, pool, write))
         for reader in readers.values():
             reader.finish()
-    warnings = [
+    warnings = _empty_mask_warnings(case, protocol, masks)
+    score = scoring.scores["model"].result()
+    return (
+        scoring.patient_row(case.case_id, score),
+        _slice_rows(case.case_id, score, scoring.described.slices),
+        warnings,
+    )
+
+
+def _pipeline(
+    readers: dict[str, SlabReader],
+    z: int,
+    slab: int,
+    pool: ThreadPoolExecutor,
+    predict: Predictor,
+    submit: Callable[[np.ndarray, dict[str, np.ndarray]], list[Future]],
+) -> None:
+    """Every slab of `z` slices read, predicted and handed to `submit` (with its masks as bool) on `pool`:
+    while the model predicts slab k, slab k + 1 is read and slab k - 1 written and scored, one task per
+    file and per scorer; slab k's tasks are submitted once slab k - 1's are done. One forward at a time."""
+
+    def read(start: int) -> dict[str, Future]:
+        return {name: pool.submit(reader.read, start, start + slab) for name, reader in readers.items()}
+
+    forward = threading.Lock()
+
+    def predict_slab(image: np.ndarray) -> np.ndarray:
+        with forward:  # one slab's activations in memory at a time
+            return binary(predict, image)
+
+    def score_slab(predicted: Future, slabs: dict[str, np.ndarray], scoring: list[Future]) -> list[Future]:
+        """Submit a slab's writing and scoring once its prediction and the previous slab's scoring are done."""
+        pred = predicted.result()
+        for task in scoring:
+            task.result()
+        return submit(pred, {name: m.view(bool) for name, m in slabs.items()})  # the files' own 0/1 bytes
+
+    scoring: list[Future] = []
+    upcoming, previous = read(0), None
+    for start in range(0, z, slab):
+        slabs = {name: task.result() for name, task in upcoming.items()}
+        if start + slab < z:
+            upcoming = read(start + slab)
+        predicted = pool.submit(predict_slab, slabs.pop("image"))
+        if previous is not None:  # slab k - 1 is scored while slab k is predicted
+            scoring = score_slab(*previous, scoring)
+        previous = (predicted, slabs)
+    for task in score_slab(*previous, scoring) if previous is not None else scoring:
+        task.result()
+
+
+@dataclasses.dataclass
+class _CaseScoring:
+    """What one case's slabs add up to: the model's and every other annotator's scorer (against the
+    expert), the expert's descriptors, and each slab's hard-region counts (from the other annotators)."""
+
+    scores: dict[str, CaseScorer]
+    described: ExpertDescriptors
+    others: list[str]
+    kernel: int
+    hard: list[Future] = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def of(
+        cls,
+        shape: tuple[int, int, int],
+        spacing: tuple[float, float, float],
+        protocol: str,
+        preprocess: Preprocess,
+        annotators: list[str],
+    ) -> _CaseScoring:
+        """Scorers for the model and the annotators but the expert; the hard region's kernel at native size."""
+        others = [name for name in annotators if name != "expert"]
+        scores = {name: CaseScorer(shape, spacing, protocol) for name in ["model", *others]}
+        described = ExpertDescriptors(spacing, preprocess.size)
+        return cls(scores, described, others, hard_region_kernel(preprocess.main_kernel, preprocess.size, shape[1]))
+
+    def submit(
+        self,
+        pool: ThreadPoolExecutor,
+        write: Callable[[np.ndarray], None],
+        pred: np.ndarray,
+        masks: dict[str, np.ndarray],
+    ) -> list[Future]:
+        """One slab's tasks: its prediction written, the expert described, every scorer fed, the hard region counted."""
+        expert, scored = masks["expert"], {"model": pred} | {name: masks[name] for name in self.others}
+        tasks = [pool.submit(write, pred), pool.submit(self.described.add, expert)]
+        tasks += [pool.submit(self.scores[name].add, scored[name], expert) for name in self.scores]
+        if self.others:
+            others = [masks[name] for name in self.others]
+            self.hard.append(pool.submit(_hard_counts, pred, expert, others, self.kernel))
+        return tasks
+
+    def patient_row(self, case_id: str, score: CaseScore) -> dict:
+        """The case's per_patient row: the model's `score`, the expert's descriptors, the hard region, the raters."""
+        row = {
+            "case_id": case_id,
+            "dsc": score.dsc,
+            "hd95_mm": score.hd95_mm,
+            "n_slices": score.n_slices,
+            "n_one_sided": score.n_one_sided,
+        }
+        row |= self.described.patient()
+        counts = sum((task.result() for task in self.hard), np.zeros(5, np.int64))
+        inside = hard_region_from_counts(counts) if self.others else {"dsc": math.nan, "error_rate": math.nan}
+        row |= {"hard_dsc": inside["dsc"], "hard_error_rate": inside["error_rate"]}
+        for name in self.others:
+            rater = self.scores[name].result()
+            row |= {f"{name}_dsc": rater.dsc, f"{name}_hd95_mm": rater.hd95_mm}
+        return row
+
+
+def _empty_mask_warnings(case: Case, protocol: str, masks: dict[str, SlabReader]) -> list[str]:
+    """One warning per mask empty on every slice (the expert's: its scores are NaN under microsegnet)."""
+    return [
         f"case {case.case_id}: expert mask {case.expert} is empty on every slice"
         + ("; its DSC and HD95 are NaN under protocol microsegnet" if protocol == "microsegnet" else "")
         if name == "expert"
@@ -330,22 +403,6 @@ def _score_case(
         for name, mask in masks.items()
         if mask.empty
     ]
-    score = scores["model"].result()
-    row = {
-        "case_id": case.case_id,
-        "dsc": score.dsc,
-        "hd95_mm": score.hd95_mm,
-        "n_slices": score.n_slices,
-        "n_one_sided": score.n_one_sided,
-    }
-    row |= described.patient()
-    counts = sum((task.result() for task in hard), np.zeros(5, np.int64))
-    inside = hard_region_from_counts(counts) if others else {"dsc": math.nan, "error_rate": math.nan}
-    row |= {"hard_dsc": inside["dsc"], "hard_error_rate": inside["error_rate"]}
-    for name in others:
-        rater = scores[name].result()
-        row |= {f"{name}_dsc": rater.dsc, f"{name}_hd95_mm": rater.hd95_mm}
-    return row, _slice_rows(case.case_id, score, described.slices), warnings
 
 
 def _hard_counts(pred: np.ndarray, expert: np.ndarray, others: list[np.ndarray], kernel: int) -> np.ndarray:
