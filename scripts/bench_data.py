@@ -65,7 +65,7 @@ def write_pngs(data: Path, out: Path, scale: int) -> list[tuple[Path, Path, Path
         masks = [read_volume(p, "mask").array * 255 for p in (case.expert, case.non_expert)]
         for z in range(len(image)):
             paths = tuple(out / f"{case.case_id}_{kind}_{z}.png" for kind in ("img", "gt", "st"))
-            for path, array in zip(paths, (image[z], masks[0][z], masks[1][z])):
+            for path, array in zip(paths, (image[z], masks[0][z], masks[1][z]), strict=True):
                 h, w = array.shape
                 cv2.imwrite(str(path), array if scale == 1 else cv2.resize(array, (w // scale, h // scale)))
             triples.append(paths)

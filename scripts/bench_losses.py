@@ -58,7 +58,7 @@ def reference_hard_region() -> Iterator[None]:
     try:
         yield
     finally:
-        for m, original in zip(modules, saved):
+        for m, original in zip(modules, saved, strict=True):
             m.hard_region = original
 
 
@@ -82,7 +82,7 @@ def median_ms(fns: list[Callable[[], object]], device: torch.device, repeats: in
             fn()
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        for fn, samples in zip(fns, times):
+        for fn, samples in zip(fns, times, strict=True):
             sync()
             start = time.perf_counter()
             fn()

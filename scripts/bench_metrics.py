@@ -34,7 +34,7 @@ def outline_mask(rng: np.random.Generator, t: float, jitter: np.ndarray | None =
         phase = phase + jitter[3] * rng.uniform(-1, 1, 4)
     y, x = np.ogrid[:H, :W]
     theta = np.arctan2((y - cy) / ry, (x - cx) / rx)
-    radius = 1 + sum(a * np.cos((k + 2) * theta + p) for k, (a, p) in enumerate(zip(amp, phase)))
+    radius = 1 + sum(a * np.cos((k + 2) * theta + p) for k, (a, p) in enumerate(zip(amp, phase, strict=True)))
     return ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 <= radius**2
 
 

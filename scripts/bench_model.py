@@ -123,7 +123,7 @@ def interleaved_best(fns: list[Callable[[], None]], device: torch.device, repeat
     """
     times: list[list[float]] = [[] for _ in fns]
     for round_ in range(repeats + 1):
-        for fn, spent in zip(fns, times):
+        for fn, spent in zip(fns, times, strict=True):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             start = time.perf_counter()
@@ -170,7 +170,7 @@ def bench_device(jobs: list[Job], device: torch.device, args: argparse.Namespace
             str(batch),
         ]
     best = iter(interleaved_best([fn for pair in fns for fn in pair], device, args.repeats))
-    for job, pair, note in zip(jobs, fns, notes):
+    for job, pair, note in zip(jobs, fns, notes, strict=True):
         ms = [f"{next(best) * 1e3:.0f}" for _ in pair]
         job.cells += ms[:2]
         if args.compile:
@@ -234,10 +234,10 @@ def main() -> None:
         cells = {job.label: job.cells for job in jobs}
         if "R50-ViT-B_16" in cells and REFERENCE in cells:
             ours, ref = cells["R50-ViT-B_16"], cells[REFERENCE]
-            ratio = lambda i: float(ours[i]) / float(ref[i])  # noqa: E731
+            forward, step, flops = (float(ours[i]) / float(ref[i]) for i in (5, 6, 3))
             print(
-                f"\n{device.type}: whole R50-ViT-B_16 TransUNet / timm encoder alone: forward x{ratio(5):.2f}, "
-                f"train step x{ratio(6):.2f}, FLOPs x{ratio(3):.2f}"
+                f"\n{device.type}: whole R50-ViT-B_16 TransUNet / timm encoder alone: forward x{forward:.2f}, "
+                f"train step x{step:.2f}, FLOPs x{flops:.2f}"
             )
 
 

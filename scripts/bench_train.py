@@ -260,7 +260,7 @@ def bench_config(
         profile_steps(loops[-1], device, args.profile)
     peak = args.peak_tflops or detected_peak(device)
     rows = []
-    for loop, rate in zip(loops, rates):
+    for loop, rate in zip(loops, rates, strict=True):
         mfu = f"{100 * rate * train_gflops / (peak * 1e3):.1f}%" if peak else "-"
         rows.append(
             [

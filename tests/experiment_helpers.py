@@ -44,5 +44,10 @@ def experiment_args(cache, phantom, out, losses=("focal", "ag_bce"), seeds=(1, 2
     ]
 
 
+def csv_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
 def patients_of(csv_path: Path) -> list[str]:
-    return [row["case_id"] for row in csv.DictReader(open(csv_path)) if row["case_id"] not in SUMMARY_ROWS]
+    return [row["case_id"] for row in csv_rows(csv_path) if row["case_id"] not in SUMMARY_ROWS]

@@ -45,7 +45,7 @@ def install_recorder(record: dict, actions: dict, patch=setattr) -> None:
     def step(self, batch):
         calls["n"] += 1
         state = hashlib.sha1(torch.random.get_rng_state().numpy().tobytes()).hexdigest()[:16]
-        ids = [f"{case}:{z}" for case, z in zip(batch["case_id"], batch["slice_index"].tolist())]
+        ids = [f"{case}:{z}" for case, z in zip(batch["case_id"], batch["slice_index"].tolist(), strict=True)]
         record["steps"].append([self.epoch, self.step, ids, state])
         action = actions.get(calls["n"])
         if action:

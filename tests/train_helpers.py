@@ -18,7 +18,7 @@ TINY_TRAIN = dict(
 def tiny_train_argv(cache: Path, run: Path, *options: str) -> list[str]:
     """`microseg train` arguments: the tiny model, one epoch, no loader workers, `cache` into `run`;
     `options` come last (argparse keeps the last of a repeated option)."""
-    tiny = "--model tiny --epochs 1 --num-workers 0".split()
+    tiny = ["--model", "tiny", "--epochs", "1", "--num-workers", "0"]
     return ["train", "--cache", str(cache), "--run", str(run), *tiny, *options]
 
 

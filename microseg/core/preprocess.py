@@ -72,7 +72,7 @@ class Preprocess:
         return {**asdict(self), "kernel_sizes": list(self.kernel_sizes)}
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "Preprocess":
+    def from_dict(cls, values: dict[str, Any]) -> Preprocess:
         known = {f.name for f in fields(cls)}
         given = {k: v for k, v in values.items() if k in known}
         if "kernel_sizes" in given:

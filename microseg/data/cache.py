@@ -167,9 +167,9 @@ class CacheEntry:
 def cache_entry(case: Case, image: Volume, masks: list[Volume], size: int) -> CacheEntry:
     """The cache entry of a case's image and [expert, non-expert] masks at ``size``."""
     stacks = {"images": np.stack([resize_image(s, size) for s in image.array])}
-    for key, mask in zip(SLICE_KEYS[1:], masks):
+    for key, mask in zip(SLICE_KEYS[1:], masks, strict=True):
         stacks[key] = np.stack([resize_mask(s, size) for s in mask.array])
-    stats = dict(zip(PATIENT_STAT_KEYS, patient_statistics(stacks["expert"])))
+    stats = dict(zip(PATIENT_STAT_KEYS, patient_statistics(stacks["expert"]), strict=True))
     fraction = masks[0].array.mean(axis=(1, 2), dtype=np.float64).astype(np.float32)
     return CacheEntry(case.case_id, image.array.shape, image.spacing, stacks, stats, fraction)
 

@@ -457,7 +457,7 @@ def simulate_case(
         box = geo.box(cx, cy, max(float(r.max()) for r in radii))  # no contour reaches beyond it
         dx, dy = geo.xc[box] - cx, geo.yc[box] - cy
         rho, idx = np.hypot(dx, dy), _angle_index(dx, dy)
-        for mask, radius in zip(masks.values(), radii):
+        for mask, radius in zip(masks.values(), radii, strict=True):
             mask[z][box] = (rho < radius[idx]) & geo.fov[box]
 
     with ThreadPoolExecutor(threads) as pool:

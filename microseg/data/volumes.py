@@ -186,7 +186,7 @@ class SlabReader:
     def close(self) -> None:
         self._file.close()
 
-    def __enter__(self) -> "SlabReader":
+    def __enter__(self) -> SlabReader:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -194,7 +194,7 @@ def _model_of(
     record: dict[str, object] = {
         "checkpoint": "ensemble",
         "ensemble": [str(r.resolve()) for r in runs],
-        "members": [{"run": str(r.resolve()), **_scored(m)} for r, m in zip(runs, members)],
+        "members": [{"run": str(r.resolve()), **_scored(m)} for r, m in zip(runs, members, strict=True)],
     }
     return model, preprocess, tuple(runs), used, record
 

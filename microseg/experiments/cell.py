@@ -162,7 +162,7 @@ def run_cell(experiment: Experiment, cell: Cell, event: Callable[[str], None], d
         stop.check()
         try:
             log.parent.mkdir(parents=True, exist_ok=True)
-            stream = open(log, "a", buffering=1)
+            stream = open(log, "a", buffering=1)  # noqa: SIM115  (closed in the finally below, its errors suppressed)
         except OSError as err:
             raise CellFailed(f"cannot write its log: {os_error_line(err)}") from None
         try:

@@ -254,26 +254,7 @@ def _stored_cells(values: Any, plan: Plan, path: Path) -> list[Cell]:
     """The record's cells, each checked against the plan; ids unique, one file name each, paths inside EXP."""
     if not isinstance(values, list):
         raise MicrosegError(f"cells must be a list, got {type(values).__name__}")
-    cells: list[Cell] = []
-    for i, value in enumerate(values):
-        if not isinstance(value, dict) or set(value) != {"id", "loss", "seed", "fold", "run"}:
-            raise MicrosegError(f"cells[{i}] must be a mapping of id, loss, seed, fold, run, got {value!r}")
-        name, loss, seed, fold, run = (value[k] for k in ("id", "loss", "seed", "fold", "run"))
-        if not (isinstance(name, str) and CELL_ID.fullmatch(name)):
-            raise MicrosegError(f"cells[{i}].id {name!r} is not a cell id (one file name: letters, digits, _.=+-)")
-        if isinstance(run, str) and not _inside(path, path / run):
-            raise MicrosegError(f"cells[{i}].run {run} is outside the experiment folder")
-        folds = f"an integer in 0..{plan.folds - 1}" if plan.folds else "null (the plan has no folds)"
-        checks = [
-            ("loss", loss in plan.losses, "one of the plan's losses"),
-            ("seed", type(seed) is int and seed in plan.seeds, "one of the plan's seeds"),
-            ("fold", type(fold) is int and 0 <= fold < plan.folds if plan.folds else fold is None, folds),
-            ("run", run == f"runs/{name}", f"runs/{name}"),
-        ]
-        for field, ok, wanted in checks:
-            if not ok:
-                raise MicrosegError(f"cells[{i}].{field} must be {wanted}, got {value[field]!r}")
-        cells.append(Cell(name, loss, seed, fold, path / run))
+    cells = [_stored_cell(f"cells[{i}]", value, plan, path) for i, value in enumerate(values)]
     for what, keys in (("id", [c.id for c in cells]), ("cell", [(c.loss, c.seed, c.fold) for c in cells])):
         repeated = next((key for i, key in enumerate(keys) if key in keys[:i]), None)
         if repeated is not None:
@@ -281,6 +262,28 @@ def _stored_cells(values: Any, plan: Plan, path: Path) -> list[Cell]:
     for cell in cells:
         require_inside(path, cell)
     return cells
+
+
+def _stored_cell(where: str, value: Any, plan: Plan, path: Path) -> Cell:
+    """One cell of the record (`where`: its place in it), checked against the plan."""
+    if not isinstance(value, dict) or set(value) != {"id", "loss", "seed", "fold", "run"}:
+        raise MicrosegError(f"{where} must be a mapping of id, loss, seed, fold, run, got {value!r}")
+    name, loss, seed, fold, run = (value[k] for k in ("id", "loss", "seed", "fold", "run"))
+    if not (isinstance(name, str) and CELL_ID.fullmatch(name)):
+        raise MicrosegError(f"{where}.id {name!r} is not a cell id (one file name: letters, digits, _.=+-)")
+    if isinstance(run, str) and not _inside(path, path / run):
+        raise MicrosegError(f"{where}.run {run} is outside the experiment folder")
+    folds = f"an integer in 0..{plan.folds - 1}" if plan.folds else "null (the plan has no folds)"
+    checks = [
+        ("loss", loss in plan.losses, "one of the plan's losses"),
+        ("seed", type(seed) is int and seed in plan.seeds, "one of the plan's seeds"),
+        ("fold", type(fold) is int and 0 <= fold < plan.folds if plan.folds else fold is None, folds),
+        ("run", run == f"runs/{name}", f"runs/{name}"),
+    ]
+    for field, ok, wanted in checks:
+        if not ok:
+            raise MicrosegError(f"{where}.{field} must be {wanted}, got {value[field]!r}")
+    return Cell(name, loss, seed, fold, path / run)
 
 
 def _inside(root: Path, path: Path) -> bool:

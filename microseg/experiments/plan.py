@@ -139,7 +139,7 @@ def _canonical_losses(losses: list[str]) -> list[str]:
 
     canonical = [canonical_spec(loss) for loss in losses]
     first: dict[str, str] = {}
-    for spelled, loss in zip(losses, canonical):
+    for spelled, loss in zip(losses, canonical, strict=True):
         if loss in first:
             raise MicrosegError(
                 f"duplicate loss(es) in the plan: {loss} ({first[loss]!r} and {spelled!r} are one loss)"

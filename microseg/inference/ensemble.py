@@ -45,7 +45,7 @@ def check_members(runs: Sequence[str | Path]) -> None:
 def ensemble_of(runs: Sequence[str | Path], members: Sequence[RunModel]) -> tuple[torch.nn.Module, Preprocess]:
     """The loaded `members` of `runs` as one Ensemble and their common Preprocess; refuses members
     trained on other grids."""
-    for run, member in zip(runs, members):
+    for run, member in zip(runs, members, strict=True):
         if member.preprocess != members[0].preprocess:
             first, this = dataclasses.asdict(members[0].preprocess), dataclasses.asdict(member.preprocess)
             key = next(k for k in first if first[k] != this[k])

@@ -50,7 +50,9 @@ def predict(
         created = [p for p in (out, *out.parents) if not p.exists()]
         try:
             with contextlib.nullcontext(out.parent) if not source.is_dir() else atomic_files_into(out) as folder:
-                for path, target in tqdm(list(zip(inputs, targets)), desc="predict", leave=False, disable=None):
+                for path, target in tqdm(
+                    list(zip(inputs, targets, strict=True)), desc="predict", leave=False, disable=None
+                ):
                     _predict_file(predictor, path, folder / target.name)
         except BaseException:
             for folder in created:  # folders made on the way to a failed output, deepest first

@@ -29,7 +29,7 @@ from microseg.core.errors import MicrosegError
 from microseg.core.rules import POSITIVE, Rule, check_option
 from microseg.core.patient_stats import PATIENT_STAT_KEYS
 
-LOSSES: dict[str, type["SegLoss"]] = {}
+LOSSES: dict[str, type[SegLoss]] = {}
 """Loss name -> class, filled by `@register`."""
 
 SAMPLE_STAT_KEYS = PATIENT_STAT_KEYS
@@ -184,5 +184,9 @@ class WeightedSum(SegLoss):
     ) -> Tensor:
         terms = cast(list[SegLoss], list(self.terms))
         return cast(
-            Tensor, sum(w * compute(t, logits, target, non_expert, sample_stats) for w, t in zip(self.weights, terms))
+            Tensor,
+            sum(
+                w * compute(t, logits, target, non_expert, sample_stats)
+                for w, t in zip(self.weights, terms, strict=True)
+            ),
         )

@@ -46,8 +46,8 @@ def check_weights(weights: Sequence[float]) -> tuple[float, ...]:
 def check_output_sizes(outputs: Sequence[Tensor]) -> None:
     """Aux heads coarsest first: every spatial size strictly increasing up to the main output's."""
     sizes = [tuple(o.shape[2:]) for o in outputs]
-    for coarse, fine in zip(sizes, sizes[1:]):
-        if len(coarse) != len(fine) or not all(c < f for c, f in zip(coarse, fine)):
+    for coarse, fine in zip(sizes, sizes[1:], strict=False):
+        if len(coarse) != len(fine) or not all(c < f for c, f in zip(coarse, fine, strict=True)):
             raise MicrosegError(
                 f"deep supervision takes aux outputs coarsest first, each smaller than the next and the main "
                 f"output; got sizes {sizes} (aux..., main)"
@@ -108,9 +108,9 @@ class DeepSupervision(nn.Module):
                     f"{which} mask shape {tuple(mask.shape)} does not match main logits shape {tuple(logits.shape)}"
                 )
         values = []
-        for output, loss in zip(outputs, losses):
+        for output, loss in zip(outputs, losses, strict=True):
             size = output.shape[2:]
             ne = None if non_expert is None else resize_target(non_expert, size, self.target_resize)
             values.append(loss(output, resize_target(expert, size, self.target_resize), ne, sample_stats))
-        total = sum(w * v for w, v in zip(weights, values))
+        total = sum(w * v for w, v in zip(weights, values, strict=True))
         return DeepSupervisedLoss(total, torch.stack(values), tuple(int(o.shape[2]) for o in outputs))

@@ -145,7 +145,7 @@ def hd95(pred: np.ndarray, ref: np.ndarray, spacing: float | Sequence[float] = 1
 def joint_crop(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Both non-empty masks cropped (contiguous copies) to the bounding box of the two."""
     (lo_a, hi_a), (lo_b, hi_b) = _bbox(a), _bbox(b)
-    box = tuple(slice(lo, hi) for lo, hi in zip(np.minimum(lo_a, lo_b), np.maximum(hi_a, hi_b)))
+    box = tuple(slice(lo, hi) for lo, hi in zip(np.minimum(lo_a, lo_b), np.maximum(hi_a, hi_b), strict=True))
     return np.ascontiguousarray(a[box]), np.ascontiguousarray(b[box])
 
 

@@ -155,7 +155,7 @@ class TransUNet(nn.Module):
         channels = config.decoder_channels
         skips = config.skip_channels[: config.n_skip] + (0,) * (4 - config.n_skip)
         inputs = (config.head_channels, *channels[:-1])
-        self.decoder = nn.ModuleList(DecoderBlock(i, s, o) for i, s, o in zip(inputs, skips, channels))
+        self.decoder = nn.ModuleList(DecoderBlock(i, s, o) for i, s, o in zip(inputs, skips, channels, strict=True))
         self.seg_head = nn.Conv2d(channels[-1], config.num_classes, 3, padding=1)
         k = config.aux_kernel
         self.aux_heads = nn.ModuleList(

@@ -188,8 +188,8 @@ def check_weights_file(path: str | os.PathLike) -> Path:
         raise MicrosegError(f"weights file not found: {path}")
     if path.suffix == ".npz":
         try:
-            with np.load(path, allow_pickle=False) as npz:
-                npz.files
+            with np.load(path, allow_pickle=False):
+                pass  # opening an .npz reads its zip directory: a file that is not one fails here
         except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
             raise MicrosegError(f"cannot read weights file {path} as .npz: {err}") from None
     elif path.suffix == ".safetensors":

@@ -90,25 +90,15 @@ def read_oof(experiment: Experiment) -> dict[tuple[str, str], dict[str, dict[str
     the header, no loss, seed (an integer), case_id, dsc or hd95_mm column, a metric that is not a
     number (empty: NaN), a patient twice for one loss and seed (each is out of fold once), or a loss
     and seed whose patients are not exactly those of the folds."""
-    import csv
-
     source = experiment.oof_file
     if not source.is_file():
         return {}
-    try:
-        text = source.read_text()
-    except (OSError, UnicodeDecodeError):
-        raise MicrosegError(f"{source} is not readable") from None
-    if not text.endswith("\n"):
-        raise MicrosegError(f"{source} is truncated: its last line is cut (remove it; `experiment run` rewrites it)")
-    header, *rows = list(csv.reader(text.splitlines())) or [[]]
-    if not {"loss", "seed", "case_id", *(m.key for m in METRICS)} <= set(header):
-        raise MicrosegError(f"{source} needs loss, seed, case_id, dsc and hd95_mm columns")
+    header, rows = _oof_table(source)
     found: dict[tuple[str, str], dict[str, dict[str, float]]] = {}
     for line, fields in enumerate(rows, start=2):
         if len(fields) != len(header):
             raise MicrosegError(f"{source}: line {line} has {len(fields)} fields, the header {len(header)}")
-        row = dict(zip(header, fields))
+        row = dict(zip(header, fields, strict=True))
         if not row["seed"].lstrip("-").isdigit():
             raise MicrosegError(f"{source}: line {line}: seed {row['seed']!r} is not an integer")
         if row["case_id"] in SUMMARY_ROWS:
@@ -119,17 +109,46 @@ def read_oof(experiment: Experiment) -> dict[tuple[str, str], dict[str, dict[str
                 f"{source}: patient {row['case_id']} appears twice for loss {row['loss']}, "
                 f"seed {row['seed']}; each training patient is out of fold once"
             )
-        patients[row["case_id"]] = {}
-        for key, value in row.items():
-            if key in ("loss", "seed", "case_id"):
-                continue
-            try:
-                patients[row["case_id"]][key] = float(value) if value else math.nan
-            except ValueError:
-                raise MicrosegError(f"{source}: line {line}: {key} {value!r} is not a number") from None
+        patients[row["case_id"]] = _oof_scores(f"{source}: line {line}", row)
     if not found:
         raise MicrosegError(f"{source} holds no patient")
-    held_out = {patient for fold in experiment.splits().folds for patient in fold}
+    _require_folds_patients(source, found, {patient for fold in experiment.splits().folds for patient in fold})
+    return found
+
+
+def _oof_table(source: Path) -> tuple[list[str], list[list[str]]]:
+    """The header and rows of an out-of-fold CSV, refused when unreadable, cut short or missing a column."""
+    import csv
+
+    try:
+        text = source.read_text()
+    except (OSError, UnicodeDecodeError):
+        raise MicrosegError(f"{source} is not readable") from None
+    if not text.endswith("\n"):
+        raise MicrosegError(f"{source} is truncated: its last line is cut (remove it; `experiment run` rewrites it)")
+    header, *rows = list(csv.reader(text.splitlines())) or [[]]
+    if not {"loss", "seed", "case_id", *(m.key for m in METRICS)} <= set(header):
+        raise MicrosegError(f"{source} needs loss, seed, case_id, dsc and hd95_mm columns")
+    return header, rows
+
+
+def _oof_scores(where: str, row: dict[str, str]) -> dict[str, float]:
+    """A row's metrics (every column but loss, seed and case_id) as numbers, empty as NaN."""
+    scores = {}
+    for key, value in row.items():
+        if key in ("loss", "seed", "case_id"):
+            continue
+        try:
+            scores[key] = float(value) if value else math.nan
+        except ValueError:
+            raise MicrosegError(f"{where}: {key} {value!r} is not a number") from None
+    return scores
+
+
+def _require_folds_patients(
+    source: Path, found: dict[tuple[str, str], dict[str, dict[str, float]]], held_out: set[str]
+) -> None:
+    """Refuse a loss and seed whose out-of-fold patients are not exactly the folds' patients."""
     for (loss, seed), patients in found.items():
         if set(patients) != held_out:
             missing, extra = sorted(held_out - set(patients)), sorted(set(patients) - held_out)
@@ -138,7 +157,6 @@ def read_oof(experiment: Experiment) -> dict[tuple[str, str], dict[str, dict[str
                 + (f" (missing {', '.join(missing)})" if missing else "")
                 + (f" (not in the folds: {', '.join(extra)})" if extra else "")
             )
-    return found
 
 
 @dataclass
@@ -174,8 +192,6 @@ def read_experiments(paths: list[Path]) -> Experiments:
     for path in paths:
         if not path.is_dir():
             raise MicrosegError(f"experiment folder not found: {path}")
-    plans: list[Plan] = []
-    cells: list[Cell] = []
     found: list[Experiment] = []
     splits = None
     seen: dict[tuple, Path] = {}
@@ -188,18 +204,10 @@ def read_experiments(paths: list[Path]) -> Experiments:
                 "their cells cannot be compared on the same patients"
             )
         splits = these
-        for cell in experiment.cells:
-            key = (cell.loss, cell.seed, cell.fold)
-            if key in seen:
-                raise MicrosegError(
-                    f"loss {cell.loss}, {replicate(cell)} is a cell of both {seen[key]} and {path}: "
-                    "compare each cell once"
-                )
-            seen[key] = path
-        plans.append(experiment.plan)
-        cells += experiment.cells
+        _claim_cells(experiment.cells, path, seen)
         found.append(experiment)
-    experiments = Experiments(paths, plans, splits or {"folds": [], "test": []}, cells)
+    cells = [cell for experiment in found for cell in experiment.cells]
+    experiments = Experiments(paths, [e.plan for e in found], splits or {"folds": [], "test": []}, cells)
     for experiment in found:
         for (loss, seed), patients in read_oof(experiment).items():
             if (loss, seed) in experiments.oof:
@@ -211,6 +219,17 @@ def read_experiments(paths: list[Path]) -> Experiments:
         if RunFolder(cell.run).history.is_file():
             experiments.records[cell.id] = load_run(cell.run)
     return experiments
+
+
+def _claim_cells(cells: list[Cell], path: Path, seen: dict[tuple, Path]) -> None:
+    """Record in `seen` (loss, seed, fold) -> experiment folder the cells of `path`; refuse one seen before."""
+    for cell in cells:
+        key = (cell.loss, cell.seed, cell.fold)
+        if key in seen:
+            raise MicrosegError(
+                f"loss {cell.loss}, {replicate(cell)} is a cell of both {seen[key]} and {path}: compare each cell once"
+            )
+        seen[key] = path
 
 
 def require_comparable(experiments: Experiments, missing: str = "worst") -> None:

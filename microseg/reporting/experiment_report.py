@@ -107,7 +107,7 @@ def _missing_sentence(analysis: Analysis) -> str:
         parts.append(f"{len(cells)} cell(s) without an evaluation ({', '.join(cells)})")
     for m in METRICS:
         if scores[m.key].sum():
-            per_loss = ", ".join(f"{loss} {n}" for loss, n in zip(analysis.losses, scores[m.key]) if n)
+            per_loss = ", ".join(f"{loss} {n}" for loss, n in zip(analysis.losses, scores[m.key], strict=True) if n)
             parts.append(f"{int(scores[m.key].sum())} patient(s) without a {m.short} ({per_loss})")
     worst = " and ".join(f"{m.short} {_fmt(analysis.results[m.key].worst, m.digits)}{m.unit}" for m in METRICS)
     return f"Missing is worst: {'; '.join(parts)} count as the worst value ({worst})."
@@ -319,7 +319,7 @@ def ranking_table(analysis: Analysis) -> tuple[list[str], list[list]]:
     header = ["metric", "scheme", "loss", "score", "rank"] + [f"P(rank {r})" for r in range(1, n + 1)]
     header += ["tau median", "tau q25", "tau q75"]
     rows = []
-    for key, r in analysis.results.items():
+    for r in analysis.results.values():
         for scheme, ranking in r.rankings.items():
             tau = ranking.tau_summary()
             rows += [
@@ -493,7 +493,7 @@ def _compared(analysis: Analysis) -> list[str]:
     first = experiments.records[experiments.evaluated[0].id]
     ev = first.evaluation
     lines: list[str] = ["## What was compared", ""]
-    for path, plan in zip(experiments.paths, experiments.plans):
+    for path, plan in zip(experiments.paths, experiments.plans, strict=True):
         options = ", ".join(f"{k} {v}" for k, v in plan.base.items())
         lines.append(
             f"- {path}: losses {', '.join(plan.losses)}; seeds {', '.join(map(str, plan.seeds))}; "

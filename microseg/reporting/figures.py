@@ -26,6 +26,7 @@ from microseg.metrics import dice
 from microseg.core.preprocess import INTENSITY_MAX
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
 EXPERT_COLOUR = "#00ff00"
@@ -69,7 +70,7 @@ def plot_loss_curves(
     if any("val_dsc" in rows[0] for rows in histories.values() if rows):
         panels.append(("val_dsc", "validation DSC"))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
-    for ax, (key, title) in zip(axes[0], panels):
+    for ax, (key, title) in zip(axes[0], panels, strict=True):
         for run, rows in histories.items():
             epochs = [row["epoch"] for row in rows if key in row]
             values = [row[key] for row in rows if key in row]
@@ -113,7 +114,7 @@ def plot_stratified(
     fig, axes = plt.subplots(1, len(factors), figsize=(5.5 * len(factors), 4.4), layout="constrained", squeeze=False)
     width = 0.8 / max(1, len(runs))
     unit = count.removeprefix("n_").removesuffix("s")
-    for ax, (factor, _, labels) in zip(axes[0], factors):
+    for ax, (factor, _, labels) in zip(axes[0], factors, strict=True):
         x = np.arange(len(labels))
         for i, run in enumerate(runs):
             got = [cell.get((run, factor, label)) for label in labels]
@@ -167,21 +168,10 @@ def plot_overlays(
     plt = pyplot()
     from matplotlib.lines import Line2D
 
-    image = np.asarray(image)
-    if image.ndim != 3:
-        raise MicrosegError(f"image must be a [Z,H,W] volume, got shape {image.shape}")
-    expert, *masks = bool_volumes(expert=expert, **{f"prediction of {run}": p for run, p in preds.items()})
-    if expert.shape != image.shape:
-        raise MicrosegError(f"expert shape {expert.shape} does not match image shape {image.shape}")
-    if not len(slices):
-        raise MicrosegError("no slices to overlay")
-    for z in slices:
-        if isinstance(z, bool) or int(z) != z or not 0 <= z < len(image):
-            raise MicrosegError(f"slice index {z!r} is outside the volume (0..{len(image) - 1})")
-    slices = [int(z) for z in slices]
+    image, expert, masks, slices = _overlay_volumes(image, expert, preds, slices)
     colours = colours or run_colours(list(preds))
     runs: list[tuple[str, np.ndarray | None, str | None]] = [
-        (run, mask, colours[run]) for run, mask in zip(preds, masks)
+        (run, mask, colours[run]) for run, mask in zip(preds, masks, strict=True)
     ]
     full = (slice(0, image.shape[1]), slice(0, image.shape[2]))
     boxes = [_crop([expert[z]] + [m[z] for m in masks], image.shape[1:]) if crop else full for z in slices]
@@ -194,20 +184,10 @@ def plot_overlays(
         layout="constrained",
         figsize=(panel * len(slices), (panel * aspect + 0.3) * max(1, len(runs)) + 0.7),
     )
-    for col, (z, box) in enumerate(zip(slices, boxes)):
+    for col, (z, box) in enumerate(zip(slices, boxes, strict=True)):
         for row, (run, mask, colour) in enumerate(runs or [("expert only", None, None)]):
             ax = axes[row][col]
-            ax.imshow(image[z][box], cmap="gray", vmin=0, vmax=255)
-            label = f"z = {z}"
-            for contour, c in [(expert[z], EXPERT_COLOUR)] + ([(mask[z], colour)] if mask is not None else []):
-                part = contour[box]
-                if part.any() and not part.all():  # a constant crop has no 0.5 level
-                    ax.contour(part.astype(np.float32), levels=[0.5], colors=c, linewidths=1.2)
-            if mask is not None and (mask[z].any() or expert[z].any()):
-                label += f"   DSC {dice(mask[z], expert[z]):.3f}"
-            ax.set_title(label, fontsize=8)
-            ax.set_xticks([])
-            ax.set_yticks([])
+            _overlay_panel(ax, image[z], expert[z], None if mask is None else (mask[z], colour), box, f"z = {z}")
             if col == 0:
                 ax.set_ylabel(run, fontsize=9)
     handles = [Line2D([], [], color=EXPERT_COLOUR, lw=2, label="expert")]
@@ -215,6 +195,47 @@ def plot_overlays(
     fig.suptitle(title, fontsize=10)
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=8, frameon=False)
     save_png(fig, out_png)
+
+
+def _overlay_volumes(
+    image: np.ndarray, expert: np.ndarray, preds: Mapping[str, np.ndarray], slices: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], list[int]]:
+    """`plot_overlays`' inputs checked: the [Z,H,W] image, the expert's and each run's bool masks of
+    its shape, and the slice indices (integers inside the volume) as ints."""
+    image = np.asarray(image)
+    if image.ndim != 3:
+        raise MicrosegError(f"image must be a [Z,H,W] volume, got shape {image.shape}")
+    expert, *masks = bool_volumes(expert=expert, **{f"prediction of {run}": p for run, p in preds.items()})
+    if expert.shape != image.shape:
+        raise MicrosegError(f"expert shape {expert.shape} does not match image shape {image.shape}")
+    if not len(slices):
+        raise MicrosegError("no slices to overlay")
+    for z in slices:
+        if isinstance(z, bool) or int(z) != z or not 0 <= z < len(image):
+            raise MicrosegError(f"slice index {z!r} is outside the volume (0..{len(image) - 1})")
+    return image, expert, masks, [int(z) for z in slices]
+
+
+def _overlay_panel(
+    ax: Axes,
+    image: np.ndarray,
+    expert: np.ndarray,
+    run: tuple[np.ndarray, str | None] | None,
+    box: tuple[slice, slice],
+    label: str,
+) -> None:
+    """One slice's panel, cropped to `box`: the image in grey, the expert's contour and the run's (its
+    mask and colour; None: the expert alone), titled `label` and the run's DSC on the whole slice."""
+    ax.imshow(image[box], cmap="gray", vmin=0, vmax=255)
+    for contour, c in [(expert, EXPERT_COLOUR)] + ([run] if run is not None else []):
+        part = contour[box]
+        if part.any() and not part.all():  # a constant crop has no 0.5 level
+            ax.contour(part.astype(np.float32), levels=[0.5], colors=c, linewidths=1.2)
+    if run is not None and (run[0].any() or expert.any()):
+        label += f"   DSC {dice(run[0], expert):.3f}"
+    ax.set_title(label, fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
 
 
 def plot_case_preview(data_root: str | Path, split: str = "train", case_id: str = "01", n_panels: int = 8) -> Path:
@@ -231,7 +252,7 @@ def plot_case_preview(data_root: str | Path, split: str = "train", case_id: str 
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows * h / w + 0.3), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, z in zip(axes.flat, slices):
+    for ax, z in zip(axes.flat, slices, strict=False):
         ax.imshow(image[z], cmap="gray", vmin=0, vmax=INTENSITY_MAX, interpolation="nearest")
         for mask, colour in ((expert[z], "lime"), (non_expert[z], "red")):
             if mask.any():
@@ -265,7 +286,7 @@ def plot_curve_bands(
     colours = colours or run_colours(list(bands))
     panels = [(key, title) for key, title in CURVE_PANELS if any(curves.get(key) for curves in bands.values())]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.9), squeeze=False, layout="constrained")
-    for ax, (key, title) in zip(axes[0], panels):
+    for ax, (key, title) in zip(axes[0], panels, strict=True):
         for loss, curves in bands.items():
             rows = np.array(curves.get(key) or np.empty((0, 4)), dtype=np.float64).reshape(-1, 4)
             ax.plot(rows[:, 0], rows[:, 1], marker="o", markersize=3, label=loss, color=colours[loss])
@@ -304,7 +325,7 @@ def plot_rank_blobs(
         squeeze=False,
         layout="constrained",
     )
-    for ax, (title, freq) in zip(axes[0], frequencies.items()):
+    for ax, (title, freq) in zip(axes[0], frequencies.items(), strict=True):
         order = sorted(range(n), key=lambda i: (observed[title][i], i))
         for x, i in enumerate(order):
             shares = freq[i]
@@ -353,7 +374,7 @@ def plot_significance_map(
         layout="constrained",
     )
     cmap = ListedColormap(["#d6604d", "#e0e0e0", "#4dac26"])
-    for ax, (title, pairs) in zip(axes[0], cells.items()):
+    for ax, (title, pairs) in zip(axes[0], cells.items(), strict=True):
         grid = np.zeros((n, n))
         for (a, b), (gain, p) in pairs.items():
             grid[a, b] = np.sign(gain) if p < alpha else 0
@@ -381,7 +402,7 @@ def plot_dot_box(
     fig, axes = plt.subplots(
         1, len(values), figsize=(max(4.0, 1.2 * n + 2) * len(values), 4.0), squeeze=False, layout="constrained"
     )
-    for ax, (title, table) in zip(axes[0], values.items()):
+    for ax, (title, table) in zip(axes[0], values.items(), strict=True):
         x = np.arange(n)
         for patient in np.asarray(table).T:
             ax.plot(x, patient, color="0.6", linewidth=0.6, zorder=1)

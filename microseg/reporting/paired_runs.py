@@ -37,7 +37,7 @@ def paired_values(a: RunRecord, b: RunRecord, key: str) -> tuple[np.ndarray, np.
     cases = sorted(set(a.patients) & set(b.patients))
     pairs = [(a.patients[c].get(key, math.nan), b.patients[c].get(key, math.nan)) for c in cases]
     pairs = [(x, y) for x, y in pairs if not (math.isnan(x) or math.isnan(y))]
-    x, y = (np.array(v, dtype=np.float64) for v in zip(*pairs)) if pairs else (np.empty(0), np.empty(0))
+    x, y = (np.array(v, dtype=np.float64) for v in zip(*pairs, strict=True)) if pairs else (np.empty(0), np.empty(0))
     return x, y
 
 
@@ -58,7 +58,7 @@ def family_differences(
         for key in keys
     }
     adjusted = holm([d.p_value for d in diffs.values()])
-    return {k: dataclasses.replace(d, p_holm=float(p)) for (k, d), p in zip(diffs.items(), adjusted)}
+    return {k: dataclasses.replace(d, p_holm=float(p)) for (k, d), p in zip(diffs.items(), adjusted, strict=True)}
 
 
 def wilcoxon_table(records: Sequence[RunRecord], metrics: Sequence[tuple[str, str]]) -> tuple[list[str], list[list]]:

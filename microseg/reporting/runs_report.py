@@ -499,7 +499,7 @@ def _rank_note(patients: dict[str, dict[str, dict]]) -> list[str]:
     ]
     if len(pairs) < 3 or len({v for v, _ in pairs}) < 2 or len({g for _, g in pairs}) < 2:
         return []
-    rho = float(spearmanr(*zip(*pairs)).statistic)
+    rho = float(spearmanr(*zip(*pairs, strict=True)).statistic)
     return [
         f"Volume and gamma_mSa rank the {len(pairs)} patients with Spearman rho = {rho:.2f}: A-FL's "
         "smoothness is a mean gradient over the whole volume, so it grows with the object's surface and "

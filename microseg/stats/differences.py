@@ -227,7 +227,7 @@ def loss_differences(all_scores: Mapping[str, Scores], primary: str, drop: bool 
         ]
         adjusted = holm([d.p_value for d in pairs])
         levels = holm_levels([d.p_value for d in pairs], adjusted)
-        for d, p_holm, level, w_holm in zip(pairs, adjusted, levels, holm([d.wilcoxon_p for d in pairs])):
+        for d, p_holm, level, w_holm in zip(pairs, adjusted, levels, holm([d.wilcoxon_p for d in pairs]), strict=True):
             d.p_holm, d.ci_level, d.wilcoxon_p_holm = float(p_holm), float(level), float(w_holm)
             if not math.isnan(level):
                 d.ci = t_interval(d.mean, d.se, d.df, float(level))

@@ -94,7 +94,10 @@ def simulate_test(
     dfs = (n_reps - 1, n_pat - 1, (n_reps - 1) * (n_pat - 1))
     rng = np.random.default_rng(seed)
     z = rng.standard_normal(n) * math.sqrt(max(0.0, (l_rep + l_pat - l_res) / (n_reps * n_pat)))
-    ss = tuple(lam * rng.chisquare(df, n) if df > 0 else np.zeros(n) for lam, df in zip((l_rep, l_pat, l_res), dfs))
+    ss = tuple(
+        lam * rng.chisquare(df, n) if df > 0 else np.zeros(n)
+        for lam, df in zip((l_rep, l_pat, l_res), dfs, strict=True)
+    )
     fit = reml_fit(np.zeros(n), ss, n_reps, n_pat)
     with np.errstate(invalid="ignore"):
         q = t.ppf(1 - alpha / 2, fit.df) * np.sqrt(fit.var)

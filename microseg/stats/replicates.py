@@ -185,7 +185,7 @@ def variance_table(run_means: np.ndarray) -> list[VarianceSource]:
         "residual", u.size - 1 - sum(r.df for r in rows), max(0.0, total - sum(r.ss for r in rows)), 0
     )
     ms_res = residual.ms
-    for row, (_, _, weight) in zip(rows, factors):
+    for row, (_, _, weight) in zip(rows, factors, strict=True):
         if residual.df > 0 and row.df > 0 and ms_res > 0:
             row.f = row.ms / ms_res
             row.p = float(f_distribution.sf(row.f, row.df, residual.df))

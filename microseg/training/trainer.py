@@ -92,20 +92,7 @@ def train(
                 if env.main:
                     claimed.enter_context(folder.claim(resume, force))
             session = (trainer or Trainer)(config, env, resume, interrupts)
-            try:
-                for epoch in range(session.epoch, config.epochs):
-                    row = session.run_epoch(epoch)
-                    if on_epoch is not None and env.main:
-                        on_epoch(row)
-            except KeyboardInterrupt:
-                session.save_interrupted()
-                raise
-            except RuntimeError as err:  # a collective broke: Ctrl-C reached another process first?
-                if env.lost_peer(err) and interrupts.pending:
-                    session.save_interrupted()
-                raise
-            finally:
-                session.close()
+            _run_epochs(session, config.epochs, env, interrupts, on_epoch)
             failed = False
         except RuntimeError as err:
             if not env.lost_peer(err):
@@ -119,6 +106,31 @@ def train(
         finally:
             env.close(failed)
     return folder.path
+
+
+def _run_epochs(
+    session: Trainer,
+    epochs: int,
+    env: Distributed,
+    interrupts: StopSignals,
+    on_epoch: Callable[[dict[str, Any]], None] | None,
+) -> None:
+    """The session's epochs up to `epochs`, each row to `on_epoch` (rank 0); the position saved on a
+    Ctrl-C, or on a lost peer while a stop is pending; the session closed whatever happens."""
+    try:
+        for epoch in range(session.epoch, epochs):
+            row = session.run_epoch(epoch)
+            if on_epoch is not None and env.main:
+                on_epoch(row)
+    except KeyboardInterrupt:
+        session.save_interrupted()
+        raise
+    except RuntimeError as err:  # a collective broke: Ctrl-C reached another process first?
+        if env.lost_peer(err) and interrupts.pending:
+            session.save_interrupted()
+        raise
+    finally:
+        session.close()
 
 
 def check_processes(config: TrainConfig, env: Distributed) -> None:
@@ -464,7 +476,7 @@ class Trainer:
         """The epoch's history row: mean losses, validation (rank 0), lr, seconds."""
         n = self.preprocess.n_scales
         row = {"epoch": epoch + 1, "loss": float(totals[-2])}
-        row.update({f"loss_{s}": float(v) for s, v in zip(self.preprocess.scale_sizes, totals[:n])})
+        row.update({f"loss_{s}": float(v) for s, v in zip(self.preprocess.scale_sizes, totals[:n], strict=True)})
         row["bce"] = float(totals[-1])
         if self.val_loader is not None:
             row["val_dsc"], row["val_hd95_mm"] = self.validate(self.val_loader)
@@ -493,7 +505,7 @@ class Trainer:
                 logits = self.model(batch["image"].to(self.device, non_blocking=True)).logits
             pred = (logits.float() > 0).cpu().numpy()[:, 0]
             expert = batch["expert"].numpy()[:, 0] > 0.5
-            for case, p, r in zip(batch["case_id"], pred, expert):
+            for case, p, r in zip(batch["case_id"], pred, expert, strict=True):
                 preds.setdefault(case, []).append(p)
                 refs.setdefault(case, []).append(r)
             if seen <= self.overlay_index < seen + len(pred):

@@ -68,7 +68,7 @@ def test_lazy_handle_pickles_and_workers_read(cache_64):
         clone = pickle.loads(pickle.dumps(ds))  # an open h5py handle would not pickle
         assert clone._arrays is None and torch.equal(clone[0]["image"], first["image"])
     loader = DataLoader(SliceDataset(cache_64, in_memory=False), batch_size=4, num_workers=2)
-    seen = [(c, int(z)) for batch in loader for c, z in zip(batch["case_id"], batch["slice_index"])]
+    seen = [(c, int(z)) for batch in loader for c, z in zip(batch["case_id"], batch["slice_index"], strict=True)]
     assert seen == [(f"0{p}", z) for p in range(1, 6) for z in range(3)]
 
 

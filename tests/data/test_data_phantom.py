@@ -95,7 +95,11 @@ def rated():
 
 def medpy_patient_score(mask: np.ndarray, expert: np.ndarray, spacing: float) -> tuple[float, float]:
     """MicroSegNet's protocol with medpy: mean DSC / HD95 (mm) over slices where both masks are non-empty."""
-    scores = [(mb.dc(m, e), mb.hd95(m, e, voxelspacing=spacing)) for m, e in zip(mask, expert) if m.any() and e.any()]
+    scores = [
+        (mb.dc(m, e), mb.hd95(m, e, voxelspacing=spacing))
+        for m, e in zip(mask, expert, strict=True)
+        if m.any() and e.any()
+    ]
     return tuple(np.mean(scores, axis=0))
 
 

@@ -21,6 +21,11 @@ from microseg.cli import main
 from microseg.evaluation.evaluate import evaluate
 
 
+def csv_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
 def rows_of(path: Path) -> dict[str, dict[str, str]]:
     with open(path, newline="") as handle:
         return {row[next(iter(row))]: row for row in csv.DictReader(handle)}
@@ -104,8 +109,8 @@ def test_compare_tables_plots_and_tests(evaluated, cache, phantom, tmp_path):
     report = (out / "report.md").read_text()
     for heading in ("Table 1 layout", "Table 2 layout", "Wilcoxon", "other annotators", "hard region", "roughness"):
         assert heading in report
-    history = list(csv.DictReader(open(evaluated / "history.csv")))
-    table = list(csv.DictReader(open(out / "loss_table.csv")))
+    history = csv_rows(evaluated / "history.csv")
+    table = csv_rows(out / "loss_table.csv")
     assert [float(r[f"{evaluated.name} (adaptive_focal)"]) for r in table] == [float(r["loss"]) for r in history]
     assert math.isnan(float(table[1][f"{second.name} (ag_bce)"]))  # one epoch only
     a = rows_of(evaluated / "metrics" / "per_patient.csv")
@@ -114,7 +119,7 @@ def test_compare_tables_plots_and_tests(evaluated, cache, phantom, tmp_path):
     dsc_a = [float(a[c]["dsc"]) for c in ("01", "02")]
     assert float(per_patient["mean"][f"{evaluated.name} (adaptive_focal) DSC"]) == pytest.approx(np.mean(dsc_a))
     diffs = [float(a[c]["hd95_mm"]) - float(b[c]["hd95_mm"]) for c in ("01", "02")]
-    tests = list(csv.DictReader(open(out / "wilcoxon.csv")))
+    tests = csv_rows(out / "wilcoxon.csv")
     hd_test = next(t for t in tests if t["metric"] == "HD95 (mm)")
     if any(math.isnan(d) for d in diffs):
         assert hd_test["n"] == str(sum(not math.isnan(d) for d in diffs))
@@ -166,7 +171,7 @@ def test_checkpoint_round_trips_and_carries_its_preprocessing(trained_run):
     from microseg.runs.checkpoint import load_checkpoint
 
     state = torch.load(trained_run / "last.pt", map_location="cpu", weights_only=True)
-    assert isinstance(state, dict) and FIRST_RELEASE_KEYS <= set(state)  # still a plain dict on disk
+    assert isinstance(state, dict) and set(state) >= FIRST_RELEASE_KEYS  # still a plain dict on disk
     checkpoint = load_checkpoint(trained_run / "last.pt")
     assert checkpoint.preprocess == Preprocess(size=32, kernel_sizes=(1, 2, 3, 4))
     assert checkpoint.preprocess.scale_sizes == (4, 8, 16, 32)
@@ -182,7 +187,9 @@ def test_first_release_checkpoint_loads_and_evaluates_to_the_same_numbers(evalua
     state["train_config"]["deep_supervision"] = True  # the first release's train config had it
     torch.save(state, old / "last.pt")
     evaluate(old, phantom, device="cpu")
-    new, first = (list(csv.reader(open(run / "metrics" / "per_patient.csv"))) for run in (evaluated, old))
+    new, first = (
+        list(csv.reader((run / "metrics" / "per_patient.csv").read_text().splitlines())) for run in (evaluated, old)
+    )
     assert first == new
 
 

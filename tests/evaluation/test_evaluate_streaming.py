@@ -124,7 +124,7 @@ def test_streaming_equals_whole_volume(run, phantom, protocol, slab):
             assert float(patients[case_id][key]) == pytest.approx(value, abs=1e-9), key
         got = [r for r in per_slice if r["case_id"] == case_id]
         assert [int(r["z"]) for r in got] == [s["z"] for s in slices]
-        for row, s in zip(got, slices):
+        for row, s in zip(got, slices, strict=True):
             for key in ("dsc", "hd95_mm", "area_mm2", "gamma_msa"):
                 assert float(row[key]) == pytest.approx(s[key], abs=1e-9, nan_ok=True), key
 

@@ -3,7 +3,6 @@ cross-validation's held-out and out-of-fold files, and the refusals."""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import signal
@@ -15,7 +14,7 @@ import torch
 import yaml
 
 from cli_helpers import one_error, run_cli, tree
-from experiment_helpers import experiment_args, patients_of
+from experiment_helpers import csv_rows, experiment_args, patients_of
 from microseg.experiments.experiment import kfold, load_experiment
 
 
@@ -100,9 +99,9 @@ def test_folds_split_the_training_patients_and_out_of_fold_covers_each_once(cach
         assert patients_of(cell.run / "heldout" / "per_patient.csv") == held_out
         assert json.loads((cell.run / "heldout" / "evaluation.json").read_text())["split"] == "train"
         assert patients_of(cell.run / "metrics" / "per_patient.csv") == ["01", "02"]
-        history = list(csv.DictReader(open(cell.run / "history.csv")))
+        history = csv_rows(cell.run / "history.csv")
         assert "val_dsc" in history[0]  # validated on its held-out fold
-    rows = list(csv.DictReader(open(out / "oof" / "per_patient.csv")))
+    rows = csv_rows(out / "oof" / "per_patient.csv")
     assert list(rows[0])[:4] == ["loss", "seed", "case_id", "dsc"]
     for seed in ("1", "2"):
         assert sorted(r["case_id"] for r in rows if r["seed"] == seed) == ["01", "02", "03"]
@@ -136,7 +135,7 @@ def test_an_interrupted_experiment_is_completed_by_the_next_run(cache, phantom, 
     assert code == 0, err
     assert "resumed at epoch 2" in out_text
     cell = load_experiment(out).cells[0]
-    assert len(list(csv.DictReader(open(cell.run / "history.csv")))) == 2
+    assert len(csv_rows(cell.run / "history.csv")) == 2
     reference = tmp_path / "reference"
     code, _, err = run_cli(
         experiment_args(cache, phantom, reference, losses=("focal",), seeds=(1,)) + ["--epochs", "2"], capsys

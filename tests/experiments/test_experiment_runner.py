@@ -363,15 +363,16 @@ def test_a_killed_worker_is_its_cells_failure_and_its_slot_runs_the_next(cache, 
 def start_runner(args: list, tmp_path: Path) -> tuple[subprocess.Popen, Path]:
     """`microseg experiment run ARGS --epochs 1000 --jobs 2` in its own process group, its stdout in a file."""
     stdout = tmp_path / "stdout"
-    runner = subprocess.Popen(
-        [sys.executable, "-m", "microseg", *map(str, args), "--epochs", "1000", "--jobs", "2"],
-        stdout=open(stdout, "w"),
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        start_new_session=True,  # its own process group, as a command started from a terminal
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a background pytest ignores SIGINT
-    )
+    with open(stdout, "w") as handle:  # the runner holds its own copy of the descriptor
+        runner = subprocess.Popen(
+            [sys.executable, "-m", "microseg", *map(str, args), "--epochs", "1000", "--jobs", "2"],
+            stdout=handle,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            start_new_session=True,  # its own process group, as a command started from a terminal
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a background pytest ignores SIGINT
+        )
     return runner, stdout
 
 

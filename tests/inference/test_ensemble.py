@@ -165,7 +165,7 @@ def test_the_evaluation_records_each_members_checkpoint(members, phantom, tmp_pa
     assert code == 0, err
     record = json.loads((tmp_path / "out" / "metrics" / "evaluation.json").read_text())
     assert [m["run"] for m in record["members"]] == [str(first.resolve()), str(second.resolve())]
-    for member, run in zip(record["members"], (first, second)):
+    for member, run in zip(record["members"], (first, second), strict=True):
         checkpoint = run / member["checkpoint"]
         assert member["checkpoint"] == "best.pt"
         assert member["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()

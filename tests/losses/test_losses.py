@@ -138,7 +138,7 @@ def hand_adaptive_focal(focusing="adaptive"):
     exponent = gamma if focusing == "adaptive" else 2.0
     focal = [-0.5 * (1 - q) ** exponent * math.log(q + 1e-6) for q in p_t]
     hard = [0, 1, 0, 0]
-    return sum(f * (gamma if h else 1 / gamma) for f, h in zip(focal, hard)) / 4
+    return sum(f * (gamma if h else 1 / gamma) for f, h in zip(focal, hard, strict=True)) / 4
 
 
 @pytest.mark.parametrize("focusing", ["adaptive", "fixed"])
@@ -192,7 +192,7 @@ def test_afl_2d_by_hand():
     p = [0.5, 0.75, 0.25, 1 / (1 + math.exp(-2))]
     p_t = [p[0], 1 - p[1], 1 - p[2], 1 - p[3]]
     alpha_t = [alpha_va, 1 - alpha_va, 1 - alpha_va, 1 - alpha_va]
-    expected = sum(-a * (1 - q) ** gamma * math.log(q) for a, q in zip(alpha_t, p_t)) / 4
+    expected = sum(-a * (1 - q) ** gamma * math.log(q) for a, q in zip(alpha_t, p_t, strict=True)) / 4
     assert build_loss("afl:stats=slice")(x, y).item() == pytest.approx(expected, rel=1e-9)
     uniform = sum(-alpha_va * (1 - q) ** gamma * math.log(q) for q in p_t) / 4
     assert build_loss("afl:alpha_weighting=uniform,stats=slice")(x, y).item() == pytest.approx(uniform, rel=1e-9)

@@ -174,6 +174,12 @@ def test_nearest_and_area_resizes_stay_binary():
     assert set(np.unique(area)) <= {0.0, 1.0}
 
 
+def cv2_floor(masks: torch.Tensor, size: int) -> torch.Tensor:
+    """The reference resize of [N, 1, H, W] masks to size x size: cv2 (bilinear), then truncation."""
+    resized = [cv2.resize(m[0].numpy().astype(np.float64), (size, size)) for m in masks]
+    return torch.from_numpy(np.stack(resized).astype(np.float32)).floor()[:, None]
+
+
 def test_deep_supervision_uses_per_scale_kernels_and_sums():
     logits, expert, non_expert = case(4)
     aux = [torch.randn(2, 1, s, s, generator=torch.Generator().manual_seed(s)) for s in (4, 8, 16)]
@@ -181,13 +187,11 @@ def test_deep_supervision_uses_per_scale_kernels_and_sums():
     ds = DeepSupervision("ag_bce", weights=weights)
     out = ds(logits, aux, expert, non_expert)
     assert out.scales == (4, 8, 16, 32)
-    for value, output, k in zip(out.per_scale, [*aux, logits], (1, 2, 3, 4)):
+    for value, output, k in zip(out.per_scale, [*aux, logits], (1, 2, 3, 4), strict=True):
         size = output.shape[-1]
-        resize = lambda m: torch.from_numpy(  # noqa: E731  (reference resize: cv2 + truncation)
-            np.stack([cv2.resize(x[0].numpy().astype(np.float64), (size, size)) for x in m]).astype(np.float32)
-        ).floor()[:, None]
-        torch.testing.assert_close(value, AGBCE(kernel_size=k)(output, resize(expert), resize(non_expert)))
-    torch.testing.assert_close(out.total, sum(w * v for w, v in zip(weights, out.per_scale)))
+        want = AGBCE(kernel_size=k)(output, cv2_floor(expert, size), cv2_floor(non_expert, size))
+        torch.testing.assert_close(value, want)
+    torch.testing.assert_close(out.total, sum(w * v for w, v in zip(weights, out.per_scale, strict=True)))
     assert [loss.kernel_size for loss in ds.losses] == [1, 2, 3, 4]
     with pytest.raises(MicrosegError, match="deep supervision sets the dilation kernel of each scale"):
         DeepSupervision("ag_bce:k=3")  # would otherwise be k = 3 at every scale
@@ -240,7 +244,7 @@ def test_deep_supervision_hands_sample_stats_to_every_scale():
     aux = [torch.randn(2, 1, s, s, generator=torch.Generator().manual_seed(s)) for s in (8, 16)]
     stats = {"afl_fg_fraction": torch.tensor([0.1, 0.3]), "afl_gamma_msa": torch.tensor([0.05, 0.2])}
     out = DeepSupervision("afl", kernel_sizes=(1, 2, 3))(logits, aux, expert, sample_stats=stats)
-    for value, output in zip(out.per_scale, [*aux, logits]):
+    for value, output in zip(out.per_scale, [*aux, logits], strict=True):
         target = resize_target(expert, output.shape[2:])
         torch.testing.assert_close(value, build_loss("afl")(output, target, sample_stats=stats))
     with pytest.raises(MicrosegError, match="needs each slice's patient statistics"):
@@ -325,7 +329,7 @@ def test_out_of_range_options_are_refused_naming_loss_and_option(spec, message):
 
 def _terms(loss) -> list:
     """A built loss as (weight, name, every option's value) per term."""
-    pairs = zip(getattr(loss, "weights", [1.0]), getattr(loss, "terms", [loss]))
+    pairs = zip(getattr(loss, "weights", [1.0]), getattr(loss, "terms", [loss]), strict=True)
     return [(w, t.name, sorted((k, getattr(t, k)) for k in t.option_rules)) for w, t in pairs]
 
 

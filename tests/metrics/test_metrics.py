@@ -21,7 +21,7 @@ def _blob(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
 
 def _ellipse(shape: tuple[int, ...], centre, radii) -> np.ndarray:
     grid = np.indices(shape)
-    return sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii)) <= 1
+    return sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii, strict=True)) <= 1
 
 
 def _mask_pairs():
@@ -234,8 +234,8 @@ def test_per_sample_dice_matches_medpy_and_nan_when_both_empty():
     target = np.stack([_blob(rng, (1, 16, 16)) for _ in range(4)])
     pred[3], target[3] = False, False
     target[2] = False  # one-sided: 0
-    got = torch.tensor([dice(p.astype(np.float32), t) for p, t in zip(pred, target)])
-    expected = [medpy_binary.dc(p, t) for p, t in zip(pred[:3], target[:3])]
+    got = torch.tensor([dice(p.astype(np.float32), t) for p, t in zip(pred, target, strict=True)])
+    expected = [medpy_binary.dc(p, t) for p, t in zip(pred[:3], target[:3], strict=True)]
     assert got[:3].tolist() == pytest.approx(expected, abs=1e-6)
     assert got[2] == 0.0 and torch.isnan(got[3])
     with pytest.raises(MicrosegError, match="shape"):

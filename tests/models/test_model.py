@@ -105,7 +105,7 @@ def test_n_skip(n_skip):
     model = build_model("tiny", img_size=64, n_skip=n_skip, decoder_channels=(16, 16, 8, 8))
     first = [block.conv1[0].in_channels for block in model.decoder]
     skips = [64, 32, 8, 0][:n_skip] + [0] * (4 - n_skip)
-    assert first == [a + s for a, s in zip([64, 16, 16, 8], skips)]
+    assert first == [a + s for a, s in zip([64, 16, 16, 8], skips, strict=True)]
     assert model(torch.rand(1, 1, 64, 64)).logits.shape == (1, 1, 64, 64)
 
 

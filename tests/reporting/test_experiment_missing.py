@@ -122,7 +122,7 @@ def test_missing_drop_drops_empty_slots_then_patients(tmp_path, capsys):
     assert code == 0 and err[0].endswith("(mid__s2): dropped")
     kept_patients = [p for p in range(N_PATIENTS) if p not in (0, 4)]
     rows = {r["loss"]: r for r in read_rows(tmp_path / "r" / "losses.csv")}
-    for i, loss in enumerate(LOSSES):  # seed 2 dropped (mid has none), then patients 01 and 05 (low's NaN)
+    for loss in LOSSES:  # seed 2 dropped (mid has none), then patients 01 and 05 (low's NaN)
         x = np.array([scores[loss, s, None]["dsc"][kept_patients] for s in (1, 3)])
         assert float(rows[loss]["DSC mean"]) == pytest.approx(x.mean())
     significance = {(r["metric"], r["loss_a"], r["loss_b"]): r for r in read_rows(tmp_path / "r" / "significance.csv")}
@@ -198,7 +198,7 @@ def test_experiment_power_prints_one_line_per_design_and_the_seeds_needed(tmp_pa
             for c in ("patient_sd", "replicate_sd", "residual_sd")
         )
     )
-    for line, seeds in zip(lines[2:4], (2, 5)):
+    for line, seeds in zip(lines[2:4], (2, 5), strict=True):
         power = simulate_test(components, seeds, N_PATIENTS, 0.05 / 3).power(0.004)
         assert f"power {power:.2f} at 0.004 DSC" in line
     needed = seeds_needed(components, 0.004, 0, N_PATIENTS, 0.05 / 3)

@@ -249,7 +249,7 @@ def reference_fit(d: np.ndarray) -> dict[str, float]:
     ss = [n_pat * ((rep - grand) ** 2).sum(), n_rep * ((pat - grand) ** 2).sum()]
     ss.append(((d - rep[:, None] - pat[None, :] + grand) ** 2).sum())
     df = [n_rep - 1, n_pat - 1, (n_rep - 1) * (n_pat - 1)]
-    ms = [s / f for s, f in zip(ss, df)]
+    ms = [s / f for s, f in zip(ss, df, strict=True)]
     pooled_rep = (ss[0] + ss[2]) / (df[0] + df[2])
     pooled_pat = (ss[1] + ss[2]) / (df[1] + df[2])
     pooled = sum(ss) / sum(df)
@@ -262,7 +262,7 @@ def reference_fit(d: np.ndarray) -> dict[str, float]:
     ]
 
     def loglik(c):
-        return -sum(f * math.log(lam) + s / lam for f, lam, s in zip(df, c[:3], ss))
+        return -sum(f * math.log(lam) + s / lam for f, lam, s in zip(df, c[:3], ss, strict=True))
 
     best = max((c for c in candidates if c[5]), key=loglik)
     var, dof = best[3] / d.size, best[4]
@@ -304,7 +304,7 @@ def test_significance_is_the_crossed_effects_test_with_holm_and_matching_cis(exp
         assert [float(r["wilcoxon_p_holm"]) for r in family] == pytest.approx(
             multipletests(wilcoxon_raw, method="holm")[1]
         )
-        for r, p, p_holm in zip(family, raw, adjusted):
+        for r, p, p_holm in zip(family, raw, adjusted, strict=True):
             level = 1 - 0.05 * p / p_holm
             half = t_distribution.ppf((1 + level) / 2, float(r["df"])) * float(r["se"])
             assert float(r["ci_level"]) == pytest.approx(level)
@@ -343,7 +343,7 @@ def test_variance_table_is_the_anova_of_the_run_means_with_seed_as_a_block(exper
     for key, title in (("dsc", "DSC"), ("hd95_mm", "HD95 (mm)")):
         arrays = per_loss_arrays(experiment, key)
         frame = pd.DataFrame(
-            [(loss, seed, u) for loss in LOSSES for seed, u in zip(SEEDS, arrays[loss].mean(axis=1))],
+            [(loss, seed, u) for loss in LOSSES for seed, u in zip(SEEDS, arrays[loss].mean(axis=1), strict=True)],
             columns=["loss", "seed", "u"],
         )
         reference = anova_lm(smf.ols("u ~ C(loss) + C(seed)", frame).fit())
@@ -461,7 +461,7 @@ def write_oof(exp: Path, dsc=OOF_DSC, extra_row=None) -> None:
         writer = csv.writer(handle)
         writer.writerow(["loss", "seed", "case_id", "dsc", "hd95_mm"])
         for (loss, seed), values in dsc.items():
-            writer.writerows([loss, seed, case, v, 3 - 2 * v] for case, v in zip(TRAINING, values))
+            writer.writerows([loss, seed, case, v, 3 - 2 * v] for case, v in zip(TRAINING, values, strict=True))
         if extra_row:
             writer.writerow(extra_row)
 

@@ -18,6 +18,11 @@ import torch
 from microseg.cli import main
 
 
+def csv_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
 def rows_of(path: Path) -> dict[str, dict[str, str]]:
     with open(path, newline="") as handle:
         return {row["case_id"]: row for row in csv.DictReader(handle)}
@@ -186,9 +191,9 @@ def test_report_opens_with_what_was_compared_and_its_results(evaluated_cli, cach
     baseline = rows_of_split(out / "dataset_check.csv")
     clinician = check["splits"]["test"]["raters"]["clinician"]
     assert float(baseline["test", "clinician"]["DSC mean"]) == pytest.approx(clinician["dsc"]["mean"])
-    tests = list(csv.DictReader(open(out / "wilcoxon.csv")))
+    tests = csv_rows(out / "wilcoxon.csv")
     assert {"mean_diff", "ci95_low", "ci95_high"} <= set(tests[0])
-    strata = list(csv.DictReader(open(out / "stratified_patients.csv")))
+    strata = csv_rows(out / "stratified_patients.csv")
     assert {(r["factor"], r["stratum"]) for r in strata} >= {("volume", "small"), ("smoothness", "poor")}
     scored = sum(
         not math.isnan(float(row["dsc"]))

@@ -65,7 +65,7 @@ def test_wilcoxon_table_holds_the_mean_difference_and_its_ci():
     a = record("a", {"dsc": [0.9, 0.8, 0.7, 0.95], "hd95_mm": [2.0, 3.0, 4.0, 2.5]})
     b = record("b", {"dsc": [0.85, 0.81, 0.6, 0.90], "hd95_mm": [2.5, 3.5, 3.0, 3.0]})
     header, rows = wilcoxon_table([a, b], [("dsc", "DSC"), ("hd95_mm", "HD95 (mm)")])
-    row = dict(zip(header, rows[1]))
+    row = dict(zip(header, rows[1], strict=True))
     diffs = np.array([2.0 - 2.5, 3.0 - 3.5, 4.0 - 3.0, 2.5 - 3.0])
     want = bootstrap(
         (diffs,),
@@ -133,7 +133,7 @@ def test_holm_worked_by_hand_and_leaves_undefined_p_out_of_the_family():
 def test_wilcoxon_table_holm_adjusts_over_every_pair_and_metric():
     runs = constructed_runs()
     header, rows = wilcoxon_table(runs, [("dsc", "DSC"), ("hd95_mm", "HD95 (mm)")])
-    table = [dict(zip(header, row)) for row in rows]
+    table = [dict(zip(header, row, strict=True)) for row in rows]
     assert len(table) == 6  # 3 pairs x 2 metrics
     raw = [
         wilcoxon(np.array([p[k] for p in a.patients.values()]) - [p[k] for p in b.patients.values()]).pvalue

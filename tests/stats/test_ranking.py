@@ -41,7 +41,7 @@ def materialised(x: np.ndarray, higher: bool, n: int, seed: int) -> dict[str, np
     reps, patients = rng.integers(0, n_reps, (n, n_reps)), rng.integers(0, n_patients, (n, n_patients))
     found: dict[str, list] = {s: [] for s in SCHEMES}
     sign = -1 if higher else 1
-    for r, p in zip(reps, patients):
+    for r, p in zip(reps, patients, strict=True):
         sample = x[:, r][:, :, p]  # [loss, drawn replicate, drawn patient]
         found[SCHEMES[0]].append(rankdata(sign * sample.mean(axis=(1, 2)), method="min"))
         per_patient = rankdata(sign * sample.mean(axis=1), method="min", axis=0)

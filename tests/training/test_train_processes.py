@@ -89,7 +89,7 @@ def test_two_processes_split_the_global_batch_and_keep_the_schedule(one_process,
     assert all(len(ids) == 2 for _, _, ids, _ in rank0["steps"] + rank1["steps"])
     # dropout: each process its own stream at each step; rank 0's is the single process's
     for (e0, s0, _, state0), (e1, s1, _, state1), (_, _, _, state) in zip(
-        rank0["steps"], rank1["steps"], solo["steps"]
+        rank0["steps"], rank1["steps"], solo["steps"], strict=True
     ):
         assert (e0, s0) == (e1, s1) and state0 != state1 and state0 == state
 
@@ -113,7 +113,7 @@ def test_ctrl_c_on_two_processes_saves_the_position_and_resumes_on_two_or_one(
     a = torch.load(two / "last.pt", weights_only=False)["model"]
     b = torch.load(run / "last.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-    for got, want in zip(history(run), history(two)):  # the epoch losses summed over both processes
+    for got, want in zip(history(run), history(two), strict=True):  # the epoch losses summed over both processes
         assert {k: float(v) for k, v in got.items() if k != "seconds"} == pytest.approx(
             {k: float(v) for k, v in want.items() if k != "seconds"}, rel=1e-12, nan_ok=True
         )
@@ -155,7 +155,7 @@ def test_ctrl_c_or_a_failure_on_one_process_ends_both(actions, codes, last, cach
     assert got == codes, [r["err"][-3:] for r in records]
     injected = min(r["injected"] for r in records if "injected" in r)
     assert max(r["ended"] for r in records) - injected < ENDED_WITHIN_S
-    for record, code in zip(records, codes):
+    for record, code in zip(records, codes, strict=True):
         if code == 2:  # one line naming what happened
             assert len(record["err"]) == 1 and record["err"][0].startswith("microseg: error:"), record["err"]
     if last is None:
