@@ -58,11 +58,11 @@ def install_recorder(record: dict, actions: dict, patch=setattr) -> None:
             raise KeyboardInterrupt
         return real_step(self, batch)
 
-    def validate(self):
+    def validate(self, loader):
         if actions.get("validate") == "raise":
             record["injected"] = time.monotonic()
             raise MicrosegError("injected failure in validation")
-        return real_validate(self)
+        return real_validate(self, loader)
 
     patch(Trainer, "train_step", step)
     patch(Trainer, "validate", validate)
