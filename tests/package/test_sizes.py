@@ -18,7 +18,7 @@ MAX_LINES = {"function": 60, "class": 250}
 
 KNOWN_OFFENDERS = {
     "microseg.cli._add_experiment",  # the experiment subcommands' parsers, all in one function
-    "microseg.train.Trainer",  # setup, epochs, validation, checkpoints and logging in one class
+    "microseg.training.trainer.Trainer",  # setup, epochs, validation, checkpoints and logging in one class
 }
 """Definitions over their limit when this test came, each to be split. The list only shrinks: an
 entry that is within its limit, or gone, fails the test until it is removed from here."""
