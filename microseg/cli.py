@@ -17,7 +17,6 @@ from typing import NoReturn
 from microseg import __version__
 from microseg.core.errors import MicrosegError, OptionError, os_error_line
 
-
 EXAMPLES = """examples:
   microseg demo                                              # everything on phantom data, CPU
   microseg simulate --out data/phantom --train 10 --test 4
@@ -125,8 +124,8 @@ def _add_train(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="overwrite an existing run")
 
     def run(args: argparse.Namespace) -> int:
-        from microseg.runs.config import resolve_train_config
         from microseg.runs.checkpoint import resumed_config
+        from microseg.runs.config import resolve_train_config
         from microseg.training.trainer import train
 
         options = {k: v for k, v in vars(args).items() if k not in ("verb", "func", "config", "resume", "force")}
@@ -484,9 +483,9 @@ def _add_experiment(verbs: argparse._SubParsersAction) -> None:
     _add_config_options(base, skip=SET_BY_EXPERIMENT)
 
     def run_verb(args: argparse.Namespace) -> int:
+        from microseg.core.parallel import resolve_jobs
         from microseg.experiments.plan import given_plan
         from microseg.experiments.runner import run_experiment
-        from microseg.core.parallel import resolve_jobs
 
         values = given_plan(args.plan, vars(args))
         slurm_options = {"partition": args.partition, "time": args.time, "gpus": args.gpus, "extra": args.sbatch}
@@ -509,8 +508,8 @@ def _add_experiment(verbs: argparse._SubParsersAction) -> None:
     cell.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
 
     def cell_verb(args: argparse.Namespace) -> int:
-        from microseg.experiments.experiment import load_experiment
         from microseg.experiments.cell import run_cell, write_oof
+        from microseg.experiments.experiment import load_experiment
 
         experiment = load_experiment(args.experiment)
         result = run_cell(experiment, experiment.cell(args.cell), print, args.device)

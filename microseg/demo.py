@@ -48,10 +48,10 @@ DEMO_SIZE = 80
 def run_demo(out: str | Path = "demo", epochs: int | None = None) -> Path:
     """Run the demo into `out`; returns the report path. Re-running replaces the demo's experiment."""
     from microseg.data.phantom import simulate_dataset
-    from microseg.experiments.runner import run_experiment
-    from microseg.reporting.figures import plot_case_preview
     from microseg.data.prepare import prepare_cache
+    from microseg.experiments.runner import run_experiment
     from microseg.reporting.experiment_report import analyse, experiment_paragraph, write_report
+    from microseg.reporting.figures import plot_case_preview
 
     out = Path(out)
     started = time.perf_counter()

@@ -31,8 +31,8 @@ from microseg.data.augment import build_augmentation
 from microseg.data.dataset import SliceDataset, slice_tensors
 from microseg.data.layout import find_cases
 from microseg.data.phantom import simulate_dataset
-from microseg.data.volumes import read_volume
 from microseg.data.prepare import prepare_cache
+from microseg.data.volumes import read_volume
 
 SIZE = 224
 

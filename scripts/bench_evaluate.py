@@ -85,12 +85,12 @@ def tiny_run(data: Path, run: Path, size: int, trained: bool = True, device: str
     import numpy as np
     import torch
 
-    from microseg.runs.checkpoint import Checkpoint, save_checkpoint
-    from microseg.runs.config import TrainConfig
+    from microseg.core.preprocess import Preprocess, resize_image
+    from microseg.data.prepare import prepare_cache
     from microseg.data.volumes import read_volume
     from microseg.models import build_model
-    from microseg.data.prepare import prepare_cache
-    from microseg.core.preprocess import Preprocess, resize_image
+    from microseg.runs.checkpoint import Checkpoint, save_checkpoint
+    from microseg.runs.config import TrainConfig
     from microseg.training.trainer import train
 
     if trained:
@@ -112,7 +112,6 @@ def tiny_run(data: Path, run: Path, size: int, trained: bool = True, device: str
 def main() -> None:
     import nibabel as nib
     import torch
-
     from bench_losses import hardware
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

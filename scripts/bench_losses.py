@@ -22,8 +22,8 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import cv2
 import numpy as np
@@ -32,8 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import microseg.losses.adaptive_focal as adaptive_focal_module  # noqa: E402
 import microseg.losses.ag_bce as ag_bce_module  # noqa: E402
-from microseg.losses import LOSSES, SAMPLE_STAT_KEYS, DeepSupervision, build_loss, calf_stats, hard_region  # noqa: E402
 from microseg.core.preprocess import REFERENCE_KERNEL_SIZES, Preprocess  # noqa: E402
+from microseg.losses import LOSSES, SAMPLE_STAT_KEYS, DeepSupervision, build_loss, calf_stats, hard_region  # noqa: E402
 
 HARD_REGION_LOSSES = ("ag_bce", "adaptive_focal")
 

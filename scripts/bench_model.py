@@ -22,9 +22,9 @@ import contextlib
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import timm
 import torch

@@ -53,14 +53,14 @@ from bench_data import PngSlices, write_pngs  # noqa: E402
 from bench_losses import HARD_REGION_LOSSES, hardware, reference_hard_region  # noqa: E402
 from bench_model import forward_gflops  # noqa: E402
 
-from microseg.runs.config import TrainConfig  # noqa: E402
+from microseg.core.runtime import resolve_device  # noqa: E402
 from microseg.data.dataset import SliceDataset  # noqa: E402
 from microseg.data.order import EpochItems  # noqa: E402
 from microseg.data.phantom import NATIVE_SIZE, simulate_dataset  # noqa: E402
+from microseg.data.prepare import prepare_cache  # noqa: E402
 from microseg.losses import DeepSupervision  # noqa: E402
 from microseg.models import build_model  # noqa: E402
-from microseg.data.prepare import prepare_cache  # noqa: E402
-from microseg.core.runtime import resolve_device  # noqa: E402
+from microseg.runs.config import TrainConfig  # noqa: E402
 from microseg.training.monitor import LossMonitor  # noqa: E402
 from microseg.training.step import ModelWithLoss, compile_step, train_step  # noqa: E402
 from microseg.training.trainer import build_loader, build_optimizer  # noqa: E402

@@ -160,8 +160,8 @@ CHECKS = [
 
 
 def main() -> int:
-    from microseg.data.prepare import prepare_cache
     from microseg.data.phantom import simulate_dataset
+    from microseg.data.prepare import prepare_cache
 
     if not torch.cuda.is_available():
         print("gpu_checks: no CUDA device")

@@ -19,8 +19,8 @@ import re
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from microseg.core.errors import MicrosegError
 

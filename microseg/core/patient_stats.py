@@ -9,7 +9,8 @@ every slice of that patient, and the analyses stratify patients by them.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

@@ -24,8 +24,9 @@ analyses) uses them from here:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import cv2
 import numpy as np

@@ -44,11 +44,11 @@ import h5py
 import numpy as np
 
 from microseg.core.atomic import atomic_path, require_free_space
-from microseg.data.layout import RATERS, Case
-from microseg.data.volumes import Volume, read_geometry, require_same_geometry
 from microseg.core.errors import MicrosegError, OptionError
 from microseg.core.patient_stats import PATIENT_STAT_KEYS, patient_statistics
 from microseg.core.preprocess import resize_image, resize_mask
+from microseg.data.layout import RATERS, Case
+from microseg.data.volumes import Volume, read_geometry, require_same_geometry
 
 FORMAT_VERSION = 4  # 3: per-patient A-FL statistics; 4: fletcher32 checksums, source records
 SLICE_KEYS = ("images", "expert", "non_expert")

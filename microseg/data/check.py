@@ -30,10 +30,10 @@ import numpy as np
 from tqdm import tqdm
 
 from microseg.core.atomic import write_text
-from microseg.data.layout import Case, find_cases
-from microseg.data.volumes import Volume, read_mask_for, read_volume, require_same_geometry
 from microseg.core.errors import MicrosegError, OptionError, warn
 from microseg.core.parallel import iterate_jobs, resolve_jobs, run_jobs
+from microseg.data.layout import Case, find_cases
+from microseg.data.volumes import Volume, read_mask_for, read_volume, require_same_geometry
 from microseg.metrics import PROTOCOLS, score_case, summarize
 
 SPLITS = ("train", "test")

@@ -21,18 +21,18 @@ process draws one stream seeded from ``torch.initial_seed()`` (the DataLoader's 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import h5py
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from microseg.data.augment import Compose, build_augmentation
-from microseg.data.cache import SLICE_KEYS, read_cache_info
 from microseg.core.errors import MicrosegError, OptionError
 from microseg.core.preprocess import INTENSITY_MAX, scale_intensity
+from microseg.data.augment import Compose, build_augmentation
+from microseg.data.cache import SLICE_KEYS, read_cache_info
 
 
 class SliceDataset(Dataset):

@@ -21,8 +21,8 @@ whichever worker loads it.
 from __future__ import annotations
 
 import math
-from collections.abc import Sized
-from typing import Iterator, Protocol
+from collections.abc import Iterator, Sized
+from typing import Protocol
 
 import torch
 from torch.utils.data import Dataset, Sampler

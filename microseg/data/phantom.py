@@ -77,11 +77,11 @@ from scipy import fft
 from scipy.ndimage import gaussian_filter
 
 from microseg.core.atomic import atomic_folder, write_text
+from microseg.core.errors import OptionError
+from microseg.core.parallel import resolve_jobs, run_jobs
+from microseg.core.preprocess import INTENSITY_MAX
 from microseg.data.layout import EXPERT, IMAGES, NON_EXPERT, RATERS, file_name, rater_kind
 from microseg.data.volumes import write_volume
-from microseg.core.parallel import resolve_jobs, run_jobs
-from microseg.core.errors import OptionError
-from microseg.core.preprocess import INTENSITY_MAX
 
 NATIVE_SIZE = (962, 1372)
 NATIVE_SPACING_MM = 0.033586

@@ -14,12 +14,12 @@ import functools
 from pathlib import Path
 
 from microseg.core.atomic import remove_stale_temporaries, require_writable
-from microseg.data.check import checked_train_cases
-from microseg.data.cache import cache_entry, cached_fingerprint, fingerprint, source_records, test_record, write_cache
-from microseg.data.layout import find_cases
 from microseg.core.errors import OptionError
 from microseg.core.parallel import resolve_jobs
 from microseg.core.preprocess import SIZE_MULTIPLE
+from microseg.data.cache import cache_entry, cached_fingerprint, fingerprint, source_records, test_record, write_cache
+from microseg.data.check import checked_train_cases
+from microseg.data.layout import find_cases
 
 
 def prepare_cache(data_root: str | Path, out: str | Path, size: int = 224, jobs: int | None = 1) -> Path:

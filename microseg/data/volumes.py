@@ -39,9 +39,9 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import SpatialHeader, SpatialImage
 
 from microseg.core.atomic import atomic_path
-from microseg.data.layout import NIFTI_SUFFIXES
 from microseg.core.errors import MicrosegError, warn
 from microseg.core.preprocess import INTENSITY_MAX
+from microseg.data.layout import NIFTI_SUFFIXES
 
 _ISAL_ERROR: type[Exception] = isal_zlib.error  # type: ignore[assignment]  # isal's stub: an instance; it is the class
 READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, _ISAL_ERROR, ImageFileError)

@@ -22,11 +22,11 @@ import cv2
 import numpy as np
 
 from microseg.core.errors import MicrosegError
-from microseg.losses.hard_region import check_kernel_size
-from microseg.metrics import summarize
 from microseg.core.patient_stats import patient_statistics
 from microseg.core.preprocess import resize_mask
 from microseg.core.rules import KERNEL, check_option
+from microseg.losses.hard_region import check_kernel_size
+from microseg.metrics import summarize
 
 SIZE_LABELS = ("small", "medium", "large")
 ROUGHNESS_LABELS = ("smooth", "moderate", "rough")

@@ -22,17 +22,18 @@ import fcntl
 import os
 import time
 import traceback
+from collections.abc import Callable
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO
 
 from microseg.core.errors import MicrosegError, os_error_line
+from microseg.core.stop import stop_signals
+from microseg.core.tables import SUMMARY_ROWS, read_csv, write_csv
 from microseg.experiments.experiment import Cell, Experiment
 from microseg.runs.config import load_config
 from microseg.runs.folder import RunFolder, RunLock
-from microseg.core.stop import stop_signals
-from microseg.core.tables import SUMMARY_ROWS, read_csv, write_csv
 
 FAILED, INTERRUPTED, SAVED = "microseg: error: ", "microseg: interrupted", "== saved epoch"
 RESUME_MAY_CHANGE = (

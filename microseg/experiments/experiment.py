@@ -34,16 +34,17 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from microseg.core.atomic import write_text
-from microseg.runs.config import TrainConfig, resolve_train_config
 from microseg.core.errors import MicrosegError
 from microseg.experiments.plan import PLAN_FIELDS, SET_BY_EXPERIMENT, Plan, check_plan, continued_plan, resolve_plan
+from microseg.runs.config import TrainConfig, resolve_train_config
 
 __all__ = ["PLAN_FIELDS", "SET_BY_EXPERIMENT", "Plan"]  # the plan's names, for the modules that read experiments
 

@@ -27,17 +27,18 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection, wait
 from multiprocessing.context import SpawnContext, SpawnProcess
 from pathlib import Path
-from typing import Callable, Iterable, TextIO
+from typing import TextIO
 
-from microseg.experiments.experiment import Cell, Experiment, load_experiment
-from microseg.experiments.cell import failure_line, record_failure, run_cell
 from microseg.core.parallel import cores, visible_gpus
 from microseg.core.stop import Interrupted, StopSignals, signal_name, signal_of, stop_signals
+from microseg.experiments.cell import failure_line, record_failure, run_cell
+from microseg.experiments.experiment import Cell, Experiment, load_experiment
 
 POLL_S = 0.5
 """How often the runner looks for a stop while its workers run, and a worker for its runner."""

@@ -25,14 +25,15 @@ that names another primary metric is refused, as choosing it after the results w
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-from microseg.runs.config import RULES, TrainConfig, resolve_train_config
 from microseg.core.errors import MicrosegError
 from microseg.core.rules import check_value
 from microseg.core.yaml_mapping import read_yaml_mapping
+from microseg.runs.config import RULES, TrainConfig, resolve_train_config
 
 PLAN_FIELDS = ("losses", "seeds", "folds", "cache", "data", "protocol", "base", "primary")
 SET_BY_EXPERIMENT = ("run", "loss", "seed", "cache", "patients", "val_patients", "device")
@@ -252,9 +253,9 @@ def _absolute(plan: Plan) -> Plan:
 def check_plan_inputs(plan: Plan) -> None:
     """The files a plan names: the cache (and weights) a cell trains from, the data's test split, and
     folds <= the cache's training patients."""
-    from microseg.runs.config import check_train_inputs
     from microseg.data.cache import read_cache_info
     from microseg.data.layout import find_cases
+    from microseg.runs.config import check_train_inputs
 
     config = resolve_train_config(
         None, {**plan.base, "cache": plan.cache, "run": "cell", "loss": plan.losses[0], "seed": plan.seeds[0]}

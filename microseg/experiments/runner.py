@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from microseg.core.atomic import make_folder
 from microseg.core.errors import MicrosegError
-from microseg.experiments.experiment import Experiment, load_experiment, open_experiment
-from microseg.experiments.cell import cell_state, check_cell_folder, write_oof
-from microseg.runs.folder import RunLock
 from microseg.core.runtime import device_name, resolve_device
 from microseg.core.stop import StopSignals
+from microseg.experiments.cell import cell_state, check_cell_folder, write_oof
+from microseg.experiments.experiment import Experiment, load_experiment, open_experiment
+from microseg.runs.folder import RunLock
 
 EXECUTORS = ("local", "slurm")
 

@@ -11,14 +11,14 @@ preprocessing (size, intensity scale, resize rules, kernels): their maps must be
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from microseg.core.errors import MicrosegError
-from microseg.models.transunet import SegOutput
 from microseg.core.preprocess import Preprocess
+from microseg.models.transunet import SegOutput
 from microseg.runs.checkpoint import RunModel, load_run_model
 
 

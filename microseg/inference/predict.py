@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch

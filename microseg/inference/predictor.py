@@ -11,9 +11,8 @@ unchanged); several runs predict as their ensemble (`microseg.inference.ensemble
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch

@@ -35,10 +35,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from microseg.core.preprocess import REFERENCE_KERNEL_SIZES
+from microseg.core.rules import GUARD, KERNEL, NON_NEGATIVE, POSITIVE, Choice, Flag, Number
 from microseg.losses.base import SegLoss, register, signed_logits
 from microseg.losses.hard_region import hard_region
-from microseg.core.rules import GUARD, KERNEL, NON_NEGATIVE, POSITIVE, Choice, Flag, Number
-from microseg.core.preprocess import REFERENCE_KERNEL_SIZES
 
 
 @register("adaptive_focal")

@@ -34,15 +34,14 @@ Readings:
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor
 
 from microseg.core.errors import MicrosegError
+from microseg.core.patient_stats import FG_FRACTION, GAMMA_MSA, PATIENT_STAT_KEYS
+from microseg.core.rules import NON_NEGATIVE, UNIT_INTERVAL, Choice, Flag
 from microseg.losses.base import SegLoss, register
 from microseg.losses.focal import class_weights, focal_terms
-from microseg.core.rules import NON_NEGATIVE, UNIT_INTERVAL, Choice, Flag
-from microseg.core.patient_stats import FG_FRACTION, GAMMA_MSA, PATIENT_STAT_KEYS
 
 
 def mean_gradient_magnitude(mask: Tensor) -> Tensor:

@@ -21,10 +21,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from microseg.core.preprocess import REFERENCE_KERNEL_SIZES
+from microseg.core.rules import GUARD, KERNEL, POSITIVE, Number
 from microseg.losses.base import SegLoss, register
 from microseg.losses.hard_region import hard_region
-from microseg.core.rules import GUARD, KERNEL, POSITIVE, Number
-from microseg.core.preprocess import REFERENCE_KERNEL_SIZES
 
 CLASS_BALANCE = Number(0.0, 1.0, low_open=True, high_open=True)
 """beta: the foreground's share of the BCE, strictly between 0 and 1."""

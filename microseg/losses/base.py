@@ -19,15 +19,16 @@ before any arithmetic, so bf16/fp16 autocast gives finite values. Every option h
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence, TypeVar, cast
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, cast
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from microseg.core.errors import MicrosegError
-from microseg.core.rules import POSITIVE, Rule, check_option
 from microseg.core.patient_stats import PATIENT_STAT_KEYS
+from microseg.core.rules import POSITIVE, Rule, check_option
 
 LOSSES: dict[str, type[SegLoss]] = {}
 """Loss name -> class, filled by `@register`."""

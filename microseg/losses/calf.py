@@ -38,9 +38,10 @@ statistics were computed with.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from numbers import Integral, Real
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import scipy.stats
@@ -49,8 +50,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from microseg.core.errors import MicrosegError
-from microseg.losses.base import SegLoss, register
 from microseg.core.rules import GUARD, Flag, check_option
+from microseg.losses.base import SegLoss, register
 from microseg.losses.region import Dice
 
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+from microseg.core.rules import POSITIVE
 from microseg.losses.base import SegLoss, WeightedSum, register
 from microseg.losses.focal import Focal
-from microseg.core.rules import POSITIVE
 from microseg.losses.region import Dice
 
 

@@ -14,16 +14,18 @@ at the main output's size and are resized on their device, staying binary
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from microseg.core.errors import MicrosegError
+from microseg.core.preprocess import REFERENCE_KERNEL_SIZES, TARGET_RESIZES, resize_target
 from microseg.core.rules import KERNEL, NON_NEGATIVE, check_option
 from microseg.losses.registry import build_loss
-from microseg.core.preprocess import REFERENCE_KERNEL_SIZES, TARGET_RESIZES, resize_target
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ def check_weights(weights: Sequence[float]) -> tuple[float, ...]:
 def check_output_sizes(outputs: Sequence[Tensor]) -> None:
     """Aux heads coarsest first: every spatial size strictly increasing up to the main output's."""
     sizes = [tuple(o.shape[2:]) for o in outputs]
-    for coarse, fine in zip(sizes, sizes[1:], strict=False):
+    for coarse, fine in itertools.pairwise(sizes):
         if len(coarse) != len(fine) or not all(c < f for c, f in zip(coarse, fine, strict=True)):
             raise MicrosegError(
                 f"deep supervision takes aux outputs coarsest first, each smaller than the next and the main "

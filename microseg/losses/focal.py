@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from microseg.losses.base import SegLoss, register, signed_logits
 from microseg.core.rules import NON_NEGATIVE, Flag, Number
+from microseg.losses.base import SegLoss, register, signed_logits
 
 
 def focal_terms(logits: Tensor, target: Tensor, gamma: float | Tensor) -> Tensor:

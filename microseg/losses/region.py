@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 
 from microseg.core.errors import MicrosegError
-from microseg.losses.base import SegLoss, register
 from microseg.core.rules import FLOAT32_TINY, NON_NEGATIVE, Flag, Number
+from microseg.losses.base import SegLoss, register
 
 SMOOTH = Number(FLOAT32_TINY, text=f"> 0 (at least {FLOAT32_TINY:g})")
 

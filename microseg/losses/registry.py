@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 from microseg.core.errors import MicrosegError
-from microseg.losses.base import LOSSES, SegLoss, WeightedSum
 from microseg.core.rules import check_option
+from microseg.losses.base import LOSSES, SegLoss, WeightedSum
 
 _TERM = re.compile(r"^\s*(?:(?P<weight>[^*]+)\*)?\s*(?P<name>[A-Za-z_]\w*)\s*(?::(?P<options>.*))?$")
 _PLUS = re.compile(r"(?<!\d[eE])\+")  # a '+' that is not an exponent sign (1e+3)

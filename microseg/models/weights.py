@@ -41,8 +41,8 @@ from timm.layers import resample_abs_pos_embed
 from torch import Tensor
 
 from microseg.core.errors import MicrosegError
-from microseg.models.transunet import TransUNet
 from microseg.core.torch_files import read_torch_file
+from microseg.models.transunet import TransUNet
 
 Source = dict[str, tuple[str, Tensor]]  # model key -> (name in the file, tensor in the model's layout)
 

@@ -36,8 +36,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from microseg.core.errors import MicrosegError, warn
+from microseg.core.tables import SUMMARY_ROWS
 from microseg.experiments.experiment import Cell, Experiment, Plan, load_experiment
+from microseg.reporting.runs_report import require_same_evaluation
+from microseg.runs.folder import RunFolder
+from microseg.runs.record import RunRecord, load_run
 from microseg.stats.differences import LossDifference, loss_differences
+from microseg.stats.paired import ALPHA
 from microseg.stats.power import Components, family_alpha, pooled_components, seeds_needed, simulate_test
 from microseg.stats.ranking import Ranking, rankings
 from microseg.stats.replicates import (
@@ -50,11 +55,6 @@ from microseg.stats.replicates import (
     fill_worst,
     variance_table,
 )
-from microseg.reporting.runs_report import require_same_evaluation
-from microseg.runs.folder import RunFolder
-from microseg.runs.record import RunRecord, load_run
-from microseg.stats.paired import ALPHA
-from microseg.core.tables import SUMMARY_ROWS
 
 if TYPE_CHECKING:
     from microseg.data.volumes import Geometry

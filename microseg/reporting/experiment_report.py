@@ -32,11 +32,8 @@ import numpy as np
 
 from microseg.core.atomic import atomic_folder, write_text
 from microseg.core.errors import MicrosegError
+from microseg.core.tables import SUMMARY_ROWS, markdown_table, write_csv
 from microseg.reporting.experiment_analysis import Analysis, Experiments, analyse
-from microseg.stats.differences import LossDifference
-from microseg.stats.power import MAX_SEEDS, POWER
-from microseg.stats.ranking import SCHEMES, ranks
-from microseg.stats.replicates import METRICS, Metric, build_scores, metric
 from microseg.reporting.figures import (
     plot_curve_bands,
     plot_dot_box,
@@ -45,8 +42,11 @@ from microseg.reporting.figures import (
     run_colours,
 )
 from microseg.reporting.runs_report import rater_names
+from microseg.stats.differences import LossDifference
 from microseg.stats.paired import ALPHA, BOOTSTRAP_RESAMPLES
-from microseg.core.tables import SUMMARY_ROWS, markdown_table, write_csv
+from microseg.stats.power import MAX_SEEDS, POWER
+from microseg.stats.ranking import SCHEMES, ranks
+from microseg.stats.replicates import METRICS, Metric, build_scores, metric
 
 CURVES = (("loss", "own loss"), ("bce", "BCE"), ("val_dsc", "val DSC"))
 BAND = "min-max over seeds and folds"

@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from microseg.evaluation.analysis import FACTORS, bool_volumes
 from microseg.core.atomic import atomic_path
+from microseg.core.errors import MicrosegError
+from microseg.core.preprocess import INTENSITY_MAX
 from microseg.data.layout import EXPERT, IMAGES, NON_EXPERT, file_name
 from microseg.data.volumes import read_volume
-from microseg.core.errors import MicrosegError
+from microseg.evaluation.analysis import FACTORS, bool_volumes
 from microseg.metrics import dice
-from microseg.core.preprocess import INTENSITY_MAX
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from microseg.core.errors import MicrosegError
-from microseg.stats.power import MAX_SEEDS, POWER, family_alpha, pooled_components, seeds_needed, simulate_test
 from microseg.reporting.experiment_analysis import analyse
-from microseg.stats.replicates import metric
 from microseg.stats.paired import ALPHA
+from microseg.stats.power import MAX_SEEDS, POWER, family_alpha, pooled_components, seeds_needed, simulate_test
+from microseg.stats.replicates import metric
 
 
 def power_lines(

@@ -30,13 +30,13 @@ from pathlib import Path
 
 from microseg.core.atomic import atomic_folder, require_writable, write_text
 from microseg.core.errors import MicrosegError, OptionError, warn
-from microseg.reporting.figures import plot_loss_curves, plot_overlays, plot_stratified, run_colours
+from microseg.core.tables import SUMMARY_ROWS, markdown_table, write_csv
 from microseg.metrics import summarize
+from microseg.reporting.figures import plot_loss_curves, plot_overlays, plot_stratified, run_colours
+from microseg.reporting.paired_runs import family_differences, wilcoxon_table
 from microseg.runs.folder import RunFolder
 from microseg.runs.record import RunRecord, load_run
-from microseg.reporting.paired_runs import family_differences, wilcoxon_table
 from microseg.stats.paired import ALPHA, BOOTSTRAP_RESAMPLES, PairedDifference, min_wilcoxon_p
-from microseg.core.tables import SUMMARY_ROWS, markdown_table, write_csv
 
 METRICS = (("dsc", "DSC"), ("hd95_mm", "HD95 (mm)"))
 FINDINGS = (
@@ -344,9 +344,9 @@ def write_overlays(
     n_slices: int = 4,
 ) -> list[Path]:
     """Image + expert contour + each run's contour; by default the cases and slices where runs differ most."""
-    from microseg.evaluation.analysis import disagreement_slices
     from microseg.data.layout import find_cases
     from microseg.data.volumes import read_volume
+    from microseg.evaluation.analysis import disagreement_slices
 
     evaluated = [r for r in records if r.evaluation]
     if not evaluated:

@@ -20,12 +20,12 @@ from typing import Any
 import torch
 
 from microseg.core.atomic import atomic_path
-from microseg.runs.config import TrainConfig, config_from_dict, load_config, read_config_file, resolve_train_config
 from microseg.core.errors import MicrosegError, OptionError
 from microseg.core.preprocess import PREDICTION_RESIZES, REFERENCE_KERNEL_SIZES, Preprocess
-from microseg.runs.folder import RunFolder
 from microseg.core.runtime import configure_speed, resolve_device
 from microseg.core.torch_files import plain, read_torch_file, require_finite
+from microseg.runs.config import TrainConfig, config_from_dict, load_config, read_config_file, resolve_train_config
+from microseg.runs.folder import RunFolder
 
 
 @dataclass

@@ -28,9 +28,9 @@ import yaml
 
 from microseg.core.errors import MicrosegError, OptionError
 from microseg.core.preprocess import PREDICTION_RESIZES, REFERENCE_KERNEL_SIZES, SIZE_MULTIPLE, Preprocess
-from microseg.runs.recipes import DEFAULT_RECIPE, RECIPES, recipe_settings
 from microseg.core.rules import KERNEL, NON_NEGATIVE, POSITIVE, Number, Rule, check_value
 from microseg.core.yaml_mapping import read_yaml_mapping
+from microseg.runs.recipes import DEFAULT_RECIPE, RECIPES, recipe_settings
 
 
 def option(default: Any = None, help: str = "", **cli: Any) -> Any:
@@ -246,9 +246,9 @@ def _scalar(name: str, value: Any, kind: type) -> Any:
 
 def _validate(c: TrainConfig) -> None:
     """Ranges and names of a merged config (no file is read)."""
+    from microseg.core.runtime import resolve_device
     from microseg.losses import check_spec
     from microseg.models.configs import CONFIGS
-    from microseg.core.runtime import resolve_device
 
     if not c.cache:
         raise OptionError("no slice cache given: pass `cache` CACHE.h5 (made by `microseg prepare`)")

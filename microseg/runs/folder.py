@@ -27,8 +27,9 @@ import fcntl
 import hashlib
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from microseg.core.atomic import make_folder
 from microseg.core.errors import MicrosegError

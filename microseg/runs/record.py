@@ -6,10 +6,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from microseg.runs.config import load_config
 from microseg.core.errors import MicrosegError, warn
-from microseg.runs.folder import RunFolder, file_sha256
 from microseg.core.tables import SUMMARY_ROWS, number, read_csv
+from microseg.runs.config import load_config
+from microseg.runs.folder import RunFolder, file_sha256
 
 
 @dataclass

@@ -48,8 +48,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from microseg.stats.replicates import Scores, drop_incomplete
 from microseg.stats.paired import ALPHA, holm, wilcoxon_test
+from microseg.stats.replicates import Scores, drop_incomplete
 
 
 @dataclass

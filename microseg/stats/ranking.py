@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from microseg.stats.replicates import Scores
 from microseg.stats.paired import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED
+from microseg.stats.replicates import Scores
 
 SCHEMES = ("aggregate-then-rank", "rank-then-aggregate")
 

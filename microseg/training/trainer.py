@@ -41,9 +41,10 @@ import json
 import math
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -53,12 +54,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from microseg.core.atomic import copy_file, write_text
-from microseg.runs.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from microseg.runs.config import TrainConfig, check_train_inputs, save_config
 from microseg.core.errors import MicrosegError, OptionError, warn
-from microseg.runs.folder import RunFolder
 from microseg.core.runtime import Distributed, ProcessStopped, autocast_context, configure_speed, resolve_amp
 from microseg.core.stop import StopSignals, stop_signals
+from microseg.runs.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from microseg.runs.config import TrainConfig, check_train_inputs, save_config
+from microseg.runs.folder import RunFolder
 from microseg.training.monitor import LossMonitor, NonFiniteLoss
 from microseg.training.step import ModelWithLoss, StepLosses, compile_step, train_step
 

@@ -18,11 +18,11 @@ import h5py
 import numpy as np
 import pytest
 
-from train_helpers import TINY_TRAIN
 from cli_helpers import one_error, run_cli, tree
+from microseg.core.errors import MicrosegError
 from microseg.data.cache import SLICE_KEYS
 from microseg.data.dataset import SliceDataset
-from microseg.core.errors import MicrosegError
+from train_helpers import TINY_TRAIN
 
 
 def train_argv(cache: Path, run: Path, *extra) -> list:

@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 import torch
 
-from train_helpers import TINY_TRAIN
 from cli_helpers import one_error, run_cli, snapshot
+from train_helpers import TINY_TRAIN
 
 
 class SystemPayload:

@@ -23,8 +23,8 @@ import pytest
 
 from cli_helpers import PROC_FOLDER, one_error, run_cli, tree
 from data_helpers import make_dataset
-from microseg.core.atomic import atomic_path, remove_stale_temporaries, write_text
 from microseg.cli import main
+from microseg.core.atomic import atomic_path, remove_stale_temporaries, write_text
 from microseg.core.errors import MicrosegError
 
 

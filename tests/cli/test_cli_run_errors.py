@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 import torch
 
-from train_helpers import TINY_TRAIN
 from cli_helpers import PROC_FOLDER, one_error, run_cli, tree
 from microseg.cli import main
+from train_helpers import TINY_TRAIN
 
 
 def tiny_train(cache: Path, run: Path, *extra) -> list:

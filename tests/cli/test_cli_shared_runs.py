@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from train_helpers import TINY_TRAIN
 from cli_helpers import one_error, run_cli
 from microseg.cli import main
+from train_helpers import TINY_TRAIN
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

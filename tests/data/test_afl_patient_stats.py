@@ -26,12 +26,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from train_helpers import train_tiny
 from data_helpers import nifti_path, write_zyx
 from microseg.data.cache import read_cache_info
 from microseg.data.dataset import SliceDataset
-from microseg.losses import SAMPLE_STAT_KEYS, DeepSupervision
 from microseg.data.prepare import prepare_cache
+from microseg.losses import SAMPLE_STAT_KEYS, DeepSupervision
+from train_helpers import train_tiny
 
 FG, GMSA = SAMPLE_STAT_KEYS
 HAND = {"01": (1 / 48, (44 + 2 * math.sqrt(2)) / 768), "02": (1 / 2, 1 / 16)}

@@ -17,8 +17,8 @@ from medpy.metric.binary import dc, hd95
 
 from microseg.cli import main
 from microseg.data.check import check_dataset, check_path, write_check
-from microseg.evaluation.evaluate import evaluate
 from microseg.data.prepare import prepare_cache
+from microseg.evaluation.evaluate import evaluate
 
 RATER_FOLDERS = {
     "non_expert": "non_expert_annotations",

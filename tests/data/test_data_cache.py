@@ -11,9 +11,9 @@ import pytest
 
 from data_helpers import blob_case, make_dataset, nifti_path, write_zyx
 from microseg.cli import main
+from microseg.core.errors import MicrosegError
 from microseg.data.cache import foreground_areas, read_cache_info
 from microseg.data.dataset import SliceDataset
-from microseg.core.errors import MicrosegError
 
 
 def prepare(data, out, capsys, size=32) -> tuple[int, str, str]:

@@ -10,9 +10,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from data_helpers import nifti_path, write_zyx
+from microseg.core.errors import MicrosegError
 from microseg.data.augment import build_augmentation
 from microseg.data.dataset import SliceDataset, split_by_patient
-from microseg.core.errors import MicrosegError
 from microseg.data.prepare import prepare_cache
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from data_helpers import nifti_path
-from microseg.data.layout import find_cases, nifti_files
 from microseg.core.errors import MicrosegError
+from microseg.data.layout import find_cases, nifti_files
 
 
 def touch(root, split, kind, case_id, ext=".nii.gz"):

@@ -12,10 +12,10 @@ from medpy.metric import binary as mb
 from scipy.ndimage import distance_transform_edt
 
 from microseg.cli import main
+from microseg.core.errors import MicrosegError
 from microseg.data import phantom
 from microseg.data.layout import find_cases
 from microseg.data.phantom import BLADDER_ANGLE_DEG, ScanGeometry, simulate_case, simulate_dataset
-from microseg.core.errors import MicrosegError
 
 SIZE, SLICES = (64, 96), 7
 

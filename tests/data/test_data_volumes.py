@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from data_helpers import blob_case, write_zyx
+from microseg.core.errors import MicrosegError
+from microseg.core.preprocess import INTENSITY_MAX
 from microseg.data.volumes import (
     read_geometry,
     read_mask_for,
@@ -17,8 +19,6 @@ from microseg.data.volumes import (
     write_mask,
     write_volume,
 )
-from microseg.core.errors import MicrosegError
-from microseg.core.preprocess import INTENSITY_MAX
 
 
 def test_orientation_and_spacing_match_the_reference_convention(tmp_path):

@@ -24,9 +24,9 @@ import pytest
 import microseg.data.download as download_module
 from cli_helpers import one_error
 from microseg.cli import main
+from microseg.data.download import RECORD_ID
 from microseg.data.layout import DATASET_FOLDER, find_cases
 from microseg.data.phantom import simulate_dataset
-from microseg.data.download import RECORD_ID
 
 ARCHIVE = f"{DATASET_FOLDER}.zip"
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import os
 
 from cli_helpers import one_error, run_cli
-from microseg.demo import DEMO_JOBS, DEMO_LOSSES, DEMO_SEEDS
-from microseg.core.errors import MicrosegError
-from microseg.experiments.experiment import load_experiment
 from experiment_helpers import experiment_args, patients_of
+from microseg.core.errors import MicrosegError
+from microseg.demo import DEMO_JOBS, DEMO_LOSSES, DEMO_SEEDS
+from microseg.experiments.experiment import load_experiment
 
 
 def test_the_demo_is_three_losses_of_at_least_two_seeds():

@@ -8,7 +8,6 @@ import importlib.util
 import re
 
 from docs_helpers import DOCS, ROOT
-
 from microseg.cli import build_parser
 
 PAGE = DOCS / "reference" / "cli.md"

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from docs_helpers import DOCS, PHANTOM, ROOT, Block, fenced_blocks, markdown_files, microseg_commands
-
 from microseg.cli import build_parser
 
 MIN_PHANTOM_BLOCKS = 4

@@ -10,6 +10,7 @@ import pytest
 import torch
 from matplotlib.image import imread
 
+from microseg.core.errors import MicrosegError
 from microseg.evaluation.analysis import (
     ROUGHNESS_LABELS,
     SMOOTHNESS_LABELS,
@@ -25,9 +26,8 @@ from microseg.evaluation.analysis import (
     stratum_edges,
     tertile_edges,
 )
-from microseg.core.errors import MicrosegError
-from microseg.reporting.figures import EXPERT_COLOUR, RUN_COLOURS, plot_overlays, plot_stratified, run_colours
 from microseg.losses import hard_region
+from microseg.reporting.figures import EXPERT_COLOUR, RUN_COLOURS, plot_overlays, plot_stratified, run_colours
 
 
 def _disk(shape: tuple[int, int], centre: tuple[float, float], radius: float) -> np.ndarray:

@@ -16,9 +16,9 @@ import torch
 from medpy.metric.binary import dc, hd95
 from scipy.stats import wilcoxon
 
-from train_helpers import train_tiny
 from microseg.cli import main
 from microseg.evaluation.evaluate import evaluate
+from train_helpers import train_tiny
 
 
 def csv_rows(path: Path) -> list[dict[str, str]]:

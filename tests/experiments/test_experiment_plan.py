@@ -15,9 +15,9 @@ import pytest
 
 from cli_helpers import one_error, run_cli, snapshot, tree
 from microseg.core.errors import MicrosegError
-from microseg.losses import canonical_spec
 from microseg.experiments.experiment import cell_id, load_experiment, open_experiment
 from microseg.experiments.plan import given_plan
+from microseg.losses import canonical_spec
 
 BASE = {"model": "tiny", "epochs": 6, "batch_size": 4, "num_workers": 0}
 

@@ -21,10 +21,10 @@ import pytest
 import torch
 
 from cli_helpers import one_error, run_cli, snapshot, tree
-from microseg.experiments import cell as cell_module
-from microseg.core.errors import MicrosegError
-from microseg.experiments.experiment import Experiment, load_experiment
 from experiment_helpers import experiment_args
+from microseg.core.errors import MicrosegError
+from microseg.experiments import cell as cell_module
+from microseg.experiments.experiment import Experiment, load_experiment
 
 HOLD_LOCK = """
 import fcntl, os, sys, time

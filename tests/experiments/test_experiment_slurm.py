@@ -16,8 +16,8 @@ import time
 import pytest
 
 from cli_helpers import one_error, run_cli, snapshot
-from microseg.experiments.experiment import load_experiment
 from experiment_helpers import experiment_args, patients_of
+from microseg.experiments.experiment import load_experiment
 
 
 def _no_slurm() -> str | None:

@@ -11,17 +11,17 @@ import os
 import shutil
 
 import numpy as np
-import torch
 import pytest
+import torch
 import torch.nn.functional as F
 
 from cli_helpers import one_error, run_cli
-from train_helpers import train_tiny
+from microseg.core.preprocess import resize_image
 from microseg.data.layout import find_cases
 from microseg.data.volumes import read_volume
 from microseg.runs.checkpoint import load_run_model
-from microseg.core.preprocess import resize_image
 from microseg.runs.folder import RunLock
+from train_helpers import train_tiny
 
 
 def averaged_by_hand(runs, image: np.ndarray) -> np.ndarray:

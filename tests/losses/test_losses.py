@@ -11,11 +11,11 @@ import torch
 from torchvision.ops import sigmoid_focal_loss
 
 from microseg.core.errors import MicrosegError
+from microseg.core.patient_stats import patient_statistics
 from microseg.losses import CalfStats, build_loss, calf_stats, dataset_statistics, hard_region
 from microseg.losses.adaptive_focal import AdaptiveFocal
 from microseg.losses.afl import AFL
 from microseg.losses.calf import CALF, choose_branch
-from microseg.core.patient_stats import patient_statistics
 
 LN3 = math.log(3.0)
 

@@ -6,10 +6,10 @@ import itertools
 
 import pytest
 import torch
+from test_losses import branch_stats
 
 from microseg.losses import LOSSES, SAMPLE_STAT_KEYS, DeepSupervision, build_loss
 from microseg.losses.calf import BRANCHES
-from test_losses import branch_stats
 
 SPECS = (
     sorted(set(LOSSES) - {"calf"})

@@ -9,8 +9,8 @@ import torch
 import yaml
 
 from microseg.core.errors import MicrosegError
-from microseg.losses import LOSSES, DeepSupervision, build_loss, canonical_spec, check_spec, parse_spec
 from microseg.core.preprocess import resize_target
+from microseg.losses import LOSSES, DeepSupervision, build_loss, canonical_spec, check_spec, parse_spec
 from microseg.losses.ag_bce import AGBCE
 from microseg.losses.focal import Focal
 from microseg.losses.region import Dice

@@ -24,8 +24,8 @@ from safetensors.torch import save
 from microseg.cli import main
 from microseg.core.errors import MicrosegError
 from microseg.models import build_model
-from microseg.models.weights import load_weights
 from microseg.models.pretrained import SPECS, resolve_weights, weights_dir
+from microseg.models.weights import load_weights
 from model_helpers import google_npz
 
 NAME = "R50-ViT-B_16"

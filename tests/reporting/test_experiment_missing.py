@@ -12,7 +12,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-
 from test_experiment_report import (
     LOSSES,
     N_PATIENTS,

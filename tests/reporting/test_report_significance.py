@@ -12,9 +12,9 @@ from scipy.stats import bootstrap, wilcoxon
 from statsmodels.stats.multitest import multipletests
 
 from microseg.core.errors import MicrosegError
+from microseg.reporting.paired_runs import paired_difference, wilcoxon_table
 from microseg.reporting.runs_report import require_same_evaluation, results_paragraph
 from microseg.runs.record import RunRecord
-from microseg.reporting.paired_runs import paired_difference, wilcoxon_table
 from microseg.stats.paired import bootstrap_ci, holm, min_wilcoxon_p
 
 

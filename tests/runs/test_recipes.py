@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from train_helpers import TINY_TRAIN, tiny_train_argv
 from microseg.cli import build_parser, main
-from microseg.runs.config import TrainConfig, resolve_train_config
 from microseg.models.configs import resolve_config
+from microseg.runs.config import TrainConfig, resolve_train_config
 from microseg.runs.recipes import RECIPES
+from train_helpers import TINY_TRAIN, tiny_train_argv
 
 # MicroSegNet's trainer (and the micro-US adaptive focal paper's training setup): SGD lr 0.01,
 # momentum 0.9, weight decay 1e-4, batch 8, 10 epochs, poly power 0.9, seed 1234, deep supervision

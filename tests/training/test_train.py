@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from train_helpers import TINY_TRAIN, faulty_trainer, tiny_train_argv, train_tiny, train_until_ctrl_c
 from microseg.cli import main
-from microseg.runs.config import resolve_train_config
 from microseg.core.errors import MicrosegError
+from microseg.runs.config import resolve_train_config
 from microseg.training.trainer import train
+from train_helpers import TINY_TRAIN, faulty_trainer, tiny_train_argv, train_tiny, train_until_ctrl_c
 
 
 def read_history(run: Path) -> list[dict[str, str]]:

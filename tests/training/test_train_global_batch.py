@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cli_helpers import one_error, run_cli
-from train_helpers import tiny_train_argv
 from torch.utils.data.distributed import DistributedSampler
 
+from cli_helpers import one_error, run_cli
 from microseg.data.order import EpochSampler
+from train_helpers import tiny_train_argv
 
 SLICES, SEED, EPOCH, BATCH = 11, 7, 2, 4
 

@@ -9,11 +9,11 @@ import shutil
 
 import pytest
 import torch
-from train_helpers import TINY_TRAIN, train_tiny
-from process_helpers import install_recorder, launch, steps_by_position
 
 from microseg.cli import main
 from microseg.core.tables import read_csv
+from process_helpers import install_recorder, launch, steps_by_position
+from train_helpers import TINY_TRAIN, train_tiny
 
 pytestmark = pytest.mark.slow  # each test starts processes
 

@@ -5,6 +5,7 @@ an epoch serialises its checkpoint once."""
 from __future__ import annotations
 
 import torch
+
 from train_helpers import train_tiny
 
 

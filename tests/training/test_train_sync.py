@@ -11,12 +11,12 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from train_helpers import faulty_trainer, train_tiny, train_until_ctrl_c
 from microseg.cli import main
-from microseg.runs.config import resolve_train_config
 from microseg.core.errors import MicrosegError
+from microseg.runs.config import resolve_train_config
 from microseg.training.monitor import LossMonitor
 from microseg.training.trainer import Trainer, train
+from train_helpers import faulty_trainer, train_tiny, train_until_ctrl_c
 
 # Python-level reads of a tensor's value, and the aten ops whose result size or value the host
 # must wait for (item/bool/float go through _local_scalar_dense; nonzero, masked_select, boolean

@@ -10,9 +10,9 @@ import sys
 import numpy as np
 import pytest
 
-from train_helpers import tiny_train_argv, train_tiny
 from microseg.cli import main
 from microseg.training.tensorboard import EXPERT_RGB, PREDICTION_RGB, overlay
+from train_helpers import tiny_train_argv, train_tiny
 
 
 def test_event_file_holds_history_running_loss_and_overlay(cache, tmp_path):
