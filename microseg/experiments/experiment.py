@@ -337,12 +337,13 @@ def make_cells(root: Path, plan: Plan, existing: Sequence[Cell] = ()) -> list[Ce
     from microseg.losses import canonical_spec
 
     cells = list(existing)
-    known = {(canonical_spec(c.loss), c.seed, c.fold) for c in cells}
+    canonical = {loss: canonical_spec(loss) for loss in dict.fromkeys([*plan.losses, *(c.loss for c in cells)])}
+    known = {(canonical[c.loss], c.seed, c.fold) for c in cells}
     taken = {c.id: c for c in cells}
     for seed in plan.seeds:
         for loss in plan.losses:
             for fold in range(plan.folds) if plan.folds else [None]:
-                if (canonical_spec(loss), seed, fold) in known:
+                if (canonical[loss], seed, fold) in known:
                     continue
                 name = cell_id(loss, seed, fold)
                 if name in taken:  # two specs whose hashes agree in their first 8 hex digits

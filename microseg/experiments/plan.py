@@ -10,11 +10,11 @@ that names another primary metric is refused, as choosing it after the results w
 
 - Given: the plan file's fields, each replaced by its command-line option when that is given; a
   train option given on the command line sets that one base option, over the file's.
-- Checked whole before anything is written (`check_plan`): every loss spec (and its options with
-  `base`), every seed (train's seed range), the folds, cache and data (text), the protocol,
-  every base option and its type. Loss specs are held in their canonical spelling
-  (`microseg.losses.canonical_spec`): two spellings of one loss are one loss, and the plan refuses
-  them as a duplicate.
+- Checked whole before anything is written (`check_plan`): every loss spec (parsed once into a
+  `microseg.losses.LossSpec`, checked as deep supervision checks it), every seed (train's seed
+  range), the folds, cache and data (text), the protocol, every base option and its type. Loss
+  specs are held in their canonical spelling (`LossSpec.canonical`): two spellings of one loss are
+  one loss, and the plan refuses them as a duplicate.
 - Continued (`continued_plan`): a rerun's given fields override the stored plan field by field,
   and base option by option, so an option not given keeps its stored value. Every field whose
   value then differs is named in one refusal (`base.epochs: 6 -> 2; folds: 2 -> 3`); base options
@@ -120,7 +120,7 @@ def check_plan(values: Mapping[str, Any], strict: bool = False) -> Plan:
         )
     cache, data = (_path_text(values.get(name), name) for name in ("cache", "data"))
     protocol = _protocol(values.get("protocol", "microsegnet"))
-    base = _checked_base(values.get("base"), cache, [] if strict else canonical, seeds[0], folds, strict)
+    base = _checked_base(values.get("base"), cache, seeds[0], folds, strict)
     return Plan(canonical, seeds, folds, cache, data, protocol, base, _primary(values.get("primary", "dsc")))
 
 
@@ -136,22 +136,22 @@ def _primary(value: Any) -> str:
 
 def _canonical_losses(losses: list[str]) -> list[str]:
     """Each spec (distinct as written) checked and canonical; MicrosegError naming two spellings of one loss."""
-    from microseg.losses import canonical_spec
+    from microseg.losses import LossSpec, check_spec
 
-    canonical = [canonical_spec(loss) for loss in losses]
-    first: dict[str, str] = {}
-    for spelled, loss in zip(losses, canonical, strict=True):
-        if loss in first:
+    first: dict[LossSpec, str] = {}
+    for spelled in losses:
+        spec = check_spec(spelled)  # the one parse of each given spec
+        if spec in first:
             raise MicrosegError(
-                f"duplicate loss(es) in the plan: {loss} ({first[loss]!r} and {spelled!r} are one loss)"
+                f"duplicate loss(es) in the plan: {spec} ({first[spec]!r} and {spelled!r} are one loss)"
             )
-        first[loss] = spelled
-    return canonical
+        first[spec] = spelled
+    return [spec.canonical for spec in first]
 
 
-def _checked_base(value: Any, cache: str, losses: list[str], seed: int, folds: int, strict: bool) -> dict[str, Any]:
-    """The base options, typed (every option, with every loss: with the default loss when none is given);
-    refuses those the experiment sets."""
+def _checked_base(value: Any, cache: str, seed: int, folds: int, strict: bool) -> dict[str, Any]:
+    """The base options, typed (every option, as a cell's train options: their checks do not depend on the
+    loss, which `check_plan` checks); refuses those the experiment sets."""
     if value is None:
         value = {}
     if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
@@ -162,9 +162,7 @@ def _checked_base(value: Any, cache: str, losses: list[str], seed: int, folds: i
                 f"base option {name} is set by the experiment for each cell "
                 f"({'give losses / seeds' if name in ('loss', 'seed') else 'leave it out'})"
             )
-    specs: list[str | None] = [*losses] or [None]  # None: the default loss
-    for loss in specs:  # every option of base, once per loss (its spec and the options together)
-        config = resolve_train_config(None, {**value, "cache": cache, "run": "cell", "loss": loss, "seed": seed})
+    config = resolve_train_config(None, {**value, "cache": cache, "run": "cell", "seed": seed})
     if folds and config.val_fraction > 0:
         raise MicrosegError("base val_fraction must be 0 with folds: each cell validates on its held-out fold")
     base = {key: getattr(config, key) for key in value}
@@ -174,18 +172,17 @@ def _checked_base(value: Any, cache: str, losses: list[str], seed: int, folds: i
     return base
 
 
-def plan_differences(stored: Plan, given: Plan) -> list[str]:
-    """Every field where `given` differs from `stored` ('base.epochs: 6 -> 10'); losses and seeds as sets,
-    base options by the value a cell trains with (stored base under the stored recipe, given under its)."""
-    from microseg.losses import canonical_spec
-
+def plan_differences(stored: Plan, given: Plan, stored_losses: set[str]) -> list[str]:
+    """Every field where `given` differs from `stored` ('base.epochs: 6 -> 10'); losses (`stored_losses`: the
+    stored ones' canonical specs) and seeds as sets, base options by the value a cell trains with (stored
+    base under the stored recipe, given under its)."""
     old, new = stored.to_dict(), given.to_dict()
     differences = []
     for name in PLAN_FIELDS:
         if name == "base":
             differences += _base_differences(stored, given)
         elif name == "losses":
-            if {canonical_spec(x) for x in old[name]} != set(new[name]):
+            if stored_losses != set(new[name]):
                 differences.append(f"losses: {' '.join(old[name])} -> {' '.join(new[name])}")
         elif name == "seeds":
             if set(old[name]) != set(new[name]):
@@ -214,8 +211,11 @@ def continued_plan(stored: Plan, given: Mapping[str, Any], add: bool, where: Pat
     in one MicrosegError, before the files the plan names are read."""
     values = {**stored.to_dict(), **{name: v for name, v in given.items() if name != "base"}}
     values["base"] = {**stored.base, **(given.get("base") or {})}
+    from microseg.losses import canonical_spec
+
     plan = _absolute(check_plan(values))
-    differences = plan_differences(stored, plan)
+    known = {canonical_spec(loss) for loss in stored.losses}  # a format-1 record holds them as written
+    differences = plan_differences(stored, plan, known)
     refused = [d for d in differences if not (add and d.split(":")[0] in GROWN_BY_ADD)]
     if refused:
         grown = any(d.split(":")[0] in GROWN_BY_ADD for d in refused)
@@ -227,9 +227,6 @@ def continued_plan(stored: Plan, given: Mapping[str, Any], add: bool, where: Pat
     check_plan_inputs(plan)
     if not differences:
         return stored
-    from microseg.losses import canonical_spec
-
-    known = {canonical_spec(loss) for loss in stored.losses}
     return replace(
         stored,
         losses=stored.losses + [loss for loss in plan.losses if loss not in known],

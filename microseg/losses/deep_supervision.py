@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from microseg.core.errors import MicrosegError
 from microseg.core.preprocess import REFERENCE_KERNEL_SIZES, TARGET_RESIZES, resize_target
 from microseg.core.rules import KERNEL, NON_NEGATIVE, check_option
-from microseg.losses.registry import build_loss
+from microseg.losses.registry import LossSpec, as_loss_spec, build_loss
 
 
 @dataclass(frozen=True)
@@ -59,12 +59,13 @@ def check_output_sizes(outputs: Sequence[Tensor]) -> None:
 class DeepSupervision(nn.Module):
     """`forward(logits, aux, expert, non_expert=None, sample_stats=None) -> DeepSupervisedLoss`, aux coarsest first.
 
-    With no aux heads it is the main output's loss alone (the last kernel size and weight).
+    `spec`: a LossSpec (or its text, parsed once here), built once per scale. With no aux heads it is
+    the main output's loss alone (the last kernel size and weight).
     """
 
     def __init__(
         self,
-        spec: str,
+        spec: str | LossSpec,
         kernel_sizes: Sequence[int] = REFERENCE_KERNEL_SIZES,
         weights: Sequence[float] | None = None,
         dataset_stats: Any = None,
@@ -82,8 +83,8 @@ class DeepSupervision(nn.Module):
         kernels = [
             check_option("deep supervision", f"kernel_sizes[{i}]", k, KERNEL) for i, k in enumerate(kernel_sizes)
         ]
-        self.spec, self.target_resize, self.weights = spec, target_resize, check_weights(weights)
-        losses = [build_loss(spec, dataset_stats=dataset_stats, scale_kernel_size=k) for k in kernels]
+        self.spec, self.target_resize, self.weights = as_loss_spec(spec), target_resize, check_weights(weights)
+        losses = [build_loss(self.spec, dataset_stats=dataset_stats, scale_kernel_size=k) for k in kernels]
         self.losses = nn.ModuleList(losses)
         self.needs_non_expert = losses[0].needs_non_expert
         self.sample_stat_keys = losses[0].sample_stat_keys
@@ -100,7 +101,7 @@ class DeepSupervision(nn.Module):
         losses, weights = (self.losses, self.weights) if aux else (self.losses[-1:], self.weights[-1:])
         if len(outputs) != len(losses):
             raise MicrosegError(
-                f"deep supervision of {self.spec!r} has {len(losses)} kernel sizes/weights for "
+                f"deep supervision of {self.spec.text!r} has {len(losses)} kernel sizes/weights for "
                 f"{len(outputs)} outputs ({len(aux)} aux heads + main)"
             )
         check_output_sizes(outputs)

@@ -304,15 +304,16 @@ class Trainer:
     def build_loss(self, train_idx: list[int]) -> DeepSupervision:
         """Hook: the deep-supervised loss, given the training-set statistics it declares (saved with the run)."""
         from microseg.data.cache import foreground_areas
-        from microseg.losses import DeepSupervision, dataset_statistics
+        from microseg.losses import DeepSupervision, LossSpec, dataset_statistics
 
         config, pre = self.config, self.preprocess
-        self.loss_stats = dataset_statistics(config.loss, lambda: foreground_areas(config.cache)[np.asarray(train_idx)])
+        spec = LossSpec.parse(config.loss)  # once: the statistics and every scale's loss take the parsed spec
+        self.loss_stats = dataset_statistics(spec, lambda: foreground_areas(config.cache)[np.asarray(train_idx)])
         if self.loss_stats is not None and self.env.main:
             print(self.loss_stats.summary())
             write_text(self.folder.calf_stats, json.dumps(asdict(self.loss_stats), indent=1))
         return DeepSupervision(
-            config.loss,
+            spec,
             kernel_sizes=pre.kernel_sizes,
             weights=config.ds_weights,
             dataset_stats=self.loss_stats,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import cv2
 import numpy as np
 import pytest
@@ -10,7 +12,17 @@ import yaml
 
 from microseg.core.errors import MicrosegError
 from microseg.core.preprocess import resize_target
-from microseg.losses import LOSSES, DeepSupervision, build_loss, canonical_spec, check_spec, parse_spec
+from microseg.losses import (
+    LOSSES,
+    DeepSupervision,
+    LossSpec,
+    build_loss,
+    calf_stats,
+    canonical_spec,
+    check_spec,
+    dataset_statistics,
+    parse_spec,
+)
 from microseg.losses.ag_bce import AGBCE
 from microseg.losses.focal import Focal
 from microseg.losses.region import Dice
@@ -382,3 +394,63 @@ def test_check_spec_refuses_what_deep_supervision_would_before_any_statistics():
     ]:
         with pytest.raises(MicrosegError, match=message):
             check_spec(spec)
+
+
+# ---------------------------------------------------------------- the parsed spec
+
+
+def test_a_loss_spec_is_parsed_once_into_an_immutable_value():
+    spec = LossSpec.parse(" 0.5*dice + ag_bce:w=3,k=2 ")
+    assert spec.text == " 0.5*dice + ag_bce:w=3,k=2 "  # as written
+    assert [(t.weight, t.name, t.options) for t in spec.terms] == [
+        (0.5, "dice", {}),
+        (1.0, "ag_bce", {"hard_weight": 3.0, "kernel_size": 2}),  # constructor names, converted by their rules
+    ]
+    assert isinstance(spec.terms[1].options["hard_weight"], float)
+    assert str(spec) == spec.canonical == "0.5*dice+ag_bce:hard_weight=3,kernel_size=2"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.terms = ()  # type: ignore[misc]
+    spec.terms[1].options["hard_weight"] = 9.0  # a copy: the term keeps its value
+    assert spec.terms[1].options["hard_weight"] == 3.0
+    same = LossSpec.parse("ag_bce:kernel_size=2,hard_weight=3.0+0.5*dice:smooth=1e-5")
+    assert same == spec and hash(same) == hash(spec) and len({spec, same}) == 1
+    assert spec != LossSpec.parse("0.5*dice+ag_bce:w=3,k=3") and spec != str(spec)
+    for text, message in [("dcie", "unknown loss"), ("ag_bce:w=-4", "w=-4 must be > 0"), ("dice+", "malformed")]:
+        with pytest.raises(MicrosegError, match=message):
+            LossSpec.parse(text)
+
+
+def test_the_parsed_spec_builds_what_its_text_builds():
+    logits, expert, non_expert = case(3)
+    for text, keywords in [("0.5*dice+ag_bce:w=2", {}), ("adaptive_focal", {"kernel_size": 4}), ("ag_bce", {"w": 3})]:
+        from_text = build_loss(text, **keywords)(logits, expert, non_expert)
+        torch.testing.assert_close(build_loss(LossSpec.parse(text), **keywords)(logits, expert, non_expert), from_text)
+    assert build_loss(LossSpec.parse("0.5 * dice+focal")).name == "0.5*dice+focal"  # named as written
+    assert check_spec("ag_bce:w=2") == LossSpec.parse("ag_bce:hard_weight=2")
+    assert canonical_spec(LossSpec.parse("ag_bce:w=2")) == "ag_bce:hard_weight=2"
+    fractions = np.array([0.0, 0.1, 0.3])
+    assert dataset_statistics(LossSpec.parse("calf"), lambda: fractions) == dataset_statistics(
+        "calf", lambda: fractions
+    )
+
+
+def test_deep_supervision_and_build_loss_parse_a_text_spec_once(monkeypatch):
+    from microseg.losses import registry
+
+    calls = []
+    parse = registry.parse_spec
+
+    def counted(text):
+        calls.append(text)
+        return parse(text)
+
+    monkeypatch.setattr(registry, "parse_spec", counted)
+    ds = DeepSupervision("dice+ag_bce:w=2", kernel_sizes=(1, 2, 3, 4))
+    assert calls == ["dice+ag_bce:w=2"] and len(ds.losses) == 4 and ds.spec == LossSpec.parse("dice+ag_bce:w=2")
+    calls.clear()
+    spec = LossSpec.parse("calf")
+    calls.clear()
+    DeepSupervision(spec, dataset_stats=calf_stats(np.array([0.1, 0.2]), True))
+    dataset_statistics(spec, lambda: np.array([0.1, 0.2]))
+    check_spec(spec)
+    assert calls == []  # the parsed value travels: nothing parses it again
