@@ -124,15 +124,11 @@ def _add_train(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="overwrite an existing run")
 
     def run(args: argparse.Namespace) -> int:
-        from microseg.runs.checkpoint import resumed_config
-        from microseg.runs.config import resolve_train_config
+        from microseg.runs.checkpoint import train_config
         from microseg.training.trainer import train
 
         options = {k: v for k, v in vars(args).items() if k not in ("verb", "func", "config", "resume", "force")}
-        if args.resume:
-            config = resumed_config(args.run, args.config, options)
-        else:
-            config = resolve_train_config(args.config, options)
+        config = train_config(args.config, options, args.resume)
         run_dir = train(config, resume=args.resume, force=args.force)
         print(f"run written: {run_dir}")
         return 0
@@ -355,8 +351,6 @@ def _add_demo(verbs: argparse._SubParsersAction) -> None:
     def run(args: argparse.Namespace) -> int:
         from microseg.demo import run_demo
 
-        if args.epochs is not None and args.epochs < 1:
-            raise MicrosegError(f"--epochs must be >= 1, got {args.epochs}")
         run_demo(args.out, epochs=args.epochs)
         return 0
 
@@ -421,10 +415,17 @@ def _add_check(verbs: argparse._SubParsersAction) -> None:
 
 
 def _add_experiment(verbs: argparse._SubParsersAction) -> None:
-    from microseg.experiments.plan import SET_BY_EXPERIMENT
-
     p = verbs.add_parser("experiment", help="losses x seeds x folds as one resumable plan, locally or on SLURM")
     what = p.add_subparsers(dest="what", metavar="WHAT", required=True)
+    _add_experiment_run(what)
+    _add_experiment_status(what)
+    _add_experiment_cell(what)
+    _add_experiment_power(what)
+
+
+def _add_experiment_run(what: argparse._SubParsersAction) -> None:
+    from microseg.experiments.plan import SET_BY_EXPERIMENT
+
     run = what.add_parser(
         "run",
         help="run (or continue) an experiment's plan",
@@ -437,19 +438,7 @@ def _add_experiment(verbs: argparse._SubParsersAction) -> None:
     )
     run.add_argument("plan", nargs="?", help="plan file (YAML); optional when OUT already holds the experiment")
     run.add_argument("--out", required=True, help="experiment folder (new or empty, or the experiment to continue)")
-    plan = run.add_argument_group("plan fields (override the plan file's)")
-    plan.add_argument("--losses", nargs="+", metavar="SPEC", help="loss specs, one cell row each")
-    plan.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="training seeds (default 1234)")
-    plan.add_argument(
-        "--folds",
-        type=int,
-        metavar="K",
-        help="k-fold cross-validation of the training patients, K >= 2 (default 0: the fixed train/test split)",
-    )
-    plan.add_argument("--cache", help="slice cache from `microseg prepare`")
-    plan.add_argument("--data", help="dataset folder (its test split, and the held-out patients with folds)")
-    plan.add_argument("--protocol", help="evaluation protocol (default microsegnet)")
-    plan.add_argument("--primary", help="the metric the report's verdict rests on: dsc (default) or hd95_mm")
+    _add_plan_fields(run.add_argument_group("plan fields (override the plan file's)"))
     run.add_argument("--add", action="store_true", help="add the given --losses / --seeds to the experiment")
     run.add_argument(
         "--executor",
@@ -468,17 +457,7 @@ def _add_experiment(verbs: argparse._SubParsersAction) -> None:
         default="auto",
         help="where the cells train and evaluate: auto (default), cpu, cuda (not part of the plan)",
     )
-    slurm = run.add_argument_group("SLURM (--executor slurm)")
-    slurm.add_argument("--partition", help="sbatch --partition")
-    slurm.add_argument("--time", help="sbatch --time per cell, e.g. 4:00:00")
-    slurm.add_argument("--gpus", type=int, metavar="N", help="GPUs per cell (sbatch --gpus-per-task)")
-    slurm.add_argument(
-        "--sbatch",
-        action="append",
-        default=[],
-        metavar="OPTION",
-        help="any other sbatch option, passed through (repeatable), e.g. --sbatch=--mem=32G",
-    )
+    _add_slurm_options(run.add_argument_group("SLURM (--executor slurm)"))
     base = run.add_argument_group("base train options (every cell; see `microseg train --help`)")
     _add_config_options(base, skip=SET_BY_EXPERIMENT)
 
@@ -493,6 +472,40 @@ def _add_experiment(verbs: argparse._SubParsersAction) -> None:
         run_experiment(args.out, values, args.add, args.executor, jobs, args.device, slurm_options)
         return 0
 
+    run.set_defaults(func=run_verb)
+
+
+def _add_plan_fields(plan: argparse._ArgumentGroup) -> None:
+    """`experiment run`'s options that set a plan field (over the plan file's)."""
+    plan.add_argument("--losses", nargs="+", metavar="SPEC", help="loss specs, one cell row each")
+    plan.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="training seeds (default 1234)")
+    plan.add_argument(
+        "--folds",
+        type=int,
+        metavar="K",
+        help="k-fold cross-validation of the training patients, K >= 2 (default 0: the fixed train/test split)",
+    )
+    plan.add_argument("--cache", help="slice cache from `microseg prepare`")
+    plan.add_argument("--data", help="dataset folder (its test split, and the held-out patients with folds)")
+    plan.add_argument("--protocol", help="evaluation protocol (default microsegnet)")
+    plan.add_argument("--primary", help="the metric the report's verdict rests on: dsc (default) or hd95_mm")
+
+
+def _add_slurm_options(slurm: argparse._ArgumentGroup) -> None:
+    """`experiment run --executor slurm`'s sbatch options."""
+    slurm.add_argument("--partition", help="sbatch --partition")
+    slurm.add_argument("--time", help="sbatch --time per cell, e.g. 4:00:00")
+    slurm.add_argument("--gpus", type=int, metavar="N", help="GPUs per cell (sbatch --gpus-per-task)")
+    slurm.add_argument(
+        "--sbatch",
+        action="append",
+        default=[],
+        metavar="OPTION",
+        help="any other sbatch option, passed through (repeatable), e.g. --sbatch=--mem=32G",
+    )
+
+
+def _add_experiment_status(what: argparse._SubParsersAction) -> None:
     status = what.add_parser("status", help="every cell's state, read from its run folder")
     status.add_argument("experiment", help="experiment folder")
 
@@ -502,25 +515,22 @@ def _add_experiment(verbs: argparse._SubParsersAction) -> None:
         print(experiment_status(args.experiment))
         return 0
 
+    status.set_defaults(func=status_verb)
+
+
+def _add_experiment_cell(what: argparse._SubParsersAction) -> None:
     cell = what.add_parser("cell", help="run one cell of an experiment (what each worker and SLURM job runs)")
     cell.add_argument("experiment", help="experiment folder")
     cell.add_argument("cell", help="cell id (experiment.json's cells)")
     cell.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
 
     def cell_verb(args: argparse.Namespace) -> int:
-        from microseg.experiments.cell import run_cell, write_oof
-        from microseg.experiments.experiment import load_experiment
+        from microseg.experiments.cell import run_cell_job
 
-        experiment = load_experiment(args.experiment)
-        result = run_cell(experiment, experiment.cell(args.cell), print, args.device)
-        print(f"{args.cell}: finished, {result}")
-        write_oof(experiment)
+        run_cell_job(args.experiment, args.cell, args.device)
         return 0
 
-    run.set_defaults(func=run_verb)
-    status.set_defaults(func=status_verb)
     cell.set_defaults(func=cell_verb)
-    _add_experiment_power(what)
 
 
 def _add_experiment_power(what: argparse._SubParsersAction) -> None:

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import TypedDict
 
+from microseg.core.errors import OptionError
+
 
 class PhantomSettings(TypedDict):
     """`microseg.data.phantom.simulate_dataset`'s keyword arguments."""
@@ -46,13 +48,16 @@ DEMO_SIZE = 80
 
 
 def run_demo(out: str | Path = "demo", epochs: int | None = None) -> Path:
-    """Run the demo into `out`; returns the report path. Re-running replaces the demo's experiment."""
+    """Run the demo into `out` (`epochs` per run, at least 1; None: DEMO_TRAIN's); returns the report path.
+    Re-running replaces the demo's experiment."""
     from microseg.data.phantom import simulate_dataset
     from microseg.data.prepare import prepare_cache
     from microseg.experiments.runner import run_experiment
     from microseg.reporting.experiment_report import analyse, experiment_paragraph, write_report
     from microseg.reporting.figures import plot_case_preview
 
+    if epochs is not None and epochs < 1:
+        raise OptionError(f"`epochs` must be >= 1, got {epochs}")
     out = Path(out)
     started = time.perf_counter()
     data = simulate_dataset(out / "data", **DEMO_DATA)

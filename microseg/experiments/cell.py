@@ -31,7 +31,7 @@ from typing import IO
 from microseg.core.errors import MicrosegError, os_error_line
 from microseg.core.stop import stop_signals
 from microseg.core.tables import SUMMARY_ROWS, read_csv, write_csv
-from microseg.experiments.experiment import Cell, Experiment
+from microseg.experiments.experiment import Cell, Experiment, load_experiment
 from microseg.runs.config import load_config
 from microseg.runs.folder import RunFolder, RunLock
 
@@ -179,6 +179,17 @@ def run_cell(experiment: Experiment, cell: Cell, event: Callable[[str], None], d
         finally:
             with contextlib.suppress(OSError):
                 stream.close()
+
+
+def run_cell_job(path: str | Path, cell_id: str, device: str = "auto") -> str:
+    """`experiment cell`: one cell of the experiment at `path` run here (what each worker and SLURM job runs),
+    its events and then its result line printed, then the out-of-fold scores brought up to date (`write_oof`);
+    returns its result line."""
+    experiment = load_experiment(path)
+    result = run_cell(experiment, experiment.cell(cell_id), print, device)
+    print(f"{cell_id}: finished, {result}")
+    write_oof(experiment)
+    return result
 
 
 def failure_line(err: BaseException) -> str:

@@ -192,7 +192,15 @@ RESUME_NEEDS = ("train_config", "optimizer", "scaler", "accum")  # no "rng": dro
 """The checkpoint records a resumed run needs besides the weights."""
 
 
-def resumed_config(run: str, yaml_path: str | None, options: dict[str, Any]) -> TrainConfig:
+def train_config(yaml_path: str | None, options: dict[str, Any], resume: bool) -> TrainConfig:
+    """The config `train` runs with: a resumed run's own (`resumed_config`, its run the `run` option), else the
+    `yaml_path` file's and the options over the recipe (`resolve_train_config`)."""
+    if resume:
+        return resumed_config(options.get("run"), yaml_path, options)
+    return resolve_train_config(yaml_path, options)
+
+
+def resumed_config(run: str | None, yaml_path: str | None, options: dict[str, Any]) -> TrainConfig:
     """The config the run's `last.pt` was trained with: the truth a resumed run keeps.
 
     `config.yaml` must still say the same (a hand-edited one is refused naming the field), and so

@@ -208,3 +208,25 @@ def test_a_deleted_or_locked_cell_is_refused(plain, cache, phantom, tmp_path, ca
     code, _, err = run_cli(["experiment", "run", "--out", copy], capsys)
     one_error(code, err, cell.id, "was deleted")
     assert tree(copy) == before
+
+
+def test_experiment_cell_runs_one_cell_and_the_out_of_fold_scores_once_its_folds_are_done(
+    cache, phantom, tmp_path, capsys
+):
+    from microseg.experiments.experiment import open_experiment
+
+    out = tmp_path / "cv"
+    base = {"model": "tiny", "epochs": 1, "batch_size": 4, "optimizer": "adam", "lr": 3e-3, "num_workers": 0}
+    plan = {"losses": ["focal"], "seeds": [1], "folds": 2, "cache": str(cache), "data": str(phantom), "base": base}
+    experiment = open_experiment(out, plan)  # as `experiment run` writes it before any cell runs
+    folds = json.loads((out / "splits.json").read_text())["folds"]
+    first, second = experiment.cells
+    code, stdout, err = run_cli(["experiment", "cell", out, first.id, "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert stdout.strip().splitlines()[-1].startswith(f"{first.id}: finished, test DSC ")
+    assert patients_of(first.run / "heldout" / "per_patient.csv") == folds[first.fold]
+    assert not (out / "oof" / "per_patient.csv").exists()  # its other fold is not done yet
+    code, stdout, err = run_cli(["experiment", "cell", out, second.id, "--device", "cpu"], capsys)
+    assert code == 0, err
+    rows = csv_rows(out / "oof" / "per_patient.csv")
+    assert sorted(r["case_id"] for r in rows) == sorted(folds[0] + folds[1])  # every training patient once
