@@ -30,6 +30,9 @@ EXAMPLES = """examples:
 'microseg VERB --help' describes each verb's options."""
 
 
+SIZED_JOBS = "one per core and patient while each process's share of the work outweighs a worker's start, else 1"
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with the project's error form: one line `microseg: error: ...`, exit status 2."""
 
@@ -67,7 +70,7 @@ def _add_simulate(verbs: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--preview", action="store_true", help="also write preview.png: slices with both contours")
-    _add_jobs_option(p, "1 on up to 2 cores, else the number of cores")
+    _add_jobs_option(p, "1 (its threads image slices on every core)")
 
     def run(args: argparse.Namespace) -> int:
         from microseg.data.phantom import simulate_dataset
@@ -94,7 +97,7 @@ def _add_prepare(verbs: argparse._SubParsersAction) -> None:
         default=224,
         help=f"slice size in the cache, a multiple of {SIZE_MULTIPLE} (the models' patch stride; default 224)",
     )
-    _add_jobs_option(p, "1 on up to 2 cores, else the number of cores")
+    _add_jobs_option(p, SIZED_JOBS)
 
     def run(args: argparse.Namespace) -> int:
         from microseg.data.prepare import prepare_cache
@@ -399,7 +402,7 @@ def _add_check(verbs: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--protocol", default="microsegnet", choices=PROTOCOLS, help="rater scoring protocol (default microsegnet)"
     )
-    _add_jobs_option(p, "1 on up to 2 cores, else the number of cores")
+    _add_jobs_option(p, SIZED_JOBS)
 
     def run(args: argparse.Namespace) -> int:
         from microseg.data.check import check_dataset, data_check_path, format_check, require_clean, write_check

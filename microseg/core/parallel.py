@@ -1,8 +1,9 @@
 """Patients in parallel: `--jobs N` worker processes, each with its share of the CPU threads.
 
-`resolve_jobs(jobs, command, device)` is what a command's `--jobs` means: the number given, else
+`resolve_jobs(jobs, command, device, work)` is what a command's `--jobs` means: the number given, else
 `$MICROSEG_JOBS` when set (the default of every `--jobs`; tests set it to 1), else
-`machine_jobs(command, device)`, the fastest setting measured for the command on this machine.
+`machine_jobs(command, device, work())`: the rule measured for the command, sized by its work (a
+worker's start against the work each process gets: `size_jobs`) on this machine's cores.
 `run_jobs(fn, items, jobs)` returns `[fn(item) for item in items]` in the items' order, computed by
 `jobs` processes (spawned: a fresh interpreter each, no state inherited from the parent) that each
 set torch, OpenCV and BLAS to cores // jobs threads, at least one; given `gpus`, worker k sees
@@ -14,9 +15,11 @@ gathered in order.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from multiprocessing import get_context
 from multiprocessing.queues import Queue
 from typing import TypeVar
@@ -49,34 +52,65 @@ def visible_gpus(device: str = "auto") -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-SMALL_MACHINE_CORES = 2
-"""Up to this many cores, one process is the fastest setting of every command (README, Benchmarks)."""
+NATIVE_SLICE_PIXELS = 962 * 1372
+"""A slice of the real dataset: the unit the costs below are measured in."""
+WORKER_START_S = 4.0
+"""CPU seconds a spawned worker spends before its first patient, importing torch, OpenCV and microseg
+(docs/benchmarks.md, Default --jobs: check took 12.1 s of user CPU with --jobs 2 against 4.0 s with
+--jobs 1, two workers' starts)."""
+SECONDS_PER_NATIVE_SLICE = {"check": 0.02, "prepare": 0.05}
+"""One process's seconds per native training slice (docs/benchmarks.md, At the real dataset's scale,
+--jobs 1: check 21.6 s for 4 patients of 250 slices, 0.022 s a slice; prepare 26.2 s for 2 training
+patients of 250, 0.052 s, its check of the test split included)."""
 
 
-def machine_jobs(command: str, device: str = "auto") -> int:
-    """The `--jobs` measured fastest for `command` on this machine (README, Benchmarks: 2 shared cores,
-    each pair of --jobs 1 / 2 run back to back, twice).
+@dataclass(frozen=True)
+class Work:
+    """What a command's worker processes would share: `items` (patients, one per task) of `pixels` in all."""
+
+    items: int
+    pixels: int
+
+    @property
+    def native_slices(self) -> float:
+        return self.pixels / NATIVE_SLICE_PIXELS
+
+
+def machine_jobs(command: str, device: str = "auto", work: Work | None = None) -> int:
+    """The default `--jobs` of `command` on this machine, for `work` (None: unknown, one process).
 
     evaluate: one worker per visible GPU (each on its own GPU), else 1: on the CPU one process
     already keeps the cores busy with its pipelined slabs, and each further worker pays its imports
-    and the model's load (on 2 cores --jobs 2 took 31-36 s where --jobs 1 took 13-21 s).
-    simulate, check and prepare: 1 on up to `SMALL_MACHINE_CORES` cores, where a worker's start
-    (about 4 s of CPU importing torch, OpenCV and microseg) outweighs the second core (check 33-34 s
-    with --jobs 2 against 11-12 s with --jobs 1 on 2 + 2 native patients of 40 slices), else one
-    per core. experiment: 1 (its cells one at a time).
+    and the model's load (docs/benchmarks.md: --jobs 2 slower at every size measured).
+    check and prepare: `size_jobs` of the work's seconds (its native slices x
+    `SECONDS_PER_NATIVE_SLICE`). simulate: 1, whatever the size: one process already images as many
+    slices at once as there are cores, on its threads (at 250 native slices a patient --jobs 2 took
+    80.2 s against 82.7 s). experiment: 1 (its cells one at a time).
     """
     if command == "evaluate":
         return max(1, len(visible_gpus(device)))
-    if command == "experiment":
-        return 1
-    return cores() if cores() > SMALL_MACHINE_CORES else 1
+    if command in SECONDS_PER_NATIVE_SLICE and work is not None:
+        return size_jobs(SECONDS_PER_NATIVE_SLICE[command] * work.native_slices, work.items)
+    return 1
 
 
-def default_jobs(command: str, device: str = "auto") -> int:
-    """`$MICROSEG_JOBS` when set (OptionError naming it unless an integer >= 1), else `machine_jobs`."""
+def size_jobs(seconds: float, items: int) -> int:
+    """How many processes `seconds` of one process's work over `items` patients is worth: each worker
+    costs `WORKER_START_S` of CPU before its first patient and takes seconds / jobs of the work, so
+    more processes only while the work per process is at least a worker's start,
+    jobs = min(cores, items, floor(seconds / WORKER_START_S)), at least 1. On 2 cores the benchmarks'
+    sizes come out as measured: check of 4 native patients of 250 slices 2 (20 s of work; 16.9 s
+    against 21.6 s with 1), of 40 slices 1 (3.2 s; 11-12 s against 33-34 s with 2), prepare of 2
+    patients of 250 slices 2 (25 s), of 40 slices 1 (4 s), a small phantom 1."""
+    return max(1, min(cores(), items, math.floor(seconds / WORKER_START_S)))
+
+
+def default_jobs(command: str, device: str = "auto", work: Callable[[], Work] | None = None) -> int:
+    """`$MICROSEG_JOBS` when set (OptionError naming it unless an integer >= 1), else `machine_jobs` of
+    `work()` (asked only then)."""
     value = os.environ.get(JOBS_VARIABLE)
     if value is None:
-        return machine_jobs(command, device)
+        return machine_jobs(command, device, None if work is None else work())
     try:
         jobs = int(value)
     except ValueError:
@@ -86,9 +120,9 @@ def default_jobs(command: str, device: str = "auto") -> int:
     return jobs
 
 
-def resolve_jobs(jobs: int | None, command: str, device: str = "auto") -> int:
-    """`jobs` checked (`check_jobs`), or None: `default_jobs(command, device)`."""
-    return default_jobs(command, device) if jobs is None else check_jobs(jobs)
+def resolve_jobs(jobs: int | None, command: str, device: str = "auto", work: Callable[[], Work] | None = None) -> int:
+    """`jobs` checked (`check_jobs`), or None: `default_jobs(command, device, work)`."""
+    return default_jobs(command, device, work) if jobs is None else check_jobs(jobs)
 
 
 def check_jobs(jobs: int) -> int:

@@ -18,11 +18,12 @@ training volume once for both, and writes it beside the cache as ``<cache>.check
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -31,9 +32,9 @@ from tqdm import tqdm
 
 from microseg.core.atomic import write_text
 from microseg.core.errors import MicrosegError, OptionError, warn
-from microseg.core.parallel import iterate_jobs, resolve_jobs, run_jobs
+from microseg.core.parallel import Work, iterate_jobs, resolve_jobs, run_jobs
 from microseg.data.layout import Case, find_cases
-from microseg.data.volumes import Volume, read_mask_for, read_volume, require_same_geometry
+from microseg.data.volumes import Volume, read_geometry, read_mask_for, read_volume, require_same_geometry
 from microseg.metrics import PROTOCOLS, score_case, summarize
 
 SPLITS = ("train", "test")
@@ -178,7 +179,7 @@ def check_dataset(root: str | Path, protocol: str = "microsegnet", jobs: int | N
     the default, `microseg.core.parallel.resolve_jobs`)."""
     if protocol not in PROTOCOLS:
         raise OptionError(f"`protocol` {protocol!r} is not one of {', '.join(PROTOCOLS)}")
-    jobs = resolve_jobs(jobs, "check")
+    jobs = resolve_jobs(jobs, "check", work=lambda: dataset_work(Path(root), SPLITS))
     root = Path(root)
     if not root.is_dir():
         raise MicrosegError(f"data folder {root} does not exist")
@@ -186,6 +187,23 @@ def check_dataset(root: str | Path, protocol: str = "microsegnet", jobs: int | N
     if not splits:
         raise MicrosegError(f"{root} holds neither train/ nor test/: not a dataset folder")
     return dataset_report(root, protocol, {split: check_split(root, split, protocol, jobs) for split in splits})
+
+
+def dataset_work(root: Path, splits: Sequence[str]) -> Work:
+    """The patients of `splits` of `root` and their images' voxels (from the headers), for the default
+    `--jobs` (`microseg.core.parallel.machine_jobs`); a split or an image that cannot be read counts
+    nothing (its check reports it)."""
+    items, pixels = 0, 0
+    for split in splits:
+        try:
+            cases = find_cases(root, split)
+        except MicrosegError:
+            continue
+        for case in cases:
+            items += 1
+            with contextlib.suppress(MicrosegError, OSError):
+                pixels += math.prod(read_geometry(case.image).shape)
+    return Work(items, pixels)
 
 
 def dataset_report(root: Path, protocol: str, splits: dict[str, dict]) -> dict:

@@ -18,7 +18,7 @@ from microseg.core.errors import OptionError
 from microseg.core.parallel import resolve_jobs
 from microseg.core.preprocess import SIZE_MULTIPLE
 from microseg.data.cache import cache_entry, cached_fingerprint, fingerprint, source_records, test_record, write_cache
-from microseg.data.check import checked_train_cases
+from microseg.data.check import checked_train_cases, dataset_work
 from microseg.data.layout import find_cases
 
 
@@ -33,8 +33,8 @@ def prepare_cache(data_root: str | Path, out: str | Path, size: int = 224, jobs:
         raise OptionError(
             f"`size` must be a positive multiple of {SIZE_MULTIPLE}, the models' patch stride (got {size})"
         )
-    jobs = resolve_jobs(jobs, "prepare")
     root, out = Path(data_root).resolve(), Path(out)
+    jobs = resolve_jobs(jobs, "prepare", work=lambda: dataset_work(root, ["train"]))
     require_writable(out)
     train = find_cases(root, "train")
     test = find_cases(root, "test") if (root / "test").exists() else []
