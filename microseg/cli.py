@@ -315,28 +315,9 @@ def _add_compare(verbs: argparse._SubParsersAction) -> None:
     )
 
     def run(args: argparse.Namespace) -> int:
-        from microseg.reporting.experiment_analysis import is_experiment
-        from microseg.reporting.experiment_report import compare_experiments
-        from microseg.reporting.runs_report import compare
+        from microseg.reporting.compare import compare
 
-        experiments = [path for path in args.runs if is_experiment(path)]
-        if experiments:
-            if len(experiments) < len(args.runs):
-                other = next(path for path in args.runs if not is_experiment(path))
-                raise MicrosegError(
-                    f"{other} is not an experiment folder (no experiment.json) but {experiments[0]} "
-                    "is: compare run folders or experiment folders, not both"
-                )
-            if args.overlays or args.cases:
-                raise MicrosegError(
-                    "--overlays and --cases draw run folders: compare an experiment's cells "
-                    "(its runs/ folders) for overlays"
-                )
-            print(f"report: {compare_experiments(args.runs, args.out, args.missing or 'worst')}")
-            return 0
-        if args.missing:
-            raise MicrosegError("--missing applies to experiment folders: run folders are compared patient by patient")
-        print(f"report: {compare(args.runs, args.out, args.overlays or bool(args.cases), args.cases)}")
+        print(f"report: {compare(args.runs, args.out, args.overlays, args.cases, args.missing)}")
         return 0
 
     p.set_defaults(func=run)

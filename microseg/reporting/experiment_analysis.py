@@ -40,9 +40,9 @@ from microseg.core.tables import SUMMARY_ROWS
 from microseg.experiments.experiment import Cell, Experiment, Plan, load_experiment
 from microseg.reporting.runs_report import require_same_evaluation
 from microseg.runs.folder import RunFolder
-from microseg.runs.record import RunRecord, load_run
-from microseg.stats.differences import LossDifference, loss_differences
-from microseg.stats.paired import ALPHA
+from microseg.runs.record import RunMetrics, RunRecord, load_run
+from microseg.stats.differences import loss_differences
+from microseg.stats.paired import ALPHA, PairedDifference
 from microseg.stats.power import Components, family_alpha, pooled_components, seeds_needed, simulate_test
 from microseg.stats.ranking import Ranking, rankings
 from microseg.stats.replicates import (
@@ -84,7 +84,7 @@ def read_splits(experiment: Experiment) -> dict:
     return {"folds": [sorted(fold) for fold in splits.folds], "test": sorted(splits.test)}
 
 
-def read_oof(experiment: Experiment) -> dict[tuple[str, str], dict[str, dict[str, float]]]:
+def read_oof(experiment: Experiment) -> dict[tuple[str, str], RunMetrics]:
     """EXP/oof/per_patient.csv (written with folds): (loss, "seed S") -> patient -> metric; nothing
     when absent. Refused, naming the file: a last line cut short, a row of more or fewer fields than
     the header, no loss, seed (an integer), case_id, dsc or hd95_mm column, a metric that is not a
@@ -94,7 +94,7 @@ def read_oof(experiment: Experiment) -> dict[tuple[str, str], dict[str, dict[str
     if not source.is_file():
         return {}
     header, rows = _oof_table(source)
-    found: dict[tuple[str, str], dict[str, dict[str, float]]] = {}
+    found: dict[tuple[str, str], RunMetrics] = {}
     for line, fields in enumerate(rows, start=2):
         if len(fields) != len(header):
             raise MicrosegError(f"{source}: line {line} has {len(fields)} fields, the header {len(header)}")
@@ -103,7 +103,7 @@ def read_oof(experiment: Experiment) -> dict[tuple[str, str], dict[str, dict[str
             raise MicrosegError(f"{source}: line {line}: seed {row['seed']!r} is not an integer")
         if row["case_id"] in SUMMARY_ROWS:
             continue
-        patients = found.setdefault((row["loss"], f"seed {int(row['seed'])}"), {})
+        patients = found.setdefault((row["loss"], f"seed {int(row['seed'])}"), RunMetrics())
         if row["case_id"] in patients:
             raise MicrosegError(
                 f"{source}: patient {row['case_id']} appears twice for loss {row['loss']}, "
@@ -145,9 +145,7 @@ def _oof_scores(where: str, row: dict[str, str]) -> dict[str, float]:
     return scores
 
 
-def _require_folds_patients(
-    source: Path, found: dict[tuple[str, str], dict[str, dict[str, float]]], held_out: set[str]
-) -> None:
+def _require_folds_patients(source: Path, found: dict[tuple[str, str], RunMetrics], held_out: set[str]) -> None:
     """Refuse a loss and seed whose out-of-fold patients are not exactly the folds' patients."""
     for (loss, seed), patients in found.items():
         if set(patients) != held_out:
@@ -168,7 +166,7 @@ class Experiments:
     splits: dict
     cells: list[Cell]
     records: dict[str, RunRecord] = field(default_factory=dict)  # cell id -> its run (trained cells)
-    oof: dict[tuple[str, str], dict[str, dict[str, float]]] = field(default_factory=dict)
+    oof: dict[tuple[str, str], RunMetrics] = field(default_factory=dict)
     """(loss, "seed S") -> patient -> metric: the out-of-fold scores of the training patients (folds only)."""
 
     def state(self, cell: Cell) -> str:
@@ -370,7 +368,7 @@ class Power:
     alpha: float  # alpha / m
     pairs: int  # m
     rows: list[tuple[str, int, int, int, float]]  # (design, seeds, replicate slots, patients, detectable)
-    target: tuple[LossDifference, int | None] | None  # the largest unresolved pair and the seeds resolving it
+    target: tuple[PairedDifference, int | None] | None  # the largest unresolved pair and the seeds resolving it
 
 
 @dataclass
@@ -385,7 +383,7 @@ class Analysis:
     evaluated: np.ndarray  # [loss, slot]: the cell has an evaluation
     cap_source: str  # where HD95's worst value comes from ("" with --missing drop)
     results: dict[str, MetricResults]
-    differences: list[LossDifference]
+    differences: list[PairedDifference]
     power: Power | None
 
     @property

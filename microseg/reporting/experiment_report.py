@@ -30,9 +30,6 @@ from pathlib import Path
 
 import numpy as np
 
-from microseg.core.atomic import atomic_folder, write_text
-from microseg.core.errors import MicrosegError
-from microseg.core.tables import SUMMARY_ROWS, markdown_table, write_csv
 from microseg.reporting.experiment_analysis import Analysis, Experiments, analyse
 from microseg.reporting.figures import (
     plot_curve_bands,
@@ -42,8 +39,9 @@ from microseg.reporting.figures import (
     run_colours,
 )
 from microseg.reporting.runs_report import rater_names
-from microseg.stats.differences import LossDifference
-from microseg.stats.paired import ALPHA, BOOTSTRAP_RESAMPLES
+from microseg.reporting.sections import compared_section, data_fact, patient_table
+from microseg.reporting.writer import ReportWriter, require_report_folder, write_report_folder
+from microseg.stats.paired import ALPHA, BOOTSTRAP_RESAMPLES, PairedDifference
 from microseg.stats.power import MAX_SEEDS, POWER
 from microseg.stats.ranking import SCHEMES, ranks
 from microseg.stats.replicates import METRICS, Metric, build_scores, metric
@@ -65,7 +63,7 @@ def _level(level: float) -> str:
     return f"{100 * level:.4g}%"
 
 
-def _verdict(d: LossDifference, analysis: Analysis) -> str:
+def _verdict(d: PairedDifference, analysis: Analysis) -> str:
     """ "a is better than b by X (CI, adjusted p)", or "a vs b: not resolved ..." for one pair."""
     m = metric(d.metric)
     lo, hi = d.ci if m.higher_is_better else (-d.ci[1], -d.ci[0])  # of a's gain over b
@@ -241,9 +239,7 @@ def summary_table(analysis: Analysis) -> tuple[list[str], list[list]]:
     for rater in rater_names(records):
         row = [f"rater {rater}", "-", "-", "-"]
         for m in METRICS:
-            values = [p.get(f"{rater}_{m.key}", math.nan) for p in source.patients.values()]
-            valid = [v for v in values if not math.isnan(v)]
-            row += ["-", float(np.mean(valid)) if valid else math.nan, "-", "-", "-", "-", "-"]
+            row += ["-", source.patients.mean(f"{rater}_{m.key}"), "-", "-", "-", "-", "-"]
         rows.append(row)
     return header, rows
 
@@ -291,25 +287,17 @@ def epoch_table(csv_rows: list[list]) -> tuple[list[str], list[list]]:
     return header, table
 
 
-def patient_table(analysis: Analysis) -> tuple[list[str], list[list]]:
+def loss_patient_table(analysis: Analysis) -> tuple[list[str], list[list]]:
     """One row per patient: each loss's DSC and HD95, the mean over the replicate slots of the
     completed grid (missing scores at the worst value; with --missing drop, blank where dropped);
     mean, std and median rows."""
-    from microseg.metrics import summarize
-
-    header = ["case_id"] + [f"{loss} {m.title}" for loss in analysis.losses for m in METRICS]
-    means = {}
-    for m in METRICS:
-        grid = analysis.scores(m.key)
-        kept = grid.patient_means()
-        means[m.key] = {case: kept[:, p] for p, case in enumerate(grid.patients)}
-    blank = np.full(len(analysis.losses), math.nan)
-    rows: list[list] = [
-        [case] + [float(means[m.key].get(case, blank)[i]) for i in range(len(analysis.losses)) for m in METRICS]
-        for case in analysis.patients
-    ]
-    stats = [summarize([row[j] for row in rows]) for j in range(1, len(header))]
-    return header, rows + [[name] + [st[name] for st in stats] for name in SUMMARY_ROWS]
+    columns = []
+    for i, loss in enumerate(analysis.losses):
+        for m in METRICS:
+            grid = analysis.scores(m.key)
+            means = grid.patient_means()[i]
+            columns.append((f"{loss} {m.title}", {case: float(means[p]) for p, case in enumerate(grid.patients)}))
+    return patient_table(analysis.patients, columns)
 
 
 def ranking_table(analysis: Analysis) -> tuple[list[str], list[list]]:
@@ -441,11 +429,7 @@ def cells_table(experiments: Experiments) -> tuple[list[str], list[list]]:
     rows = []
     for c in experiments.cells:
         record = experiments.records.get(c.id)
-        patients = record.patients if record else {}
-        means = []
-        for key in ("dsc", "hd95_mm"):
-            values = [v for v in (p.get(key, math.nan) for p in patients.values()) if not math.isnan(v)]
-            means.append(float(np.mean(values)) if values else math.nan)
+        means = [record.patients.mean(key) if record else math.nan for key in ("dsc", "hd95_mm")]
         rows.append(
             [
                 c.id,
@@ -455,7 +439,7 @@ def cells_table(experiments: Experiments) -> tuple[list[str], list[list]]:
                 str(c.run),
                 experiments.state(c),
                 len(record.history) if record else 0,
-                len(patients),
+                len(record.patients) if record else 0,
                 *means,
             ]
         )
@@ -489,13 +473,12 @@ def _missing_note(analysis: Analysis) -> list[str]:
 
 
 def _compared(analysis: Analysis) -> list[str]:
+    """What was compared: each experiment's plan, then its replicates, data and rules."""
     experiments = analysis.experiments
-    first = experiments.records[experiments.evaluated[0].id]
-    ev = first.evaluation
-    lines: list[str] = ["## What was compared", ""]
+    plans = []
     for path, plan in zip(experiments.paths, experiments.plans, strict=True):
         options = ", ".join(f"{k} {v}" for k, v in plan.base.items())
-        lines.append(
+        plans.append(
             f"- {path}: losses {', '.join(plan.losses)}; seeds {', '.join(map(str, plan.seeds))}; "
             + ("no folds (the fixed train/test split)" if plan.folds == 0 else f"{plan.folds} folds")
             + (f"; base options: {options}" if options else "")
@@ -507,76 +490,27 @@ def _compared(analysis: Analysis) -> list[str]:
         if analysis.missing == "worst"
         else "Missing values are dropped (--missing drop): see the results."
     )
-    lines += [
-        "",
+    ev = experiments.records[experiments.evaluated[0].id].evaluation
+    facts = [
         f"Replicates of each loss: {'; '.join(analysis.replicates)}"
         + (f" ({folds}-fold cross-validation of the training patients; every fold's model is one run)" if folds else "")
         + ".",
-        f"Data: {ev.get('data', '?')}; split {ev.get('split', '?')}, protocol {ev.get('protocol', '?')}; "
-        f"{len(analysis.patients)} patients ({', '.join(analysis.patients)}); "
+        f"{data_fact(ev.get('data', '?'), ev, analysis.patients)}; "
         f"{len(experiments.evaluated)} of {len(experiments.cells)} cells evaluated "
         f"(every cell in [cells.csv](cells.csv)).",
         f"Primary metric: {metric(analysis.primary).title} (the plan's `primary`); the other is secondary. {rule}",
-        "",
     ]
-    return lines
-
-
-class _Writer:
-    """report.md's sections; each table also goes to `<out>/<stem>.csv`."""
-
-    def __init__(self, out: Path):
-        self.out = out
-        self.lines: list[str] = []
-
-    def add(self, *lines: str) -> None:
-        self.lines.extend(lines)
-
-    def table(
-        self,
-        stem: str,
-        title: str,
-        header: list[str],
-        rows: list[list],
-        notes: Sequence[str] = (),
-        shown: tuple[list[str], list[list]] | None = None,
-    ) -> None:
-        """`rows` into `<stem>.csv`; in report.md the title, the notes, then `shown` (default: the same table)."""
-        write_csv(self.out / f"{stem}.csv", header, rows)
-        md_header, md_rows = shown or (header, rows)
-        self.add(
-            f"## {title}",
-            "",
-            *notes,
-            *([""] if notes else []),
-            markdown_table(md_header, md_rows),
-            "",
-            f"([{stem}.csv]({stem}.csv))",
-            "",
-        )
-
-
-def require_report_target(out: Path) -> None:
-    """MicrosegError unless `out` is new, empty, or an earlier report (it holds report.md): the
-    report replaces the folder whole, so nothing else may be in it."""
-    if out.exists() and not out.is_dir():
-        raise MicrosegError(f"--out {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / "report.md").is_file():
-        raise MicrosegError(f"--out {out} holds files that are not a report (no report.md): choose a new folder")
+    return compared_section(plans, facts)
 
 
 def write_report(analysis: Analysis, out: Path) -> Path:
     """Write the experiment report of `analysis` into `out`, whole or not at all (it replaces an
-    earlier report there); returns the path of report.md."""
-    out = Path(out)
-    require_report_target(out)
-    with atomic_folder(out) as folder:
-        _write_report(analysis, folder)
-    return out / "report.md"
+    earlier report there; `microseg.reporting.writer`); returns the path of report.md."""
+    return write_report_folder(Path(out), lambda report: _write_report(analysis, report))
 
 
-def _write_report(analysis: Analysis, out: Path) -> None:
-    report = _Writer(out)
+def _write_report(analysis: Analysis, report: ReportWriter) -> None:
+    """Every table, figure and section of the experiment report."""
     report.add("# Experiment comparison", "", *_missing_note(analysis), *_compared(analysis))
     report.add("## Results", "", experiment_paragraph(analysis), "")
     report.table(
@@ -623,10 +557,9 @@ def _write_report(analysis: Analysis, out: Path) -> None:
         )
     _write_oof(analysis, report)
     report.table("cells", "Cells", *cells_table(analysis.experiments))
-    write_text(out / "report.md", "\n".join(report.lines))
 
 
-def _write_curves(analysis: Analysis, report: _Writer) -> None:
+def _write_curves(analysis: Analysis, report: ReportWriter) -> None:
     colours = run_colours(analysis.losses)
     bands, rows = curve_rows(analysis)
     plot_curve_bands(bands, report.out / "curves.png", BAND, colours)
@@ -651,12 +584,12 @@ def _write_curves(analysis: Analysis, report: _Writer) -> None:
     report.table(
         "per_patient",
         "Per-patient DSC and HD95 per loss (mean over its replicate slots)",
-        *patient_table(analysis),
+        *loss_patient_table(analysis),
         ["![dot-and-box plot](dot_box.png)", "", "Each point is a patient; a patient's points are joined."],
     )
 
 
-def _write_rankings(analysis: Analysis, report: _Writer) -> None:
+def _write_rankings(analysis: Analysis, report: ReportWriter) -> None:
     panels = {f"{r.metric.short}, {s}": r.rankings[s] for r in analysis.results.values() for s in SCHEMES}
     plot_rank_blobs(
         analysis.losses,
@@ -682,7 +615,7 @@ def _write_rankings(analysis: Analysis, report: _Writer) -> None:
     )
 
 
-def _write_significance(analysis: Analysis, report: _Writer) -> None:
+def _write_significance(analysis: Analysis, report: ReportWriter) -> None:
     plot_significance_map(
         analysis.losses,
         _significance_cells(analysis),
@@ -710,7 +643,7 @@ def _write_significance(analysis: Analysis, report: _Writer) -> None:
     )
 
 
-def _write_oof(analysis: Analysis, report: _Writer) -> None:
+def _write_oof(analysis: Analysis, report: ReportWriter) -> None:
     oof = oof_table(analysis.experiments)
     if oof:
         report.table(
@@ -728,5 +661,5 @@ def _write_oof(analysis: Analysis, report: _Writer) -> None:
 
 def compare_experiments(paths: Sequence[str | Path], out: str | Path, missing: str = "worst") -> Path:
     """`microseg compare EXP... --out DIR`: check, analyse and report experiment folders; report.md's path."""
-    require_report_target(Path(out))
+    require_report_folder(Path(out))  # before the analysis: a refused --out costs nothing
     return write_report(analyse([Path(p) for p in paths], missing), Path(out))

@@ -42,9 +42,10 @@ def paired_values(a: RunRecord, b: RunRecord, key: str) -> tuple[np.ndarray, np.
 
 
 def paired_difference(a: RunRecord, b: RunRecord, key: str) -> PairedDifference:
-    """Mean, median, bootstrap CI and Wilcoxon test of a - b on `key` (a family of one test)."""
+    """Mean, median, bootstrap CI and Wilcoxon test of a - b on `key`, the runs named by their folders
+    (a family of one test)."""
     x, y = paired_values(a, b, key)
-    return summarize_differences(x - y)
+    return summarize_differences(key, a.name, b.name, x - y)
 
 
 def family_differences(
@@ -58,7 +59,10 @@ def family_differences(
         for key in keys
     }
     adjusted = holm([d.p_value for d in diffs.values()])
-    return {k: dataclasses.replace(d, p_holm=float(p)) for (k, d), p in zip(diffs.items(), adjusted, strict=True)}
+    return {
+        k: dataclasses.replace(d, p_holm=float(p), wilcoxon_p_holm=float(p))
+        for (k, d), p in zip(diffs.items(), adjusted, strict=True)
+    }
 
 
 def wilcoxon_table(records: Sequence[RunRecord], metrics: Sequence[tuple[str, str]]) -> tuple[list[str], list[list]]:
@@ -67,19 +71,19 @@ def wilcoxon_table(records: Sequence[RunRecord], metrics: Sequence[tuple[str, st
     all the table's tests (`family_differences`), and the bootstrap 95% CI."""
     labels = dict(metrics)
     rows = []
-    for (i, j, key), diff in family_differences(records, list(labels)).items():
+    for diff in family_differences(records, list(labels)).values():
         rows.append(
             [
-                records[i].name,
-                records[j].name,
-                labels[key],
-                diff.n,
+                diff.a,
+                diff.b,
+                labels[diff.metric],
+                diff.patients,
                 diff.median,
-                diff.statistic,
+                diff.wilcoxon_statistic,
                 diff.p_value,
                 diff.p_holm,
                 diff.mean,
-                *diff.ci95,
+                *diff.ci,
             ]
         )
     return list(WILCOXON_HEADER), rows

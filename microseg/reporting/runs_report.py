@@ -1,6 +1,6 @@
 """Comparing runs: loss curves across epochs, the micro-US adaptive focal paper's Table 1 and Table 2 layouts, paired tests.
 
-`compare(runs, out)` reads each run folder (`microseg.runs.record.load_run`: `config.yaml`, `history.csv`,
+`compare_runs(runs, out)` reads each run folder (`microseg.runs.record.load_run`: `config.yaml`, `history.csv`,
 `metrics/`) and writes into `out/`:
 - `loss_curves.png`: each run's own loss, the common-ruler BCE and the validation DSC per epoch
   (raw values of different losses are not on one scale; the BCE of the main output is);
@@ -22,20 +22,20 @@ A run has one colour in every figure (`microseg.reporting.figures.run_colours`, 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
-from microseg.core.atomic import atomic_folder, require_writable, write_text
 from microseg.core.errors import MicrosegError, OptionError, warn
-from microseg.core.tables import SUMMARY_ROWS, markdown_table, write_csv
+from microseg.core.tables import markdown_table
 from microseg.metrics import summarize
 from microseg.reporting.figures import plot_loss_curves, plot_overlays, plot_stratified, run_colours
 from microseg.reporting.paired_runs import family_differences, wilcoxon_table
+from microseg.reporting.sections import compared_section, data_fact, patient_table
+from microseg.reporting.writer import ReportWriter, write_report_folder
 from microseg.runs.folder import RunFolder
-from microseg.runs.record import RunRecord, load_run
+from microseg.runs.record import RunMetrics, RunRecord, load_run
 from microseg.stats.paired import ALPHA, BOOTSTRAP_RESAMPLES, PairedDifference, min_wilcoxon_p
 
 METRICS = (("dsc", "DSC"), ("hd95_mm", "HD95 (mm)"))
@@ -62,17 +62,14 @@ def loss_table(records: list[RunRecord]) -> tuple[list[str], list[list]]:
 
 
 def metric_table(records: list[RunRecord], columns: list[tuple[str, RunRecord, str]]) -> tuple[list[str], list[list]]:
-    """One row per patient, one column per (label, run, per-patient key); mean, std, median rows."""
+    """One row per patient (any run's), one column per (label, run, per-patient key); mean, std, median rows."""
     cases = sorted(set().union(*(r.patients for r in records)))
-    header = ["case_id"] + [label for label, _, _ in columns]
-    rows: list[list] = [
-        [case] + [r.patients.get(case, {}).get(key, math.nan) for _, r, key in columns] for case in cases
-    ]
-    stats = [summarize([row[i] for row in rows]) for i in range(1, len(header))]
-    return header, rows + [[name] + [st[name] for st in stats] for name in SUMMARY_ROWS]
+    return patient_table(
+        cases, [(label, {case: r.patients.value(case, key) for case in cases}) for label, r, key in columns]
+    )
 
 
-def patient_table(records: list[RunRecord]) -> tuple[list[str], list[list]]:
+def runs_patient_table(records: list[RunRecord]) -> tuple[list[str], list[list]]:
     """The micro-US adaptive focal paper's Table 2: one row per patient, DSC and HD95 per run; mean, std and median rows."""
     return metric_table(records, [(f"{r.label} {label}", r, key) for r in records for key, label in METRICS])
 
@@ -94,9 +91,7 @@ def rater_table(records: list[RunRecord], raters: list[str]) -> tuple[list[str],
     for r in records:
         within = total = 0
         for case, values in r.patients.items():
-            lowest = min(
-                (rater_source.patients.get(case, {}).get(f"{n}_dsc", math.nan) for n in raters), default=math.nan
-            )
+            lowest = min((rater_source.patients.value(case, f"{n}_dsc") for n in raters), default=math.nan)
             if not (math.isnan(lowest) or math.isnan(values.get("dsc", math.nan))):
                 total += 1
                 within += values["dsc"] >= lowest
@@ -142,44 +137,36 @@ def require_same_evaluation(records: list[RunRecord]) -> None:
         )
 
 
-def compared_section(records: list[RunRecord]) -> list[str]:
+def runs_compared(records: list[RunRecord]) -> list[str]:
     """The report's opening: one row per run (loss, model, epochs, checkpoint, resize, patients), then the data."""
     header = ["run", "loss", "model", "epochs trained", "checkpoint", "resize", "patients"]
-    rows = []
-    for r in records:
-        ev = r.evaluation
-        checkpoint = (
-            f"{ev['checkpoint']} (epoch {ev.get('checkpoint_epoch', '?')})"
-            if "checkpoint" in ev
-            else "not recorded"
-            if r.patients
-            else "not evaluated"
-        )
-        rows.append(
-            [
-                r.name,
-                r.loss,
-                r.config.get("model", "?"),
-                f"{len(r.history)} of {r.config.get('epochs', '?')}",
-                checkpoint,
-                ev.get("resize", "-"),
-                len(r.patients),
-            ]
-        )
-    lines = ["## What was compared", "", markdown_table(header, rows), ""]
-    evaluated = [r for r in records if r.evaluation]
-    if evaluated:
-        ev = evaluated[0].evaluation
-        cases = sorted(set().union(*(r.patients for r in records)), key=lambda c: (len(c), c))
-        data = ", ".join(sorted({r.evaluation.get("data", "?") for r in evaluated}))
-        lines += [
-            f"Data: {data}; split {ev.get('split', '?')}, protocol {ev.get('protocol', '?')}; "
-            f"{len(cases)} patients ({', '.join(cases)}).",
-            "",
+    rows = [
+        [
+            r.name,
+            r.loss,
+            r.config.get("model", "?"),
+            f"{len(r.history)} of {r.config.get('epochs', '?')}",
+            _checkpoint(r),
+            r.evaluation.get("resize", "-"),
+            len(r.patients),
         ]
-    else:
-        lines += ["No run has been evaluated: only the training curves are compared.", ""]
-    return lines
+        for r in records
+    ]
+    evaluated = [r for r in records if r.evaluation]
+    if not evaluated:
+        return compared_section(
+            [markdown_table(header, rows)], ["No run has been evaluated: only the training curves are compared."]
+        )
+    cases = sorted(set().union(*(r.patients for r in records)), key=lambda c: (len(c), c))
+    data = ", ".join(sorted({r.evaluation.get("data", "?") for r in evaluated}))
+    return compared_section([markdown_table(header, rows)], [data_fact(data, evaluated[0].evaluation, cases) + "."])
+
+
+def _checkpoint(r: RunRecord) -> str:
+    """The checkpoint a run's metrics scored, "not recorded" (an earlier release's metrics), or "not evaluated"."""
+    if "checkpoint" in r.evaluation:
+        return f"{r.evaluation['checkpoint']} (epoch {r.evaluation.get('checkpoint_epoch', '?')})"
+    return "not recorded" if r.patients else "not evaluated"
 
 
 def tested_metrics(records: list[RunRecord]) -> list[tuple[str, str]]:
@@ -188,11 +175,8 @@ def tested_metrics(records: list[RunRecord]) -> list[tuple[str, str]]:
 
 
 def _oriented(family: dict[tuple[int, int, str], PairedDifference], i: int, j: int, key: str) -> PairedDifference:
-    """The family's difference of runs i - j on `key` (stored for i < j; the other way round negated)."""
-    if i < j:
-        return family[i, j, key]
-    d = family[j, i, key]
-    return dataclasses.replace(d, mean=-d.mean, median=-d.median, ci95=(-d.ci95[1], -d.ci95[0]))
+    """The family's difference of runs i - j on `key` (stored for i < j)."""
+    return family[i, j, key] if i < j else family[j, i, key].reversed()
 
 
 def _finding(
@@ -219,19 +203,19 @@ def _finding(
     parts = []
     for i, other in ((i, r) for i, r in enumerate(records) if i != best):
         d = _oriented(family, best, i, key)
-        if not d.n:
+        if not d.patients:
             parts.append(f"no patient in common with {other.label}")
             continue
-        lo, hi = d.ci95
-        verdict = "within noise" if d.within_noise else "outside noise"
+        lo, hi = d.ci
+        verdict = "outside noise" if d.significant else "within noise"
         p = "n/a (no difference)" if math.isnan(d.p_value) else f"{d.p_value:.3g}"
-        if math.isclose(d.p_value, min_wilcoxon_p(d.n), rel_tol=1e-9):
-            p += f", the smallest {d.n} patients allow"
+        if math.isclose(d.p_value, min_wilcoxon_p(d.patients), rel_tol=1e-9):
+            p += f", the smallest {d.patients} patients allow"
         if not math.isnan(d.p_holm):
             p += f", Holm-adjusted {d.p_holm:.3g}"
         parts.append(
             f"{d.mean:+.{digits}f}{unit} against {other.label} (95% CI {lo:+.{digits}f} to {hi:+.{digits}f}, "
-            f"Wilcoxon p = {p}, n = {d.n}): {verdict}"
+            f"Wilcoxon p = {p}, n = {d.patients}): {verdict}"
         )
     return f"{sentence}: " + "; ".join(parts) + "."
 
@@ -261,22 +245,25 @@ def results_paragraph(records: list[RunRecord]) -> str:
             f"A difference is within noise when its 95% CI (percentile bootstrap over patients, "
             f"{BOOTSTRAP_RESAMPLES:,} resamples) covers 0 or its adjusted p >= {ALPHA}."
         )
-        floor = min_wilcoxon_p(n)
-        limit = (
-            f"With {n} patients the exact two-sided Wilcoxon signed-rank test cannot give p below "
-            f"2 / 2^{n} = {floor:.3g}"
-        )
-        if floor >= ALPHA:
-            limit += ": no difference can reach p < 0.05, however large; read the CIs."
-        elif size * floor >= ALPHA:
-            limit += (
-                f", nor Holm over {size} tests an adjusted p below {size} x {floor:.3g} = {size * floor:.3g}: "
-                "no difference can reach an adjusted p < 0.05, however large; read the CIs."
-            )
-        else:
-            limit += "."
-        sentences.append(limit)
+        sentences.append(wilcoxon_floor(n, size))
     return " ".join(sentences)
+
+
+def wilcoxon_floor(n: int, tests: int) -> str:
+    """The smallest p the exact two-sided Wilcoxon signed-rank test reaches with n patients (2 / 2^n),
+    and after Holm over `tests` tests (tests x 2 / 2^n), said when it keeps every difference from p < 0.05."""
+    floor = min_wilcoxon_p(n)
+    limit = (
+        f"With {n} patients the exact two-sided Wilcoxon signed-rank test cannot give p below 2 / 2^{n} = {floor:.3g}"
+    )
+    if floor >= ALPHA:
+        return limit + ": no difference can reach p < 0.05, however large; read the CIs."
+    if tests * floor >= ALPHA:
+        return limit + (
+            f", nor Holm over {tests} tests an adjusted p below {tests} x {floor:.3g} = {tests * floor:.3g}: "
+            "no difference can reach an adjusted p < 0.05, however large; read the CIs."
+        )
+    return limit + "."
 
 
 def find_dataset_check(records: list[RunRecord]) -> tuple[Path, dict] | None:
@@ -381,28 +368,13 @@ def write_overlays(
     return written
 
 
-class _Report:
-    """report.md's sections as they are written; each table also goes to `<out>/<stem>.csv`."""
-
-    def __init__(self, out: Path):
-        self.out = out
-        self.sections: list[str] = []
-
-    def add(self, *lines: str) -> None:
-        self.sections.extend(lines)
-
-    def table(self, stem: str, title: str, header: list[str], rows: list[list], notes: Sequence[str] = ()) -> None:
-        write_csv(self.out / f"{stem}.csv", header, rows)
-        self.add(f"## {title}", "", markdown_table(header, rows), "", *notes, "", f"([{stem}.csv]({stem}.csv))", "")
-
-
-def _patient_sections(report: _Report, records: list[RunRecord]) -> None:
+def _patient_sections(report: ReportWriter, records: list[RunRecord]) -> None:
     """Per-patient tables, tests, the dataset check's baseline, raters and the hard region."""
     protocol = next(r.evaluation.get("protocol", "?") for r in records if r.patients)
     report.table(
         "per_patient",
         f"Per-patient DSC and HD95, protocol {protocol} (micro-US adaptive focal Table 2 layout)",
-        *patient_table(records),
+        *runs_patient_table(records),
     )
     if len(records) > 1:
         tested = tested_metrics(records)
@@ -435,7 +407,7 @@ def _patient_sections(report: _Report, records: list[RunRecord]) -> None:
         )
 
 
-def _stratified_sections(report: _Report, records: list[RunRecord], colours: dict[str, str]) -> None:
+def _stratified_sections(report: ReportWriter, records: list[RunRecord], colours: dict[str, str]) -> None:
     """A-FL Fig. 3 per slice (area, roughness) and per patient (volume, smoothness): tables and figures."""
     from microseg.evaluation.analysis import (
         PATIENT_FACTORS,
@@ -487,7 +459,7 @@ def _stratified_sections(report: _Report, records: list[RunRecord], colours: dic
         )
 
 
-def _rank_note(patients: dict[str, dict[str, dict]]) -> list[str]:
+def _rank_note(patients: Mapping[str, RunMetrics]) -> list[str]:
     """How alike volume and gamma_mSa rank the patients (Spearman's rho, scipy), when at least 3 have both."""
     from scipy.stats import spearmanr
 
@@ -507,8 +479,9 @@ def _rank_note(patients: dict[str, dict[str, dict]]) -> list[str]:
     ]
 
 
-def compare(runs: list[Path], out: Path, overlays: bool = False, cases: str | None = None) -> Path:
-    """Write the comparison of `runs` into `out`; returns the path of `report.md`."""
+def compare_runs(runs: list[Path], out: Path, overlays: bool = False, cases: str | None = None) -> Path:
+    """Write the comparison of the run folders `runs` into `out` (`microseg.reporting.writer`); returns
+    the path of `report.md`."""
     if not runs:
         raise MicrosegError("compare needs at least one run folder")
     seen: dict[Path, Path] = {}
@@ -522,29 +495,19 @@ def compare(runs: list[Path], out: Path, overlays: bool = False, cases: str | No
     records = [load_run(Path(r)) for r in runs]
     require_same_evaluation(records)
     chosen = parse_cases(cases)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise MicrosegError(f"cannot create folder {out}: {out} is a file, not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / "report.md").is_file():
-        raise MicrosegError(
-            f"--out {out} is a folder that holds no report.md; the report replaces its folder "
-            "whole, so give a new folder or an earlier report's"
-        )
-    require_writable(out / "report.md")  # names --out when its place cannot be written; creates nothing
-    with atomic_folder(out) as building:  # a rerun replaces the report whole; a killed one leaves the old
-        _write_report(records, building, overlays, chosen)
-    return out / "report.md"
+    return write_report_folder(out, lambda report: _write_report(records, report, overlays, chosen), notes_below=True)
 
 
-def _write_report(records: list[RunRecord], out: Path, overlays: bool, chosen: dict[str, list[int]] | None) -> None:
-    """Every table, figure and report.md of the comparison into `out`."""
+def _write_report(
+    records: list[RunRecord], report: ReportWriter, overlays: bool, chosen: dict[str, list[int]] | None
+) -> None:
+    """Every table, figure and section of the comparison into the report's folder."""
     colours = run_colours([r.label for r in records])
-    plot_loss_curves({r.label: r.history for r in records}, out / "loss_curves.png", colours)
-    report = _Report(out)
+    plot_loss_curves({r.label: r.history for r in records}, report.out / "loss_curves.png", colours)
     report.add(
         "# Run comparison",
         "",
-        *compared_section(records),
+        *runs_compared(records),
         "## Results",
         "",
         results_paragraph(records),
@@ -552,11 +515,14 @@ def _write_report(records: list[RunRecord], out: Path, overlays: bool, chosen: d
         "![loss curves](loss_curves.png)",
         "",
     )
-    report.table("loss_table", "Training loss per epoch (micro-US adaptive focal Table 1 layout)", *loss_table(records))
+    report.table(
+        "loss_table",
+        "Training loss per epoch (micro-US adaptive focal Table 1 layout)",
+        *loss_table(records),
+    )
     if any(r.patients for r in records):
         _patient_sections(report, records)
     _stratified_sections(report, records, colours)
     if overlays:
-        figures = write_overlays(records, out, chosen, colours)
+        figures = write_overlays(records, report.out, chosen, colours)
         report.add("## Overlays (expert in green)", "", *[f"![{p.stem}](overlays/{p.name})" for p in figures], "")
-    write_text(out / "report.md", "\n".join(report.sections))

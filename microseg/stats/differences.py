@@ -36,7 +36,8 @@ multiplier of that test (1 - alpha / m for the smallest p; 1 - alpha p_j when p_
 interval excludes 0 exactly when p_holm_j < alpha: the CIs and the adjusted tests never disagree
 (each is a per-test interval at its own adjusted level, not a simultaneous band). The paired
 Wilcoxon signed-rank test of the per-patient means (seeds averaged, their variation ignored),
-Holm-adjusted over the same family, stays as a secondary check.
+Holm-adjusted over the same family, stays as a secondary check. Each pair's result is a
+`microseg.stats.paired.PairedDifference`, the type of two runs' differences too.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from microseg.stats.paired import ALPHA, holm, wilcoxon_test
+from microseg.stats.paired import ALPHA, PairedDifference, holm, wilcoxon_test
 from microseg.stats.replicates import Scores, drop_incomplete
 
 
@@ -136,41 +137,6 @@ def holm_levels(p_values: Sequence[float], p_holm: Sequence[float] | np.ndarray,
         return np.where(adjusted > 0, 1 - alpha * p / adjusted, 1 - alpha / max(m, 1))
 
 
-@dataclass
-class LossDifference:
-    """Loss a - loss b on one metric: the crossed-effects fit of the paired differences, its
-    Holm-adjusted test and the CI at the matching level, and the Wilcoxon check."""
-
-    metric: str
-    family: str  # "primary" or "secondary"
-    a: str
-    b: str
-    replicates: int  # R of the pair's grid
-    patients: int  # P of the pair's grid
-    mean: float  # delta_hat = mean D = M_a - M_b
-    se: float
-    df: float
-    s2_pat: float
-    s2_rep: float
-    s2_res: float
-    p_value: float
-    wilcoxon_statistic: float
-    wilcoxon_p: float
-    p_holm: float = math.nan
-    ci_level: float = math.nan
-    ci: tuple[float, float] = (math.nan, math.nan)
-    wilcoxon_p_holm: float = math.nan
-
-    @property
-    def significant(self) -> bool:
-        """The Holm-adjusted p is below ALPHA (equivalently: the CI excludes 0)."""
-        return self.p_holm < ALPHA
-
-    @property
-    def t(self) -> float:
-        return self.mean / self.se if self.se > 0 else math.nan
-
-
 def pair_grid(scores: Scores, a: int, b: int, drop: bool) -> np.ndarray:
     """D[r, p] = x[a, r, p] - x[b, r, p]; with `drop` over the pair's own complete grid
     (`drop_incomplete` of the two losses: slots with no score for either, then patients with a NaN)."""
@@ -181,40 +147,40 @@ def pair_grid(scores: Scores, a: int, b: int, drop: bool) -> np.ndarray:
     return kept[0] - kept[1]
 
 
-def pair_difference(metric: str, family: str, scores: Scores, a: int, b: int, drop: bool) -> LossDifference:
-    """One pair's fit, unadjusted test and Wilcoxon check (NaN throughout for an empty grid)."""
+def pair_difference(metric: str, family: str, scores: Scores, a: int, b: int, drop: bool) -> PairedDifference:
+    """One pair's fit, unadjusted test and Wilcoxon check of the per-patient means (NaN throughout for
+    an empty grid)."""
     d = pair_grid(scores, a, b, drop)
     n_rep, n_pat = d.shape
+    names = (metric, scores.losses[a], scores.losses[b])
     if not d.size:
         nan = math.nan
-        return LossDifference(
-            metric, family, scores.losses[a], scores.losses[b], 0, 0, nan, nan, nan, nan, nan, nan, nan, nan, nan
-        )
+        return PairedDifference(*names, 0, 0, nan, nan, nan, nan, nan, family=family)
     fit = crossed_fit(d)
-    stat, wp = wilcoxon_test(d.mean(axis=0))
+    per_patient = d.mean(axis=0)
+    stat, wp = wilcoxon_test(per_patient)
     mean, se, df, s2_pat, s2_rep, s2_res = (
         float(v) for v in (fit.delta, np.sqrt(fit.var), fit.df, fit.s2_pat, fit.s2_rep, fit.s2_res)
     )
-    return LossDifference(
-        metric,
-        family,
-        scores.losses[a],
-        scores.losses[b],
-        n_rep,
-        n_pat,
-        mean,
-        se,
-        df,
-        s2_pat,
-        s2_rep,
-        s2_res,
-        float(fit.p_value()),
-        stat,
-        wp,
+    return PairedDifference(
+        *names,
+        patients=n_pat,
+        replicates=n_rep,
+        mean=mean,
+        median=float(np.median(per_patient)),
+        p_value=float(fit.p_value()),
+        wilcoxon_statistic=stat,
+        wilcoxon_p=wp,
+        family=family,
+        se=se,
+        df=df,
+        s2_pat=s2_pat,
+        s2_rep=s2_rep,
+        s2_res=s2_res,
     )
 
 
-def loss_differences(all_scores: Mapping[str, Scores], primary: str, drop: bool = False) -> list[LossDifference]:
+def loss_differences(all_scores: Mapping[str, Scores], primary: str, drop: bool = False) -> list[PairedDifference]:
     """Every pair of losses (a before b) x every metric of `all_scores` ({metric key: Scores}, complete
     grids unless `drop`), the primary metric's family first; Holm within each family, CIs at the
     matching levels."""
@@ -227,7 +193,8 @@ def loss_differences(all_scores: Mapping[str, Scores], primary: str, drop: bool 
         ]
         adjusted = holm([d.p_value for d in pairs])
         levels = holm_levels([d.p_value for d in pairs], adjusted)
-        for d, p_holm, level, w_holm in zip(pairs, adjusted, levels, holm([d.wilcoxon_p for d in pairs]), strict=True):
+        w_adjusted = holm([d.wilcoxon_p for d in pairs])
+        for d, p_holm, level, w_holm in zip(pairs, adjusted, levels, w_adjusted, strict=True):
             d.p_holm, d.ci_level, d.wilcoxon_p_holm = float(p_holm), float(level), float(w_holm)
             if not math.isnan(level):
                 d.ci = t_interval(d.mean, d.se, d.df, float(level))

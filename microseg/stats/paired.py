@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -87,25 +87,59 @@ def min_wilcoxon_p(n: int) -> float:
 
 @dataclass
 class PairedDifference:
-    """The paired per-patient differences a - b of one metric and their summaries."""
+    """a - b on one per-patient metric, paired by patient (and by replicate slot: the same seed, and
+    fold, for a and b): the mean difference, an interval of it, the pair's test, and the Wilcoxon
+    signed-rank test of the per-patient differences. One type for both comparisons, each field
+    meaning the same in both; what an analysis does not estimate is NaN:
+    - two runs (`microseg.reporting.paired_runs`): one slot (R = 1); the pair's test is the Wilcoxon
+      test (p_value = wilcoxon_p), the interval the percentile bootstrap 95% CI; no se, df or
+      variance components;
+    - two losses over replicate slots (`microseg.stats.differences`): the crossed-effects t test,
+      its t interval at the Holm-matched level and the fitted variance components.
+    """
 
-    n: int
-    mean: float
-    median: float
-    ci95: tuple[float, float]
-    statistic: float
-    p_value: float
-    p_holm: float  # adjusted over the family the difference was tested in (alone: p_value)
+    metric: str  # the per-patient key: "dsc", "hd95_mm", "hard_dsc"
+    a: str
+    b: str
+    patients: int  # P: the patients paired
+    replicates: int  # R: the replicate slots paired on each patient (two runs: 1)
+    mean: float  # mean of the differences D[r, p]
+    median: float  # median over the patients of their difference (mean over the slots)
+    p_value: float  # two-sided p of the pair's test of mean = 0
+    wilcoxon_statistic: float  # of the per-patient differences (means over the slots)
+    wilcoxon_p: float
+    ci: tuple[float, float] = (math.nan, math.nan)  # an interval of `mean` at `ci_level`
+    ci_level: float = math.nan
+    p_holm: float = math.nan  # p_value Holm-adjusted over the family the pair was tested in
+    wilcoxon_p_holm: float = math.nan  # wilcoxon_p Holm-adjusted over the same family
+    family: str = ""  # the family's name where a report has several (an experiment's primary, secondary)
+    se: float = math.nan  # standard error of `mean` (the crossed-effects fit's)
+    df: float = math.nan  # its degrees of freedom (Satterthwaite's)
+    s2_pat: float = math.nan  # the fit's variance components: patient, replicate, residual
+    s2_rep: float = math.nan
+    s2_res: float = math.nan
 
     @property
-    def within_noise(self) -> bool:
-        """True when the interval covers 0, or the adjusted p >= ALPHA, or p is undefined."""
-        lo, hi = self.ci95
-        return not (self.p_holm < ALPHA) or math.isnan(lo) or lo <= 0 <= hi
+    def significant(self) -> bool:
+        """The adjusted p is below ALPHA and the interval excludes 0 (for the crossed-effects test each
+        implies the other); otherwise the difference is within noise (an undefined p or interval too)."""
+        lo, hi = self.ci
+        return self.p_holm < ALPHA and not (math.isnan(lo) or lo <= 0 <= hi)
+
+    @property
+    def t(self) -> float:
+        """mean / se (NaN without a positive se)."""
+        return self.mean / self.se if self.se > 0 else math.nan
+
+    def reversed(self) -> PairedDifference:
+        """b - a: the same pair, its differences negated (the tests' p unchanged)."""
+        lo, hi = self.ci
+        return replace(self, a=self.b, b=self.a, mean=-self.mean, median=-self.median, ci=(-hi, -lo))
 
 
-def summarize_differences(d: np.ndarray) -> PairedDifference:
-    """Mean, median, bootstrap CI and Wilcoxon test of the paired differences `d` (a family of one test)."""
+def summarize_differences(metric: str, a: str, b: str, d: np.ndarray) -> PairedDifference:
+    """Mean, median, bootstrap CI and Wilcoxon test of the paired differences `d` = a - b over patients
+    (one slot each; a family of one test, so p_holm = p_value)."""
     stat, p = wilcoxon_test(d)
     mean, median = (float(f(d)) if d.size else math.nan for f in (np.mean, np.median))
-    return PairedDifference(int(d.size), mean, median, bootstrap_ci(d), stat, p, p)
+    return PairedDifference(metric, a, b, int(d.size), 1, mean, median, p, stat, p, bootstrap_ci(d), CI_LEVEL, p, p)

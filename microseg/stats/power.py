@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from microseg.stats.differences import LossDifference, reml_fit
+from microseg.stats.differences import reml_fit
+from microseg.stats.paired import PairedDifference
 
 POWER = 0.8
 SIMULATIONS = 4000
@@ -48,7 +49,7 @@ class Components:
         return math.sqrt(self.s2_pat), math.sqrt(self.s2_rep), math.sqrt(self.s2_res)
 
 
-def pooled_components(differences: Sequence[LossDifference]) -> Components | None:
+def pooled_components(differences: Sequence[PairedDifference]) -> Components | None:
     """The mean of the pairs' fitted components (None without a pair whose components are known, or
     when they are all 0: differences without variance, nothing to simulate)."""
     known = [d for d in differences if not any(math.isnan(v) for v in (d.s2_pat, d.s2_rep, d.s2_res))]

@@ -56,9 +56,10 @@ def test_paired_difference_leaves_out_nan_pairs():
     b = record("b", {"dsc": [0.85, 0.81, 0.6, math.nan, 0.90]})
     d = paired_difference(a, b, "dsc")
     diffs = [0.9 - 0.85, 0.8 - 0.81, 0.95 - 0.90]
-    assert d.n == 3 and d.mean == pytest.approx(np.mean(diffs)) and d.median == pytest.approx(np.median(diffs))
-    assert d.p_value == pytest.approx(wilcoxon(diffs).pvalue)
-    assert d.within_noise  # 3 patients: p >= 2 / 8
+    assert (d.metric, d.a, d.b, d.patients, d.replicates) == ("dsc", "a", "b", 3, 1)
+    assert d.mean == pytest.approx(np.mean(diffs)) and d.median == pytest.approx(np.median(diffs))
+    assert d.p_value == d.wilcoxon_p == pytest.approx(wilcoxon(diffs).pvalue)  # the pair's test is the Wilcoxon
+    assert not d.significant  # 3 patients: p >= 2 / 8
 
 
 def test_wilcoxon_table_holds_the_mean_difference_and_its_ci():

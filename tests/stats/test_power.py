@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from statsmodels.stats.power import TTestPower
 
-from microseg.stats.differences import LossDifference, crossed_fit
+from microseg.stats.differences import crossed_fit
+from microseg.stats.paired import PairedDifference
 from microseg.stats.power import (
     Components,
     family_alpha,
@@ -71,10 +72,33 @@ def test_seeds_needed_is_the_fewest_that_reach_80_percent():
     assert seeds_needed(Components(1e-3, 0.0, 1e-4), 0.001, folds=0, n_pat=10, alpha=0.05) is None
 
 
+def pair(b: str, mean: float, p: float, components: tuple[float, float, float]) -> PairedDifference:
+    """A primary pair a - b of 8 patients x 2 seeds with the given fitted variance components."""
+    s2_pat, s2_rep, s2_res = components
+    return PairedDifference(
+        "dsc",
+        "a",
+        b,
+        8,
+        2,
+        mean,
+        mean,
+        p,
+        0.0,
+        p,
+        family="primary",
+        se=0.005,
+        df=7.0,
+        s2_pat=s2_pat,
+        s2_rep=s2_rep,
+        s2_res=s2_res,
+    )
+
+
 def test_components_are_the_mean_over_the_pairs_and_alpha_is_holms_first_step():
     pairs = [
-        LossDifference("dsc", "primary", "a", "b", 2, 8, 0.01, 0.005, 7.0, 1e-4, 2e-5, 3e-5, 0.1, 3.0, 0.2),
-        LossDifference("dsc", "primary", "a", "c", 2, 8, 0.02, 0.005, 7.0, 3e-4, 0.0, 5e-5, 0.01, 0.0, 0.01),
+        pair("b", 0.01, 0.1, components=(1e-4, 2e-5, 3e-5)),
+        pair("c", 0.02, 0.01, components=(3e-4, 0.0, 5e-5)),
     ]
     pooled = pooled_components(pairs)
     assert (pooled.s2_pat, pooled.s2_rep, pooled.s2_res, pooled.pairs) == pytest.approx((2e-4, 1e-5, 4e-5, 2))
