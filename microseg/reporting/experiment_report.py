@@ -18,8 +18,8 @@ experiments; this module states the results. `DIR/` receives:
 - `oof.csv` (with folds): per loss the mean, seed sd and rank of the out-of-fold scores of the
   training patients (`EXP/oof/per_patient.csv`; NaN scores left out);
 - `cells.csv`: every cell and its state.
-The folder is written whole or not at all (a temporary folder renamed into place); it replaces an
-earlier report there, and an --out holding anything else is refused.
+The folder is written by `microseg.reporting.writer` (whole or not at all, the --out guard), as the
+runs report's.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@
 - `report.md`: what was compared (runs, model, epochs, checkpoint, data, split, protocol,
   patients), a results paragraph (`results_paragraph`), the dataset check's inter-rater baseline
   when its JSON is found, then all of the above as markdown, figures linked.
-Runs evaluated on different splits or protocols are refused (their patients do not pair).
+Runs evaluated on different splits or protocols are refused (their patients do not pair). The
+folder is written by `microseg.reporting.writer` (whole or not at all, the --out guard).
 A run has one colour in every figure (`microseg.reporting.figures.run_colours`, in the order given).
 """
 
