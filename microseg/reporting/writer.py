@@ -56,7 +56,10 @@ def require_report_folder(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise MicrosegError(f"cannot create folder {out}: --out {out} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / REPORT).is_file():
-        raise MicrosegError(f"--out {out} holds files that are not a report (no {REPORT}): choose a new folder")
+        raise MicrosegError(
+            f"--out {out} holds files that are not a report (it is a folder that holds no {REPORT}): "
+            "choose a new folder, or an earlier report's"
+        )
     require_writable(out / REPORT)  # names --out when its place cannot be written
 
 

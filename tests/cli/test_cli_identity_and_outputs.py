@@ -79,7 +79,7 @@ def test_compare_refuses_a_folder_that_is_not_a_report(trained_run, tmp_path, ca
     notes.mkdir()
     (notes / "keep.txt").write_text("keep")
     code, _, err = run_cli(["compare", trained_run, "--out", notes], capsys)
-    one_error(code, err, f"--out {notes} holds files that are not a report (no report.md)")
+    one_error(code, err, f"--out {notes} holds files that are not a report (it is a folder that holds no report.md)")
     assert sorted(p.name for p in notes.iterdir()) == ["keep.txt"]
 
 

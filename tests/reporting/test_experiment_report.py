@@ -628,7 +628,7 @@ def test_the_report_folder_is_replaced_whole_and_never_one_holding_other_files(e
     (other / "notes.txt").write_text("keep me\n")
     code, _, err = run_cli(["compare", experiment, "--out", other], capsys)
     assert code == 2 and err == [
-        f"microseg: error: --out {other} holds files that are not a report (no report.md): choose a new folder"
+        f"microseg: error: --out {other} holds files that are not a report (it is a folder that holds no report.md): choose a new folder, or an earlier report's"
     ]
     assert [p.name for p in other.iterdir()] == ["notes.txt"]
     code, _, err = run_cli(["compare", experiment, "--out", experiment], capsys)

@@ -69,7 +69,7 @@ def test_runs_and_experiments_meet_one_out_guard(experiment, tmp_path, capsys, t
     else:
         out.mkdir()
         (out / "notes.txt").write_text("mine\n")
-        expected = f"microseg: error: --out {out} holds files that are not a report (no report.md): choose a new folder"
+        expected = f"microseg: error: --out {out} holds files that are not a report (it is a folder that holds no report.md): choose a new folder, or an earlier report's"
     runs = [experiment / "runs" / "good__s1", experiment / "runs" / "low__s1"]
     for paths in ([experiment], runs):
         code, _, err = run_cli(["compare", *paths, "--out", out], capsys)
