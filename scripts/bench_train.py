@@ -61,9 +61,10 @@ from microseg.data.prepare import prepare_cache  # noqa: E402
 from microseg.losses import DeepSupervision  # noqa: E402
 from microseg.models import build_model  # noqa: E402
 from microseg.runs.config import TrainConfig  # noqa: E402
+from microseg.training.loaders import build_loader  # noqa: E402
 from microseg.training.monitor import LossMonitor  # noqa: E402
 from microseg.training.step import ModelWithLoss, compile_step, train_step  # noqa: E402
-from microseg.training.trainer import build_loader, build_optimizer  # noqa: E402
+from microseg.training.trainer import build_optimizer  # noqa: E402
 
 SIZES = {"small": 128, "tiny": 128}  # input size per config; the others at the paper's 224
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity, FP32 accumulate) from the vendors' data sheets,

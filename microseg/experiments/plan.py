@@ -250,15 +250,13 @@ def _absolute(plan: Plan) -> Plan:
 def check_plan_inputs(plan: Plan) -> None:
     """The files a plan names: the cache (and weights) a cell trains from, the data's test split, and
     folds <= the cache's training patients."""
-    from microseg.data.cache import read_cache_info
     from microseg.data.layout import find_cases
-    from microseg.runs.config import check_train_inputs
+    from microseg.runs.inputs import train_inputs
 
     config = resolve_train_config(
         None, {**plan.base, "cache": plan.cache, "run": "cell", "loss": plan.losses[0], "seed": plan.seeds[0]}
     )
-    check_train_inputs(config, resume=False)
-    patients = read_cache_info(plan.cache).case_ids
+    patients = train_inputs(config, resume=False).cache.case_ids
     if plan.folds > len(patients):
         raise MicrosegError(
             f"folds {plan.folds} is more than the {len(patients)} training patients of "

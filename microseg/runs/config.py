@@ -12,9 +12,9 @@ config, with its recipe's name, is saved as `config.yaml` in every run.
 Validation, all before a run folder is created: every value has its field's type (a YAML
 `lr: 1e-3`, which YAML reads as a string, is read as the number it spells) and its range
 (`RULES`, in the rule system of `microseg.core.rules`); names (optimizer, amp, device, model, loss spec) are checked against what exists;
-then `check_train_inputs` reads the files the config names (the cache, and the weights) and
-checks that the model can take the cache's slice size. Each refusal is one MicrosegError line
-naming the option.
+then `microseg.runs.inputs.train_inputs` reads the files the config names (the cache, and the
+weights) and checks that the model can take the cache's slice size. Each refusal is one
+MicrosegError line naming the option.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from microseg.core.errors import MicrosegError, OptionError
-from microseg.core.preprocess import PREDICTION_RESIZES, REFERENCE_KERNEL_SIZES, SIZE_MULTIPLE, Preprocess
+from microseg.core.preprocess import PREDICTION_RESIZES, REFERENCE_KERNEL_SIZES, Preprocess
 from microseg.core.rules import KERNEL, NON_NEGATIVE, POSITIVE, Number, Rule, check_value
 from microseg.core.yaml_mapping import read_yaml_mapping
 from microseg.runs.recipes import DEFAULT_RECIPE, RECIPES, recipe_settings
@@ -290,39 +290,6 @@ def _validate_deep_supervision(c: TrainConfig) -> None:
         check_value("ds_weights", w, NON_NEGATIVE)
     if not sum(c.ds_weights) > 0:
         raise OptionError("`ds_weights` are all 0: at least one output must have a weight > 0")
-
-
-def check_train_inputs(c: TrainConfig, resume: bool) -> list[str]:
-    """Refuse, before a run folder is created, a cache or weights file the run could not use; returns warnings.
-
-    The cache must be readable, its sources unchanged since `prepare` (unless --no-source-check)
-    and its slice size one the model takes (a multiple of the encoder stride); the weights (a fresh run's) must resolve to a readable weights file. A batch larger
-    than the training split is legitimate but suspicious: one warning.
-    """
-    from microseg.data.cache import check_sources, read_cache_info
-    from microseg.data.dataset import split_by_patient
-    from microseg.models.pretrained import resolve_weights
-    from microseg.models.weights import check_weights_file
-
-    info = read_cache_info(Path(c.cache))
-    if info.size % SIZE_MULTIPLE:
-        lower = max(SIZE_MULTIPLE, info.size // SIZE_MULTIPLE * SIZE_MULTIPLE)
-        raise OptionError(
-            f"cache {c.cache} holds {info.size} px slices, which no model takes (a multiple of "
-            f"{SIZE_MULTIPLE} is needed): prepare it again with `size` {lower} or "
-            f"{lower + SIZE_MULTIPLE}"
-        )
-    if c.source_check:
-        check_sources(c.cache)
-    if c.weights and not resume:
-        check_weights_file(resolve_weights(c.weights))
-    train_idx, _ = split_by_patient(Path(c.cache), c.val_fraction, c.seed, c.patients, c.val_patients)
-    if c.batch_size > len(train_idx):
-        return [
-            f"--batch-size {c.batch_size} is larger than the {len(train_idx)} training slices of {c.cache}: "
-            f"every step sees the whole training split"
-        ]
-    return []
 
 
 CONFIG_HEADER = "# microseg train config; batch_size is the global batch (torchrun's processes split it)\n"

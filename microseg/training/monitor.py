@@ -9,7 +9,9 @@ trainer with the step where it appeared).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,6 +21,21 @@ from microseg.core.errors import MicrosegError
 
 class NonFiniteLoss(MicrosegError):
     """The loss became NaN or Inf; training stops and keeps the last good checkpoint."""
+
+    @classmethod
+    def found(cls, check: LossCheck, epoch: int, window: range, sync_every: int, last: Path) -> NonFiniteLoss:
+        """The refusal of a check of the steps `window` of (0-based) `epoch` that found a non-finite loss
+        (`check`'s, or another process's); `last` keeps the epochs before it."""
+        where = (
+            f"became {check.bad_value} at epoch {epoch + 1}, step {check.first_bad_step}"
+            if check.first_bad_step is not None
+            else f"became non-finite on another rank in epoch {epoch + 1}"
+        )
+        kept = f"{last} keeps epoch {epoch}" if epoch else "no epoch had finished"
+        return cls(
+            f"loss {where} (found at the check of steps {window[0]}-{window[-1]}, every "
+            f"--sync-every {sync_every}); stopped ({kept})"
+        )
 
 
 @dataclass(frozen=True)
@@ -40,7 +57,7 @@ class LossMonitor:
     end. Each step's values are weighted by this process's share of the batch (1 but in a last,
     smaller batch); `counted` sums the weights, so sums / counted summed over processes is the
     epoch's mean. `offset` / `counted_offset` are what the other processes had added by the last
-    check (set by the trainer's check), so a position saved without a collective still holds them.
+    check (set by `read_shared`), so a position saved without a collective still holds them.
     """
 
     def __init__(self, n_values: int, window: int, device: torch.device):
@@ -81,6 +98,23 @@ class LossMonitor:
         )
         self.start, self.count = steps, 0
         return check
+
+    def read_shared(self, total: Callable[[torch.Tensor], torch.Tensor]) -> tuple[LossCheck, bool]:
+        """`read`, then the processes' sums shared by `total` (a sum over processes): sets `offset` and
+        `counted_offset`; True when a process (this one or another) found a non-finite loss."""
+        found = self.read()
+        flag = float(found.first_bad_step is not None)
+        shared = total(torch.cat([torch.tensor([flag, self.counted], dtype=torch.float64), found.sums]))
+        self.offset = shared[2:] - found.sums
+        self.counted_offset = float(shared[1]) - self.counted
+        return found, bool(shared[0] > 0)
+
+    def epoch_means(self, total: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The epoch's mean losses [per scale..., total, bce] over its steps and processes (`total`: a sum
+        over processes)."""
+        counted = torch.tensor([self.counted], dtype=torch.float64)
+        shared = total(torch.cat([self.sums.cpu(), counted]))
+        return shared[:-1] / shared[-1]
 
     def position_sums(self) -> tuple[torch.Tensor, float]:
         """(sums, counted) for a checkpoint: this process's, plus the others' up to the last check."""

@@ -1,5 +1,6 @@
 """One optimisation step: the network and its deep-supervised loss as one module (what DDP wraps and
-`--compile` compiles), the step itself, and the losses it returns, kept on the device."""
+`--compile` compiles), the step itself, the losses it returns, kept on the device, and the seed of
+its dropout stream."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from microseg.core.runtime import autocast_context
+from microseg.core.runtime import Distributed, autocast_context
 from microseg.runs.config import TrainConfig
 
 
@@ -65,6 +67,19 @@ StepFunction = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 """A training step's forward: (image, expert, non_expert, sample_stats) -> (total, per_scale, bce)."""
 
 
+def step_function(model: nn.Module, criterion: nn.Module, env: Distributed, config: TrainConfig) -> StepFunction:
+    """The model and its loss as the processes' step: BatchNorm synchronised with `--sync-bn` (in place:
+    the same module and parameters) and DistributedDataParallel over several processes, compiled with
+    `--compile`."""
+    if env.world > 1 and config.sync_bn:
+        nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    step: nn.Module = ModelWithLoss(model, criterion)
+    if env.world > 1:
+        ids = [env.device.index] if env.device.type == "cuda" else None
+        step = nn.parallel.DistributedDataParallel(step, device_ids=ids)
+    return compile_step(step) if config.compile else step
+
+
 def compile_step(step: nn.Module) -> StepFunction:
     """torch.compile of the model and its loss together, the batch dimension dynamic, so that an
     epoch's smaller last batch runs the same graph (torch specialises sizes 0 and 1: a last batch
@@ -111,3 +126,13 @@ def train_step(
     scaler.step(optimizer)
     scaler.update()
     return StepLosses(per_scale.detach().float(), total.detach().float(), bce, lr)
+
+
+def seed_step(seed: int, rank: int, epoch: int, step: int, device: torch.device) -> None:
+    """Dropout's random stream for process `rank` at (epoch, step), seeded by (seed, rank, epoch, step):
+    each process draws its own masks, and a resumed run the same masks as an uninterrupted one,
+    with no generator state to save (CPU and this process's GPU)."""
+    state = int(np.random.SeedSequence([seed, rank, epoch, step]).generate_state(1)[0])
+    torch.random.default_generator.manual_seed(state)
+    if device.type == "cuda":
+        torch.cuda.manual_seed(state)

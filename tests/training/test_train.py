@@ -80,6 +80,55 @@ def test_yaml_config_with_command_line_overrides(tmp_path):
         resolve_train_config(str(yaml_file), {})
 
 
+def test_the_trainer_trains_from_the_inputs_resolved_once(cache, tmp_path, monkeypatch):
+    """train() splits the patients and resolves the weights once, before anything is created; the
+    Trainer's hooks get that split and the model those weights (no second split or resolution)."""
+    import h5py
+
+    import microseg.data.dataset
+    import microseg.models.pretrained
+    from microseg.models import build_model
+    from microseg.training.trainer import Trainer
+
+    calls = {"split": 0, "resolve": 0}
+
+    def counted(name, real):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(
+        microseg.data.dataset, "split_by_patient", counted("split", microseg.data.dataset.split_by_patient)
+    )
+    monkeypatch.setattr(
+        microseg.models.pretrained, "resolve_weights", counted("resolve", microseg.models.pretrained.resolve_weights)
+    )
+    start = build_model("tiny", img_size=32).state_dict()
+    start = {k: v + 0.5 if v.is_floating_point() else v for k, v in start.items()}  # not the seeded init
+    torch.save(start, tmp_path / "start.pt")
+    seen = {}
+
+    class Recording(Trainer):
+        def build_loaders(self, train_idx, val_idx):
+            seen["split"] = (train_idx, val_idx)
+            super().build_loaders(train_idx, val_idx)
+
+        def build_model(self, fresh):
+            model = super().build_model(fresh)
+            seen["model"] = {k: v.clone() for k, v in model.state_dict().items()}
+            return model
+
+    options = dict(epochs=1, val_patients=["03"], val_fraction=0.0, weights=str(tmp_path / "start.pt"))
+    train_tiny(cache, tmp_path / "run", trainer=Recording, **options)
+    assert calls == {"split": 1, "resolve": 1}
+    with h5py.File(cache, "r") as f:
+        ids = [i.decode() for i in f["case_id"][()]]
+    assert seen["split"] == ([i for i, p in enumerate(ids) if p != "03"], [i for i, p in enumerate(ids) if p == "03"])
+    assert all(torch.equal(seen["model"][k], start[k]) for k in start)
+
+
 def test_poly_schedule_matches_reference_formula(trained_run, cache):
     from torch.optim.lr_scheduler import PolynomialLR
 
