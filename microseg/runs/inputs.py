@@ -3,7 +3,8 @@
 `train_inputs` opens the slice cache (its slice size must be one the model takes, a multiple of
 the encoder stride; its sources unchanged since `prepare`, unless --no-source-check), splits its
 patients into training and validation slices (`microseg.data.dataset.split_by_patient`) and
-resolves a fresh run's `--weights` to a readable weights file. The result, a `TrainInputs`, is
+resolves a fresh run's `--weights` to a readable weights file; its loss spec is parsed once (a
+`microseg.losses.LossSpec`: the loss and its training-set statistics are built from it). The result, a `TrainInputs`, is
 what `train` checks and what the Trainer trains from: nothing of it is read or decided again.
 Each refusal is one MicrosegError line naming the option; a batch larger than the training split
 is legitimate but suspicious: one warning.
@@ -21,13 +22,15 @@ from microseg.runs.config import TrainConfig
 
 if TYPE_CHECKING:
     from microseg.data.cache import CacheInfo
+    from microseg.losses import LossSpec
 
 
 @dataclass(frozen=True)
 class TrainInputs:
     """What a run trains from: its config, whether it continues its `last.pt`, the cache's
     description, the slice indices of its training and validation patients, the weights file a
-    fresh run starts from (None: none given, or resumed), and the warnings to show."""
+    fresh run starts from (None: none given, or resumed), its parsed loss spec, and the warnings
+    to show."""
 
     config: TrainConfig
     resume: bool
@@ -35,6 +38,7 @@ class TrainInputs:
     train_idx: list[int]
     val_idx: list[int]
     weights: Path | None
+    loss: LossSpec
     warnings: tuple[str, ...] = ()
 
 
@@ -42,6 +46,7 @@ def train_inputs(c: TrainConfig, resume: bool) -> TrainInputs:
     """The inputs `c` names, each checked (the cache, its split, a fresh run's weights); see the module."""
     from microseg.data.cache import check_sources, read_cache_info
     from microseg.data.dataset import split_by_patient
+    from microseg.losses import LossSpec
     from microseg.models.pretrained import resolve_weights
     from microseg.models.weights import check_weights_file
 
@@ -63,4 +68,4 @@ def train_inputs(c: TrainConfig, resume: bool) -> TrainInputs:
             f"--batch-size {c.batch_size} is larger than the {len(train_idx)} training slices of {c.cache}: "
             f"every step sees the whole training split",
         )
-    return TrainInputs(c, resume, info, train_idx, val_idx, weights, warnings)
+    return TrainInputs(c, resume, info, train_idx, val_idx, weights, LossSpec.parse(c.loss), warnings)

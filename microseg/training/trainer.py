@@ -245,10 +245,9 @@ class Trainer:
     def build_loss(self, train_idx: list[int]) -> DeepSupervision:
         """Hook: the deep-supervised loss, given the training-set statistics it declares (saved with the run)."""
         from microseg.data.cache import foreground_areas
-        from microseg.losses import DeepSupervision, LossSpec, dataset_statistics
+        from microseg.losses import DeepSupervision, dataset_statistics
 
-        config, pre = self.config, self.preprocess
-        spec = LossSpec.parse(config.loss)  # once: the statistics and every scale's loss take the parsed spec
+        config, pre, spec = self.config, self.preprocess, self.inputs.loss  # the spec `train_inputs` parsed
         self.loss_stats = dataset_statistics(spec, lambda: foreground_areas(config.cache)[np.asarray(train_idx)])
         if self.loss_stats is not None and self.env.main:
             print(self.loss_stats.summary())

@@ -37,6 +37,12 @@ def test_the_inputs_hold_the_cache_the_split_and_the_weights_file(cache, tmp_pat
     assert inputs.val_idx == [i for i, p in enumerate(ids) if p == "03"]
     assert inputs.weights == weights and inputs.warnings == () and inputs.resume is False
     assert inputs.config.val_patients == ["03"]
+    spelled = train_inputs(config(cache, tmp_path, loss=" 0.5*dice + ag_bce:w=2"), False).loss
+    assert spelled.text == " 0.5*dice + ag_bce:w=2" and str(spelled) == "0.5*dice+ag_bce:hard_weight=2"
+    assert [(t.weight, t.name, t.options) for t in spelled.terms] == [
+        (0.5, "dice", {}),
+        (1.0, "ag_bce", {"hard_weight": 2.0}),
+    ]
     only = train_inputs(config(cache, tmp_path, patients=["02"], val_fraction=0.0), False)
     assert (only.train_idx, only.val_idx, only.weights) == ([i for i, p in enumerate(ids) if p == "02"], [], None)
 

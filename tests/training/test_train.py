@@ -81,16 +81,18 @@ def test_yaml_config_with_command_line_overrides(tmp_path):
 
 
 def test_the_trainer_trains_from_the_inputs_resolved_once(cache, tmp_path, monkeypatch):
-    """train() splits the patients and resolves the weights once, before anything is created; the
-    Trainer's hooks get that split and the model those weights (no second split or resolution)."""
+    """train() splits the patients, resolves the weights and parses the loss spec once, before anything is
+    created; the Trainer's hooks get that split, the model those weights and the loss that spec (no second
+    split, resolution or parse)."""
     import h5py
 
     import microseg.data.dataset
+    import microseg.losses.registry
     import microseg.models.pretrained
     from microseg.models import build_model
     from microseg.training.trainer import Trainer
 
-    calls = {"split": 0, "resolve": 0}
+    calls = {"split": 0, "resolve": 0, "parse": 0}
 
     def counted(name, real):
         def call(*args, **kwargs):
@@ -105,6 +107,7 @@ def test_the_trainer_trains_from_the_inputs_resolved_once(cache, tmp_path, monke
     monkeypatch.setattr(
         microseg.models.pretrained, "resolve_weights", counted("resolve", microseg.models.pretrained.resolve_weights)
     )
+    monkeypatch.setattr(microseg.losses.registry, "parse_spec", counted("parse", microseg.losses.registry.parse_spec))
     start = build_model("tiny", img_size=32).state_dict()
     start = {k: v + 0.5 if v.is_floating_point() else v for k, v in start.items()}  # not the seeded init
     torch.save(start, tmp_path / "start.pt")
@@ -120,9 +123,16 @@ def test_the_trainer_trains_from_the_inputs_resolved_once(cache, tmp_path, monke
             seen["model"] = {k: v.clone() for k, v in model.state_dict().items()}
             return model
 
+        def build_loss(self, train_idx):
+            parsed = calls["parse"]
+            loss = super().build_loss(train_idx)
+            seen["loss"] = (loss.spec, loss.spec is self.inputs.loss, calls["parse"] - parsed)
+            return loss
+
     options = dict(epochs=1, val_patients=["03"], val_fraction=0.0, weights=str(tmp_path / "start.pt"))
-    train_tiny(cache, tmp_path / "run", trainer=Recording, **options)
-    assert calls == {"split": 1, "resolve": 1}
+    train_tiny(cache, tmp_path / "run", trainer=Recording, loss="0.5*dice + ag_bce:w=2", **options)
+    assert (calls["split"], calls["resolve"]) == (1, 1)
+    assert seen["loss"] == (microseg.losses.LossSpec.parse("0.5*dice+ag_bce:hard_weight=2"), True, 0)
     with h5py.File(cache, "r") as f:
         ids = [i.decode() for i in f["case_id"][()]]
     assert seen["split"] == ([i for i, p in enumerate(ids) if p != "03"], [i for i, p in enumerate(ids) if p == "03"])
