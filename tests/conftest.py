@@ -38,11 +38,22 @@ def copied_run(trained_run, tmp_path) -> Path:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def one_job_by_default():
-    """Every `--jobs` defaults to 1 (`$MICROSEG_JOBS`, inherited by CLI subprocesses): a test pays for
-    worker processes only where it asks for them with `--jobs`."""
+def one_job_one_thread_by_default():
+    """Every `--jobs` defaults to 1 (`$MICROSEG_JOBS`) and torch runs one intra-op thread
+    (`$OMP_NUM_THREADS`), both inherited by CLI subprocesses: a test pays for worker processes and
+    threads only where it asks for them (`--jobs`, `torch.set_num_threads`). The tests' tensors are
+    too small to gain from a second thread, and OpenMP threads that wait for a busy core burn it:
+    on 2 shared cores a tiny training epoch took 20 times longer with two threads than with one."""
+    import torch
+
     from microseg.core.parallel import JOBS_VARIABLE
 
+    threads = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(JOBS_VARIABLE, "1")
-        yield
+        patch.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)

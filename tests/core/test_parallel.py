@@ -164,9 +164,9 @@ def test_each_worker_sees_only_its_gpu(monkeypatch):
     try:
         seen = []
         for _ in range(3):
-            start_worker(slots, ["3", "5"], 1)
+            start_worker(slots, ["3", "5"], 2)  # not the tests' one thread
             seen.append(os.environ["CUDA_VISIBLE_DEVICES"])
-        assert seen == ["3", "5", "3"] and torch.get_num_threads() == 1
+        assert seen == ["3", "5", "3"] and torch.get_num_threads() == 2 and os.environ["OMP_NUM_THREADS"] == "2"
     finally:
         torch.set_num_threads(threads)
         cv2.setNumThreads(cv2_threads)

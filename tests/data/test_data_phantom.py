@@ -212,6 +212,7 @@ def test_interrupted_simulate_leaves_no_dataset(tmp_path, monkeypatch):
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.slow  # starts a pool of worker processes
 def test_jobs_write_the_files_of_one_job(tmp_path):
     for jobs in (1, 2):
         simulate_dataset(tmp_path / str(jobs), n_train=2, n_test=1, n_slices=4, size=(48, 64), seed=2, jobs=jobs)

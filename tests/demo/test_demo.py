@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from cli_helpers import one_error, run_cli
 from experiment_helpers import experiment_args, patients_of
 from microseg.core.errors import MicrosegError
@@ -16,6 +18,7 @@ def test_the_demo_is_three_losses_of_at_least_two_seeds():
     assert len(DEMO_LOSSES) == 3 and len(set(DEMO_SEEDS)) >= 2 and DEMO_JOBS >= 1
 
 
+@pytest.mark.slow  # starts two worker processes
 def test_workers_run_the_cells_side_by_side(cache, phantom, tmp_path, capfd):
     from microseg.cli import main
 

@@ -150,6 +150,7 @@ def test_slab_reader_and_writer_match_nibabel(tmp_path):
     )
 
 
+@pytest.mark.slow  # starts pools of worker processes
 def test_jobs_give_the_outputs_of_one_job(run, phantom, tmp_path):
     from microseg.data.check import check_dataset
 
@@ -187,6 +188,7 @@ def test_outputs_do_not_depend_on_the_threads(run, phantom):
     assert csv_1 == csv_3 and all(np.array_equal(masks_1[k], masks_3[k]) for k in masks_1)
 
 
+@pytest.mark.slow  # starts a pool of worker processes
 def test_prepare_jobs_write_the_cache_of_one_job(phantom, tmp_path):
     import h5py
 

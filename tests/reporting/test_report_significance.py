@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy.stats import bootstrap, wilcoxon
-from statsmodels.stats.multitest import multipletests
 
 from microseg.core.errors import MicrosegError
 from microseg.reporting.paired_runs import paired_difference, wilcoxon_table
 from microseg.reporting.runs_report import require_same_evaluation, results_paragraph
 from microseg.runs.record import RunRecord
 from microseg.stats.paired import bootstrap_ci, holm, min_wilcoxon_p
+from stats_helpers import statsmodels_holm
 
 
 def record(name: str, values: dict[str, list[float]], evaluation: dict | None = None) -> RunRecord:
@@ -105,11 +105,6 @@ def constructed_runs() -> list[RunRecord]:
     return [a, b, c]
 
 
-def holm_reference(p_values: list[float]) -> np.ndarray:
-    """statsmodels' Holm adjustment of one family."""
-    return multipletests(p_values, method="holm")[1]
-
-
 @pytest.mark.parametrize(
     "p",
     [
@@ -121,7 +116,7 @@ def holm_reference(p_values: list[float]) -> np.ndarray:
     ],
 )
 def test_holm_is_statsmodels_holm(p):
-    assert holm(p) == pytest.approx(holm_reference(p), abs=1e-15)
+    assert holm(p) == pytest.approx(statsmodels_holm(p), abs=1e-15)
 
 
 def test_holm_worked_by_hand_and_leaves_undefined_p_out_of_the_family():
@@ -142,7 +137,7 @@ def test_wilcoxon_table_holm_adjusts_over_every_pair_and_metric():
         for k in ("dsc", "hd95_mm")
     ]
     assert [row["p_value"] for row in table] == pytest.approx(raw)
-    assert [row["p_holm"] for row in table] == pytest.approx(holm_reference(raw))
+    assert [row["p_holm"] for row in table] == pytest.approx(statsmodels_holm(raw))
 
 
 def test_paragraph_picks_the_best_run_on_each_metric():
@@ -156,7 +151,7 @@ def test_paragraph_picks_the_best_run_on_each_metric():
         for a, b in [(runs[0], runs[1]), (runs[0], runs[2]), (runs[1], runs[2])]
         for k in ("dsc", "hd95_mm", "hard_dsc")
     ]
-    adjusted = holm_reference(raw)
+    adjusted = statsmodels_holm(raw)
     # a - c: every difference positive (0.01..0.08): p = 2 / 2^8, CI above 0, but 9 tests: adjusted 9 x 2 / 2^8
     against_c = dsc.split("; ")[1]
     assert against_c.startswith("+0.0450 against c")
