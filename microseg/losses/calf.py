@@ -44,7 +44,6 @@ from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
-import scipy.stats
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -131,6 +130,8 @@ def calf_stats(areas: Any, include_empty: bool = True) -> CalfStats:
         raise MicrosegError(f"CALF needs the foreground areas of at least 2 {which}, got {a.size}")
     if np.ptp(a) == 0:
         raise MicrosegError("CALF: all foreground areas are equal, so their skewness is undefined")
+    import scipy.stats  # here, not at the top: half a second of every process's start that trains no CALF
+
     skewness = float(scipy.stats.skew(a, bias=True))
     kurtosis = float(scipy.stats.kurtosis(a, fisher=True, bias=True))
     return CalfStats(skewness, kurtosis, int(a.size), choose_branch(skewness, kurtosis), include_empty)
