@@ -27,8 +27,6 @@ from pathlib import Path
 
 from microseg.core.atomic import atomic_path
 from microseg.core.errors import MicrosegError, OptionError
-from microseg.models import build_model
-from microseg.models.weights import format_load_report, load_weights
 
 WEIGHTS_DIR_ENV = "MICROSEG_WEIGHTS"
 DEFAULT_WEIGHTS_DIR = "weights"
@@ -132,6 +130,9 @@ def fetch_from_hub(tag: str) -> Path:
 
 def verify_weights(spec: PretrainedSpec, path: Path) -> str:
     """Load ``path`` into a fresh ``spec.model`` TransUNet; refuse it unless every encoder tensor is filled."""
+    from microseg.models.transunet import build_model  # the network here: resolving a name needs no timm
+    from microseg.models.weights import format_load_report, load_weights
+
     report = load_weights(build_model(spec.model), path)
     missing = [key for key in report.missing if key.startswith("encoder.")]
     if missing:

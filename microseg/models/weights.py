@@ -32,17 +32,18 @@ import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.layers import resample_abs_pos_embed
 from torch import Tensor
 
 from microseg.core.errors import MicrosegError
 from microseg.core.torch_files import read_torch_file
-from microseg.models.transunet import TransUNet
+
+if TYPE_CHECKING:
+    from microseg.models.transunet import TransUNet
 
 Source = dict[str, tuple[str, Tensor]]  # model key -> (name in the file, tensor in the model's layout)
 
@@ -241,6 +242,8 @@ def _fit_pos_embed(value: Tensor, grid: int, align_corners: bool, name: str, pat
         table = value.reshape(1, old, old, -1).permute(0, 3, 1, 2)
         table = F.interpolate(table, size=(grid, grid), mode="bilinear", align_corners=True)
         return table.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)
+    from timm.layers import resample_abs_pos_embed  # timm here: `check_weights_file` needs no network
+
     return resample_abs_pos_embed(
         value,
         new_size=(grid, grid),
