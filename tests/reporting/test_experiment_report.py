@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -614,9 +615,9 @@ def test_refusals_leave_nothing(tmp_path, capsys, experiment):
     assert "is outside the experiment folder" in refused(["compare", escaping, "--out", out], capsys, out)
 
 
-def test_the_report_folder_is_replaced_whole_and_never_one_holding_other_files(experiment, tmp_path, capsys):
+def test_the_report_folder_is_replaced_whole_and_never_one_holding_other_files(experiment, report, tmp_path, capsys):
     out = tmp_path / "r"
-    assert run_cli(["compare", experiment, "--out", out], capsys)[0] == 0
+    shutil.copytree(report, out)  # an earlier report of the experiment
     (out / "stale.csv").write_text("from an earlier report\n")
     assert run_cli(["compare", experiment, "--out", out], capsys)[0] == 0
     assert (out / "report.md").is_file() and not (out / "stale.csv").exists()
