@@ -76,7 +76,8 @@ class Zenodo(BaseHTTPRequestHandler):
 def server():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Zenodo)
     httpd.files, httpd.md5, httpd.cut, httpd.honour_range, httpd.requests = {}, {}, [], True, []
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    # shutdown() waits for the serving loop to look again: every 50 ms, not the default 0.5 s
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield httpd
     httpd.shutdown()

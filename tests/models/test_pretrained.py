@@ -156,7 +156,8 @@ def npz_server(tmp_path):
     folder.mkdir()
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(folder)))
     httpd.RequestHandlerClass.log_message = lambda *a: None
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    # shutdown() waits for the serving loop to look again: every 50 ms, not the default 0.5 s
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     yield folder, f"http://127.0.0.1:{httpd.server_port}"
     httpd.shutdown()
     httpd.server_close()
