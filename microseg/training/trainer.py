@@ -396,7 +396,13 @@ class Trainer:
                 save_interrupted(self.checkpoint, self.monitor, self.folder.last, self.epoch, self.step)
 
     def close(self) -> None:
-        """Stop the loaders' persistent workers and flush TensorBoard."""
+        """Stop the loaders' persistent workers now and flush TensorBoard. A failed epoch's traceback
+        holds the loader's iterator: left to the garbage collector, its workers would outlive the
+        run and their shutdown then wait 5 s for each."""
+        for loader in (self.loader, self.val_loader):
+            workers = getattr(loader, "_iterator", None)  # DataLoader's, set while workers persist
+            if workers is not None:
+                workers._shutdown_workers()
         self.loader = self.val_loader = None
         if self.board is not None:
             self.board.close()

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shutil
 from pathlib import Path
@@ -86,6 +87,7 @@ def test_a_damaged_chunk_stops_training_with_one_line_naming_the_slice(workers, 
     one_error(code, err, f"cache {copy}: slice 5 ", "prepare it again")
     assert "Traceback" not in err and "DataLoader worker" not in err
     assert not (tmp_path / "runs").exists()
+    assert not multiprocessing.active_children()  # the loader's workers stopped with the failed run
 
 
 def test_a_cache_of_the_previous_format_is_prepared_again(cache, tmp_path, capsys):
