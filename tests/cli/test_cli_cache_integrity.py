@@ -83,11 +83,12 @@ def test_a_damaged_chunk_stops_training_with_one_line_naming_the_slice(workers, 
     shutil.copy(cache, copy)
     offset, size = chunk_span(copy, "expert", 5)
     invert(copy, offset + max(0, size - 16) // 2, min(16, size))
+    before = set(multiprocessing.active_children())
     code, _, err = run_cli(train_argv(copy, tmp_path / "runs" / "r", "--num-workers", workers), capsys)
     one_error(code, err, f"cache {copy}: slice 5 ", "prepare it again")
     assert "Traceback" not in err and "DataLoader worker" not in err
     assert not (tmp_path / "runs").exists()
-    assert not multiprocessing.active_children()  # the loader's workers stopped with the failed run
+    assert set(multiprocessing.active_children()) <= before  # the loader's workers stopped with the run
 
 
 def test_a_cache_of_the_previous_format_is_prepared_again(cache, tmp_path, capsys):
