@@ -523,7 +523,7 @@ def _add_experiment_power(what: argparse._SubParsersAction) -> None:
         help="the seeds a planned experiment needs to resolve a difference, from a pilot experiment",
         description="From the pilot EXP's primary-metric differences (their patient, seed and residual variance, "
         "pooled over its pairs of losses), simulate the report's test for each design: one line per design "
-        "with its power at --delta and the smallest difference it detects with 80%% power, then the fewest "
+        "with its power at --delta and the smallest difference it detects with 80% power, then the fewest "
         "seeds that resolve --delta.",
     )
     power.add_argument("experiment", help="the pilot experiment folder (evaluated cells)")
